@@ -1,0 +1,301 @@
+"""A framed, non-blocking socket on the event loop: the supervisor's only I/O path.
+
+Both the client connections and the private worker channels use it. It is
+callback-based (``loop.add_reader``), not coroutine-based, because the hot
+path is one readable event -> parse -> hand a buffer to the dispatcher, and a
+task per message would cost more than the work.
+
+Reads
+    Small frames are parsed out of a reusable receive buffer, many per
+    ``recv``; a frame too large for it gets a buffer of its own that the kernel
+    fills directly (``recv_into``), so a 64 MB argument is copied once, by the
+    kernel, and never again in this process.
+
+Writes
+    ``write`` only queues buffers. Queued channels are flushed when the read
+    callback that caused the writes returns (or, for writes from timers, on
+    the next loop iteration), one ``sendmsg`` per channel: everything a batch
+    of pipelined requests produced leaves in one syscall, and a lone request
+    costs no extra loop iteration. Whatever the
+    kernel does not take waits for writability. A peer that stops reading
+    while its replies pile up above ``HIGH_WATER`` is not read from until
+    they drain below ``LOW_WATER``: its requests stay in its socket, not in
+    our memory.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import socket
+import weakref
+from typing import Callable, Protocol
+
+from cruised.pool import frames
+
+log = logging.getLogger("cruised.channel")
+
+RECV_SIZE = 256 << 10
+HIGH_WATER = 32 << 20
+LOW_WATER = 4 << 20
+try:
+    IOV_MAX = min(os.sysconf("SC_IOV_MAX"), 1024)
+except (ValueError, OSError):
+    IOV_MAX = 512
+
+
+class WriteBatch:
+    """Channels with queued output, flushed once the current read callback is done."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.loop = loop
+        self.dirty: list[Channel] = []
+        self.depth = 0  # >0 while a read callback runs: it flushes on the way out
+        self.scheduled = False
+
+    def mark(self, channel: "Channel") -> None:
+        self.dirty.append(channel)
+        if self.depth == 0 and not self.scheduled:
+            self.scheduled = True
+            self.loop.call_soon(self.flush)
+
+    def flush(self) -> None:
+        self.scheduled = False
+        while self.dirty:
+            dirty, self.dirty = self.dirty, []
+            for ch in dirty:
+                ch._flush()
+
+
+_batches: "weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, WriteBatch]" = weakref.WeakKeyDictionary()
+
+
+def batch_for(loop: asyncio.AbstractEventLoop) -> WriteBatch:
+    b = _batches.get(loop)
+    if b is None:
+        b = _batches[loop] = WriteBatch(loop)
+    return b
+
+
+class FrameSink(Protocol):
+    def on_frame(self, channel: "Channel", buf: bytearray, kind: int, status: int, reqid: int) -> None: ...
+
+    def on_close(self, channel: "Channel", error: BaseException | None) -> None: ...
+
+
+class Channel:
+    def __init__(
+        self,
+        loop: asyncio.AbstractEventLoop,
+        sock: socket.socket,
+        sink: FrameSink,
+        limit: int,
+        name: str = "",
+        on_frame_error: Callable[["Channel", frames.FrameError], None] | None = None,
+    ) -> None:
+        sock.setblocking(False)
+        self.loop = loop
+        self.sock = sock
+        self.fd = sock.fileno()
+        self.sink = sink
+        self.limit = limit
+        self.name = name
+        self.on_frame_error = on_frame_error
+        self.closed = False
+        self._buf = bytearray(RECV_SIZE)
+        self._view = memoryview(self._buf)
+        self._start = 0
+        self._end = 0
+        self._big: bytearray | None = None
+        self._big_got = 0
+        self._out: list[memoryview] = []
+        self.out_bytes = 0
+        self._flush_scheduled = False
+        self._writing = False
+        self._reading = True
+        self._closing = False
+        #: loop time at which the current partial frame began, else None (stall detection)
+        self.partial_since: float | None = None
+        self._batch = batch_for(loop)
+        loop.add_reader(self.fd, self._on_readable)
+
+    # -- reading ---------------------------------------------------------------
+
+    def _on_readable(self) -> None:
+        batch = self._batch
+        batch.depth += 1
+        try:
+            self._read()
+        finally:
+            batch.depth -= 1
+            if batch.depth == 0 and batch.dirty:
+                batch.flush()
+
+    def _read(self) -> None:
+        try:
+            if self._big is not None:
+                self._read_big()
+                return
+            if self._end == len(self._buf):
+                self._compact()
+            n = self.sock.recv_into(self._view[self._end :])
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError as exc:
+            self.close(exc)
+            return
+        if n == 0:
+            self.close(None)
+            return
+        self._end += n
+        self._parse()
+
+    def _compact(self) -> None:
+        pending = self._end - self._start
+        self._buf[:pending] = self._view[self._start : self._end]
+        self._start, self._end = 0, pending
+
+    def _parse(self) -> None:
+        view = self._view
+        while not self.closed and self._end - self._start >= frames.HEADER_SIZE:
+            start = self._start
+            try:
+                total, kind, status, reqid = frames.parse_header(view[start : start + frames.HEADER_SIZE], self.limit)
+            except frames.FrameError as exc:
+                self._frame_error(exc)
+                return
+            if self._end - start >= total:
+                buf = bytearray(view[start : start + total])
+                self._start = start + total
+                self.sink.on_frame(self, buf, kind, status, reqid)
+                continue
+            if total > len(self._buf):
+                have = self._end - start
+                big = bytearray(total)
+                big[:have] = view[start : self._end]
+                self._big, self._big_got = big, have
+                self._start = self._end = 0
+            break
+        if self._start == self._end:
+            self._start = self._end = 0
+            self.partial_since = None
+        elif self.partial_since is None:
+            self.partial_since = self.loop.time()
+
+    def _read_big(self) -> None:
+        big = self._big
+        assert big is not None
+        try:
+            n = self.sock.recv_into(memoryview(big)[self._big_got :])
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError as exc:
+            self.close(exc)
+            return
+        if n == 0:
+            self.close(None)
+            return
+        self._big_got += n
+        if self._big_got == len(big):
+            self._big = None
+            self.partial_since = None
+            _, kind, status, reqid = frames.parse_header(big, self.limit)
+            self.sink.on_frame(self, big, kind, status, reqid)
+
+    def _frame_error(self, exc: frames.FrameError) -> None:
+        # The stream cannot be resynchronised after a bad header: answer, then close.
+        self.pause_reading()
+        if self.on_frame_error is not None:
+            self.on_frame_error(self, exc)
+        self.close_after_flush()
+
+    def pause_reading(self) -> None:
+        if self._reading and not self.closed:
+            self._reading = False
+            self.loop.remove_reader(self.fd)
+
+    def resume_reading(self) -> None:
+        if not self._reading and not self.closed and not self._closing:
+            self._reading = True
+            self.loop.add_reader(self.fd, self._on_readable)
+
+    # -- writing ---------------------------------------------------------------
+
+    def write(self, parts: list[bytes | bytearray | memoryview]) -> None:
+        if self.closed:
+            return
+        out = self._out
+        for p in parts:
+            mv = p if isinstance(p, memoryview) else memoryview(p)
+            if mv.nbytes:
+                out.append(mv.cast("B") if mv.format != "B" or mv.ndim != 1 else mv)
+                self.out_bytes += mv.nbytes
+        if not self._flush_scheduled and not self._writing:
+            self._flush_scheduled = True
+            self._batch.mark(self)
+        if self.out_bytes > HIGH_WATER and self._reading:
+            self.pause_reading()
+
+    def _flush(self) -> None:
+        self._flush_scheduled = False
+        if self.closed:
+            return
+        out = self._out
+        while out:
+            try:
+                sent = self.sock.sendmsg(out[:IOV_MAX])
+            except (BlockingIOError, InterruptedError):
+                break
+            except OSError as exc:
+                self.close(exc)
+                return
+            self.out_bytes -= sent
+            i = 0
+            while i < len(out) and sent >= out[i].nbytes:
+                sent -= out[i].nbytes
+                i += 1
+            del out[:i]
+            if sent:
+                out[0] = out[0][sent:]
+                break  # the kernel is full
+        if out:
+            if not self._writing:
+                self._writing = True
+                self.loop.add_writer(self.fd, self._on_writable)
+        else:
+            if self._writing:
+                self._writing = False
+                self.loop.remove_writer(self.fd)
+            if self._closing:
+                self.close(None)
+                return
+        if not self._reading and not self._closing and self.out_bytes < LOW_WATER:
+            self.resume_reading()
+
+    def _on_writable(self) -> None:
+        self._flush()
+
+    # -- closing ---------------------------------------------------------------
+
+    def close_after_flush(self) -> None:
+        self._closing = True
+        self.pause_reading()
+        if not self._out and not self._flush_scheduled:
+            self.close(None)
+
+    def close(self, error: BaseException | None = None) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        if self._reading:
+            self.loop.remove_reader(self.fd)
+        if self._writing:
+            self.loop.remove_writer(self.fd)
+        self._out.clear()
+        self.out_bytes = 0
+        try:
+            self.sock.close()
+        except OSError:
+            pass
+        self.sink.on_close(self, error)

@@ -1,0 +1,608 @@
+"""The Python client: ``session``, ``function``, ``call``/``submit``/``map``.
+
+In the style of PyKX's ``kx.remote``::
+
+    s = cruised.session()                # or session(socket=..., pool=..., libraries=..., timeout=...)
+    s.add_library('numpy')               # checked in a worker at once
+    @cruised.function(s)
+    def f(x, y=1): return numpy.add(x, y)
+    f(10, y=20)                          # 30, computed in a warm worker
+
+Threading model
+    One socket per session, shared by every thread. Senders serialise on a
+    lock; replies are matched to requests by id, so calls from many threads
+    (and ``map``) pipeline on the one connection. There is no reader thread
+    on the synchronous path: a thread waiting for its reply reads the socket
+    itself and hands other threads' replies to their futures (leader /
+    follower), which saves two thread switches per call. A background reader
+    runs only while futures from ``submit`` are outstanding, since nobody else
+    is guaranteed to read for them.
+
+Registration
+    A function is dill-pickled once per session and sent once per connection
+    (REGISTER, pipelined in front of its first CALL). Later calls carry only
+    the 16-byte content key and the arguments. If the daemon no longer knows
+    the key (it restarted), the call is answered UNKNOWN_FUNCTION without
+    running, and the client registers again and retries once.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import pickle
+import socket
+import threading
+import time
+import weakref
+from collections import deque
+from concurrent.futures import Future
+from typing import Any, Callable, Iterable, Iterator, TypeVar
+
+from cruised.pool import bundle, frames
+from cruised.pool.frames import Kind, Status
+
+from . import errors, paths, shipping
+
+T = TypeVar("T")
+
+RECV_SIZE = 256 << 10
+CONNECT_TIMEOUT = 5.0
+#: calls ``map`` keeps in flight; the shipped pool's queue (16) holds them all without rejections
+DEFAULT_WINDOW = 16
+
+
+def _start_hint(path: str) -> str:
+    return f"start one with `cruised serve --config config.yaml`, or point the client at a running one with socket=... or CRUISED_SOCKET (tried {path})"
+
+
+class _Pending:
+    """One outstanding request: filled by whichever thread reads its reply."""
+
+    __slots__ = ("status", "frame", "error", "done", "callback")
+
+    def __init__(self) -> None:
+        self.status = 0
+        self.frame: bytearray | None = None
+        self.error: BaseException | None = None
+        self.done = False
+        self.callback: Callable[["_Pending"], None] | None = None
+
+    def resolve(self, status: int, frame: bytearray | None, error: BaseException | None = None) -> None:
+        self.status, self.frame, self.error = status, frame, error
+        self.done = True
+        if self.callback is not None:
+            self.callback(self)
+
+
+class _Connection:
+    def __init__(self, path: str) -> None:
+        self.path = path
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.settimeout(CONNECT_TIMEOUT)
+        try:
+            sock.connect(path)
+        except OSError as exc:
+            sock.close()
+            reason = exc.strerror or str(exc)
+            raise errors.DaemonUnavailable(f"no cruised daemon answers at {path} ({reason}); {_start_hint(path)}") from None
+        sock.settimeout(None)
+        self.sock = sock
+        self.send_lock = threading.Lock()
+        #: held by the thread currently reading the socket (leader/follower)
+        self.read_lock = threading.Lock()
+        self.cond = threading.Condition()
+        self.waiters = 0
+        self.pending: dict[int, _Pending] = {}
+        self.broken: BaseException | None = None
+        self.ids = itertools.count(1)
+        self.registered: dict[tuple[str, bytes], _Pending] = {}
+        self.async_outstanding = 0
+        self.bg: threading.Thread | None = None
+        self._buf = bytearray(RECV_SIZE)
+        self._start = 0
+        self._end = 0
+
+    # -- sending -----------------------------------------------------------------
+
+    def send(self, requests: list[tuple[int, list[Any]]], callback: Callable[[_Pending], None] | None = None) -> list[_Pending]:
+        """Register a pending slot per (kind, payload parts) request and send them all in one sendmsg.
+
+        ``callback`` is attached to the last slot before anything is sent, so
+        it can never miss a reply that another thread reads first.
+        """
+        if self.broken is not None:
+            raise self.broken
+        slots: list[_Pending] = []
+        out: list[Any] = []
+        pending = self.pending
+        for kind, parts in requests:
+            rid = next(self.ids)
+            slot = _Pending()
+            pending[rid] = slot
+            slots.append(slot)
+            out.append(frames.header(kind, rid, bundle.packed_size(parts)))
+            out.extend(parts)
+        slot.callback = callback
+        try:
+            with self.send_lock:
+                _sendall(self.sock, out)
+        except OSError as exc:
+            self._fail(errors.DaemonUnavailable(f"connection to cruised at {self.path} lost while sending: {exc}"))
+            raise self.broken or exc from None
+        return slots
+
+    # -- receiving ---------------------------------------------------------------
+
+    def wait(self, slot: _Pending) -> _Pending:
+        """Block until ``slot`` is resolved, reading the socket ourselves when nobody else is."""
+        while not slot.done:
+            if self.read_lock.acquire(blocking=False):
+                try:
+                    if not slot.done:
+                        self._read_batch()
+                finally:
+                    self.read_lock.release()
+                    if self.waiters:
+                        with self.cond:
+                            self.cond.notify_all()
+            else:
+                with self.cond:
+                    self.waiters += 1
+                    try:
+                        while not slot.done and self.read_lock.locked():
+                            self.cond.wait(0.5)
+                    finally:
+                        self.waiters -= 1
+        return slot
+
+    def _background(self) -> None:
+        while True:
+            with self.cond:
+                if not self.async_outstanding or self.broken is not None:
+                    self.bg = None
+                    return
+            if self.read_lock.acquire(timeout=0.05):
+                try:
+                    if self.async_outstanding and self.broken is None:
+                        self._read_batch()
+                finally:
+                    self.read_lock.release()
+                    if self.waiters:
+                        with self.cond:
+                            self.cond.notify_all()
+
+    def track_async(self) -> Callable[[], None]:
+        """Count one future handed to the user; returns the callback that uncounts it."""
+        with self.cond:
+            self.async_outstanding += 1
+            if self.bg is None:
+                self.bg = threading.Thread(target=self._background, name="cruised-reader", daemon=True)
+                self.bg.start()
+
+        def done() -> None:
+            with self.cond:
+                self.async_outstanding -= 1
+
+        return done
+
+    def _read_batch(self) -> None:
+        if self.broken is not None:
+            raise self.broken
+        buf = self._buf
+        if self._end == len(buf):
+            pending = self._end - self._start
+            buf[:pending] = buf[self._start : self._end]
+            self._start, self._end = 0, pending
+        try:
+            n = self.sock.recv_into(memoryview(buf)[self._end :])
+        except OSError as exc:
+            n, err = 0, exc
+        else:
+            err = None
+        if n == 0:
+            self._fail(errors.DaemonUnavailable(f"connection to cruised at {self.path} lost ({err or 'closed by the daemon'})"))
+            return
+        self._end += n
+        view = memoryview(buf)
+        while self._end - self._start >= frames.HEADER_SIZE:
+            total, kind, status, reqid = frames.parse_header(view[self._start :], 1 << 62)
+            if self._end - self._start >= total:
+                frame = bytearray(view[self._start : self._start + total])
+                self._start += total
+            elif total > len(buf):
+                frame = bytearray(total)
+                have = self._end - self._start
+                frame[:have] = view[self._start : self._end]
+                self._start = self._end = 0
+                _recv_exact(self.sock, memoryview(frame)[have:])
+            else:
+                break
+            self._deliver(frame, status, reqid)
+        if self._start == self._end:
+            self._start = self._end = 0
+
+    def _deliver(self, frame: bytearray, status: int, reqid: int) -> None:
+        if reqid == 0 and status != Status.OK:
+            # a connection-level refusal (access, limits, a frame the daemon could not parse)
+            self._fail(_error_for(status, frame))
+            return
+        slot = self.pending.pop(reqid, None)
+        if slot is not None:
+            slot.resolve(status, frame)
+
+    def _fail(self, exc: BaseException) -> None:
+        with self.cond:
+            if self.broken is None:
+                self.broken = exc
+            pending, self.pending = self.pending, {}
+        for slot in pending.values():
+            if not slot.done:
+                slot.resolve(Status.INTERNAL, None, self.broken)
+        try:
+            self.sock.close()
+        except OSError:
+            pass
+
+    def close(self) -> None:
+        self._fail(errors.DaemonUnavailable("session closed"))
+
+
+def _sendall(sock: socket.socket, parts: list[Any]) -> None:
+    sent = 0
+    if len(parts) <= 512:
+        total = 0
+        for p in parts:
+            total += p.nbytes if isinstance(p, memoryview) else len(p)
+        sent = sock.sendmsg(parts)  # the common case: everything in one call
+        if sent == total:
+            return
+    views = [memoryview(p).cast("B") for p in parts if len(p)]
+    while True:
+        while views and sent >= views[0].nbytes:
+            sent -= views[0].nbytes
+            views.pop(0)
+        if not views:
+            return
+        if sent:
+            views[0] = views[0][sent:]
+        sent = sock.sendmsg(views[:512])
+
+
+def _recv_exact(sock: socket.socket, view: memoryview) -> None:
+    while view.nbytes:
+        n = sock.recv_into(view)
+        if n == 0:
+            raise ConnectionResetError("connection closed mid-frame")
+        view = view[n:]
+
+
+def _message(frame: bytearray) -> str:
+    raw = bytes(frame[frames.HEADER_SIZE :])
+    try:
+        return str(json.loads(raw).get("message", raw.decode(errors="replace")))
+    except (ValueError, AttributeError):
+        return raw.decode(errors="replace")
+
+
+def _error_for(status: int, frame: bytearray) -> BaseException:
+    if status == Status.ERROR:
+        return _remote_exception(frame)
+    cls = errors.BY_STATUS.get(status, errors.CruisedError)
+    return cls(_message(frame))
+
+
+def _remote_exception(frame: bytearray) -> BaseException:
+    info_raw, pickled = frames.parse_error(frame)
+    info = json.loads(info_raw)
+    exc: BaseException | None = None
+    if pickled.nbytes:
+        try:
+            exc = pickle.loads(pickled)
+        except Exception:
+            exc = None
+    if not isinstance(exc, BaseException):
+        exc = errors.RemoteError(f"{info['type']}: {info['message']}", info["type"], info["traceback"])
+    exc.__cause__ = errors.RemoteTraceback(info["traceback"])
+    return exc
+
+
+def decode_result(status: int, frame: bytearray) -> Any:
+    if status == Status.OK:
+        return bundle.unpack(frame, frames.HEADER_SIZE)
+    raise _error_for(status, frame)
+
+
+class _Shipped:
+    __slots__ = ("key", "blob", "name")
+
+    def __init__(self, key: bytes, blob: bytes, name: str) -> None:
+        self.key, self.blob, self.name = key, blob, name
+
+
+class Session:
+    """A connection to a cruised pool, in the style of ``pykx.remote.session``.
+
+    ``session()`` connects lazily; ``session(...).create(socket=...)`` (the
+    PyKX 2.x two-step form) connects at once and reports a missing daemon
+    immediately.
+    """
+
+    def __init__(
+        self,
+        socket: str | None = None,
+        pool: str = "default",
+        libraries: dict[str, str] | None = None,
+        timeout: float | None = None,
+    ) -> None:
+        if libraries is not None and not isinstance(libraries, dict):
+            raise TypeError("libraries must be a dict of alias -> module name, e.g. {'np': 'numpy'}")
+        self.socket_path = socket
+        self.pool = pool
+        self.timeout = timeout
+        self._libraries: dict[str, str] = dict(libraries or {})
+        self._lock = threading.Lock()
+        self._conn: _Connection | None = None
+        self._shipped: "weakref.WeakKeyDictionary[Any, _Shipped]" = weakref.WeakKeyDictionary()
+        self._libs_checked = not self._libraries
+
+    # -- setup -----------------------------------------------------------------------
+
+    def create(self, socket: str | None = None, pool: str | None = None, libraries: dict[str, str] | None = None, timeout: float | None = None) -> "Session":
+        with self._lock:
+            if socket is not None:
+                self.socket_path = socket
+            if pool is not None:
+                self.pool = pool
+            if timeout is not None:
+                self.timeout = timeout
+            if self._conn is not None:
+                self._conn.close()
+                self._conn = None
+        if libraries:
+            self.libraries(libraries)
+        self.ping()
+        return self
+
+    @property
+    def path(self) -> str:
+        return self.socket_path or paths.default_socket()
+
+    def add_library(self, *names: str) -> None:
+        """Import these modules (under their own names) for this session's functions; checked now."""
+        self.libraries({n.split(".")[0]: n.split(".")[0] for n in names})
+
+    def libraries(self, libraries: dict[str, str]) -> None:
+        """Add ``{alias: module}`` imports for this session's functions; checked in a worker now."""
+        if not isinstance(libraries, dict):
+            raise TypeError("libraries must be a dict of alias -> module name, e.g. {'np': 'numpy'}")
+        merged = dict(self._libraries)
+        merged.update(libraries)
+        self._check_libraries(libraries)
+        self._libraries = merged
+        self._shipped = weakref.WeakKeyDictionary()  # keys include the libraries
+
+    def _check_libraries(self, libraries: dict[str, str]) -> None:
+        for alias in libraries:
+            if not str(alias).isidentifier():
+                raise ValueError(f"library alias {alias!r} is not a Python identifier")
+        payload = frames.pack_name(self.pool) + json.dumps({"libraries": libraries}).encode()
+        status, frame = self._request(Kind.CHECK, [payload])
+        if status != Status.OK:
+            raise _error_for(status, frame)
+
+    # -- connection ---------------------------------------------------------------------
+
+    def _connection(self) -> _Connection:
+        conn = self._conn
+        if conn is not None and conn.broken is None:
+            return conn
+        with self._lock:
+            if self._conn is None or self._conn.broken is not None:
+                self._conn = _Connection(self.path)
+            return self._conn
+
+    def _request(self, kind: int, parts: list[Any]) -> tuple[int, bytearray]:
+        conn = self._connection()
+        (slot,) = conn.send([(kind, parts)])
+        conn.wait(slot)
+        if slot.error is not None:
+            raise slot.error
+        assert slot.frame is not None
+        return slot.status, slot.frame
+
+    def ping(self) -> None:
+        status, frame = self._request(Kind.PING, [])
+        if status != Status.OK:
+            raise _error_for(status, frame)
+
+    def status(self) -> dict[str, Any]:
+        status, frame = self._request(Kind.STATUS, [])
+        if status != Status.OK:
+            raise _error_for(status, frame)
+        return json.loads(bytes(frame[frames.HEADER_SIZE :]))
+
+    def close(self) -> None:
+        with self._lock:
+            if self._conn is not None:
+                self._conn.close()
+                self._conn = None
+
+    def __enter__(self) -> "Session":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    # -- calls ----------------------------------------------------------------------------
+
+    def _ship(self, fn: Callable[..., Any]) -> _Shipped:
+        fn = getattr(fn, "__cruised_function__", fn)
+        try:
+            shipped = self._shipped.get(fn)
+        except TypeError:  # not weak-referenceable: ship it every time
+            shipped = None
+        if shipped is None:
+            blob = shipping.dump_function(fn)
+            shipped = _Shipped(shipping.function_key(blob, self._libraries), blob, getattr(fn, "__qualname__", repr(fn)))
+            try:
+                self._shipped[fn] = shipped
+            except TypeError:
+                pass
+        return shipped
+
+    def _send_call(
+        self,
+        conn: _Connection,
+        shipped: _Shipped,
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+        force_register: bool,
+        callback: Callable[[_Pending], None] | None = None,
+    ) -> _Pending:
+        timeout_ms = int(self.timeout * 1000) if self.timeout else 0
+        requests: list[tuple[int, list[Any]]] = []
+        reg_key = (self.pool, shipped.key)
+        register = force_register or reg_key not in conn.registered
+        if register:
+            meta = json.dumps({"python": shipping.PYTHON, "libraries": self._libraries, "name": shipped.name}).encode()
+            requests.append((Kind.REGISTER, [frames.register_head(self.pool, shipped.key, meta), shipped.blob]))
+        requests.append((Kind.CALL, [frames.call_head(self.pool, timeout_ms, shipped.key), *bundle.pack((args, kwargs))]))
+        slots = conn.send(requests, callback)
+        if register:
+            conn.registered[reg_key] = slots[0]
+        return slots[-1]
+
+    def _outcome(self, conn: _Connection, shipped: _Shipped, slot: _Pending, retried: bool) -> tuple[bool, Any]:
+        """(final, value-or-exception) of a resolved call; not final means: register again and retry."""
+        if slot.error is not None:
+            return True, slot.error
+        assert slot.frame is not None
+        if slot.status == Status.UNKNOWN_FUNCTION:
+            reg = conn.registered.pop((self.pool, shipped.key), None)
+            if reg is not None and reg.done and reg.error is None and reg.status != Status.OK:
+                assert reg.frame is not None
+                return True, _error_for(reg.status, reg.frame)  # registration was refused: say why
+            if not retried:
+                return False, None
+        if slot.status == Status.OK:
+            try:
+                return True, _Value(bundle.unpack(slot.frame, frames.HEADER_SIZE))
+            except Exception as exc:  # a result this process cannot unpickle
+                return True, exc
+        return True, _error_for(slot.status, slot.frame)
+
+    def call(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+        """Run ``fn(*args, **kwargs)`` in a worker and return its result."""
+        shipped = self._ship(fn)
+        conn = self._connection()
+        retried = False
+        while True:
+            slot = conn.wait(self._send_call(conn, shipped, args, kwargs, retried))
+            final, value = self._outcome(conn, shipped, slot, retried)
+            if final:
+                if isinstance(value, _Value):
+                    return value.value  # type: ignore[no-any-return]
+                raise value
+            retried = True
+
+    def submit(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> "Future[T]":
+        """Start ``fn(*args, **kwargs)`` and return a ``concurrent.futures.Future``."""
+        shipped = self._ship(fn)
+        conn = self._connection()
+        fut: Future[T] = Future()
+        fut.set_running_or_notify_cancel()
+        uncount = conn.track_async()
+
+        def attempt(retried: bool) -> None:
+            def resolved(slot: _Pending) -> None:
+                try:
+                    final, value = self._outcome(conn, shipped, slot, retried)
+                    if not final:
+                        attempt(True)
+                        return
+                except BaseException as exc:  # noqa: BLE001
+                    final, value = True, exc
+                uncount()
+                if isinstance(value, _Value):
+                    fut.set_result(value.value)
+                else:
+                    fut.set_exception(value)
+
+            self._send_call(conn, shipped, args, kwargs, retried, resolved)
+
+        try:
+            attempt(False)
+        except BaseException:
+            uncount()
+            raise
+        return fut
+
+    def map(self, fn: Callable[..., T], *iterables: Iterable[Any], window: int = DEFAULT_WINDOW) -> Iterator[T]:
+        """Like ``map(fn, *iterables)``, pipelined: up to ``window`` calls in flight, results in order.
+
+        A call the pool rejects as full is resubmitted once an earlier call has
+        finished, so ``map`` over more items than the queue holds still completes.
+        """
+        shipped = self._ship(fn)
+        conn = self._connection()
+        inflight: deque[tuple[tuple[Any, ...], _Pending]] = deque()
+
+        def result(args: tuple[Any, ...], slot: _Pending) -> Any:
+            retried = False
+            for tries in itertools.count():
+                final, value = self._outcome(conn, shipped, conn.wait(slot), retried)
+                if not final:
+                    retried = True
+                elif isinstance(value, errors.QueueFull) and tries < 50:
+                    time.sleep(min(0.2, 0.001 * 2**tries))  # the pool is saturated: back off, then resubmit
+                elif isinstance(value, _Value):
+                    return value.value
+                else:
+                    raise value
+                slot = self._send_call(conn, shipped, args, {}, retried)
+
+        for args in zip(*iterables):
+            if len(inflight) >= max(1, window):
+                yield result(*inflight.popleft())
+            inflight.append((args, self._send_call(conn, shipped, args, {}, False)))
+        while inflight:
+            yield result(*inflight.popleft())
+
+
+class _Value:
+    """A successful result (distinguishes a returned exception object from a raised one)."""
+
+    __slots__ = ("value",)
+
+    def __init__(self, value: Any) -> None:
+        self.value = value
+
+
+def session(
+    socket: str | None = None,
+    pool: str = "default",
+    libraries: dict[str, str] | None = None,
+    timeout: float | None = None,
+) -> Session:
+    return Session(socket=socket, pool=pool, libraries=libraries, timeout=timeout)
+
+
+def function(session: Session) -> Callable[[Callable[..., T]], Callable[..., T]]:
+    """Decorator: calls of the decorated function run in ``session``'s pool."""
+    if not isinstance(session, Session):
+        raise TypeError(f"cruised.function expects a cruised.session(), got {type(session).__name__}")
+
+    def decorate(fn: Callable[..., T]) -> Callable[..., T]:
+        import functools
+
+        @functools.wraps(fn)
+        def remote(*args: Any, **kwargs: Any) -> T:
+            return session.call(fn, *args, **kwargs)
+
+        remote.__cruised_function__ = fn  # type: ignore[attr-defined]
+        remote.submit = lambda *a, **k: session.submit(fn, *a, **k)  # type: ignore[attr-defined]
+        remote.session = session  # type: ignore[attr-defined]
+        return remote
+
+    return decorate

@@ -1,0 +1,301 @@
+"""Configuration: one typed schema, declared once, validated at load.
+
+Each setting is a field of a frozen dataclass below, with its default and a
+one-line ``doc``. The loader walks the YAML against those annotations, so
+unknown keys, wrong types and cross-field violations are reported with the
+key path, one line each (``pools.default.cruise: must be <= max (8), got
+12``). Config objects are immutable values: a reload builds a new one and
+compares, it never edits the running one.
+
+DSS API-node names, for users moving pools over: ``min`` = floor (pipelines
+allocated at start), ``cruise`` = cruise (kept warm; surplus workers above it
+retire after ``idle_timeout``), ``max`` = ceil, ``queue_size`` = queue
+(length), ``queue_timeout`` = timeout (DSS gives milliseconds; here any
+duration: ``10s``, ``500ms``, ``10000ms``).
+"""
+
+from __future__ import annotations
+
+import difflib
+import os
+import re
+import types
+import typing
+from dataclasses import MISSING, dataclass, field, fields, is_dataclass
+from pathlib import Path
+from typing import Any, Union
+
+import yaml
+
+from .errors import ConfigError
+
+
+class Duration(float):
+    """Seconds; YAML accepts a number of seconds or ``500ms``, ``10s``, ``2m``, ``1h``."""
+
+
+class Size(int):
+    """Bytes; YAML accepts an integer or ``512KiB``, ``64MiB``, ``1GiB``, ``10MB``."""
+
+
+class FileMode(int):
+    """A permission mode written as an octal string, e.g. ``"0660"``."""
+
+
+_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h)?\s*$")
+_DURATION_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, None: 1.0}
+_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(B|KB|MB|GB|KiB|MiB|GiB|K|M|G)?\s*$")
+_SIZE_UNITS = {
+    None: 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9,
+    "KiB": 1 << 10, "MiB": 1 << 20, "GiB": 1 << 30, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30,
+}
+
+
+def doc(text: str, default: Any = MISSING, factory: Any = MISSING) -> Any:
+    if factory is not MISSING:
+        return field(default_factory=factory, metadata={"doc": text})
+    return field(default=default, metadata={"doc": text})
+
+
+@dataclass(frozen=True)
+class DaemonConfig:
+    socket: str | None = doc("native Unix socket; default $RUNTIME_DIRECTORY, /run/cruised, $XDG_RUNTIME_DIR or a temp dir", None)
+    socket_mode: FileMode = doc("permission bits of the socket files", FileMode(0o660))
+    max_message_bytes: Size = doc("largest frame or HTTP body accepted", Size(256 << 20))
+    shutdown_grace: Duration = doc("SIGTERM: how long queued and running calls may finish", Duration(30))
+    kill_grace: Duration = doc("SIGTERM -> SIGKILL delay when a worker is killed", Duration(2))
+    max_connections: int = doc("client connections served at once; more are refused", 1024)
+    read_timeout: Duration = doc("a started frame must be complete within this", Duration(30))
+    allow_uids: list[int] = doc("if set, only these peer uids (SO_PEERCRED) may connect", factory=list)
+    allow_gids: list[int] = doc("if set, only these peer gids may connect", factory=list)
+
+    def validate(self, path: str, errors: list[ConfigError]) -> None:
+        if self.max_message_bytes < 4096:
+            errors.append(ConfigError(f"{path}.max_message_bytes", f"must be at least 4KiB, got {int(self.max_message_bytes)}"))
+        if self.max_connections < 1:
+            errors.append(ConfigError(f"{path}.max_connections", f"must be positive, got {self.max_connections}"))
+
+
+@dataclass(frozen=True)
+class PoolConfig:
+    min: int = doc("DSS floor: workers warm before the pool counts as ready", 1)
+    cruise: int = doc("DSS cruise: workers kept alive; surplus retires when idle", 2)
+    max: int = doc("DSS ceil: most workers at once", 8)
+    queue_size: int = doc("DSS queue length: requests waiting for a worker; more are rejected", 16)
+    queue_timeout: Duration = doc("DSS timeout: longest wait in the queue", Duration(10))
+    exec_timeout: Duration = doc("longest run of one call; the worker is killed after it", Duration(60))
+    idle_timeout: Duration = doc("a worker above cruise idle this long retires", Duration(30))
+    start_timeout: Duration = doc("a new worker must be ready (preload done) within this", Duration(60))
+    max_requests: int = doc("recycle a worker after this many calls (0 = never)", 0)
+    libraries: dict[str, str] = doc("alias -> module imported in every worker, e.g. {np: numpy}", factory=dict)
+    init: str | None = doc("Python file run once in every worker at start", None)
+    env: dict[str, str] = doc("extra environment variables for this pool's workers", factory=dict)
+
+    def validate(self, path: str, errors: list[ConfigError]) -> None:
+        for name in ("cruise", "max"):
+            if getattr(self, name) < 1:
+                errors.append(ConfigError(f"{path}.{name}", f"must be positive, got {getattr(self, name)}"))
+        for name in ("min", "queue_size", "max_requests"):
+            if getattr(self, name) < 0:
+                errors.append(ConfigError(f"{path}.{name}", f"must not be negative, got {getattr(self, name)}"))
+        for name in ("queue_timeout", "exec_timeout", "idle_timeout", "start_timeout"):
+            if getattr(self, name) <= 0:
+                errors.append(ConfigError(f"{path}.{name}", f"must be positive, got {getattr(self, name)}"))
+        if self.cruise > self.max >= 1:
+            errors.append(ConfigError(f"{path}.cruise", f"must be <= max ({self.max}), got {self.cruise}"))
+        if self.min > self.cruise >= 1:
+            errors.append(ConfigError(f"{path}.min", f"must be <= cruise ({self.cruise}), got {self.min}"))
+        if self.init is not None and not os.path.isfile(self.init):
+            errors.append(ConfigError(f"{path}.init", f"no such file: {self.init}"))
+        for alias in self.libraries:
+            if not alias.isidentifier():
+                errors.append(ConfigError(f"{path}.libraries.{alias}", "alias must be a Python identifier"))
+
+
+@dataclass(frozen=True)
+class Config:
+    daemon: DaemonConfig = doc("the supervisor process", factory=DaemonConfig)
+    pools: dict[str, PoolConfig] = doc("named worker pools", factory=lambda: {"default": PoolConfig()})
+
+    def validate(self, path: str, errors: list[ConfigError]) -> None:
+        if not self.pools:
+            errors.append(ConfigError("pools", "at least one pool is required"))
+
+
+# -- loading -------------------------------------------------------------------
+
+
+def _type_name(tp: Any) -> str:
+    if tp is Duration:
+        return "a duration (e.g. 10s, 500ms)"
+    if tp is Size:
+        return "a size (e.g. 64MiB)"
+    if tp is FileMode:
+        return 'an octal mode string (e.g. "0660")'
+    origin = typing.get_origin(tp)
+    if origin is list:
+        return "a list"
+    if origin is dict or is_dataclass(tp):
+        return "a mapping"
+    return {int: "an integer", str: "a string", bool: "true or false", float: "a number"}.get(tp, str(tp))
+
+
+def _convert(tp: Any, value: Any, path: str, base: Path | None) -> Any:
+    origin = typing.get_origin(tp)
+    if origin in (Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        if value is None:
+            return None
+        return _convert(args[0], value, path, base)
+    if is_dataclass(tp):
+        return _build(tp, value, path, base)
+    if origin is dict:
+        key_tp, val_tp = typing.get_args(tp)
+        if tp == dict[str, str] and isinstance(value, list) and path.endswith(".libraries"):
+            value = {str(m).split(".")[-1]: m for m in value}  # [numpy] == {numpy: numpy}
+        if not isinstance(value, dict):
+            raise ConfigError(path, f"expected {_type_name(tp)}, got {type(value).__name__}")
+        return {str(k): _convert(val_tp, v, f"{path}.{k}", base) for k, v in value.items()}
+    if origin is list:
+        (item_tp,) = typing.get_args(tp)
+        if not isinstance(value, list):
+            raise ConfigError(path, f"expected {_type_name(tp)}, got {type(value).__name__}")
+        return [_convert(item_tp, v, f"{path}[{i}]", base) for i, v in enumerate(value)]
+    if tp is Duration:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return Duration(value)
+        m = _DURATION.match(str(value))
+        if not m:
+            raise ConfigError(path, f"expected {_type_name(tp)}, got {value!r}")
+        return Duration(float(m.group(1)) * _DURATION_UNITS[m.group(2)])
+    if tp is Size:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return Size(value)
+        m = _SIZE.match(str(value))
+        if not m:
+            raise ConfigError(path, f"expected {_type_name(tp)}, got {value!r}")
+        return Size(int(float(m.group(1)) * _SIZE_UNITS[m.group(2)]))
+    if tp is FileMode:
+        if isinstance(value, int) and not isinstance(value, bool):
+            raise ConfigError(path, f"expected {_type_name(tp)} in quotes (YAML reads 0660 as a decimal number), got {value}")
+        try:
+            mode = int(str(value), 8)
+        except ValueError:
+            raise ConfigError(path, f"expected {_type_name(tp)}, got {value!r}") from None
+        if not 0 <= mode <= 0o7777:
+            raise ConfigError(path, f"mode out of range: {value!r}")
+        return FileMode(mode)
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(path, f"expected {_type_name(tp)}, got {value!r}")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(path, f"expected {_type_name(tp)}, got {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(path, f"expected {_type_name(tp)}, got {value!r}")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, (str, int, float)) or isinstance(value, bool):
+            raise ConfigError(path, f"expected {_type_name(tp)}, got {type(value).__name__}")
+        return str(value)
+    raise ConfigError(path, f"unsupported type {tp}")  # a schema bug, not a user error
+
+
+_PATH_FIELDS = {"init", "code", "python", "password_file", "api_keys_file", "users_file", "ca_file"}
+
+
+def _build(cls: Any, raw: Any, path: str, base: Path | None) -> Any:
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        where = path or "the top level"
+        raise ConfigError(path, f"expected a mapping at {where}, got {type(raw).__name__}")
+    hints = typing.get_type_hints(cls)
+    known = {f.name for f in fields(cls)}
+    errors: list[ConfigError] = []
+    for key in raw:
+        if key not in known:
+            close = difflib.get_close_matches(str(key), known, n=1)
+            hint = f"; did you mean {close[0]!r}?" if close else f" (known: {', '.join(sorted(known))})"
+            errors.append(ConfigError(_join(path, str(key)), f"unknown key{hint}"))
+    kwargs: dict[str, Any] = {}
+    for f in fields(cls):
+        if f.name not in raw:
+            continue
+        sub = _join(path, f.name)
+        try:
+            value = _convert(hints[f.name], raw[f.name], sub, base)
+        except ConfigErrors as many:
+            errors.extend(many.errors)
+            continue
+        except ConfigError as exc:
+            errors.append(exc)
+            continue
+        if f.name in _PATH_FIELDS and isinstance(value, str) and base is not None:
+            value = str((base / os.path.expanduser(value)).resolve())
+        kwargs[f.name] = value
+    if errors:
+        raise ConfigErrors(errors)
+    obj = cls(**kwargs)
+    obj.validate(path, errors)
+    if errors:
+        raise ConfigErrors(errors)
+    return obj
+
+
+def _join(path: str, key: str) -> str:
+    return f"{path}.{key}" if path else key
+
+
+class ConfigErrors(ConfigError):
+    """Every problem found in one file; ``str()`` gives one line each."""
+
+    def __init__(self, errors: list[ConfigError]) -> None:
+        self.errors = errors
+        super().__init__("", "\n".join(str(e) for e in errors))
+
+
+def parse(raw: Any, base: Path | None = None) -> Config:
+    try:
+        return _build(Config, raw, "", base)
+    except ConfigErrors:
+        raise
+    except ConfigError as exc:
+        raise ConfigErrors([exc]) from None
+
+
+def load(path: str | os.PathLike[str]) -> Config:
+    p = Path(path)
+    try:
+        text = p.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigErrors([ConfigError("", f"cannot read config {p}: {exc.strerror}")]) from None
+    try:
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(exc, "problem", None) or str(exc)
+        raise ConfigErrors([ConfigError("", f"{p}: invalid YAML{where}: {problem}")]) from None
+    return parse(raw, p.resolve().parent)
+
+
+def describe(cls: Any = Config, prefix: str = "") -> list[tuple[str, str, str]]:
+    """(key path, default, doc) for every setting: the reference table in the README."""
+    rows = []
+    hints = typing.get_type_hints(cls)
+    for f in fields(cls):
+        key = _join(prefix, f.name)
+        tp = hints[f.name]
+        if is_dataclass(tp):
+            rows.extend(describe(tp, key))
+            continue
+        if typing.get_origin(tp) is dict and is_dataclass(typing.get_args(tp)[1]):
+            rows.extend(describe(typing.get_args(tp)[1], f"{key}.<name>"))
+            continue
+        default = f.default if f.default is not MISSING else f.default_factory()  # type: ignore[misc]
+        rows.append((key, repr(default), f.metadata.get("doc", "")))
+    return rows

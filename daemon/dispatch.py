@@ -1,0 +1,572 @@
+"""One pool's request flow: admission, the bounded FIFO queue, dispatch, deadlines, sizing.
+
+The dispatcher is the single owner of its pool's queue, worker table and
+every deadline. It does no I/O itself: workers are reached through a
+``Launcher`` port (spawn, kill, retire) and time through a ``Clock`` port, so
+the whole policy runs under a fake clock in unit tests.
+
+Request states::
+
+    submit --> [idle worker] --------------------------> RUNNING --> reply
+          \--> [queue has room] --> QUEUED --(worker)--> RUNNING --> reply
+          \--> [queue full] --> QueueFull                     \--> exec deadline: ExecutionTimeout,
+                         QUEUED --(queue deadline)--> QueueTimeout    worker killed and replaced
+                                                              \--> worker died: WorkerCrashed
+
+Invariants:
+* every accepted job is answered exactly once (``Job.answer`` is idempotent);
+* a job that timed out in the queue, or whose client left, never runs;
+* a job is never re-run (at-most-once): a crash answers it, it does not
+  requeue it;
+* the queue never holds more than ``queue_size`` jobs.
+
+Worker states::
+
+    STARTING --READY--> IDLE <--> BUSY --> DRAINING (recycle/retire) --> gone
+        |                          \--> KILLING (exec timeout, shutdown) --> gone
+        \-- preload failed / start timeout --> gone, pool backs off before the next spawn
+"""
+
+from __future__ import annotations
+
+import enum
+import logging
+import signal
+from collections import OrderedDict, deque
+from dataclasses import dataclass, field
+from typing import Any, Callable, Protocol
+
+from cruised.pool import frames
+from cruised.pool.frames import Kind, Status
+
+from .config import PoolConfig
+
+log = logging.getLogger("cruised.dispatch")
+
+#: supervisor-side mirror of the worker's function cache (pool/worker.py FUNCTION_CACHE)
+KNOWN_PER_WORKER = 4096
+#: registered code kept per pool; a miss only makes the client register again
+CODE_CACHE_BYTES = 256 << 20
+BACKOFF_FIRST = 0.5
+BACKOFF_MAX = 30.0
+
+
+class Clock(Protocol):
+    def time(self) -> float: ...
+
+    def call_at(self, when: float, callback: Callable[..., Any], *args: Any) -> Any: ...
+
+
+class ReplySink(Protocol):
+    """Where a job's answer goes (a native client connection, an HTTP request, ...)."""
+
+    def forward(self, job: "Job", buf: bytearray, status: int) -> None:
+        """A worker's REPLY frame for this job (reqid still the job id)."""
+
+    def refuse(self, job: "Job", status: int, message: str) -> None:
+        """The daemon's own answer (rejections, timeouts, crashes)."""
+
+
+class WorkerState(enum.Enum):
+    STARTING = "starting"
+    IDLE = "idle"
+    BUSY = "busy"
+    DRAINING = "draining"
+    KILLING = "killing"
+    GONE = "gone"
+
+
+class Launcher(Protocol):
+    def spawn(self, worker: "Worker") -> None: ...
+
+    def send(self, worker: "Worker", parts: list[Any]) -> None: ...
+
+    def kill(self, worker: "Worker") -> None:
+        """SIGTERM now, SIGKILL after the grace period; report the exit via ``on_worker_exit``."""
+
+    def retire(self, worker: "Worker") -> None:
+        """Close the channel: the worker finishes its loop and exits 0."""
+
+
+class Observer(Protocol):
+    def request_done(self, pool: str, job: "Job", outcome: str, queue_s: float, exec_s: float | None) -> None: ...
+
+    def worker_exit(self, pool: str, reason: str) -> None: ...
+
+
+class Counters:
+    """Plain counts for ``cruised status``; the metrics module observes the same events."""
+
+    def __init__(self) -> None:
+        self.requests: dict[str, int] = {}
+        self.exits: dict[str, int] = {}
+
+    def request_done(self, pool: str, job: "Job", outcome: str, queue_s: float, exec_s: float | None) -> None:
+        self.requests[outcome] = self.requests.get(outcome, 0) + 1
+
+    def worker_exit(self, pool: str, reason: str) -> None:
+        self.exits[reason] = self.exits.get(reason, 0) + 1
+
+
+@dataclass(eq=False)
+class Job:
+    id: int
+    kind: int
+    frame: bytearray
+    sink: ReplySink
+    client: Any  # whoever owns the job; drop_client() matches on identity
+    client_reqid: int
+    key: bytes | None = None
+    timeout: float | None = None  # per-call execution timeout, if the caller set one
+    endpoint: str = "function"
+    admitted: float = 0.0
+    deadline: float = 0.0  # queue deadline
+    started: float | None = None
+    finished: float | None = None
+    worker: "Worker | None" = None
+    answered: bool = False
+    cancelled: bool = False  # client went away: do not run, do not reply
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(eq=False)
+class Worker:
+    id: str
+    state: WorkerState = WorkerState.STARTING
+    pid: int | None = None
+    python: str | None = None
+    job: Job | None = None
+    known: OrderedDict[bytes, None] = field(default_factory=OrderedDict)
+    requests: int = 0
+    spawned_at: float = 0.0
+    ready_at: float | None = None
+    idle_since: float = 0.0
+    error: str | None = None  # preload failure text, if any
+    exit_reason: str | None = None  # set when we decide it must go
+    timer: Any = None  # start or exec deadline handle
+    handle: Any = None  # the launcher's own per-worker state
+
+
+class Dispatcher:
+    def __init__(
+        self,
+        name: str,
+        config: PoolConfig,
+        clock: Clock,
+        launcher: Launcher,
+        observer: Observer | None = None,
+    ) -> None:
+        self.name = name
+        self.config = config
+        self.clock = clock
+        self.launcher = launcher
+        self.counters = Counters()
+        self.observers: list[Observer] = [self.counters] + ([observer] if observer else [])
+        self.queue: deque[Job] = deque()
+        self.workers: dict[str, Worker] = {}
+        self.idle: list[Worker] = []  # LIFO: hot workers stay hot, surplus ones age out
+        self.code: OrderedDict[bytes, bytearray] = OrderedDict()
+        self.code_bytes = 0
+        self.accepting = True
+        self.python: str | None = None  # the pool's interpreter version, once a worker said it
+        self.failures = 0
+        self.last_error: str | None = None
+        self.next_spawn_at = 0.0
+        self._seq = 0
+        self._queue_timer: Any = None
+        self._queue_timer_at: float | None = None
+        self._idle_timer: Any = None
+        self._manage_timer: Any = None
+        #: workers per state, kept by ``_set_state`` so sizing decisions are O(1) per request
+        self.counts: dict[WorkerState, int] = {s: 0 for s in WorkerState}
+        self.on_change: Callable[[], None] = lambda: None  # readiness/status watchers
+
+    def _set_state(self, worker: Worker, state: WorkerState) -> None:
+        """The only place a worker changes state (the counts depend on it)."""
+        self.counts[worker.state] -= 1
+        self.counts[state] += 1
+        worker.state = state
+
+    # -- admission -----------------------------------------------------------------
+
+    def submit(self, job: Job) -> None:
+        now = self.clock.time()
+        job.admitted = now
+        if not self.accepting:
+            self._finish(job, Status.SHUTTING_DOWN, "cruised is shutting down; not accepting new requests", "rejected")
+            return
+        if job.kind == Kind.CALL and job.key not in self.code:
+            # the daemon restarted or evicted it: the client registers again and retries
+            job.answered = True
+            job.sink.refuse(job, Status.UNKNOWN_FUNCTION, "function not registered with this daemon")
+            return
+        if self.idle and not self.queue:
+            self._start(self.idle.pop(), job)
+            return
+        if len(self.queue) >= self.config.queue_size:
+            busy = self.counts[WorkerState.BUSY]
+            self._finish(
+                job,
+                Status.QUEUE_FULL,
+                f"pool {self.name!r} is full: queue {len(self.queue)}/{self.config.queue_size}, {busy} busy workers",
+                "rejected",
+            )
+            return
+        job.deadline = now + self.config.queue_timeout
+        self.queue.append(job)
+        self._arm_queue_timer()
+        self.manage()
+
+    def drop_client(self, client: Any) -> None:
+        """The client left: forget its queued jobs; a running one finishes, its reply is dropped."""
+        if any(j.client is client for j in self.queue):
+            kept = deque(j for j in self.queue if j.client is not client)
+            for j in self.queue:
+                if j.client is client:
+                    j.cancelled = j.answered = True
+            self.queue = kept
+        for w in self.workers.values():
+            if w.job is not None and w.job.client is client:
+                w.job.cancelled = True
+
+    # -- running ---------------------------------------------------------------------
+
+    def _start(self, worker: Worker, job: Job) -> None:
+        now = self.clock.time()
+        parts: list[Any] = []
+        if job.kind == Kind.CALL:
+            assert job.key is not None
+            if job.key in worker.known:
+                worker.known.move_to_end(job.key)
+            else:
+                code = self.code.get(job.key)
+                if code is None:
+                    self._become_idle(worker)
+                    job.answered = True
+                    job.sink.refuse(job, Status.UNKNOWN_FUNCTION, "function not registered with this daemon")
+                    return
+                parts.append(code)
+                worker.known[job.key] = None
+                if len(worker.known) > KNOWN_PER_WORKER:
+                    worker.known.popitem(last=False)
+        frames.set_reqid(job.frame, job.id)
+        parts.append(job.frame)
+        job.started = now
+        job.worker = worker
+        worker.job = job
+        self._set_state(worker, WorkerState.BUSY)
+        limit = self.config.exec_timeout
+        if job.timeout is not None and 0 < job.timeout < limit:
+            limit = job.timeout
+        job.extra["exec_limit"] = limit
+        worker.timer = self.clock.call_at(now + limit, self._exec_timeout, worker, job)
+        self.launcher.send(worker, parts)
+
+    def on_worker_reply(self, worker: Worker, buf: bytearray, status: int, reqid: int) -> None:
+        job = worker.job
+        if job is None or reqid != job.id or worker.state is not WorkerState.BUSY:
+            if worker.state is WorkerState.KILLING:
+                return  # a late answer from a worker we already gave up on
+            log.error("worker=%s pool=%s protocol violation: reply %s without a matching call; killing it", worker.id, self.name, reqid)
+            self._kill(worker, "crash")
+            return
+        _cancel(worker.timer)
+        worker.timer = None
+        worker.job = None
+        worker.requests += 1
+        job.finished = self.clock.time()
+        if status == Status.UNKNOWN_FUNCTION and job.key is not None:
+            worker.known.pop(job.key, None)
+        if not job.answered:
+            job.answered = True
+            outcome = "ok" if status == Status.OK else ("error" if status == Status.ERROR else "unknown_function")
+            self._observe(job, outcome)
+            if not job.cancelled:
+                job.sink.forward(job, buf, status)
+        if self.config.max_requests and worker.requests >= self.config.max_requests:
+            self._retire(worker, "recycled")
+        else:
+            self._become_idle(worker)
+        self.pump()
+
+    def _exec_timeout(self, worker: Worker, job: Job) -> None:
+        if worker.job is not job or job.answered:
+            return
+        worker.timer = None
+        limit = job.extra.get("exec_limit", self.config.exec_timeout)
+        log.warning("worker=%s pool=%s call %s ran past %.3gs; killing the worker", worker.id, self.name, job.id, limit)
+        job.finished = self.clock.time()
+        self._finish(job, Status.EXEC_TIMEOUT, f"call ran past its execution timeout of {limit:g}s; its worker was killed", "exec_timeout")
+        self._kill(worker, "exec_timeout")
+        self.manage()
+
+    def pump(self) -> None:
+        """Hand queued jobs to idle workers, oldest job first."""
+        while self.queue and self.idle:
+            job = self.queue.popleft()
+            if job.cancelled or job.answered:
+                continue
+            self._start(self.idle.pop(), job)
+        self.manage()
+
+    def _expire_queue(self) -> None:
+        self._queue_timer = self._queue_timer_at = None
+        now = self.clock.time()
+        while self.queue and (self.queue[0].deadline <= now or self.queue[0].cancelled):
+            job = self.queue.popleft()
+            if job.cancelled:
+                continue
+            job.finished = now
+            self._finish(
+                job,
+                Status.QUEUE_TIMEOUT,
+                f"waited {now - job.admitted:.3g}s in pool {self.name!r}'s queue (queue_timeout {self.config.queue_timeout:g}s); not run",
+                "queue_timeout",
+            )
+        self._arm_queue_timer()
+
+    def _arm_queue_timer(self) -> None:
+        # FIFO with one timeout per pool: the head always expires first, so one timer suffices.
+        if not self.queue:
+            return
+        at = self.queue[0].deadline
+        if self._queue_timer is not None and self._queue_timer_at is not None and self._queue_timer_at <= at:
+            return  # an earlier timer will fire and re-arm
+        _cancel(self._queue_timer)
+        self._queue_timer_at = at
+        self._queue_timer = self.clock.call_at(at, self._expire_queue)
+
+    def _finish(self, job: Job, status: int, message: str, outcome: str) -> None:
+        if job.answered:
+            return
+        job.answered = True
+        self._observe(job, outcome)
+        if not job.cancelled:
+            job.sink.refuse(job, status, message)
+
+    def _observe(self, job: Job, outcome: str) -> None:
+        end = job.finished if job.finished is not None else self.clock.time()
+        start = job.started if job.started is not None else end
+        queue_s = start - job.admitted
+        exec_s = end - job.started if job.started is not None else None
+        for o in self.observers:
+            o.request_done(self.name, job, outcome, queue_s, exec_s)
+
+    # -- worker lifecycle ----------------------------------------------------------------
+
+    def _spawn(self) -> Worker:
+        self._seq += 1
+        w = Worker(id=f"{self.name}-{self._seq}", spawned_at=self.clock.time())
+        self.workers[w.id] = w
+        self.counts[WorkerState.STARTING] += 1
+        w.timer = self.clock.call_at(w.spawned_at + self.config.start_timeout, self._start_timeout, w)
+        self.launcher.spawn(w)
+        return w
+
+    def _start_timeout(self, worker: Worker) -> None:
+        if worker.state is not WorkerState.STARTING:
+            return
+        worker.timer = None
+        worker.error = f"not ready within start_timeout ({self.config.start_timeout:g}s)"
+        log.error("worker=%s pool=%s %s", worker.id, self.name, worker.error)
+        self._kill(worker, "preload_failed")
+
+    def on_worker_ready(self, worker: Worker, info: dict[str, Any]) -> None:
+        if worker.state is not WorkerState.STARTING:
+            return
+        _cancel(worker.timer)
+        worker.timer = None
+        now = self.clock.time()
+        worker.pid = info.get("pid", worker.pid)
+        worker.python = info.get("python")
+        self.python = worker.python or self.python
+        worker.ready_at = now
+        self.failures = 0
+        self.last_error = None
+        log.info("worker=%s pool=%s ready pid=%s in %.1fms", worker.id, self.name, worker.pid, (now - worker.spawned_at) * 1e3)
+        self._become_idle(worker)
+        self.pump()
+        self.on_change()
+
+    def on_worker_preload_failed(self, worker: Worker, message: str) -> None:
+        worker.error = message
+        worker.exit_reason = "preload_failed"
+
+    def on_worker_exit(self, worker: Worker, code: int | None) -> None:
+        """The process is gone (reaped). Answers its job, if any, and refills the pool."""
+        if worker.state is WorkerState.GONE:
+            return
+        was_starting = worker.state is WorkerState.STARTING
+        _cancel(worker.timer)
+        worker.timer = None
+        how = _describe_exit(code)
+        job = worker.job
+        if job is not None and not job.answered:
+            job.finished = self.clock.time()
+            self._finish(job, Status.WORKER_CRASHED, f"worker {worker.id} died during the call ({how}); the call was not retried", "crashed")
+        worker.job = None
+        reason = worker.exit_reason
+        if reason is None:
+            reason = "preload_failed" if was_starting else ("shutdown" if not self.accepting else "crash")
+        if reason == "preload_failed" or was_starting:
+            self.failures += 1
+            delay = min(BACKOFF_MAX, BACKOFF_FIRST * 2 ** (self.failures - 1))
+            self.next_spawn_at = self.clock.time() + delay
+            self.last_error = worker.error or f"worker exited before it was ready ({how})"
+            log.error("worker=%s pool=%s failed to start: %s; next attempt in %.1fs", worker.id, self.name, self.last_error, delay)
+        elif reason == "crash":
+            log.error("worker=%s pool=%s died: %s", worker.id, self.name, how)
+        else:
+            log.info("worker=%s pool=%s exited (%s, %s)", worker.id, self.name, reason, how)
+        self._set_state(worker, WorkerState.GONE)
+        if worker in self.idle:
+            self.idle.remove(worker)
+        self.workers.pop(worker.id, None)
+        for o in self.observers:
+            o.worker_exit(self.name, reason)
+        self.manage()
+        self.on_change()
+
+    def _become_idle(self, worker: Worker) -> None:
+        self._set_state(worker, WorkerState.IDLE)
+        worker.idle_since = self.clock.time()
+        self.idle.append(worker)
+        self._arm_idle_timer()
+
+    def _kill(self, worker: Worker, reason: str) -> None:
+        if worker.state in (WorkerState.KILLING, WorkerState.GONE):
+            return
+        if worker in self.idle:
+            self.idle.remove(worker)
+        self._set_state(worker, WorkerState.KILLING)
+        worker.exit_reason = worker.exit_reason or reason
+        self.launcher.kill(worker)
+
+    def _retire(self, worker: Worker, reason: str) -> None:
+        if worker in self.idle:
+            self.idle.remove(worker)
+        self._set_state(worker, WorkerState.DRAINING)
+        worker.exit_reason = reason
+        self.launcher.retire(worker)
+
+    # -- sizing ----------------------------------------------------------------------------
+
+    def live(self) -> int:
+        c = self.counts
+        return c[WorkerState.STARTING] + c[WorkerState.IDLE] + c[WorkerState.BUSY]
+
+    def manage(self) -> None:
+        """Keep ``cruise`` workers alive; grow toward ``max`` while requests wait."""
+        if not self.accepting:
+            return
+        cfg = self.config
+        live = self.live()
+        waiting = len(self.queue)  # cancelled jobs leave the queue at once (drop_client)
+        if live >= cfg.cruise and not waiting:
+            return  # the steady state: nothing to decide
+        starting = self.counts[WorkerState.STARTING]
+        want = max(cfg.cruise - live, min(waiting - starting, cfg.max - live))
+        if want <= 0:
+            return
+        now = self.clock.time()
+        if now < self.next_spawn_at:
+            if self._manage_timer is None:
+                self._manage_timer = self.clock.call_at(self.next_spawn_at, self._manage_later)
+            return
+        # after a failure, probe with one worker at a time instead of a burst of doomed ones
+        if self.failures:
+            want = 1 if starting == 0 else 0
+        for _ in range(want):
+            self._spawn()
+
+    def _manage_later(self) -> None:
+        self._manage_timer = None
+        self.manage()
+
+    def _arm_idle_timer(self) -> None:
+        if self._idle_timer is not None or self.live() <= self.config.cruise or not self.idle:
+            return
+        oldest = min(w.idle_since for w in self.idle)
+        self._idle_timer = self.clock.call_at(oldest + self.config.idle_timeout, self._retire_idle)
+
+    def _retire_idle(self) -> None:
+        self._idle_timer = None
+        now = self.clock.time()
+        # idle[0] has been idle longest (LIFO stack)
+        while self.live() > self.config.cruise and self.idle and now - self.idle[0].idle_since >= self.config.idle_timeout:
+            self._retire(self.idle[0], "idle")
+        self._arm_idle_timer()
+
+    # -- code -------------------------------------------------------------------------------
+
+    def register(self, key: bytes, define_frame: bytearray) -> None:
+        """Keep a function's DEFINE frame (immutable from here on) for workers that lack it."""
+        if key in self.code:
+            self.code.move_to_end(key)
+            return
+        self.code[key] = define_frame
+        self.code_bytes += len(define_frame)
+        while self.code_bytes > CODE_CACHE_BYTES and len(self.code) > 1:
+            _, old = self.code.popitem(last=False)
+            self.code_bytes -= len(old)
+
+    # -- shutdown and status -------------------------------------------------------------------
+
+    def stop_accepting(self) -> None:
+        self.accepting = False
+        _cancel(self._manage_timer)
+        self._manage_timer = None
+
+    def idle_now(self) -> bool:
+        return not self.queue and all(w.job is None for w in self.workers.values())
+
+    def abort_queue(self, message: str) -> None:
+        while self.queue:
+            job = self.queue.popleft()
+            if not job.cancelled:
+                self._finish(job, Status.SHUTTING_DOWN, message, "rejected")
+
+    def terminate_all(self) -> None:
+        for w in list(self.workers.values()):
+            if w.state is WorkerState.IDLE:
+                self._retire(w, "shutdown")
+            elif w.state in (WorkerState.STARTING, WorkerState.BUSY):
+                self._kill(w, "shutdown")
+
+    def ready(self) -> bool:
+        return self.counts[WorkerState.IDLE] + self.counts[WorkerState.BUSY] >= self.config.min
+
+    def status(self) -> dict[str, Any]:
+        states = {s.value: n for s, n in self.counts.items() if s is not WorkerState.GONE}
+        now = self.clock.time()
+        oldest = now - self.queue[0].admitted if self.queue else 0.0
+        return {
+            "workers": states,
+            "queue": {"depth": len(self.queue), "capacity": self.config.queue_size, "oldest_s": round(oldest, 6)},
+            "limits": {"min": self.config.min, "cruise": self.config.cruise, "max": self.config.max},
+            "ready": self.ready(),
+            "python": self.python,
+            "last_error": self.last_error,
+            "requests": dict(self.counters.requests),
+            "exits": dict(self.counters.exits),
+            "worker_list": [
+                {"id": w.id, "pid": w.pid, "state": w.state.value, "requests": w.requests, "error": w.error}
+                for w in self.workers.values()
+            ],
+        }
+
+
+def _cancel(handle: Any) -> None:
+    if handle is not None:
+        handle.cancel()
+
+
+def _describe_exit(code: int | None) -> str:
+    if code is None:
+        return "exit status unknown"
+    if code < 0:
+        try:
+            return f"killed by signal {signal.Signals(-code).name}"
+        except ValueError:
+            return f"killed by signal {-code}"
+    return f"exit code {code}"

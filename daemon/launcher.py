@@ -1,0 +1,424 @@
+"""Starting, reaching and stopping one pool's worker processes.
+
+The launcher is the dispatcher's ``Launcher`` port made real. Per pool it runs
+one template process (``cruised.pool.template``: a fresh interpreter, the
+preloaded forkserver) and asks it to fork workers. For each worker it creates
+
+* a socketpair: the private channel, framed (daemon/channel.py);
+* a pipe: the worker's stdout and stderr, logged line by line with a
+  ``worker=`` tag instead of interleaving raw on the daemon's stderr;
+
+and passes the worker's ends to the template with SCM_RIGHTS. The template
+reports each worker's pid and, after reaping it, its exit code; that report
+(not channel EOF) is what ends a worker's life here, because only it carries
+the exit status. Template death is watched with a pidfd.
+"""
+
+from __future__ import annotations
+
+import array
+import asyncio
+import json
+import logging
+import os
+import signal
+import socket
+import subprocess
+import sys
+from typing import Any
+
+from cruised.pool import frames
+from cruised.pool.frames import Kind, Status
+
+from .channel import Channel
+from .config import DaemonConfig, PoolConfig
+from .dispatch import BACKOFF_FIRST, BACKOFF_MAX, Dispatcher, Worker, WorkerState
+
+log = logging.getLogger("cruised.launcher")
+
+#: after channel EOF, how long to wait for the template's exit report
+EXIT_REPORT_WAIT = 5.0
+OUTPUT_LINE_MAX = 16 << 10
+
+
+class WorkerLink:
+    """The launcher's per-worker state: channel, output pipe, kill escalation."""
+
+    def __init__(self) -> None:
+        self.channel: Channel | None = None
+        self.out_fd: int | None = None
+        self.out_buf = bytearray()
+        self.sigkill_timer: asyncio.TimerHandle | None = None
+        self.eof_timer: asyncio.TimerHandle | None = None
+        self.exited = False
+
+
+class PoolLauncher:
+    def __init__(self, loop: asyncio.AbstractEventLoop, name: str, pool: PoolConfig, daemon: DaemonConfig) -> None:
+        self.loop = loop
+        self.name = name
+        self.pool = pool
+        self.daemon = daemon
+        self.dispatcher: Dispatcher | None = None
+        self.python = sys.executable
+        self.template: subprocess.Popen[bytes] | None = None
+        self.template_ready = False
+        self.template_info: dict[str, Any] = {}
+        self.template_failures = 0
+        self._ctl: socket.socket | None = None
+        self._pidfd: int | None = None
+        self._pending: list[Worker] = []  # spawns waiting for the template
+        self._outbox: list[tuple[bytes, list[int]]] = []
+        self._by_pid: dict[int, Worker] = {}
+        self._restart_timer: asyncio.TimerHandle | None = None
+        self.closing = False
+
+    # -- template ------------------------------------------------------------------
+
+    def start_template(self) -> None:
+        self._restart_timer = None
+        if self.closing:
+            return
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        env = dict(os.environ)
+        env.update(self.pool.env)
+        # pykx must never stop a worker at import to ask for a licence (issue: q connection)
+        env.setdefault("PYKX_UNLICENSED", "true")
+        env.setdefault("PYKX_SUPPRESS_WARNINGS", "true")
+        try:
+            self.template = subprocess.Popen(
+                [self.python, "-m", "cruised.pool.template", str(theirs.fileno())],
+                pass_fds=[theirs.fileno()],
+                stdin=subprocess.DEVNULL,
+                env=env,
+                close_fds=True,
+            )
+        except OSError as exc:
+            theirs.close()
+            ours.close()
+            self._template_failed(f"cannot start {self.python}: {exc.strerror or exc}")
+            return
+        theirs.close()
+        ours.setblocking(False)
+        self._ctl = ours
+        self.loop.add_reader(ours.fileno(), self._on_control)
+        self._pidfd = os.pidfd_open(self.template.pid)
+        self.loop.add_reader(self._pidfd, self._on_template_exit)
+        config = {"libraries": self.pool.libraries}
+        self._queue_msg(json.dumps(config).encode(), [])
+        log.info("pool=%s template starting pid=%s python=%s", self.name, self.template.pid, self.python)
+
+    def _template_failed(self, message: str) -> None:
+        self.template_failures += 1
+        delay = min(BACKOFF_MAX, BACKOFF_FIRST * 2 ** (self.template_failures - 1))
+        log.error("pool=%s template failed: %s; retrying in %.1fs", self.name, message, delay)
+        pending, self._pending = self._pending, []
+        disp = self.dispatcher
+        if disp is not None:
+            disp.last_error = message
+            for w in pending:
+                w.error = message
+                w.exit_reason = "preload_failed"
+                disp.on_worker_exit(w, None)
+        if not self.closing and self._restart_timer is None:
+            self._restart_timer = self.loop.call_later(delay, self.start_template)
+
+    def _on_template_exit(self) -> None:
+        assert self.template is not None and self._pidfd is not None
+        self.loop.remove_reader(self._pidfd)
+        os.close(self._pidfd)
+        self._pidfd = None
+        pid, code = self.template.pid, self.template.wait()
+        self.template = None
+        was_ready = self.template_ready
+        self.template_ready = False
+        self._close_ctl()
+        if was_ready and not self.closing:
+            log.error("pool=%s template pid=%s exited unexpectedly (code %s); restarting it", self.name, pid, code)
+        # Its workers die with it (PDEATHSIG) and their exits will never be reported: report them.
+        # Their replacements ask for a template again, which restarts it at once.
+        for w in list(self._by_pid.values()):
+            self._worker_gone(w, None)
+        if self.closing or was_ready:
+            return
+        self._template_failed(self.template_info.get("error") or f"template exited with code {code}")
+
+    def _close_ctl(self) -> None:
+        if self._ctl is not None:
+            self.loop.remove_reader(self._ctl.fileno())
+            try:
+                self.loop.remove_writer(self._ctl.fileno())
+            except (ValueError, OSError):
+                pass
+            self._ctl.close()
+            self._ctl = None
+        for _, fds in self._outbox:
+            for fd in fds:
+                os.close(fd)
+        self._outbox.clear()
+
+    def _on_control(self) -> None:
+        ctl = self._ctl
+        while ctl is not None:
+            try:
+                data = ctl.recv(65536)
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError:
+                data = b""
+            if not data:
+                self.loop.remove_reader(ctl.fileno())
+                return  # the pidfd reports the exit
+            msg = json.loads(data)
+            op = msg.get("op")
+            if op == "hello":
+                self.template_info = msg
+                if not msg.get("ok"):
+                    log.error("pool=%s preload failed in template: %s", self.name, msg.get("error"))
+                    continue  # it exits with PRELOAD_FAILED; the pidfd handler retries
+                self.template_ready = True
+                self.template_failures = 0
+                log.info("pool=%s template ready pid=%s python=%s preload=%ss", self.name, msg.get("pid"), msg.get("python"), msg.get("preload_s"))
+                if self.dispatcher is not None:
+                    self.dispatcher.python = msg.get("python")
+                pending, self._pending = self._pending, []
+                for w in pending:
+                    self._send_spawn(w)
+            elif op == "spawned":
+                w = self._find(msg["worker"])
+                if w is not None:
+                    w.pid = int(msg["pid"])
+                    self._by_pid[w.pid] = w
+                    if w.state is WorkerState.KILLING:  # killed before its pid was known
+                        self.kill(w)
+            elif op == "exited":
+                w = self._by_pid.get(int(msg["pid"]))
+                if w is not None:
+                    self._worker_gone(w, msg.get("code"))
+
+    def _find(self, worker_id: str) -> Worker | None:
+        return self.dispatcher.workers.get(worker_id) if self.dispatcher else None
+
+    def _queue_msg(self, data: bytes, fds: list[int]) -> None:
+        self._outbox.append((data, fds))
+        self._flush_ctl()
+
+    def _flush_ctl(self) -> None:
+        ctl = self._ctl
+        if ctl is None:
+            return
+        while self._outbox:
+            data, fds = self._outbox[0]
+            anc = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds))] if fds else []
+            try:
+                ctl.sendmsg([data], anc)
+            except (BlockingIOError, InterruptedError):
+                self.loop.add_writer(ctl.fileno(), self._on_ctl_writable)
+                return
+            except OSError as exc:
+                log.error("pool=%s template control channel failed: %s", self.name, exc)
+                return
+            self._outbox.pop(0)
+            for fd in fds:
+                os.close(fd)
+
+    def _on_ctl_writable(self) -> None:
+        if self._ctl is not None:
+            self.loop.remove_writer(self._ctl.fileno())
+        self._flush_ctl()
+
+    # -- the Launcher port --------------------------------------------------------------
+
+    def spawn(self, worker: Worker) -> None:
+        worker.handle = WorkerLink()
+        if self.template is None and self._restart_timer is None and not self.closing:
+            self.start_template()
+        if self.template_ready:
+            self._send_spawn(worker)
+        else:
+            self._pending.append(worker)
+
+    def _send_spawn(self, worker: Worker) -> None:
+        link: WorkerLink = worker.handle
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        out_r, out_w = os.pipe()
+        os.set_blocking(out_r, False)
+        link.out_fd = out_r
+        self.loop.add_reader(out_r, self._on_output, worker)
+        assert self.dispatcher is not None
+        link.channel = Channel(self.loop, ours, _WorkerSink(self.dispatcher, self, worker), self.daemon.max_message_bytes, name=worker.id)
+        spec = {
+            "worker_id": worker.id,
+            "pool": self.name,
+            "libraries": self.pool.libraries,
+            "init": self.pool.init,
+            "max_message_bytes": self.daemon.max_message_bytes,
+        }
+        fd = os.dup(theirs.fileno())
+        theirs.close()
+        self._queue_msg(json.dumps({"op": "spawn", "spec": spec}).encode(), [fd, out_w])
+
+    def send(self, worker: Worker, parts: list[Any]) -> None:
+        link: WorkerLink = worker.handle
+        if link.channel is not None:
+            link.channel.write(parts)
+
+    def kill(self, worker: Worker) -> None:
+        link: WorkerLink = worker.handle
+        if worker in self._pending:
+            self._pending.remove(worker)
+            self._worker_gone(worker, None)
+            return
+        if worker.pid is None:
+            return  # "spawned" arrives later and calls kill() again
+        self._signal(worker.pid, signal.SIGTERM)
+        if link.sigkill_timer is None:
+            link.sigkill_timer = self.loop.call_later(self.daemon.kill_grace, self._signal, worker.pid, signal.SIGKILL)
+
+    def retire(self, worker: Worker) -> None:
+        link: WorkerLink = worker.handle
+        if worker in self._pending:
+            self._pending.remove(worker)
+            self._worker_gone(worker, None)
+            return
+        if link.channel is not None:
+            link.channel.close_after_flush()
+
+    def _signal(self, pid: int, sig: int) -> None:
+        self._queue_msg(json.dumps({"op": "kill", "pid": pid, "signal": int(sig)}).encode(), [])
+
+    # -- per-worker I/O ---------------------------------------------------------------
+
+    def _on_output(self, worker: Worker) -> None:
+        link: WorkerLink = worker.handle
+        fd = link.out_fd
+        if fd is None:
+            return
+        try:
+            data = os.read(fd, 65536)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError:
+            data = b""
+        if not data:
+            self._close_output(worker)
+            return
+        buf = link.out_buf
+        buf += data
+        while True:
+            nl = buf.find(b"\n")
+            if nl < 0:
+                break
+            self._log_line(worker, bytes(buf[:nl]))
+            del buf[: nl + 1]
+        if len(buf) > OUTPUT_LINE_MAX:
+            self._log_line(worker, bytes(buf))
+            buf.clear()
+
+    def _log_line(self, worker: Worker, line: bytes) -> None:
+        log.info("worker=%s pool=%s output: %s", worker.id, self.name, line.decode("utf-8", "replace").rstrip("\r"))
+
+    def _close_output(self, worker: Worker) -> None:
+        link: WorkerLink = worker.handle
+        if link.out_fd is None:
+            return
+        self.loop.remove_reader(link.out_fd)
+        if link.out_buf:
+            self._log_line(worker, bytes(link.out_buf))
+            link.out_buf.clear()
+        os.close(link.out_fd)
+        link.out_fd = None
+
+    def channel_closed(self, worker: Worker) -> None:
+        link: WorkerLink = worker.handle
+        if link.exited or link.eof_timer is not None:
+            return
+        # The exit report normally follows within milliseconds; do not hang on it forever.
+        link.eof_timer = self.loop.call_later(EXIT_REPORT_WAIT, self._exit_report_missing, worker)
+
+    def _exit_report_missing(self, worker: Worker) -> None:
+        link: WorkerLink = worker.handle
+        link.eof_timer = None
+        if link.exited:
+            return
+        log.warning("worker=%s pool=%s channel closed but no exit was reported; killing it", worker.id, self.name)
+        if worker.pid is not None:
+            self._signal(worker.pid, signal.SIGKILL)
+        self._worker_gone(worker, None)
+
+    def _worker_gone(self, worker: Worker, code: int | None) -> None:
+        link: WorkerLink = worker.handle
+        if link is None or link.exited:
+            return
+        link.exited = True
+        for timer in (link.sigkill_timer, link.eof_timer):
+            if timer is not None:
+                timer.cancel()
+        if worker.pid is not None:
+            self._by_pid.pop(worker.pid, None)
+        if link.channel is not None:
+            link.channel.close()
+        if link.out_fd is not None:
+            self._on_output(worker)  # last words first: they often explain the exit
+            self._close_output(worker)
+        if self.dispatcher is not None:
+            self.dispatcher.on_worker_exit(worker, code)
+
+    # -- shutdown ----------------------------------------------------------------------------
+
+    def close(self) -> None:
+        """Drop the template; it SIGKILLs any worker still alive as its control socket closes."""
+        self.closing = True
+        if self._restart_timer is not None:
+            self._restart_timer.cancel()
+        self._close_ctl()
+        for w in list(self._by_pid.values()):
+            self._worker_gone(w, None)
+
+    async def wait_template(self, timeout: float) -> None:
+        """After close(): give the template ``timeout`` to exit, then SIGKILL it; always reap."""
+        proc = self.template
+        if proc is None:
+            return
+        deadline = self.loop.time() + timeout
+        while proc.poll() is None and self.loop.time() < deadline:
+            await asyncio.sleep(0.01)
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        if self._pidfd is not None:
+            self.loop.remove_reader(self._pidfd)
+            os.close(self._pidfd)
+            self._pidfd = None
+        self.template = None
+
+    def worker_count(self) -> int:
+        return len(self._by_pid)
+
+
+class _WorkerSink:
+    """Frames from one worker, into the dispatcher."""
+
+    __slots__ = ("dispatcher", "launcher", "worker")
+
+    def __init__(self, dispatcher: Dispatcher, launcher: PoolLauncher, worker: Worker) -> None:
+        self.dispatcher = dispatcher
+        self.launcher = launcher
+        self.worker = worker
+
+    def on_frame(self, channel: Channel, buf: bytearray, kind: int, status: int, reqid: int) -> None:
+        if kind == Kind.REPLY:
+            if status == Status.PRELOAD_FAILED:
+                info, _ = frames.parse_error(buf)
+                err = json.loads(info)
+                self.dispatcher.on_worker_preload_failed(self.worker, f"{err['type']}: {err['message']}")
+                return
+            self.dispatcher.on_worker_reply(self.worker, buf, status, reqid)
+        elif kind == Kind.READY:
+            self.dispatcher.on_worker_ready(self.worker, json.loads(bytes(buf[frames.HEADER_SIZE :])))
+        else:
+            log.error("worker=%s sent unexpected frame kind %s; killing it", self.worker.id, kind)
+            self.dispatcher._kill(self.worker, "crash")
+
+    def on_close(self, channel: Channel, error: BaseException | None) -> None:
+        self.launcher.channel_closed(self.worker)

@@ -1,0 +1,231 @@
+"""The native front door: framed requests over a Unix socket.
+
+Each connection turns frames into jobs and hands them to the pool's
+dispatcher; replies come back through the same connection object (it is the
+jobs' ``ReplySink``). Function and argument bytes are never unpickled here:
+the CALL frame that arrived is the frame the worker receives, with only the
+request id patched in place, and the worker's REPLY frame goes back to the
+client the same way.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import logging
+import os
+import socket
+import stat
+import struct
+from typing import TYPE_CHECKING, Any
+
+from cruised.pool import frames
+from cruised.pool.frames import Kind, Status
+
+from .channel import Channel
+from .dispatch import Job
+
+if TYPE_CHECKING:
+    from .supervisor import Supervisor
+
+log = logging.getLogger("cruised.server")
+
+_job_ids = itertools.count(1)
+
+
+def next_job_id() -> int:
+    return next(_job_ids)
+
+
+def peer_credentials(sock: socket.socket) -> tuple[int, int, int]:
+    """(pid, uid, gid) of the process at the other end of a Unix socket."""
+    creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+    pid, uid, gid = struct.unpack("3i", creds)
+    return pid, uid, gid
+
+
+def bind_unix(path: str, mode: int) -> socket.socket:
+    """Bind a listening Unix socket, removing a stale one but never a live daemon's."""
+    if os.path.lexists(path):
+        st = os.lstat(path)
+        if not stat.S_ISSOCK(st.st_mode):
+            raise SocketInUse(f"{path} exists and is not a socket; refusing to remove it")
+        probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        probe.settimeout(1.0)
+        try:
+            probe.connect(path)
+        except (ConnectionRefusedError, FileNotFoundError):
+            os.unlink(path)  # stale: nobody listens
+        except OSError as exc:
+            raise SocketInUse(f"cannot tell whether {path} is in use: {exc}") from None
+        else:
+            raise SocketInUse(f"a cruised daemon is already listening on {path}")
+        finally:
+            probe.close()
+    parent = os.path.dirname(path) or "."
+    os.makedirs(parent, mode=0o755, exist_ok=True)
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    old = os.umask(0o777 & ~mode)  # no window in which the socket has looser permissions
+    try:
+        sock.bind(path)
+    finally:
+        os.umask(old)
+    os.chmod(path, mode)
+    sock.listen(512)
+    sock.setblocking(False)
+    return sock
+
+
+class SocketInUse(RuntimeError):
+    pass
+
+
+class NativeServer:
+    def __init__(self, supervisor: "Supervisor", sock: socket.socket, path: str | None) -> None:
+        self.sup = supervisor
+        self.sock = sock
+        self.path = path
+        self.loop = supervisor.loop
+        self.connections: set[ClientConnection] = set()
+        self.loop.add_reader(sock.fileno(), self._accept)
+        self.listening = True
+
+    def _accept(self) -> None:
+        for _ in range(64):  # bounded per wakeup: keep the loop fair to established clients
+            try:
+                conn, _ = self.sock.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as exc:
+                log.error("accept failed: %s", exc)
+                return
+            self._admit(conn)
+
+    def _admit(self, conn: socket.socket) -> None:
+        cfg = self.sup.config.daemon
+        try:
+            pid, uid, gid = peer_credentials(conn)
+        except OSError:
+            pid = uid = gid = -1
+        refusal = None
+        if len(self.connections) >= cfg.max_connections:
+            refusal = (Status.QUEUE_FULL, f"too many connections ({cfg.max_connections}, daemon.max_connections)")
+        elif (cfg.allow_uids or cfg.allow_gids) and uid not in cfg.allow_uids and gid not in cfg.allow_gids:
+            log.warning("refused connection from pid=%s uid=%s gid=%s: not in daemon.allow_uids/allow_gids", pid, uid, gid)
+            refusal = (Status.ACCESS_DENIED, f"uid {uid} / gid {gid} may not use this daemon (daemon.allow_uids, daemon.allow_gids)")
+        if refusal is not None:
+            try:
+                conn.setblocking(False)
+                conn.send(frames.frame(Kind.REPLY, 0, json.dumps({"message": refusal[1]}).encode(), refusal[0]))
+            except OSError:
+                pass
+            conn.close()
+            return
+        self.connections.add(ClientConnection(self, conn, (pid, uid, gid)))
+
+    def stop_listening(self) -> None:
+        if not self.listening:
+            return
+        self.listening = False
+        self.loop.remove_reader(self.sock.fileno())
+        self.sock.close()
+        if self.path:
+            try:
+                if stat.S_ISSOCK(os.lstat(self.path).st_mode):
+                    os.unlink(self.path)
+            except FileNotFoundError:
+                pass
+
+    def close_all(self) -> None:
+        for c in list(self.connections):
+            c.channel.close_after_flush()
+
+
+class ClientConnection:
+    """One client: its frames in, its replies out. Also the ReplySink of its jobs."""
+
+    def __init__(self, server: NativeServer, sock: socket.socket, peer: tuple[int, int, int]) -> None:
+        self.server = server
+        self.sup = server.sup
+        self.peer = peer
+        self.channel = Channel(
+            server.loop, sock, self, self.sup.config.daemon.max_message_bytes, name=f"client-pid{peer[0]}", on_frame_error=self._frame_error
+        )
+
+    # -- FrameSink -------------------------------------------------------------
+
+    def on_frame(self, channel: Channel, buf: bytearray, kind: int, status: int, reqid: int) -> None:
+        try:
+            if kind == Kind.CALL:
+                pool, timeout_ms, key, _ = frames.parse_call(buf)
+                disp = self.sup.dispatcher(pool)
+                if disp is None:
+                    self._refuse(reqid, Status.NO_SUCH_POOL, self.sup.no_such_pool(pool))
+                    return
+                job = Job(next_job_id(), Kind.CALL, buf, self, self, reqid, key=key, timeout=timeout_ms / 1000 if timeout_ms else None)
+                disp.submit(job)
+            elif kind == Kind.REGISTER:
+                self._register(buf, reqid)
+            elif kind == Kind.CHECK:
+                pool, _ = frames.unpack_name(buf, frames.HEADER_SIZE)
+                disp = self.sup.dispatcher(pool)
+                if disp is None:
+                    self._refuse(reqid, Status.NO_SUCH_POOL, self.sup.no_such_pool(pool))
+                    return
+                disp.submit(Job(next_job_id(), Kind.CHECK, buf, self, self, reqid, endpoint="check"))
+            elif kind == Kind.STATUS:
+                self._reply_json(reqid, self.sup.status())
+            elif kind == Kind.PING:
+                self.channel.write([frames.frame(Kind.REPLY, reqid)])
+            elif kind == Kind.RELOAD:
+                self.sup.request_reload(lambda ok, msg: self._reply_json(reqid, {"ok": ok, "message": msg}, Status.OK if ok else Status.BAD_REQUEST))
+            else:
+                self._refuse(reqid, Status.BAD_REQUEST, f"unknown frame kind {kind}")
+        except (frames.FrameError, ValueError, UnicodeDecodeError, struct.error) as exc:
+            # the frame boundary is intact, so only this request fails
+            self._refuse(reqid, Status.BAD_REQUEST, f"malformed request: {exc}")
+
+    def _register(self, buf: bytearray, reqid: int) -> None:
+        pool, key, meta_raw, _ = frames.parse_register(buf)
+        disp = self.sup.dispatcher(pool)
+        if disp is None:
+            self._refuse(reqid, Status.NO_SUCH_POOL, self.sup.no_such_pool(pool))
+            return
+        meta = json.loads(meta_raw)
+        client_py = meta.get("python")
+        if disp.python and client_py and client_py != disp.python:
+            self._refuse(
+                reqid,
+                Status.VERSION_MISMATCH,
+                f"function {meta.get('name')!r} comes from Python {client_py}, but pool {pool!r} runs Python "
+                f"{disp.python}: shipped bytecode cannot cross minor versions; use a pool whose python matches",
+            )
+            return
+        buf[frames.KIND_OFFSET] = Kind.DEFINE
+        frames.set_reqid(buf, 0)
+        disp.register(key, buf)
+        self.channel.write([frames.frame(Kind.REPLY, reqid)])
+
+    def on_close(self, channel: Channel, error: BaseException | None) -> None:
+        self.server.connections.discard(self)
+        for disp in self.sup.all_dispatchers():
+            disp.drop_client(self)
+
+    def _frame_error(self, channel: Channel, exc: frames.FrameError) -> None:
+        log.warning("closing client pid=%s: %s", self.peer[0], exc)
+        self._refuse(exc.reqid, Status.BAD_REQUEST, str(exc))
+
+    # -- ReplySink -------------------------------------------------------------
+
+    def forward(self, job: Job, buf: bytearray, status: int) -> None:
+        frames.set_reqid(buf, job.client_reqid)
+        self.channel.write([buf])
+
+    def refuse(self, job: Job, status: int, message: str) -> None:
+        self._refuse(job.client_reqid, status, message)
+
+    def _refuse(self, reqid: int, status: int, message: str) -> None:
+        self.channel.write([frames.frame(Kind.REPLY, reqid, json.dumps({"message": message}).encode(), status)])
+
+    def _reply_json(self, reqid: int, obj: Any, status: int = Status.OK) -> None:
+        self.channel.write([frames.frame(Kind.REPLY, reqid, json.dumps(obj).encode(), status)])

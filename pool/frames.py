@@ -1,0 +1,199 @@
+"""The cruised wire format: one frame layout for every private channel.
+
+This module is the single place the native protocol is documented. The same
+frames travel client <-> supervisor (Unix socket) and supervisor <-> worker
+(a socketpair per worker), so the supervisor forwards a call by patching the
+request id in place and handing the very same buffer to the worker: payloads
+are never decoded or copied on the way through.
+
+Frame layout (all integers little-endian)::
+
+    0      4        5       6         8                16
+    +------+--------+-------+---------+-----------------+-----------------+
+    | size | version| kind  | status  | request id      | payload ...     |
+    | u32  | u8 = 1 | u8    | u16     | u64             | size - 12 bytes |
+    +------+--------+-------+---------+-----------------+-----------------+
+
+``size`` counts the bytes after itself (header rest + payload). A frame larger
+than the receiver's limit (``daemon.max_message_bytes``) is refused with a
+BAD_REQUEST reply and the connection is closed. An unknown version is refused
+the same way. Request ids are chosen by the sender and echoed in the reply;
+replies may come back in any order (pipelining).
+
+Kinds and payloads:
+
+=========  =====================  =============================================
+kind       direction              payload
+=========  =====================  =============================================
+CALL       client -> sup -> wkr   call head + args bundle (see below)
+REGISTER   client -> sup          register head + code blob
+DEFINE     sup -> worker          the REGISTER payload, unchanged
+CHECK      client -> sup -> wkr   pool name (u8 len + utf-8) + JSON
+                                  ``{"libraries": {alias: module}}``
+STATUS     client -> sup          empty; reply is JSON
+PING       client -> sup          empty; reply is empty
+READY      worker -> sup          JSON ``{"pid":..., "python": "3.11", ...}``
+REPLY      every reply            ``status`` says how to read the payload
+=========  =====================  =============================================
+
+Call head: ``u8 len + pool name, u32 timeout_ms (0 = pool default), 16-byte
+function key``, then the args bundle. Register head: ``u8 len + pool name,
+16-byte key, u16 len + JSON meta ({"python": "3.11", "libraries": {...},
+"name": ...})``, then the dill blob of the function.
+
+A *bundle* is a pickle (protocol 5) with its out-of-band buffers, so numpy
+arrays cross without extra copies: ``u16 nbuf, u64 length x (nbuf + 1)``, then
+the pickle bytes, then each buffer.
+
+REPLY status: OK (payload = result bundle, or empty/JSON for control calls),
+ERROR (the function raised: ``u32 len + JSON {type, module, message,
+traceback}`` then the pickled exception, possibly empty), and the daemon's own
+refusals, whose payload is JSON ``{"message": ...}``.
+"""
+
+from __future__ import annotations
+
+import struct
+from enum import IntEnum
+from typing import Final
+
+VERSION: Final = 1
+
+HEADER = struct.Struct("<IBBHQ")
+HEADER_SIZE: Final = HEADER.size  # 16
+SIZE_FIELD: Final = 4
+#: offset of the request id inside a frame; patched in place when forwarding
+REQID_OFFSET: Final = 8
+REQID = struct.Struct("<Q")
+KIND_OFFSET: Final = 5
+
+
+class Kind(IntEnum):
+    CALL = 1
+    REGISTER = 2
+    CHECK = 3
+    STATUS = 4
+    PING = 5
+    RELOAD = 6
+    DEFINE = 16
+    ENDPOINT = 17
+    READY = 32
+    REPLY = 64
+
+
+class Status(IntEnum):
+    OK = 0
+    ERROR = 1  # the user's code raised
+    QUEUE_FULL = 2
+    QUEUE_TIMEOUT = 3
+    EXEC_TIMEOUT = 4
+    WORKER_CRASHED = 5
+    UNKNOWN_FUNCTION = 6  # the daemon lost the code (restart): register again
+    BAD_REQUEST = 7
+    SHUTTING_DOWN = 8
+    NO_SUCH_POOL = 9
+    INTERNAL = 10
+    PRELOAD_FAILED = 11  # worker -> supervisor only
+    VERSION_MISMATCH = 12
+    ACCESS_DENIED = 13
+    Q_UNAVAILABLE = 14
+
+
+class FrameError(ValueError):
+    """A frame that cannot be accepted (too large, wrong version, truncated)."""
+
+    def __init__(self, message: str, reqid: int = 0) -> None:
+        super().__init__(message)
+        self.reqid = reqid  # so the refusal can still reach the right caller
+
+
+def header(kind: int, reqid: int, payload_len: int, status: int = 0) -> bytes:
+    return HEADER.pack(payload_len + HEADER_SIZE - SIZE_FIELD, VERSION, kind, status, reqid)
+
+
+def frame(kind: int, reqid: int, payload: bytes = b"", status: int = 0) -> bytes:
+    return header(kind, reqid, len(payload), status) + payload
+
+
+def set_reqid(buf: bytearray, reqid: int) -> None:
+    REQID.pack_into(buf, REQID_OFFSET, reqid)
+
+
+def parse_header(buf: bytes | bytearray | memoryview, limit: int) -> tuple[int, int, int, int]:
+    """Return (total frame length, kind, status, reqid) of the frame at ``buf[0:16]``."""
+    size, version, kind, status, reqid = HEADER.unpack_from(buf, 0)
+    if version != VERSION:
+        raise FrameError(f"unsupported protocol version {version} (this daemon speaks {VERSION})", reqid)
+    total = size + SIZE_FIELD
+    if total < HEADER_SIZE:
+        raise FrameError(f"frame length {size} is shorter than a header", reqid)
+    if total > limit:
+        raise FrameError(f"frame of {total} bytes exceeds the limit of {limit} bytes (daemon.max_message_bytes)", reqid)
+    return total, kind, status, reqid
+
+
+# -- small field codecs -------------------------------------------------------
+
+_U8 = struct.Struct("<B")
+_U16 = struct.Struct("<H")
+_U32 = struct.Struct("<I")
+CALL_FIXED = struct.Struct("<I16s")  # timeout_ms, key
+KEY_SIZE: Final = 16
+
+
+def pack_name(name: str) -> bytes:
+    raw = name.encode()
+    if len(raw) > 255:
+        raise ValueError(f"name too long: {name[:40]!r}...")
+    return _U8.pack(len(raw)) + raw
+
+
+def unpack_name(buf: bytes | bytearray | memoryview, offset: int) -> tuple[str, int]:
+    (n,) = _U8.unpack_from(buf, offset)
+    start = offset + 1
+    end = start + n
+    if end > len(buf):
+        raise FrameError("truncated name field")
+    return bytes(buf[start:end]).decode(), end
+
+
+def call_head(pool: str, timeout_ms: int, key: bytes) -> bytes:
+    return pack_name(pool) + CALL_FIXED.pack(timeout_ms, key)
+
+
+def parse_call(buf: bytes | bytearray | memoryview) -> tuple[str, int, bytes, int]:
+    """(pool, timeout_ms, key, offset of the args bundle) of a CALL frame."""
+    pool, off = unpack_name(buf, HEADER_SIZE)
+    if off + CALL_FIXED.size > len(buf):
+        raise FrameError("truncated call header")
+    timeout_ms, key = CALL_FIXED.unpack_from(buf, off)
+    return pool, timeout_ms, key, off + CALL_FIXED.size
+
+
+def register_head(pool: str, key: bytes, meta_json: bytes) -> bytes:
+    return pack_name(pool) + key + _U16.pack(len(meta_json)) + meta_json
+
+
+def parse_register(buf: bytes | bytearray | memoryview) -> tuple[str, bytes, bytes, int]:
+    """(pool, key, meta JSON bytes, offset of the code blob) of a REGISTER/DEFINE frame."""
+    pool, off = unpack_name(buf, HEADER_SIZE)
+    if off + KEY_SIZE + 2 > len(buf):
+        raise FrameError("truncated register header")
+    key = bytes(buf[off : off + KEY_SIZE])
+    off += KEY_SIZE
+    (n,) = _U16.unpack_from(buf, off)
+    off += 2
+    if off + n > len(buf):
+        raise FrameError("truncated register metadata")
+    return pool, key, bytes(buf[off : off + n]), off + n
+
+
+def error_payload(info_json: bytes, pickled_exc: bytes) -> list[bytes]:
+    return [_U32.pack(len(info_json)), info_json, pickled_exc]
+
+
+def parse_error(buf: bytes | bytearray | memoryview, offset: int = HEADER_SIZE) -> tuple[bytes, memoryview]:
+    (n,) = _U32.unpack_from(buf, offset)
+    start = offset + 4
+    mv = memoryview(buf)
+    return bytes(mv[start : start + n]), mv[start + n :]

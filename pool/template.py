@@ -1,0 +1,200 @@
+"""The pool template: a single-threaded, preloaded forkserver.
+
+The supervisor starts one template per pool as a fresh interpreter
+(``python -m cruised.pool.template``), never by forking itself: it runs an
+event loop and threads, and forking such a process is how gunicorn's and
+CPython's pools deadlocked (see STYLE-ANCHORS §6).
+
+Data flow::
+
+    supervisor --(SOCK_SEQPACKET control, JSON + SCM_RIGHTS)--> template
+        "spawn" + [channel fd, output fd]  -> fork -> worker.run()
+    template --> supervisor: hello (preload result), spawned (pid), exited (pid, status)
+
+The template imports the pool's libraries once, freezes the GC (so children
+keep sharing those pages instead of touching them on the first collection),
+and forks a worker per request: a new worker is ready in milliseconds instead
+of paying the imports again. Per-worker setup (init file, q connection) runs
+after the fork, in the child, because sockets and threads do not survive a
+fork.
+
+Liveness: the template dies with the supervisor (PR_SET_PDEATHSIG, and EOF on
+the control socket); workers die with the template the same way, so no worker
+outlives a SIGKILLed supervisor. The template reaps its children and reports
+each exit status, which is how the supervisor learns a worker's exit code or
+signal. Kill requests go through the template too: a pid is only signalled
+while it is an unreaped child, so a recycled pid is never hit.
+"""
+
+from __future__ import annotations
+
+import array
+import ctypes
+import gc
+import json
+import os
+import select
+import signal
+import socket
+import sys
+import time
+from typing import Any
+
+from . import worker as worker_mod
+
+PR_SET_PDEATHSIG = 1
+MAX_FDS = 4
+
+
+def die_with_parent() -> None:
+    """Ask the kernel for SIGKILL when our parent exits (Linux); exit now if it already has."""
+    parent = os.getppid()
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+    except (OSError, AttributeError):
+        pass  # not Linux: control-socket EOF still ends us
+    if os.getppid() != parent or parent == 1:
+        os._exit(1)
+
+
+def send(ctl: socket.socket, msg: dict[str, Any]) -> None:
+    ctl.send(json.dumps(msg).encode())
+
+
+def recv(ctl: socket.socket) -> tuple[dict[str, Any] | None, list[int]]:
+    fds = array.array("i")
+    data, ancdata, _, _ = ctl.recvmsg(65536, socket.CMSG_SPACE(MAX_FDS * fds.itemsize))
+    for level, ctype, cdata in ancdata:
+        if level == socket.SOL_SOCKET and ctype == socket.SCM_RIGHTS:
+            fds.frombytes(cdata[: len(cdata) - (len(cdata) % fds.itemsize)])
+    if not data:
+        return None, list(fds)
+    return json.loads(data), list(fds)
+
+
+def child(spec: worker_mod.WorkerSpec, ctl: socket.socket, wake_r: int, wake_w: int, chan_fd: int, out_fd: int) -> int:
+    """Runs in the forked worker: shed the template's state, become a worker."""
+    signal.set_wakeup_fd(-1)
+    for sig in (signal.SIGCHLD, signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, signal.SIG_DFL)
+    # Ctrl-C in a foreground `cruised serve` reaches the whole process group;
+    # the supervisor decides how workers stop, so workers ignore it.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    ctl.close()
+    os.close(wake_r)
+    os.close(wake_w)
+    die_with_parent()
+    os.dup2(out_fd, 1)
+    os.dup2(out_fd, 2)
+    os.close(out_fd)
+    gc.unfreeze()
+    sock = socket.socket(fileno=chan_fd)
+    sock.setblocking(True)
+    return worker_mod.run(spec, sock)
+
+
+def serve(ctl: socket.socket, config: dict[str, Any]) -> int:
+    children: dict[int, str] = {}
+    wake_r, wake_w = os.pipe()
+    os.set_blocking(wake_r, False)
+    os.set_blocking(wake_w, False)
+    signal.set_wakeup_fd(wake_w)
+    signal.signal(signal.SIGCHLD, lambda *_: None)  # handler needed for the wakeup byte
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+    started = time.monotonic()
+    try:
+        worker_mod.import_libraries(config.get("libraries") or {})
+    except ImportError as exc:
+        send(ctl, {"op": "hello", "ok": False, "error": str(exc), "python": worker_mod.PYTHON})
+        return worker_mod.PRELOAD_FAILED_EXIT
+    gc.collect()
+    gc.freeze()
+    send(
+        ctl,
+        {
+            "op": "hello",
+            "ok": True,
+            "pid": os.getpid(),
+            "python": worker_mod.PYTHON,
+            "executable": sys.executable,
+            "preload_s": round(time.monotonic() - started, 4),
+        },
+    )
+
+    def reap() -> None:
+        while True:
+            try:
+                pid, status = os.waitpid(-1, os.WNOHANG)
+            except ChildProcessError:
+                return
+            if pid == 0:
+                return
+            wid = children.pop(pid, "?")
+            code = os.waitstatus_to_exitcode(status)
+            send(ctl, {"op": "exited", "pid": pid, "worker": wid, "code": code})
+
+    while True:
+        ready, _, _ = select.select([ctl, wake_r], [], [])
+        if wake_r in ready:
+            try:
+                while os.read(wake_r, 512):
+                    pass
+            except BlockingIOError:
+                pass
+            reap()
+        if ctl not in ready:
+            continue
+        msg, fds = recv(ctl)
+        if msg is None:  # the supervisor is gone: take the workers with us
+            for pid in list(children):
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+            return 0
+        op = msg.get("op")
+        if op == "spawn":
+            chan_fd, out_fd = fds[0], fds[1]
+            spec = worker_mod.WorkerSpec.from_json(msg["spec"])
+            pid = os.fork()
+            if pid == 0:
+                code = 70
+                try:
+                    code = child(spec, ctl, wake_r, wake_w, chan_fd, out_fd)
+                finally:
+                    try:
+                        sys.stdout.flush()
+                        sys.stderr.flush()
+                    finally:
+                        os._exit(code)
+            children[pid] = spec.worker_id
+            os.close(chan_fd)
+            os.close(out_fd)
+            send(ctl, {"op": "spawned", "worker": spec.worker_id, "pid": pid})
+        elif op == "kill":
+            pid = int(msg["pid"])
+            if pid in children:  # only unreaped children: never a recycled pid
+                try:
+                    os.kill(pid, int(msg.get("signal", signal.SIGTERM)))
+                except ProcessLookupError:
+                    pass
+        else:
+            for fd in fds:
+                os.close(fd)
+
+
+def main() -> int:
+    fd = int(sys.argv[1])
+    die_with_parent()
+    ctl = socket.socket(fileno=fd)
+    ctl.setblocking(True)
+    msg, _ = recv(ctl)
+    if msg is None:
+        return 0
+    return serve(ctl, msg)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

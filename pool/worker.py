@@ -1,0 +1,267 @@
+"""The worker loop: one process, one request at a time, blocking I/O.
+
+Threading model
+    Single-threaded. The worker reads a frame from its private channel, runs
+    it, writes the reply, and reads the next one. It never sees a client: the
+    supervisor owns every deadline and kills the worker when a call overruns.
+
+Lifecycle
+    forked from the pool template (or started fresh) -> ``preload`` (library
+    aliases bound, init file run) -> READY frame -> serve until the channel
+    closes (EOF = retire) -> exit 0. A preload failure is reported as a REPLY
+    with status PRELOAD_FAILED and exit code 3, so the supervisor can tell a
+    broken deploy from a crash.
+
+Namespaces
+    ``base`` holds the pool's library aliases and whatever the init file
+    defined; every shipped function runs with a copy of ``base`` updated by
+    the globals it was shipped with and its session's libraries. Functions are
+    cached by the content key the client computed, so code is loaded once per
+    worker and later calls carry only arguments.
+
+This module must not import anything from the daemon side (``cruised``):
+it also runs under other interpreters (per-pool code envs).
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import os
+import pickle
+import socket
+import sys
+import traceback
+import types
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+from . import bundle, frames
+from .frames import Kind, Status
+
+PRELOAD_FAILED_EXIT = 3
+#: loaded functions kept per worker; a miss only costs a DEFINE from the supervisor
+FUNCTION_CACHE = 4096
+PYTHON = f"{sys.version_info[0]}.{sys.version_info[1]}"
+
+
+@dataclass
+class WorkerSpec:
+    worker_id: str
+    pool: str
+    libraries: dict[str, str] = field(default_factory=dict)
+    init: str | None = None
+    max_message_bytes: int = 256 << 20
+
+    @classmethod
+    def from_json(cls, raw: dict[str, Any]) -> "WorkerSpec":
+        return cls(**{k: raw[k] for k in cls.__dataclass_fields__ if k in raw})
+
+
+class PreloadError(Exception):
+    pass
+
+
+def import_libraries(libraries: dict[str, str]) -> dict[str, Any]:
+    """Import ``{alias: module}``; raise ImportError naming the module on failure."""
+    bound: dict[str, Any] = {}
+    for alias, modname in libraries.items():
+        try:
+            bound[alias] = importlib.import_module(modname)
+        except Exception as exc:
+            raise ImportError(f"cannot import {modname!r} (alias {alias!r}): {type(exc).__name__}: {exc}") from exc
+    return bound
+
+
+def preload(spec: WorkerSpec) -> dict[str, Any]:
+    base: dict[str, Any] = {"__name__": "__cruised__", "__builtins__": __builtins__}
+    base.update(import_libraries(spec.libraries))
+    if spec.init:
+        path = os.path.abspath(spec.init)
+        with open(path, encoding="utf-8") as fh:
+            source = fh.read()
+        base["__file__"] = path
+        exec(compile(source, path, "exec"), base)  # noqa: S102 - running the operator's init file is the point
+    return base
+
+
+class Channel:
+    """Blocking framed I/O over the worker's end of the socketpair."""
+
+    def __init__(self, sock: socket.socket, limit: int) -> None:
+        self.sock = sock
+        self.limit = limit
+        self._head = bytearray(frames.HEADER_SIZE)
+
+    def _read_into(self, view: memoryview) -> bool:
+        while view.nbytes:
+            n = self.sock.recv_into(view)
+            if n == 0:
+                return False
+            view = view[n:]
+        return True
+
+    def read(self) -> bytearray | None:
+        """Next whole frame, or None at EOF (the supervisor closed the channel)."""
+        head = self._head
+        if not self._read_into(memoryview(head)):
+            return None
+        total, _, _, _ = frames.parse_header(head, self.limit)
+        buf = bytearray(total)
+        buf[: frames.HEADER_SIZE] = head
+        if not self._read_into(memoryview(buf)[frames.HEADER_SIZE :]):
+            return None
+        return buf
+
+    def send(self, parts: list[bytes | memoryview]) -> None:
+        views = [memoryview(p).cast("B") for p in parts if len(p)]
+        while views:
+            sent = self.sock.sendmsg(views)
+            while views and sent >= views[0].nbytes:
+                sent -= views[0].nbytes
+                views.pop(0)
+            if sent:
+                views[0] = views[0][sent:]
+
+    def reply(self, reqid: int, status: int, parts: list[bytes | memoryview]) -> None:
+        size = bundle.packed_size(parts)
+        self.send([frames.header(Kind.REPLY, reqid, size, status), *parts])
+
+
+def error_parts(exc: BaseException) -> list[bytes | memoryview]:
+    """Describe an exception for the client: JSON it can always read, plus the pickle if possible."""
+    tb = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
+    info = {
+        "type": type(exc).__qualname__,
+        "module": type(exc).__module__,
+        "message": str(exc),
+        "traceback": tb,
+    }
+    try:
+        pickled = pickle.dumps(exc, protocol=bundle.PROTOCOL)
+        pickle.loads(pickled)  # exceptions with odd __init__ signatures fail only at load
+    except Exception:
+        pickled = b""
+    return frames.error_payload(json.dumps(info).encode(), pickled)
+
+
+class Worker:
+    def __init__(self, spec: WorkerSpec, channel: Channel) -> None:
+        self.spec = spec
+        self.channel = channel
+        self.base: dict[str, Any] = {}
+        self.functions: OrderedDict[bytes, Callable[..., Any]] = OrderedDict()
+
+    # -- requests -------------------------------------------------------------
+
+    def define(self, buf: bytearray) -> None:
+        """Load a shipped function under its key; errors surface on the call that needs it."""
+        _, key, meta_raw, off = frames.parse_register(buf)
+        meta = json.loads(meta_raw)
+        try:
+            fn = self._load_function(meta, memoryview(buf)[off:])
+        except BaseException as exc:  # remembered and raised on use, so the reply goes to the caller
+            fn = _raiser(exc)
+        self.functions[key] = fn
+        if len(self.functions) > FUNCTION_CACHE:
+            self.functions.popitem(last=False)
+
+    def _load_function(self, meta: dict[str, Any], blob: memoryview) -> Callable[..., Any]:
+        client_py = meta.get("python")
+        if client_py and client_py != PYTHON:
+            raise RuntimeError(
+                f"function {meta.get('name')!r} was shipped from Python {client_py} but this pool runs "
+                f"Python {PYTHON}; bytecode does not cross minor versions"
+            )
+        libs = import_libraries(meta.get("libraries") or {})
+        shipped = pickle.loads(blob)
+        if not isinstance(shipped, types.FunctionType):
+            return shipped  # any other callable: nothing to rebind
+        g = dict(self.base)
+        g.update(libs)
+        g.update(shipped.__globals__)
+        g["__builtins__"] = self.base["__builtins__"]
+        fn = types.FunctionType(shipped.__code__, g, shipped.__name__, shipped.__defaults__, shipped.__closure__)
+        fn.__kwdefaults__ = shipped.__kwdefaults__
+        fn.__qualname__ = shipped.__qualname__
+        # a recursive function finds itself by name in its globals
+        if g.get(shipped.__name__) is shipped or shipped.__name__ not in g:
+            g[shipped.__name__] = fn
+        return fn
+
+    def call(self, reqid: int, buf: bytearray) -> None:
+        _, _, key, off = frames.parse_call(buf)
+        fn = self.functions.get(key)
+        if fn is None:
+            self.channel.reply(reqid, Status.UNKNOWN_FUNCTION, [b'{"message": "function not defined in worker"}'])
+            return
+        self.functions.move_to_end(key)
+        try:
+            args, kwargs = bundle.unpack(buf, off)
+            del buf  # the arguments may view the frame; let it go with them
+            result = fn(*args, **kwargs)
+            parts = bundle.pack(result)
+        except BaseException as exc:  # noqa: BLE001 - every failure of user code goes back to its caller
+            if isinstance(exc, (KeyboardInterrupt,)):
+                raise
+            self.channel.reply(reqid, Status.ERROR, error_parts(exc))
+            return
+        self.channel.reply(reqid, Status.OK, parts)
+
+    def check(self, reqid: int, buf: bytearray) -> None:
+        _, off = frames.unpack_name(buf, frames.HEADER_SIZE)
+        try:
+            libs = json.loads(bytes(buf[off:])).get("libraries") or {}
+            import_libraries(libs)
+        except BaseException as exc:  # noqa: BLE001
+            self.channel.reply(reqid, Status.ERROR, error_parts(exc))
+            return
+        self.channel.reply(reqid, Status.OK, [])
+
+    def serve(self) -> int:
+        ch = self.channel
+        while True:
+            buf = ch.read()
+            if buf is None:
+                return 0
+            _, kind, _, reqid = frames.parse_header(buf, ch.limit)
+            if kind == Kind.CALL:
+                self.call(reqid, buf)
+            elif kind == Kind.DEFINE:
+                self.define(buf)
+            elif kind == Kind.CHECK:
+                self.check(reqid, buf)
+            elif kind == Kind.PING:
+                ch.reply(reqid, Status.OK, [])
+            else:
+                ch.reply(reqid, Status.BAD_REQUEST, [json.dumps({"message": f"worker: unknown kind {kind}"}).encode()])
+
+
+def _raiser(exc: BaseException) -> Callable[..., Any]:
+    def fail(*_a: Any, **_k: Any) -> Any:
+        raise exc
+
+    return fail
+
+
+def run(spec: WorkerSpec, sock: socket.socket) -> int:
+    """Preload, say READY, serve. Returns the process exit code."""
+    channel = Channel(sock, spec.max_message_bytes)
+    worker = Worker(spec, channel)
+    try:
+        worker.base = preload(spec)
+    except BaseException as exc:  # noqa: BLE001 - reported, then a distinct exit code
+        print(f"worker={spec.worker_id} preload failed: {type(exc).__name__}: {exc}", file=sys.stderr, flush=True)
+        try:
+            channel.reply(0, Status.PRELOAD_FAILED, error_parts(exc))
+        except OSError:
+            pass
+        return PRELOAD_FAILED_EXIT
+    ready = {"pid": os.getpid(), "python": PYTHON, "worker": spec.worker_id}
+    payload = json.dumps(ready).encode()
+    channel.send([frames.header(Kind.READY, 0, len(payload)), payload])
+    try:
+        return worker.serve()
+    except (ConnectionError, frames.FrameError):
+        return 0
