@@ -240,6 +240,12 @@ class _Connection:
             if not slot.done:
                 slot.resolve(Status.INTERNAL, None, self.broken)
         try:
+            # close() alone neither wakes a thread blocked in recv() on this socket nor
+            # tells the daemon we left (the blocked call keeps the file open); shutdown does both
+            self.sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+        try:
             self.sock.close()
         except OSError:
             pass

@@ -1,4 +1,4 @@
-"""One pool's request flow: admission, the bounded FIFO queue, dispatch, deadlines, sizing.
+r"""One pool's request flow: admission, the bounded FIFO queue, dispatch, deadlines, sizing.
 
 The dispatcher is the single owner of its pool's queue, worker table and
 every deadline. It does no I/O itself: workers are reached through a

@@ -31,34 +31,49 @@ def _names(code: types.CodeType) -> set[str]:
 
 
 def _by_value(fn: types.FunctionType, module: str, memo: dict[int, Any]) -> types.FunctionType:
-    """A copy of ``fn`` that dill pickles by value, with its same-module helpers copied too."""
+    """A copy of ``fn`` that dill pickles by value, with minimal globals.
+
+    Same-module functions it references (as globals or through its closure)
+    are copied too, so helpers travel along; ``memo`` makes recursive and
+    mutually recursive functions terminate.
+    """
     if id(fn) in memo:
         return memo[id(fn)]
     g: dict[str, Any] = {"__builtins__": __builtins__, "__name__": "__main__"}
-    copy = types.FunctionType(fn.__code__, g, fn.__name__, fn.__defaults__, fn.__closure__)
+    cells = tuple(types.CellType() for _ in fn.__closure__) if fn.__closure__ else None
+    copy = types.FunctionType(fn.__code__, g, fn.__name__, fn.__defaults__, cells)
     memo[id(fn)] = copy
     copy.__kwdefaults__ = fn.__kwdefaults__
     copy.__qualname__ = fn.__qualname__
     copy.__doc__ = fn.__doc__
     copy.__module__ = "__main__"
     copy.__dict__.update(fn.__dict__)
-    for name in _names(fn.__code__):
-        if name not in fn.__globals__:
-            continue
-        value = fn.__globals__[name]
+
+    def carry(value: Any) -> Any:
         if isinstance(value, types.FunctionType) and value.__module__ == module:
-            value = _by_value(value, module, memo)
-        g[name] = value
+            return _by_value(value, module, memo)
+        return value
+
+    if cells is not None and fn.__closure__ is not None:
+        for new, old in zip(cells, fn.__closure__):
+            try:
+                new.cell_contents = carry(old.cell_contents)
+            except ValueError:  # an empty cell (a name assigned later): leave it empty
+                pass
+    for name in _names(fn.__code__):
+        if name in fn.__globals__:
+            g[name] = carry(fn.__globals__[name])
     return copy
 
 
 def dump_function(fn: Callable[..., Any]) -> bytes:
     import dill
 
-    target: Any = fn
-    if isinstance(fn, types.FunctionType) and fn.__module__ not in ("__main__", None):
-        target = _by_value(fn, fn.__module__, {})
-    return dill.dumps(target, protocol=5, recurse=True)
+    if isinstance(fn, types.FunctionType):
+        # The copy's globals are already minimal, so dill need not trace them
+        # (recurse=True loops forever on self-referencing closures).
+        return dill.dumps(_by_value(fn, fn.__module__, {}), protocol=5, recurse=False)
+    return dill.dumps(fn, protocol=5, recurse=True)
 
 
 def function_key(blob: bytes, libraries: dict[str, str]) -> bytes:
