@@ -176,6 +176,9 @@ class Channel:
                 big[:have] = view[start : self._end]
                 self._big, self._big_got = big, have
                 self._start = self._end = 0
+                if self.partial_since is None:
+                    self.partial_since = self.loop.time()
+                return
             break
         if self._start == self._end:
             self._start = self._end = 0

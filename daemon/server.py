@@ -89,6 +89,19 @@ class NativeServer:
         self.connections: set[ClientConnection] = set()
         self.loop.add_reader(sock.fileno(), self._accept)
         self.listening = True
+        self._sweeper = self.loop.call_later(1.0, self._sweep_stalled)
+
+    def _sweep_stalled(self) -> None:
+        """Close connections that started a frame and stopped sending (daemon.read_timeout)."""
+        limit = self.sup.config.daemon.read_timeout
+        now = self.loop.time()
+        for c in list(self.connections):
+            since = c.channel.partial_since
+            if since is not None and now - since > limit:
+                log.warning("closing client pid=%s: a frame has been incomplete for over %gs (daemon.read_timeout)", c.peer[0], limit)
+                c._refuse(0, Status.BAD_REQUEST, f"incomplete frame for over {limit:g}s (daemon.read_timeout); closing")
+                c.channel.close_after_flush()
+        self._sweeper = self.loop.call_later(min(1.0, limit / 2), self._sweep_stalled)
 
     def _accept(self) -> None:
         for _ in range(64):  # bounded per wakeup: keep the loop fair to established clients
@@ -127,6 +140,7 @@ class NativeServer:
         if not self.listening:
             return
         self.listening = False
+        self._sweeper.cancel()
         self.loop.remove_reader(self.sock.fileno())
         self.sock.close()
         if self.path:

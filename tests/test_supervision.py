@@ -352,3 +352,16 @@ def test_sigterm_stops_cleanly_and_removes_the_socket(daemon: Daemon) -> None:
     daemon.signal(signal.SIGTERM)
     assert daemon.wait_exit(30) == 0
     assert not os.path.exists(daemon.socket)
+
+
+def test_a_client_that_stalls_mid_frame_is_cut_off(start_daemon) -> None:
+    d = start_daemon({"pools": {"default": pool_config()}, "daemon": {"read_timeout": "500ms"}})
+    s = raw_connect(d.socket)
+    s.sendall(frames.header(Kind.CALL, 5, 100)[:10])  # half a header, then silence
+    kind, status, reqid, body = read_frame(s)
+    assert status == Status.BAD_REQUEST and "read_timeout" in json.loads(body)["message"]
+    assert s.recv(1) == b""
+    big = raw_connect(d.socket)
+    big.sendall(frames.header(Kind.CALL, 6, 1 << 20) + b"x" * 1000)  # a large frame that stops
+    assert "read_timeout" in json.loads(read_frame(big)[3])["message"]
+    assert d.session().call(lambda: "still serving") == "still serving"
