@@ -87,6 +87,7 @@ class PoolConfig:
     idle_timeout: Duration = doc("a worker above cruise idle this long retires", Duration(30))
     start_timeout: Duration = doc("a new worker must be ready (preload done) within this", Duration(60))
     max_requests: int = doc("recycle a worker after this many calls (0 = never)", 0)
+    max_rss: Size = doc("recycle a worker whose resident memory exceeds this after a call (0 = no limit)", Size(0))
     libraries: dict[str, str] = doc("alias -> module imported in every worker, e.g. {np: numpy}", factory=dict)
     init: str | None = doc("Python file run once in every worker at start", None)
     env: dict[str, str] = doc("extra environment variables for this pool's workers", factory=dict)

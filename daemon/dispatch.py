@@ -87,6 +87,9 @@ class Launcher(Protocol):
     def retire(self, worker: "Worker") -> None:
         """Close the channel: the worker finishes its loop and exits 0."""
 
+    def rss(self, worker: "Worker") -> int | None:
+        """Resident memory of the worker in bytes, if known."""
+
 
 class Observer(Protocol):
     def request_done(self, pool: str, job: "Job", outcome: str, queue_s: float, exec_s: float | None) -> None: ...
@@ -284,6 +287,9 @@ class Dispatcher:
             if not job.cancelled:
                 job.sink.forward(job, buf, status)
         if self.config.max_requests and worker.requests >= self.config.max_requests:
+            self._retire(worker, "recycled")
+        elif self.config.max_rss and (self.launcher.rss(worker) or 0) > self.config.max_rss:
+            log.info("worker=%s pool=%s over max_rss (%d bytes); recycling it", worker.id, self.name, self.config.max_rss)
             self._retire(worker, "recycled")
         else:
             self._become_idle(worker)

@@ -39,6 +39,7 @@ log = logging.getLogger("cruised.launcher")
 #: after channel EOF, how long to wait for the template's exit report
 EXIT_REPORT_WAIT = 5.0
 OUTPUT_LINE_MAX = 16 << 10
+_PAGE = os.sysconf("SC_PAGE_SIZE")
 
 
 class WorkerLink:
@@ -284,6 +285,15 @@ class PoolLauncher:
         if link.channel is not None:
             link.channel.close_after_flush()
 
+    def rss(self, worker: Worker) -> int | None:
+        if worker.pid is None:
+            return None
+        try:
+            with open(f"/proc/{worker.pid}/statm", "rb") as fh:
+                return int(fh.read().split()[1]) * _PAGE
+        except (OSError, ValueError, IndexError):
+            return None
+
     def _signal(self, pid: int, sig: int) -> None:
         self._queue_msg(json.dumps({"op": "kill", "pid": pid, "signal": int(sig)}).encode(), [])
 
@@ -333,6 +343,11 @@ class PoolLauncher:
         link: WorkerLink = worker.handle
         if link.exited or link.eof_timer is not None:
             return
+        if worker.state is not WorkerState.DRAINING and worker.pid is not None:
+            # A worker that lost its channel (it closed or replaced its own fd, say) can never
+            # answer again; waiting for its exec timeout would only hold a caller hostage.
+            log.warning("worker=%s pool=%s lost its channel; killing it", worker.id, self.name)
+            self._signal(worker.pid, signal.SIGKILL)
         # The exit report normally follows within milliseconds; do not hang on it forever.
         link.eof_timer = self.loop.call_later(EXIT_REPORT_WAIT, self._exit_report_missing, worker)
 

@@ -93,6 +93,8 @@ class Channel:
         self.sock = sock
         self.limit = limit
         self._head = bytearray(frames.HEADER_SIZE)
+        #: a function may call os.fork(); only the real worker may use the channel
+        self.owner = os.getpid()
 
     def _read_into(self, view: memoryview) -> bool:
         while view.nbytes:
@@ -115,6 +117,10 @@ class Channel:
         return buf
 
     def send(self, parts: list[bytes | memoryview]) -> None:
+        if os.getpid() != self.owner:
+            # the forked child of a user function returned into our loop: a second reply
+            # for the same request would be a duplicate, so it leaves silently
+            os._exit(0)
         views = [memoryview(p).cast("B") for p in parts if len(p)]
         while views:
             sent = self.sock.sendmsg(views)

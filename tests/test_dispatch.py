@@ -67,6 +67,11 @@ class FakeLauncher:
     def retire(self, worker: Worker) -> None:
         self.retired.append(worker)
 
+    def rss(self, worker: Worker) -> int | None:
+        return self.rss_value
+
+    rss_value: int | None = None
+
 
 class Sink:
     def __init__(self) -> None:
@@ -240,6 +245,21 @@ def test_recycles_after_max_requests() -> None:
     assert launcher.retired == [w]
     d.on_worker_exit(w, 0)
     assert d.counters.exits == {"recycled": 1} and len(launcher.spawned) == 2
+
+
+def test_recycles_a_worker_over_max_rss_after_its_call() -> None:
+    d, _, launcher = make(max_rss=100 << 20)
+    ready_all(d)
+    w = launcher.spawned[0]
+    sink = Sink()
+    launcher.rss_value = 50 << 20
+    d.submit(job(sink))
+    reply(d, w)
+    assert not launcher.retired
+    launcher.rss_value = 200 << 20
+    d.submit(job(sink))
+    reply(d, w)
+    assert launcher.retired == [w] and [r[1] for r in sink.replies] == [Status.OK, Status.OK]
 
 
 def test_disconnected_client_queued_jobs_are_dropped_and_running_reply_discarded() -> None:
