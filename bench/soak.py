@@ -1,0 +1,146 @@
+"""Soak: the mixed hostile workload against a real daemon for N minutes.
+
+    python bench/soak.py --minutes 10 [--clients 8] [--out bench/out/soak]
+
+Starts its own daemon (in its own session, reaped at the end), drives 8
+pipelining clients with a mix of quick, slow, raising, crashing and hanging
+calls while workers are SIGKILLed at random, samples the daemon's RSS and fd
+count every second, and prints the invariant checker's verdict. Writes
+``soak.json``, ``rss.csv`` and, when matplotlib is installed, ``rss.png``.
+Exit status 1 if any invariant was violated.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import signal
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parent / "tests"))
+
+from conftest import Daemon, pool_config  # noqa: E402
+from invariants import RawClient, check, drive, resources, settle  # noqa: E402
+
+from cruised.pool.frames import Status  # noqa: E402
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--minutes", type=float, default=10.0)
+    ap.add_argument("--clients", type=int, default=8)
+    ap.add_argument("--out", default=str(HERE / "out" / "soak"))
+    args = ap.parse_args()
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix="soak"))
+    seconds = args.minutes * 60
+    cfg = {
+        "pools": {"default": pool_config(min=2, cruise=3, max=4, queue_size=32, queue_timeout="1s", exec_timeout="500ms")},
+        "daemon": {"kill_grace": "200ms"},
+    }
+    d = Daemon(cfg, work)
+    d.start()
+    pid = d.status()["pid"]
+    samples: list[tuple[float, int, int]] = []
+    stop = threading.Event()
+    kills = 0
+
+    def sample() -> None:
+        t0 = time.monotonic()
+        while not stop.wait(1.0):
+            rss, fds = resources(pid)
+            samples.append((round(time.monotonic() - t0, 1), rss, fds))
+
+    def killer() -> None:
+        nonlocal kills
+        rng = random.Random(11)
+        while not stop.wait(0.5):
+            busy = [w["pid"] for w in d.status()["pools"]["default"]["worker_list"] if w["state"] == "busy" and w["pid"]]
+            if busy:
+                try:
+                    os.kill(rng.choice(busy), signal.SIGKILL)
+                    kills += 1
+                except ProcessLookupError:
+                    pass
+
+    modes = [("ok", 0.0)] * 12 + [("sleep", 0.02), ("raise", 0.0), ("crash", 0.0), ("hang", 0.0)]
+    rng = random.Random(5)
+    ledger = work / "ledger"
+    threads = [threading.Thread(target=sample), threading.Thread(target=killer)]
+    for t in threads:
+        t.start()
+    # fresh connections every minute so client churn is part of the soak
+    reports = []
+    try:
+        remaining = seconds
+        while remaining > 0:
+            chunk = min(60.0, remaining)
+            clients = [RawClient(d.socket, str(ledger)) for _ in range(args.clients)]
+            drive(clients, chunk, 8, lambda i: rng.choice(modes))
+            settle(clients, 60)
+            reports.append(check(clients, str(ledger)))
+            for c in clients:
+                c.close()
+            ledger.unlink(missing_ok=True)
+            remaining -= chunk
+            print(f"[{seconds - remaining:.0f}s] {reports[-1].summary()}", flush=True)
+    finally:
+        stop.set()
+        for t in threads:
+            t.join(10)
+        d.cleanup()
+    total_sent = sum(r.sent for r in reports)
+    violations = [v for r in reports for v in r.violations]
+    by_status: dict[str, int] = {}
+    for r in reports:
+        for k, v in r.by_status.items():
+            name = Status(k).name if isinstance(k, int) else str(k)
+            by_status[name] = by_status.get(name, 0) + v
+    result = {
+        "minutes": args.minutes,
+        "clients": args.clients,
+        "requests": total_sent,
+        "outcomes": by_status,
+        "worker_kills": kills,
+        "violations": violations[:100],
+        "rss_start_mb": round(samples[0][1] / 2**20, 1) if samples else None,
+        "rss_end_mb": round(samples[-1][1] / 2**20, 1) if samples else None,
+        "rss_max_mb": round(max(s[1] for s in samples) / 2**20, 1) if samples else None,
+        "fds_start": samples[0][2] if samples else None,
+        "fds_end": samples[-1][2] if samples else None,
+    }
+    (out / "soak.json").write_text(json.dumps(result, indent=2))
+    (out / "rss.csv").write_text("t_s,rss_bytes,fds\n" + "".join(f"{t},{r},{f}\n" for t, r, f in samples))
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        fig, ax = plt.subplots(figsize=(8, 3.5))
+        ax.plot([s[0] for s in samples], [s[1] / 2**20 for s in samples], label="supervisor RSS (MiB)")
+        ax.set_xlabel("seconds")
+        ax.set_ylabel("MiB")
+        ax2 = ax.twinx()
+        ax2.plot([s[0] for s in samples], [s[2] for s in samples], color="tab:orange", label="open fds")
+        ax2.set_ylabel("fds")
+        ax.set_title(f"cruised soak: {total_sent} requests, {kills} worker kills, {len(violations)} violations")
+        fig.legend(loc="lower right")
+        fig.tight_layout()
+        fig.savefig(out / "rss.png", dpi=110)
+    except ImportError:
+        print("matplotlib not installed: wrote rss.csv only (pip install -e '.[bench]')")
+    print(json.dumps(result, indent=2))
+    return 1 if violations else 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
