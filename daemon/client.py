@@ -31,6 +31,7 @@ from __future__ import annotations
 import itertools
 import json
 import pickle
+import select
 import socket
 import threading
 import time
@@ -47,6 +48,8 @@ from . import errors, paths, shipping
 T = TypeVar("T")
 
 RECV_SIZE = 256 << 10
+#: a connection idle this long is checked for a daemon hang-up before reuse
+IDLE_CHECK_AFTER = 0.25
 CONNECT_TIMEOUT = 5.0
 #: calls ``map`` keeps in flight; the shipped pool's queue (16) holds them all without rejections
 DEFAULT_WINDOW = 16
@@ -102,6 +105,31 @@ class _Connection:
         self._buf = bytearray(RECV_SIZE)
         self._start = 0
         self._end = 0
+        self.last_used = time.monotonic()
+
+    def stale(self) -> bool:
+        """True if the daemon hung up while we were idle (e.g. it restarted).
+
+        Only checked on a connection idle for a while with nothing in flight,
+        so a reconnect there can never lose or repeat a request.
+        """
+        if self.broken is not None:
+            return True
+        if self.pending or time.monotonic() - self.last_used < IDLE_CHECK_AFTER:
+            return False
+        readable, _, _ = select.select([self.sock], [], [], 0)
+        if not readable:
+            return False
+        try:
+            if self.sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT) == b"":
+                self._fail(errors.DaemonUnavailable(f"connection to cruised at {self.path} was closed by the daemon"))
+                return True
+        except BlockingIOError:
+            return False
+        except OSError:
+            self._fail(errors.DaemonUnavailable(f"connection to cruised at {self.path} lost"))
+            return True
+        return False
 
     # -- sending -----------------------------------------------------------------
 
@@ -124,6 +152,7 @@ class _Connection:
             out.append(frames.header(kind, rid, bundle.packed_size(parts)))
             out.extend(parts)
         slot.callback = callback
+        self.last_used = time.monotonic()
         try:
             with self.send_lock:
                 _sendall(self.sock, out)
@@ -401,7 +430,7 @@ class Session:
 
     def _connection(self) -> _Connection:
         conn = self._conn
-        if conn is not None and conn.broken is None:
+        if conn is not None and not conn.stale():
             return conn
         with self._lock:
             if self._conn is None or self._conn.broken is not None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import pickle
 import subprocess
 import sys
@@ -180,10 +181,28 @@ def test_code_is_shipped_once_and_reregistered_after_a_daemon_restart(start_daem
 
     assert s.call(f, 1) == 2
     d.stop()
-    d.start()
     with pytest.raises(cruised.DaemonUnavailable):
-        s.call(f, 1)  # the old connection is gone
-    assert s.call(f, 2) == 3  # new connection: registers again transparently
+        s.call(f, 1)  # nobody there
+    d.start()
+    # the dead connection is noticed before anything is sent; the new one registers f again
+    assert s.call(f, 2) == 3
+
+
+def test_session_libraries_reach_workers_started_later(start_daemon) -> None:
+    d = start_daemon({"pools": {"default": pool_config(cruise=1, max=1)}})
+    s = d.session()
+    s.add_library("numpy")
+
+    @cruised.function(s)
+    def total(xs):
+        return int(numpy.sum(xs))  # noqa: F821
+
+    first = s.call(os.getpid)
+    assert total([1, 2, 3]) == 6
+    with pytest.raises(cruised.WorkerCrashed):
+        s.call(os._exit, 1)
+    assert s.call(os.getpid) != first
+    assert total([4, 5]) == 9, "the replacement worker got the function and its library"
 
 
 def test_unreachable_daemon_names_the_socket_and_how_to_start(tmp_path) -> None:
