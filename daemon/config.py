@@ -91,6 +91,8 @@ class PoolConfig:
     libraries: dict[str, str] = doc("alias -> module imported in every worker, e.g. {np: numpy}", factory=dict)
     init: str | None = doc("Python file run once in every worker at start", None)
     env: dict[str, str] = doc("extra environment variables for this pool's workers", factory=dict)
+    user: str | None = doc("run this pool's workers as this user (the daemon must run as root)", None)
+    group: str | None = doc("…and this group (default: the user's primary group)", None)
 
     def validate(self, path: str, errors: list[ConfigError]) -> None:
         for name in ("cruise", "max"):
@@ -111,6 +113,33 @@ class PoolConfig:
         for alias in self.libraries:
             if not alias.isidentifier():
                 errors.append(ConfigError(f"{path}.libraries.{alias}", "alias must be a Python identifier"))
+        if self.user is not None or self.group is not None:
+            try:
+                self.credentials()
+            except KeyError as exc:
+                errors.append(ConfigError(f"{path}.{'user' if 'user' in str(exc) else 'group'}", str(exc.args[0])))
+            else:
+                if os.geteuid() != 0:
+                    errors.append(ConfigError(f"{path}.user", "switching workers to another user needs the daemon to run as root"))
+
+    def credentials(self) -> tuple[int, int] | None:
+        """(uid, gid) the workers run as, or None to keep the daemon's."""
+        import grp
+        import pwd
+
+        if self.user is None and self.group is None:
+            return None
+        try:
+            pw = pwd.getpwnam(self.user) if self.user is not None else pwd.getpwuid(os.geteuid())
+        except KeyError:
+            raise KeyError(f"no such user: {self.user}") from None
+        gid = pw.pw_gid
+        if self.group is not None:
+            try:
+                gid = grp.getgrnam(self.group).gr_gid
+            except KeyError:
+                raise KeyError(f"no such group: {self.group}") from None
+        return pw.pw_uid, gid
 
 
 @dataclass(frozen=True)

@@ -105,7 +105,10 @@ class PoolLauncher:
         self.loop.add_reader(ours.fileno(), self._on_control)
         self._pidfd = os.pidfd_open(self.template.pid)
         self.loop.add_reader(self._pidfd, self._on_template_exit)
-        config = {"libraries": self.pool.libraries}
+        config: dict[str, Any] = {"libraries": self.pool.libraries}
+        creds = self.pool.credentials()
+        if creds is not None:
+            config["uid"], config["gid"] = creds
         self._queue_msg(json.dumps(config).encode(), [])
         log.info("pool=%s template starting pid=%s python=%s", self.name, self.template.pid, self.python)
 

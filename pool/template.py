@@ -58,6 +58,19 @@ def die_with_parent() -> None:
         os._exit(1)
 
 
+def drop_privileges(uid: int, gid: int) -> None:
+    """Become the pool's configured user; workers forked from here inherit it.
+
+    Runs after the libraries are imported (they are the operator's, named in
+    the config) and before any init file or shipped code. A credential change
+    clears PR_SET_PDEATHSIG, so it is set again.
+    """
+    os.setgroups([])
+    os.setgid(gid)
+    os.setuid(uid)
+    die_with_parent()
+
+
 def send(ctl: socket.socket, msg: dict[str, Any]) -> None:
     ctl.send(json.dumps(msg).encode())
 
@@ -105,10 +118,17 @@ def serve(ctl: socket.socket, config: dict[str, Any]) -> int:
 
     started = time.monotonic()
     try:
-        worker_mod.import_libraries(config.get("libraries") or {})
+        # dill is what every worker needs to load shipped code: import it once, here
+        worker_mod.import_libraries({"dill": "dill", **(config.get("libraries") or {})})
     except ImportError as exc:
         send(ctl, {"op": "hello", "ok": False, "error": str(exc), "python": worker_mod.PYTHON})
         return worker_mod.PRELOAD_FAILED_EXIT
+    if config.get("uid") is not None:
+        try:
+            drop_privileges(int(config["uid"]), int(config["gid"]))
+        except OSError as exc:
+            send(ctl, {"op": "hello", "ok": False, "error": f"cannot switch to uid {config['uid']}: {exc}", "python": worker_mod.PYTHON})
+            return worker_mod.PRELOAD_FAILED_EXIT
     gc.collect()
     gc.freeze()
     send(

@@ -121,6 +121,8 @@ def _connect_as(path: str, uid: int) -> tuple[int, str]:
             _, status, _, body = read_frame(c)
             os.write(w, json.dumps([status, body.decode() or "{}"]).encode())
             code = 0
+        except BaseException as exc:  # noqa: BLE001 - tell the parent what went wrong
+            os.write(w, json.dumps([-1, json.dumps({"message": f"child failed: {exc!r}"})]).encode())
         finally:
             os._exit(code)
     os.close(w)
@@ -212,3 +214,27 @@ def test_fuzzed_frames_leave_the_daemon_serving(fuzz_daemon: Daemon, blobs: list
     probe.sendall(frames.frame(Kind.PING, 77))
     assert read_frame(probe)[1:3] == (Status.OK, 77)
     probe.close()
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to switch users")
+def test_workers_run_as_the_configured_unprivileged_user(start_daemon, tmp_path) -> None:
+    import pwd
+
+    nobody = pwd.getpwnam("nobody")
+    secret = tmp_path / "secret"
+    secret.write_text("root only")
+    secret.chmod(0o600)
+    d = start_daemon({"pools": {"default": pool_config(), "jail": pool_config(user="nobody")}})
+    jail = d.session(pool="jail")
+    assert jail.call(os.getuid) == nobody.pw_uid
+    assert jail.call(os.getgid) == nobody.pw_gid
+    with pytest.raises(PermissionError):
+        jail.call(lambda p: open(p).read(), str(secret))
+    assert d.session().call(os.getuid) == 0, "other pools are unaffected"
+
+
+def test_unknown_pool_user_is_a_config_error() -> None:
+    from cruised import config
+
+    with pytest.raises(config.ConfigErrors, match="pools.p.user: no such user: no-such-user-xyz"):
+        config.parse({"pools": {"p": {"user": "no-such-user-xyz"}}})
