@@ -349,10 +349,10 @@ def decode_result(status: int, frame: bytearray) -> Any:
 
 
 class _Shipped:
-    __slots__ = ("key", "blob", "name")
+    __slots__ = ("key", "blob", "name", "captured")
 
-    def __init__(self, key: bytes, blob: bytes, name: str) -> None:
-        self.key, self.blob, self.name = key, blob, name
+    def __init__(self, key: bytes, blob: bytes, name: str, captured: list[shipping.Capture]) -> None:
+        self.key, self.blob, self.name, self.captured = key, blob, name, captured
 
 
 class Session:
@@ -477,9 +477,10 @@ class Session:
             shipped = self._shipped.get(fn)
         except TypeError:  # not weak-referenceable: ship it every time
             shipped = None
-        if shipped is None:
-            blob = shipping.dump_function(fn)
-            shipped = _Shipped(shipping.function_key(blob, self._libraries), blob, getattr(fn, "__qualname__", repr(fn)))
+        if shipped is None or not shipping.still_current(shipped.captured):
+            captured: list[shipping.Capture] = []
+            blob = shipping.dump_function(fn, captured)
+            shipped = _Shipped(shipping.function_key(blob, self._libraries), blob, getattr(fn, "__qualname__", repr(fn)), captured)
             try:
                 self._shipped[fn] = shipped
             except TypeError:

@@ -30,7 +30,11 @@ def _names(code: types.CodeType) -> set[str]:
     return names
 
 
-def _by_value(fn: types.FunctionType, module: str, memo: dict[int, Any]) -> types.FunctionType:
+#: (the globals dict, a name, the object it was bound to when shipped)
+Capture = tuple[dict[str, Any], str, Any]
+
+
+def _by_value(fn: types.FunctionType, module: str, memo: dict[int, Any], captured: list[Capture] | None = None) -> types.FunctionType:
     """A copy of ``fn`` that dill pickles by value, with minimal globals.
 
     Same-module functions it references (as globals or through its closure)
@@ -51,7 +55,7 @@ def _by_value(fn: types.FunctionType, module: str, memo: dict[int, Any]) -> type
 
     def carry(value: Any) -> Any:
         if isinstance(value, types.FunctionType) and value.__module__ == module:
-            return _by_value(value, module, memo)
+            return _by_value(value, module, memo, captured)
         return value
 
     if cells is not None and fn.__closure__ is not None:
@@ -62,18 +66,39 @@ def _by_value(fn: types.FunctionType, module: str, memo: dict[int, Any]) -> type
                 pass
     for name in _names(fn.__code__):
         if name in fn.__globals__:
-            g[name] = carry(fn.__globals__[name])
+            value = fn.__globals__[name]
+            if captured is not None:
+                captured.append((fn.__globals__, name, value))
+            g[name] = carry(value)
     return copy
 
 
-def dump_function(fn: Callable[..., Any]) -> bytes:
+def dump_function(fn: Callable[..., Any], captured: list[Capture] | None = None) -> bytes:
+    """dill bytes of ``fn``; ``captured`` receives the globals it took, for ``still_current``."""
     import dill
 
     if isinstance(fn, types.FunctionType):
         # The copy's globals are already minimal, so dill need not trace them
         # (recurse=True loops forever on self-referencing closures).
-        return dill.dumps(_by_value(fn, fn.__module__, {}), protocol=5, recurse=False)
+        return dill.dumps(_by_value(fn, fn.__module__, {}, captured), protocol=5, recurse=False)
     return dill.dumps(fn, protocol=5, recurse=True)
+
+
+_MISSING = object()
+
+
+def still_current(captured: list[Capture]) -> bool:
+    """True while every global a shipped function captured is still bound to the same object.
+
+    A notebook user who rebinds ``threshold = 2`` after shipping a function
+    that reads ``threshold`` gets the function shipped again, with the new
+    value. (Mutating an object in place is not seen: identity, not equality,
+    keeps this check cheap enough for every call.)
+    """
+    for namespace, name, value in captured:
+        if namespace.get(name, _MISSING) is not value:
+            return False
+    return True
 
 
 def function_key(blob: bytes, libraries: dict[str, str]) -> bytes:

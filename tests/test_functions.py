@@ -45,6 +45,24 @@ def test_decorator_with_keywords_and_session_library(daemon: Daemon) -> None:
     assert list(s.map(f, range(40))) == [i + 1 for i in range(40)]
 
 
+THRESHOLD = 5
+
+
+def above_threshold(x: int) -> bool:
+    return x > THRESHOLD
+
+
+def test_rebinding_a_global_reships_the_function(daemon: Daemon) -> None:
+    global THRESHOLD
+    s = daemon.session()
+    assert s.call(above_threshold, 3) is False
+    THRESHOLD = 2
+    try:
+        assert s.call(above_threshold, 3) is True, "the new value of the global is used"
+    finally:
+        THRESHOLD = 5
+
+
 def test_two_step_create_like_pykx_2(daemon: Daemon) -> None:
     s = cruised.session()
     s.create(socket=daemon.socket)
