@@ -11,11 +11,13 @@ format, whatever cruised version (if any) the env has installed, and endpoint
 code may ``from cruised import ApiError`` in any pool.
 
 What the env needs
-    ``cruised.pool`` imports only the standard library, so endpoints need
-    nothing beyond their own libraries. Shipped functions (``@cruised.function``)
-    are pickled by dill, so a pool that receives them needs ``dill`` installed,
-    and the same Python minor version as the client (registration refuses a
-    mismatch, naming both versions). Python 3.10 or later.
+    Nothing but Python 3.10 or later and the endpoints' own libraries:
+    ``cruised.pool`` imports only the standard library. Shipped functions
+    (``@cruised.function``) are pickled by dill; the shim appends the daemon's
+    own dill (pure Python) at the END of the path, so an env without dill
+    loads them and an env with its own dill uses that. They also need the
+    client's Python minor version: registration refuses a mismatch, naming
+    both versions.
 
 Why a template failed
     The template's own stderr (import errors, a wrong interpreter) is read
@@ -36,12 +38,20 @@ import sys
 import tempfile
 from typing import IO
 
+import dill
+
 import cruised.pool
 
 log = logging.getLogger("cruised.codeenv")
 
 _SHIM_INIT = '''"""The daemon's worker package, for a pool's own interpreter (written by cruised; do not edit)."""
-from .pool.api import ApiError, CustomResponse, DkuCustomApiException, DkuCustomHttpResponse  # noqa: F401
+import sys
+
+# the daemon's dill, for shipped functions, LAST on the path: a dill the env has installed wins
+if {fallback!r} not in sys.path:
+    sys.path.append({fallback!r})
+
+from .pool.api import ApiError, CustomResponse, DkuCustomApiException, DkuCustomHttpResponse  # noqa: E402,F401
 '''
 
 _shim: str | None = None
@@ -52,13 +62,17 @@ def shim_dir() -> str:
     global _shim
     if _shim is None or not os.path.isdir(_shim):
         root = tempfile.mkdtemp(prefix="cruised-codeenv-")
-        pkg = os.path.join(root, "cruised")
-        os.mkdir(pkg)
+        path = os.path.join(root, "path")
+        fallback = os.path.join(root, "fallback")
+        pkg = os.path.join(path, "cruised")
+        os.makedirs(pkg)
+        os.mkdir(fallback)
         with open(os.path.join(pkg, "__init__.py"), "w", encoding="utf-8") as fh:
-            fh.write(_SHIM_INIT)
+            fh.write(_SHIM_INIT.format(fallback=fallback))
         os.symlink(os.path.dirname(os.path.abspath(cruised.pool.__file__)), os.path.join(pkg, "pool"))
+        os.symlink(os.path.dirname(os.path.abspath(dill.__file__)), os.path.join(fallback, "dill"))
         atexit.register(shutil.rmtree, root, True)
-        _shim = root
+        _shim = path
     return _shim
 
 

@@ -404,8 +404,12 @@ def _build(cls: Any, raw: Any, path: str, base: Path | None) -> Any:
         except ConfigError as exc:
             errors.append(exc)
             continue
-        if f.name == "python" and isinstance(value, str) and os.sep not in value:
-            value = shutil.which(value) or value  # a bare command name: found on PATH, like a shell would
+        if f.name == "python" and isinstance(value, str):
+            if os.sep not in value:
+                value = shutil.which(value) or value  # a bare command name: found on PATH, like a shell would
+            elif base is not None:
+                # not resolve(): a venv's bin/python is a symlink, and following it would leave the venv
+                value = os.path.abspath(os.path.join(base, os.path.expanduser(value)))
         elif f.name in _PATH_FIELDS and isinstance(value, str) and base is not None:
             value = str((base / os.path.expanduser(value)).resolve())
         elif f.name in _PATH_LIST_FIELDS and isinstance(value, list) and base is not None:

@@ -161,7 +161,7 @@ class Reloader:
             waiting = []
             for name, pool in pools.items():
                 disp = pool.dispatcher
-                if disp.failures and disp.last_error:
+                if disp.last_error:  # a worker or the template failed to start
                     return f"pool {name!r}: {disp.last_error}"
                 reports = disp.ready_info.get("endpoints") or {}
                 for ep in pool.launcher.endpoints:

@@ -17,6 +17,7 @@ same files, so the latest report of a pool stands for all its workers
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -24,7 +25,9 @@ from .config import Config
 from .dispatch import Dispatcher, WorkerState
 
 if TYPE_CHECKING:
-    from .supervisor import Supervisor
+    from .supervisor import Pool, Supervisor
+
+log = logging.getLogger("cruised.services")
 
 
 def worker_specs(config: Config, pool: str) -> dict[str, dict[str, Any]]:
@@ -44,9 +47,14 @@ class EndpointState:
 
 
 def pool_unavailable(disp: Dispatcher) -> str | None:
-    """Why ``disp`` cannot serve now (no worker up, and starting one fails), else None."""
+    """Why ``disp`` cannot serve now (no worker up, and starting one fails), else None.
+
+    ``last_error`` is set by a failed start (of a worker or of the template)
+    and cleared by the next worker that gets ready, so it reads "the latest
+    attempt failed".
+    """
     c = disp.counts
-    if c[WorkerState.IDLE] + c[WorkerState.BUSY] == 0 and disp.failures > 0 and disp.last_error:
+    if c[WorkerState.IDLE] + c[WorkerState.BUSY] == 0 and disp.last_error:
         return disp.last_error
     return None
 
@@ -110,3 +118,12 @@ def readiness(sup: "Supervisor") -> list[str]:
         if st.state != "loaded":
             reasons.append(f"endpoint {name}: {st.state}" + (f": {st.error}" if st.error else ""))
     return reasons
+
+
+def log_new_failures(pool: "Pool") -> None:
+    """One ERROR line per endpoint of ``pool`` whose code failed to load (each worker's own output has the traceback)."""
+    reports = pool.dispatcher.ready_info.get("endpoints") or {}
+    for name, report in reports.items():
+        if not report.get("ok") and name not in pool.failed_endpoints:
+            pool.failed_endpoints.add(name)
+            log.error("endpoint %s unavailable (pool=%s): its code failed to load: %s; it answers 503 until fixed and reloaded", name, pool.name, report.get("error"))

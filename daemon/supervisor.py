@@ -74,6 +74,7 @@ class Pool:
         self.dispatcher = Dispatcher(name, pool_cfg, LoopClock(loop), self.launcher)
         self.launcher.dispatcher = self.dispatcher
         self.launcher.endpoints = services.worker_specs(config, name)
+        self.failed_endpoints: set[str] = set()  # already logged as failing to load
 
 
 class Supervisor:
@@ -164,6 +165,8 @@ class Supervisor:
         return 0
 
     def _check_ready(self) -> None:
+        for pool in self.pools.values():
+            services.log_new_failures(pool)
         if not self.ready.is_set() and all(p.dispatcher.ready() for p in self.pools.values()):
             self.ready.set()
             self.state = "ready"

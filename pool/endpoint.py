@@ -62,7 +62,7 @@ class Endpoint:
     load_s: float = 0.0
 
 
-def load_all(specs: dict[str, dict[str, Any]], base: dict[str, Any], worker_id: str = "") -> dict[str, Endpoint]:
+def load_all(specs: dict[str, dict[str, Any]], base: dict[str, Any]) -> dict[str, Endpoint]:
     """Load every endpoint; failures are recorded per endpoint, never raised."""
     loaded: dict[str, Endpoint] = {}
     for i, (name, spec) in enumerate(sorted(specs.items())):
@@ -74,9 +74,10 @@ def load_all(specs: dict[str, dict[str, Any]], base: dict[str, Any], worker_id: 
             ep.fn = None
             ep.error = f"{type(exc).__name__}: {exc}"
             ep.traceback = _user_traceback(exc)
-            print(f"worker={worker_id} endpoint {name} failed to load from {ep.code}: {ep.error}", file=sys.stderr)
+            # the worker's output is logged by the daemon with a worker= tag
+            print(f"endpoint {name} failed to load from {ep.code}: {ep.error}", file=sys.stderr)
             for line in ep.traceback.rstrip().splitlines():
-                print(f"worker={worker_id} endpoint {name}:   {line}", file=sys.stderr)
+                print(f"endpoint {name}:   {line}", file=sys.stderr)
             sys.stderr.flush()
         ep.load_s = time.monotonic() - started
         loaded[name] = ep

@@ -32,8 +32,8 @@ pykx Table / KeyedTable                as the DataFrame ``.pd()`` (keyed
                                        tables: key columns first)
 any other pykx object                  ``.py()``, then this rule
 anything else                          error: bytes, Decimal, complex,
-                                       custom objects, cycles, nesting deeper
-                                       than 200
+                                       custom objects, cycles, nesting too
+                                       deep to encode
 =====================================  ==========================================
 
 An error names where the offending value sits and what it is, e.g.
@@ -52,7 +52,8 @@ import math
 import sys
 from typing import Any, Optional, Tuple
 
-#: deeper results are refused (the walk recurses; keep well inside the interpreter's limit)
+#: the walk (taken when the C encoder's fast path cannot finish) refuses deeper
+#: nesting; it recurses, so this stays well inside the interpreter's limit
 MAX_DEPTH = 200
 
 _HINTS = {

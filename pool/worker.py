@@ -267,7 +267,7 @@ def run(spec: WorkerSpec, sock: socket.socket) -> int:
         except OSError:
             pass
         return PRELOAD_FAILED_EXIT
-    worker.endpoints = endpoint_mod.load_all(spec.endpoints, worker.base, spec.worker_id)
+    worker.endpoints = endpoint_mod.load_all(spec.endpoints, worker.base)
     ready = {"pid": os.getpid(), "python": PYTHON, "worker": spec.worker_id, "endpoints": endpoint_mod.report(worker.endpoints)}
     payload = json.dumps(ready).encode()
     channel.send([frames.header(Kind.READY, 0, len(payload)), payload])
