@@ -103,6 +103,12 @@ def cmd_check_config(args: argparse.Namespace) -> int:
         return 2
     pools = ", ".join(f"{n} (min {p.min} / cruise {p.cruise} / max {p.max}, queue {p.queue_size})" for n, p in cfg.pools.items())
     print(f"{args.file}: ok; pools: {pools}")
+    for name, p in cfg.pools.items():
+        # not an error: a missing code env fails its own pool only, and may be created before the daemon starts
+        if p.python is not None and not os.access(p.python, os.X_OK):
+            print(f"{args.file}: warning: pools.{name}.python: {p.python} is not an executable file; that pool will not start", file=sys.stderr)
+    if cfg.services:
+        print(f"{args.file}: endpoints: {', '.join(cfg.endpoints())}")
     return 0
 
 

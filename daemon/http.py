@@ -63,6 +63,7 @@ import binascii
 import hmac
 import json
 import logging
+import math
 import os
 import socket
 import stat
@@ -395,7 +396,7 @@ class HttpDoor:
         return self._answer(name, job, status, buf, message, t0)
 
     def _retry_after(self) -> dict[str, str]:
-        return {"Retry-After": str(max(0, round(self.sup.config.http.retry_after)))}
+        return {"Retry-After": str(max(0, math.ceil(self.sup.config.http.retry_after)))}  # whole seconds (RFC 9110)
 
     def _answer(self, name: str, job: Job, status: int, buf: bytearray | None, message: str, t0: float) -> web.StreamResponse:
         now = self.loop.time()

@@ -265,8 +265,12 @@ class PoolLauncher:
             "libraries": self.pool.libraries,
             "init": self.pool.init,
             "max_message_bytes": self.daemon.max_message_bytes,
-            "endpoints": self.endpoints,
+            "setup": bool(self.endpoints),
         }
+        if self.endpoints:
+            # endpoint specs can be large: they go first on the worker's own channel, not in the spawn message
+            setup = json.dumps({"endpoints": self.endpoints}).encode()
+            link.channel.write([frames.frame(Kind.SETUP, 0, setup)])
         fd = os.dup(theirs.fileno())
         theirs.close()
         self._queue_msg(json.dumps({"op": "spawn", "spec": spec}).encode(), [fd, out_w])

@@ -39,7 +39,7 @@ import logging
 import signal
 import sys
 import time
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 from . import __version__, paths, services
 from .config import Config
@@ -47,6 +47,9 @@ from .dispatch import Dispatcher
 from .launcher import PoolLauncher
 from .reload import Reloader
 from .server import NativeServer, bind_unix
+
+if TYPE_CHECKING:
+    from .http import HttpDoor
 
 log = logging.getLogger("cruised.supervisor")
 
@@ -91,7 +94,7 @@ class Supervisor:
         self.generation = 1
         self.reloader = Reloader(self)
         self.native: NativeServer | None = None
-        self.http: Any = None  # daemon.http.HttpDoor, imported only when enabled (aiohttp)
+        self.http: HttpDoor | None = None  # imported only when enabled
         self.started = time.time()
         self.state = "starting"
         self._signals: asyncio.Queue[int] = asyncio.Queue()

@@ -249,7 +249,8 @@ def _error(error_type: str, exc: BaseException, with_traceback: bool = True) -> 
         "message": str(exc),
         "traceback": _user_traceback(exc) if with_traceback else "",
     }
-    return Status.ERROR, frames.error_payload(json.dumps(info).encode(), b"")
+    parts: list[bytes | memoryview] = [*frames.error_payload(json.dumps(info).encode(), b"")]
+    return Status.ERROR, parts
 
 
 def _user_traceback(exc: BaseException) -> str:

@@ -35,6 +35,12 @@ ENDPOINT   door -> sup -> wkr     endpoint name ``service/endpoint`` (u8 len +
                                   unchanged (see "Endpoint calls" below)
 STATUS     client -> sup          empty; reply is JSON
 PING       client -> sup          empty; reply is empty
+SETUP      sup -> worker          JSON ``{"endpoints": {"svc/ep": {"code": path,
+                                  "function": name, "folders": [paths]}}}``:
+                                  the first frame on a new worker's channel
+                                  when its spawn spec says ``"setup": true``
+                                  (endpoint specs can outgrow the template's
+                                  spawn message, so they travel here)
 READY      worker -> sup          JSON ``{"pid":..., "python": "3.11", "endpoints":
                                   {"svc/ep": {"ok": true} | {"ok": false,
                                   "error": ..., "traceback": ...}}, ...}``
@@ -108,6 +114,7 @@ class Kind(IntEnum):
     RELOAD = 6
     DEFINE = 16
     ENDPOINT = 17
+    SETUP = 18
     READY = 32
     REPLY = 64
 

@@ -55,8 +55,8 @@ class WorkerSpec:
     libraries: dict[str, str] = field(default_factory=dict)
     init: str | None = None
     max_message_bytes: int = 256 << 20
-    #: "service/endpoint" -> {"code": path, "function": name, "folders": [paths]} (pool/endpoint.py)
-    endpoints: dict[str, dict[str, Any]] = field(default_factory=dict)
+    #: a SETUP frame (this worker's endpoints) comes first on the channel
+    setup: bool = False
 
     @classmethod
     def from_json(cls, raw: dict[str, Any]) -> "WorkerSpec":
@@ -258,6 +258,16 @@ def run(spec: WorkerSpec, sock: socket.socket) -> int:
     """Preload, say READY, serve. Returns the process exit code."""
     channel = Channel(sock, spec.max_message_bytes + frames.ENVELOPE_SLACK)
     worker = Worker(spec, channel)
+    setup: dict[str, Any] = {}
+    if spec.setup:
+        buf = channel.read()
+        if buf is None:
+            return 0  # retired before it started
+        _, kind, _, _ = frames.parse_header(buf, channel.limit)
+        if kind != Kind.SETUP:
+            print(f"worker={spec.worker_id} expected a SETUP frame first, got kind {kind}", file=sys.stderr, flush=True)
+            return PRELOAD_FAILED_EXIT
+        setup = json.loads(bytes(buf[frames.HEADER_SIZE :]))
     try:
         worker.base = preload(spec)
     except BaseException as exc:  # noqa: BLE001 - reported, then a distinct exit code
@@ -267,7 +277,7 @@ def run(spec: WorkerSpec, sock: socket.socket) -> int:
         except OSError:
             pass
         return PRELOAD_FAILED_EXIT
-    worker.endpoints = endpoint_mod.load_all(spec.endpoints, worker.base)
+    worker.endpoints = endpoint_mod.load_all(setup.get("endpoints") or {}, worker.base)
     ready = {"pid": os.getpid(), "python": PYTHON, "worker": spec.worker_id, "endpoints": endpoint_mod.report(worker.endpoints)}
     payload = json.dumps(ready).encode()
     channel.send([frames.header(Kind.READY, 0, len(payload)), payload])

@@ -513,3 +513,29 @@ def test_peer_allowlist_on_the_http_socket(start_daemon: Any) -> None:
     wait_for(lambda: get(t, "/healthz").status == 200, what="the HTTP door")
     resp = get(t, "/status")
     assert resp.status == 403 and error_of(resp)["errorType"] == "AccessDenied"
+
+
+def test_expect_continue_oversized_body_is_refused_before_it_is_sent(door: Daemon) -> None:
+    sock_path = door.status()["http"]["socket"]
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+        s.settimeout(10)
+        s.connect(sock_path)
+        s.sendall(
+            b"POST /public/api/v1/t/anything/run HTTP/1.1\r\nHost: cruised\r\nContent-Type: application/json\r\n"
+            b"Content-Length: 100000000\r\nExpect: 100-continue\r\n\r\n"
+        )
+        head = s.recv(4096)  # no body sent: the answer must come anyway
+    assert head.startswith(b"HTTP/1.1 413 ")
+    assert b"PayloadTooLarge" in head or b"Content-Length" in head
+
+
+def test_hundreds_of_endpoints_in_one_pool(start_daemon: Any, tmp_path: Path) -> None:
+    """Endpoint specs travel on each worker's channel, so their number is not bounded by a spawn message."""
+    code = write(tmp_path / "many.py", "def f(i=0):\n    return i\n")
+    folder = tmp_path / ("a-rather-long-folder-name-" * 3)
+    folder.mkdir()
+    endpoints = {f"endpoint-number-{i:04d}": {"code": code, "function": "f", "folders": [str(folder)]} for i in range(400)}
+    d = start_daemon({"pools": {"default": pool_config()}, "services": {"many": {"endpoints": endpoints}}})
+    t = unix(d)
+    wait_for(lambda: get(t, "/readyz").status == 200, 60, 0.05, "all endpoints loaded")
+    assert call(t, "many/endpoint-number-0399", {"i": 399}).json()["response"] == 399
