@@ -230,3 +230,32 @@ def test_the_shipped_config_passes_cruised_test(tmp_path: Path) -> None:
         assert stats.returncode == 0 and json.loads(stats.stdout)["moving_average"][0] == pytest.approx(100.9)
     finally:
         d.cleanup()
+
+
+def test_sigterm_lets_running_http_calls_finish(start_daemon: Callable[..., Daemon], tmp_path: Path) -> None:
+    block = write(tmp_path / "ep" / "block.py", """
+        import os
+        import time
+
+
+        def block(path):
+            deadline = time.monotonic() + 30
+            while not os.path.exists(path) and time.monotonic() < deadline:
+                time.sleep(0.005)
+            return "finished"
+        """)
+    d = start_daemon(endpoint_config(tmp_path, extra={"block": {"code": block, "function": "block"}}))
+    target = unix(d)
+    release = tmp_path / "release"
+    result: dict[str, Any] = {}
+    caller = threading.Thread(target=lambda: result.update(resp=call(target, "svc/block", {"path": str(release)})))
+    caller.start()
+    try:
+        wait_for(lambda: d.status()["pools"]["default"]["workers"]["busy"] == 1, 10, 0.01, "the call to run")
+        d.signal(signal.SIGTERM)
+        wait_for(lambda: not os.path.exists(target.unix or ""), 10, 0.01, "the HTTP socket to go")
+    finally:
+        release.touch()
+        caller.join(30)
+    assert result["resp"].status == 200 and result["resp"].json()["response"] == "finished"
+    assert d.wait_exit(30) == 0
