@@ -130,7 +130,6 @@ class Reloader:
         if problem:
             sup.retiring.extend(new_pools.values())
             self._drain(list(new_pools.values()), drain=False)
-        if problem:
             return False, f"generation {gen} did not start, generation {sup.generation} keeps serving: {problem}"
         self._swap(gen, new_cfg, new_pools)
         return True, f"generation {gen} serving ({summary(new_cfg)})"
