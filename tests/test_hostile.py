@@ -140,7 +140,7 @@ def test_peer_uid_allowlist_refuses_others(start_daemon) -> None:
     d = start_daemon({"pools": {"default": pool_config()}, "daemon": {"socket_mode": "0666", "allow_uids": [0]}})
     os.chmod(d.sockdir, 0o755)
     status, message = _connect_as(d.socket, 65534)
-    assert status == Status.ACCESS_DENIED and "uid 65534" in message
+    assert status == Status.ACCESS_DENIED and "uid 65534" in message, message
     assert _connect_as(d.socket, 0)[0] == Status.OK
     assert "refused connection" in d.log()
 
