@@ -457,8 +457,8 @@ class Dispatcher:
 
     def manage(self) -> None:
         """Keep ``cruise`` workers alive; grow toward ``max`` while requests wait."""
-        if not self.accepting:
-            return
+        if not self.accepting and not self.queue:
+            return  # draining for shutdown: replace a worker only while queued requests still need one
         cfg = self.config
         live = self.live()
         waiting = len(self.queue)  # cancelled jobs leave the queue at once (drop_client)
