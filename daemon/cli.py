@@ -1,4 +1,4 @@
-"""Command line: ``cruised serve | status | check-config``.
+"""Command line: ``cruised serve | status | metrics | check-config``.
 
 Exit codes: 0 success, 1 a command ran and reported failure, 2 bad usage or
 configuration (including another daemon already on the socket).
@@ -62,6 +62,19 @@ def cmd_serve(args: argparse.Namespace) -> int:
         return 2
 
 
+def cmd_metrics(args: argparse.Namespace) -> int:
+    from .client import Session
+
+    try:
+        with Session(socket=args.socket) as s:
+            text = s.metrics()
+    except CruisedError as exc:
+        print(f"cruised: {exc}", file=sys.stderr)
+        return 1
+    sys.stdout.write(text)
+    return 0
+
+
 def cmd_status(args: argparse.Namespace) -> int:
     from .client import Session
 
@@ -114,6 +127,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("status", help="pools, workers, queues and counts of a running daemon")
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.set_defaults(func=cmd_status)
+
+    p = sub.add_parser("metrics", help="print the daemon's Prometheus metrics (what GET /metrics serves)")
+    p.set_defaults(func=cmd_metrics)
 
     p = sub.add_parser("check-config", help="validate a configuration file and exit")
     p.add_argument("file")

@@ -422,6 +422,13 @@ class Session:
             raise _error_for(status, frame)
         return json.loads(bytes(frame[frames.HEADER_SIZE :]))
 
+    def metrics(self) -> str:
+        """The daemon's Prometheus metrics, as text (what ``GET /metrics`` serves)."""
+        status, frame = self._request(Kind.METRICS, [])
+        if status != Status.OK:
+            raise _error_for(status, frame)
+        return bytes(frame[frames.HEADER_SIZE :]).decode()
+
     def close(self) -> None:
         with self._lock:
             if self._conn is not None:

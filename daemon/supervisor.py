@@ -26,6 +26,10 @@ Signals
     the workers, reap everything, remove the socket). A second one: fast path.
     SIGHUP: reload.
 
+Operations
+    Metrics (daemon/metrics.py) are a dispatcher observer attached to every
+    pool; ``render_metrics`` serves /metrics and the METRICS frame.
+
 Workers are started by a per-pool template process (a fresh interpreter
 acting as a preloaded forkserver), never by forking this process.
 """
@@ -43,6 +47,7 @@ from . import __version__
 from .config import Config
 from .dispatch import Dispatcher
 from .launcher import PoolLauncher
+from .metrics import Metrics
 from .server import NativeServer, bind_unix
 
 log = logging.getLogger("cruised.supervisor")
@@ -85,6 +90,7 @@ class Supervisor:
         self._stop = asyncio.Event()
         self._fast = False
         self.ready = asyncio.Event()
+        self.metrics = Metrics(lambda: {name: p.dispatcher for name, p in self.pools.items()})
 
     # -- lookups used by the front doors ---------------------------------------
 
@@ -108,6 +114,7 @@ class Supervisor:
         for name in self.config.pools:
             pool = Pool(self.loop, name, self.config)
             pool.dispatcher.on_change = self._check_ready
+            self._attach_observers(pool)
             self.pools[name] = pool
         self.native = NativeServer(self, sock, self.socket_path)
         for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
@@ -126,6 +133,14 @@ class Supervisor:
             for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
                 self.loop.remove_signal_handler(sig)
         return 0
+
+    def _attach_observers(self, pool: Pool) -> None:
+        """Metrics watch this pool's requests and worker exits (call for every new pool)."""
+        self.metrics.attach(pool.dispatcher)
+
+    def render_metrics(self) -> bytes:
+        """Prometheus text exposition (GET /metrics and the METRICS frame)."""
+        return self.metrics.render()
 
     def _check_ready(self) -> None:
         if not self.ready.is_set() and all(p.dispatcher.ready() for p in self.pools.values()):

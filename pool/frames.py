@@ -32,6 +32,8 @@ CHECK      client -> sup -> wkr   pool name (u8 len + utf-8) + JSON
                                   ``{"libraries": {alias: module}}``
 STATUS     client -> sup          empty; reply is JSON
 PING       client -> sup          empty; reply is empty
+METRICS    client -> sup          empty; reply is the Prometheus text exposition
+                                  (the same bytes as ``GET /metrics``)
 READY      worker -> sup          JSON ``{"pid":..., "python": "3.11", ...}``
 REPLY      every reply            ``status`` says how to read the payload
 =========  =====================  =============================================
@@ -75,6 +77,7 @@ class Kind(IntEnum):
     STATUS = 4
     PING = 5
     RELOAD = 6
+    METRICS = 7
     DEFINE = 16
     ENDPOINT = 17
     READY = 32
