@@ -21,12 +21,10 @@ from .errors import CruisedError
 log = logging.getLogger("cruised")
 
 
-def _setup_logging(level: str) -> None:
-    logging.basicConfig(
-        stream=sys.stderr,
-        level=getattr(logging, level.upper(), logging.INFO),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
+def _setup_logging(level: str, fmt: str = "text") -> None:
+    from . import logs
+
+    logs.setup(level, fmt)
 
 
 def _load(path: str | None) -> config_mod.Config:
@@ -36,7 +34,7 @@ def _load(path: str | None) -> config_mod.Config:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    _setup_logging(args.log_level)
+    _setup_logging(args.log_level, args.log_format)
     try:
         cfg = _load(args.config)
     except ConfigErrors as exc:
@@ -122,6 +120,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("serve", help="run the daemon in the foreground (logs to stderr)")
     p.add_argument("--config", "-c", help="YAML configuration file")
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    p.add_argument("--log-format", default="text", choices=["text", "json"], help="text lines, or one JSON object per line")
     p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("status", help="pools, workers, queues and counts of a running daemon")

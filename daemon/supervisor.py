@@ -27,8 +27,9 @@ Signals
     SIGHUP: reload.
 
 Operations
-    Metrics (daemon/metrics.py) are a dispatcher observer attached to every
-    pool; ``render_metrics`` serves /metrics and the METRICS frame.
+    Metrics (daemon/metrics.py) and the access log (daemon/logs.py) are
+    dispatcher observers attached to every pool; ``render_metrics`` serves
+    /metrics and the METRICS frame.
 
 Workers are started by a per-pool template process (a fresh interpreter
 acting as a preloaded forkserver), never by forking this process.
@@ -47,6 +48,7 @@ from . import __version__
 from .config import Config
 from .dispatch import Dispatcher
 from .launcher import PoolLauncher
+from .logs import AccessLog
 from .metrics import Metrics
 from .server import NativeServer, bind_unix
 
@@ -91,6 +93,7 @@ class Supervisor:
         self._fast = False
         self.ready = asyncio.Event()
         self.metrics = Metrics(lambda: {name: p.dispatcher for name, p in self.pools.items()})
+        self.access_log = AccessLog() if config.daemon.access_log else None
 
     # -- lookups used by the front doors ---------------------------------------
 
@@ -135,8 +138,10 @@ class Supervisor:
         return 0
 
     def _attach_observers(self, pool: Pool) -> None:
-        """Metrics watch this pool's requests and worker exits (call for every new pool)."""
+        """Metrics and the access log watch this pool's requests and worker exits (call for every new pool)."""
         self.metrics.attach(pool.dispatcher)
+        if self.access_log is not None:
+            pool.dispatcher.observers.append(self.access_log)
 
     def render_metrics(self) -> bytes:
         """Prometheus text exposition (GET /metrics and the METRICS frame)."""
