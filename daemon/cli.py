@@ -43,6 +43,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         return 2
     from .server import SocketInUse
     from .supervisor import Supervisor
+    from .systemd import ActivationError
 
     socket_path = args.socket or paths.default_socket(cfg.daemon.socket)
 
@@ -52,7 +53,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     try:
         return asyncio.run(main())
-    except SocketInUse as exc:
+    except (SocketInUse, ActivationError) as exc:
         print(f"cruised: {exc}", file=sys.stderr)
         return 2
     except PermissionError as exc:

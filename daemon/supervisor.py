@@ -29,7 +29,11 @@ Signals
 Operations
     Metrics (daemon/metrics.py) and the access log (daemon/logs.py) are
     dispatcher observers attached to every pool; ``render_metrics`` serves
-    /metrics and the METRICS frame.
+    /metrics and the METRICS frame. systemd (daemon/systemd.py): the native
+    socket may be inherited (LISTEN_FDS) instead of bound; READY=1 once every
+    pool is ready, STATUS= on changes, WATCHDOG=1 from this loop, STOPPING=1
+    when shutdown starts, RELOADING=1/READY=1 through ``notify_reloading`` and
+    ``notify_ready``.
 
 Workers are started by a per-pool template process (a fresh interpreter
 acting as a preloaded forkserver), never by forking this process.
@@ -40,11 +44,12 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
+import socket
 import sys
 import time
 from typing import Any, Callable
 
-from . import __version__
+from . import __version__, systemd
 from .config import Config
 from .dispatch import Dispatcher
 from .launcher import PoolLauncher
@@ -94,6 +99,10 @@ class Supervisor:
         self.ready = asyncio.Event()
         self.metrics = Metrics(lambda: {name: p.dispatcher for name, p in self.pools.items()})
         self.access_log = AccessLog() if config.daemon.access_log else None
+        self.notifier: systemd.Notifier | None = None
+        #: sockets passed by systemd that the native door did not take, by name (for the other doors)
+        self.activated: dict[str, socket.socket] = {}
+        self._signal_task: asyncio.Task[None] | None = None
 
     # -- lookups used by the front doors ---------------------------------------
 
@@ -113,13 +122,15 @@ class Supervisor:
     # -- lifecycle ---------------------------------------------------------------
 
     async def run(self) -> int:
-        sock = bind_unix(self.socket_path, self.config.daemon.socket_mode)
+        self.notifier = systemd.Notifier.from_environment(self._status_line, self._healthy)
+        sock, owned_path = self._native_listener()
+        systemd.clear_environment()  # before any template starts: children must not inherit them
         for name in self.config.pools:
             pool = Pool(self.loop, name, self.config)
             pool.dispatcher.on_change = self._check_ready
             self._attach_observers(pool)
             self.pools[name] = pool
-        self.native = NativeServer(self, sock, self.socket_path)
+        self.native = NativeServer(self, sock, owned_path)
         for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
             self.loop.add_signal_handler(sig, self._signals.put_nowait, sig)
         log.info("cruised %s listening on %s (pid %s, python %s)", __version__, self.socket_path, _pid(), sys.version.split()[0])
@@ -127,21 +138,63 @@ class Supervisor:
             pool.launcher.start_template()
             pool.dispatcher.manage()
         self._check_ready()
-        signals = asyncio.create_task(self._signal_loop())
+        signals = self._signal_task = asyncio.create_task(self._signal_loop())
+        self.notifier.start(self.loop)
+        ready = asyncio.create_task(self._notify_when_ready())
         try:
             await self._stop.wait()
             await self._shutdown()
         finally:
             signals.cancel()
+            ready.cancel()
+            self.notifier.close()
             for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
                 self.loop.remove_signal_handler(sig)
         return 0
+
+    def _native_listener(self) -> tuple[socket.socket, str | None]:
+        """The native door's listening socket and the path to remove at exit.
+
+        Socket activation (systemd's LISTEN_FDS) wins over binding: the socket
+        unit owns that file, so it is neither replaced nor removed here, and
+        connections made while the daemon restarts wait in its backlog.
+        """
+        inherited = systemd.activated_sockets()
+        if inherited is None:
+            return bind_unix(self.socket_path, self.config.daemon.socket_mode), self.socket_path
+        sock, self.socket_path, self.activated = inherited
+        return sock, None
 
     def _attach_observers(self, pool: Pool) -> None:
         """Metrics and the access log watch this pool's requests and worker exits (call for every new pool)."""
         self.metrics.attach(pool.dispatcher)
         if self.access_log is not None:
             pool.dispatcher.observers.append(self.access_log)
+
+    async def _notify_when_ready(self) -> None:
+        await self.ready.wait()
+        if self.notifier is not None and not self._stop.is_set():
+            self.notifier.ready()
+
+    def _status_line(self) -> str:
+        """systemd's STATUS=: the pool summary, plus why a pool cannot start (what `systemctl status` should show)."""
+        errors = [f"{name}: {p.dispatcher.last_error}" for name, p in self.pools.items() if p.dispatcher.last_error]
+        return self.summary() + (f"; last error {'; '.join(errors)}" if errors else "")
+
+    def _healthy(self) -> bool:
+        """Worth a watchdog ping: the loop runs (we are in it) and still reacts to signals."""
+        task = self._signal_task
+        return task is not None and not task.done()
+
+    def notify_reloading(self) -> None:
+        """A reload starts: systemd shows the unit as reloading until ``notify_ready``."""
+        if self.notifier is not None:
+            self.notifier.reloading()
+
+    def notify_ready(self) -> None:
+        """A reload finished (or failed and the old pools keep serving): READY=1 again."""
+        if self.notifier is not None:
+            self.notifier.ready()
 
     def render_metrics(self) -> bytes:
         """Prometheus text exposition (GET /metrics and the METRICS frame)."""
@@ -171,6 +224,8 @@ class Supervisor:
 
     async def _shutdown(self) -> None:
         self.state = "stopping"
+        if self.notifier is not None:
+            self.notifier.stopping_now()
         if self.native is not None:
             self.native.stop_listening()
         dispatchers = self.all_dispatchers()
