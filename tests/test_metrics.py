@@ -324,3 +324,28 @@ def test_registries_are_private() -> None:
     disp, _ = _dispatcher()
     Metrics(lambda: {"p": disp}, process=False)
     assert REGISTRY.get_sample_value("cruised_requests_total", {"pool": "p", "endpoint": "function", "outcome": "ok"}) is None
+
+
+# -- the docs and the dashboard name only metrics that exist -------------------------------
+
+
+def test_docs_and_dashboard_reference_real_metrics() -> None:
+    disp, _ = _dispatcher()
+    metrics = Metrics(lambda: {"p": disp}, process=True)
+    metrics.attach(disp)
+    metrics.request_done("p", _job(), "ok", 0.0, 0.001)
+    text = metrics.render().decode()
+    exposed = {name for name, _ in parse(text)} | {f.name for f in text_string_to_metric_families(text)}
+
+    dashboard = json.loads((ROOT / "docs" / "grafana-dashboard.json").read_text())
+    exprs = [t["expr"] for p in dashboard["panels"] for t in p.get("targets", [])]
+    assert exprs, "dashboard has no queries"
+    doc = (ROOT / "docs" / "operations.md").read_text()
+    for where, text in [("dashboard", "\n".join(exprs)), ("operations.md", doc)]:
+        used = set(re.findall(r"\bcruised_[a-z_]+\b", text))
+        assert used, where
+        unknown = {u for u in used if u not in exposed and f"{u}_total" not in exposed and not u.endswith("_created")}
+        unknown -= {"cruised_process"}  # prose prefix of the process_* family
+        assert not unknown, f"{where} names metrics that are not exported: {sorted(unknown)}"
+    for needle in ("rate(cruised_requests_total[1m])", "histogram_quantile(0.99"):
+        assert needle in doc
