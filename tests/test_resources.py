@@ -54,5 +54,12 @@ def test_fds_and_threads_stable_across_worker_churn(start_daemon: Callable[..., 
             with pytest.raises(cruised.WorkerCrashed):
                 s.call(crash)
         wait_for(settled, what=f"the replacement worker (round {i})")
-    # the last connection's close is processed asynchronously: poll until the counts return
-    wait_for(lambda: fd_and_thread_counts(pid) == before, timeout=10, what=f"fd/thread counts back to {before} (now {fd_and_thread_counts(pid)})")
+    # Connection closes are processed asynchronously (the baseline itself may still hold the
+    # last status connection), so poll until the counts are back at or below the baseline;
+    # one leaked fd per round would leave them 20 above it.
+    def back_to_baseline() -> bool:
+        fds, threads = fd_and_thread_counts(pid)
+        return fds <= before[0] and threads <= before[1]
+
+    wait_for(back_to_baseline, timeout=10, what=f"fd/thread counts back to {before}")
+    assert fd_and_thread_counts(pid)[0] >= before[0] - 2  # sanity: measuring the right process
