@@ -1,4 +1,4 @@
-"""Command line: ``cruised serve | status | check-config | call | test | reload``.
+"""Command line: ``cruised serve | status | metrics | check-config | call | test | reload``.
 
 Exit codes: 0 success, 1 a command ran and reported failure, 2 bad usage or
 configuration (including another daemon already on the socket).
@@ -21,12 +21,10 @@ from .errors import CruisedError
 log = logging.getLogger("cruised")
 
 
-def _setup_logging(level: str) -> None:
-    logging.basicConfig(
-        stream=sys.stderr,
-        level=getattr(logging, level.upper(), logging.INFO),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
+def _setup_logging(level: str, fmt: str = "text") -> None:
+    from . import logs
+
+    logs.setup(level, fmt)
 
 
 def _load(path: str | None) -> config_mod.Config:
@@ -36,7 +34,7 @@ def _load(path: str | None) -> config_mod.Config:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    _setup_logging(args.log_level)
+    _setup_logging(args.log_level, args.log_format)
     try:
         cfg = _load(args.config)
     except ConfigErrors as exc:
@@ -45,6 +43,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         return 2
     from .server import SocketInUse
     from .supervisor import Supervisor
+    from .systemd import ActivationError
 
     socket_path = args.socket or paths.default_socket(cfg.daemon.socket)
     if args.dev and args.config is None:
@@ -57,12 +56,25 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     try:
         return asyncio.run(main())
-    except SocketInUse as exc:
+    except (SocketInUse, ActivationError) as exc:
         print(f"cruised: {exc}", file=sys.stderr)
         return 2
     except PermissionError as exc:
         print(f"cruised: cannot create socket {socket_path}: {exc.strerror}", file=sys.stderr)
         return 2
+
+
+def cmd_metrics(args: argparse.Namespace) -> int:
+    from .client import Session
+
+    try:
+        with Session(socket=args.socket) as s:
+            text = s.metrics()
+    except CruisedError as exc:
+        print(f"cruised: {exc}", file=sys.stderr)
+        return 1
+    sys.stdout.write(text)
+    return 0
 
 
 def cmd_status(args: argparse.Namespace) -> int:
@@ -122,11 +134,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", "-c", help="YAML configuration file")
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     p.add_argument("--dev", action="store_true", help="reload whenever the config or endpoint code changes, printing the result")
+    p.add_argument("--log-format", default="text", choices=["text", "json"], help="text lines, or one JSON object per line")
     p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("status", help="pools, workers, queues and counts of a running daemon")
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.set_defaults(func=cmd_status)
+
+    p = sub.add_parser("metrics", help="print the daemon's Prometheus metrics (what GET /metrics serves)")
+    p.set_defaults(func=cmd_metrics)
 
     p = sub.add_parser("check-config", help="validate a configuration file and exit")
     p.add_argument("file")

@@ -467,6 +467,12 @@ class Session:
         if not isinstance(info, dict) or "ok" not in info:
             raise _error_for(status, frame)
         return bool(info["ok"]), str(info.get("message", ""))
+    def metrics(self) -> str:
+        """The daemon's Prometheus metrics, as text (what ``GET /metrics`` serves)."""
+        status, frame = self._request(Kind.METRICS, [])
+        if status != Status.OK:
+            raise _error_for(status, frame)
+        return bytes(frame[frames.HEADER_SIZE :]).decode()
 
     def close(self) -> None:
         with self._lock:

@@ -86,6 +86,7 @@ class DaemonConfig:
     read_timeout: Duration = doc("a started frame must be complete within this", Duration(30))
     allow_uids: list[int] = doc("if set, only these peer uids (SO_PEERCRED) may connect", factory=list)
     allow_gids: list[int] = doc("if set, only these peer gids may connect", factory=list)
+    access_log: bool = doc("one log line per answered request (logger cruised.access: pool, endpoint, outcome, queue_ms, exec_ms, peer)", True)
 
     def validate(self, path: str, errors: list[ConfigError]) -> None:
         if self.max_message_bytes < 4096:

@@ -417,7 +417,7 @@ class Dispatcher:
         reason = worker.exit_reason
         if reason is None:
             reason = "preload_failed" if was_starting else ("shutdown" if not self.accepting else "crash")
-        if reason == "preload_failed" or was_starting:
+        if reason == "preload_failed":
             self.failures += 1
             delay = min(BACKOFF_MAX, BACKOFF_FIRST * 2 ** (self.failures - 1))
             self.next_spawn_at = self.clock.time() + delay
@@ -466,8 +466,8 @@ class Dispatcher:
 
     def manage(self) -> None:
         """Keep ``cruise`` workers alive; grow toward ``max`` while requests wait."""
-        if not self.accepting:
-            return
+        if not self.accepting and not self.queue:
+            return  # draining for shutdown: replace a worker only while queued requests still need one
         cfg = self.config
         live = self.live()
         waiting = len(self.queue)  # cancelled jobs leave the queue at once (drop_client)
@@ -535,12 +535,13 @@ class Dispatcher:
             if not job.cancelled:
                 self._finish(job, Status.SHUTTING_DOWN, message, "rejected")
 
-    def terminate_all(self) -> None:
+    def terminate_all(self, reason: str = "shutdown") -> None:
+        """End every worker: idle ones retire, busy or starting ones are killed (``reason`` for metrics)."""
         for w in list(self.workers.values()):
             if w.state is WorkerState.IDLE:
-                self._retire(w, "shutdown")
+                self._retire(w, reason)
             elif w.state in (WorkerState.STARTING, WorkerState.BUSY):
-                self._kill(w, "shutdown")
+                self._kill(w, reason)
 
     def ready(self) -> bool:
         return self.counts[WorkerState.IDLE] + self.counts[WorkerState.BUSY] >= self.config.min

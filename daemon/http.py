@@ -462,5 +462,7 @@ class HttpDoor:
         refusal = self._access(request, None)
         if refusal is not None:
             return refusal
-        body = self.sup.render_metrics()
-        return web.Response(body=body, headers={"Content-Type": "text/plain; version=0.0.4; charset=utf-8"})
+        from .metrics import CONTENT_TYPE
+
+        body = self.sup.render_metrics()  # on the loop thread: it reads dispatcher state without locks
+        return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE})

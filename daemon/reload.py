@@ -69,6 +69,7 @@ class Reloader:
         self.task = asyncio.get_running_loop().create_task(self._run(done))
 
     async def _run(self, done: Callable[[bool, str], None]) -> None:
+        self.sup.notify_reloading()
         try:
             ok, message = await self.reload()
         except asyncio.CancelledError:
@@ -80,6 +81,8 @@ class Reloader:
             log.info("reload: %s", message)
         else:
             log.error("reload failed: %s", message)
+        if self.sup.state != "stopping":
+            self.sup.notify_ready()  # success or not, a generation serves again
         done(ok, message)
 
     def cancel(self) -> None:
@@ -113,6 +116,7 @@ class Reloader:
                 # keep worker ids unique across generations, so the two can be told apart in the log
                 pool.dispatcher._seq = old.dispatcher._seq
             pool.dispatcher.on_change = sup._check_ready
+            sup._attach_observers(pool)  # metrics and the access log follow the new generation
             new_pools[name] = pool
         sup.warming.extend(new_pools.values())
         problem: str | None = None
@@ -208,7 +212,7 @@ async def retire_pool(sup: "Supervisor", pool: "Pool", drain: bool) -> None:
         while not disp.idle_now() and loop.time() < deadline:
             await asyncio.sleep(POLL)
     disp.abort_queue("the pool was replaced by a reload before this request could run")
-    disp.terminate_all()
+    disp.terminate_all("reload")
     end = loop.time() + sup.config.daemon.kill_grace + 1.0
     while pool.launcher.worker_count() and loop.time() < end:
         await asyncio.sleep(POLL)

@@ -191,6 +191,8 @@ class ClientConnection:
                 self._reply_json(reqid, self.sup.status())
             elif kind == Kind.PING:
                 self.channel.write([frames.frame(Kind.REPLY, reqid)])
+            elif kind == Kind.METRICS:
+                self.channel.write([frames.frame(Kind.REPLY, reqid, self.sup.render_metrics())])
             elif kind == Kind.RELOAD:
                 self.sup.request_reload(lambda ok, msg: self._reply_json(reqid, {"ok": ok, "message": msg}, Status.OK if ok else Status.BAD_REQUEST))
             else:

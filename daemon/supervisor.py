@@ -28,6 +28,15 @@ Signals
     SIGHUP: reload (daemon/reload.py: a new generation of pools is warmed and
     swapped in; the old one finishes what it holds, then exits).
 
+Operations
+    Metrics (daemon/metrics.py) and the access log (daemon/logs.py) are
+    dispatcher observers attached to every pool; ``render_metrics`` serves
+    /metrics and the METRICS frame. systemd (daemon/systemd.py): the native
+    socket may be inherited (LISTEN_FDS) instead of bound; READY=1 once every
+    pool is ready, STATUS= on changes, WATCHDOG=1 from this loop, STOPPING=1
+    when shutdown starts, RELOADING=1/READY=1 through ``notify_reloading`` and
+    ``notify_ready``.
+
 Workers are started by a per-pool template process (a fresh interpreter
 acting as a preloaded forkserver), never by forking this process.
 """
@@ -37,14 +46,17 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
+import socket
 import sys
 import time
 from typing import TYPE_CHECKING, Any, Callable
 
-from . import __version__, paths, services
+from . import __version__, paths, services, systemd
 from .config import Config
 from .dispatch import Dispatcher
 from .launcher import PoolLauncher
+from .logs import AccessLog
+from .metrics import Metrics
 from .reload import Reloader
 from .server import NativeServer, bind_unix
 
@@ -101,6 +113,12 @@ class Supervisor:
         self._stop = asyncio.Event()
         self._fast = False
         self.ready = asyncio.Event()
+        self.metrics = Metrics(lambda: {name: p.dispatcher for name, p in self.pools.items()})
+        self.access_log = AccessLog() if config.daemon.access_log else None
+        self.notifier: systemd.Notifier | None = None
+        #: sockets passed by systemd that the native door did not take, by name (for the other doors)
+        self.activated: dict[str, socket.socket] = {}
+        self._signal_task: asyncio.Task[None] | None = None
 
     # -- lookups used by the front doors ---------------------------------------
 
@@ -121,19 +139,18 @@ class Supervisor:
     def request_reload(self, done: Callable[[bool, str], None]) -> None:
         self.reloader.request(done)
 
-    def render_metrics(self) -> bytes:
-        """Prometheus text for GET /metrics (filled in by the metrics module)."""
-        return b""
-
     # -- lifecycle ---------------------------------------------------------------
 
     async def run(self) -> int:
-        sock = bind_unix(self.socket_path, self.config.daemon.socket_mode)
+        self.notifier = systemd.Notifier.from_environment(self._status_line, self._healthy)
+        sock, owned_path = self._native_listener()
+        systemd.clear_environment()  # before any template starts: children must not inherit them
         for name in self.config.pools:
             pool = Pool(self.loop, name, self.config)
             pool.dispatcher.on_change = self._check_ready
+            self._attach_observers(pool)
             self.pools[name] = pool
-        self.native = NativeServer(self, sock, self.socket_path)
+        self.native = NativeServer(self, sock, owned_path)
         if self.config.http.enabled:
             from .http import HttpDoor
 
@@ -150,7 +167,9 @@ class Supervisor:
             pool.launcher.start_template()
             pool.dispatcher.manage()
         self._check_ready()
-        signals = asyncio.create_task(self._signal_loop())
+        signals = self._signal_task = asyncio.create_task(self._signal_loop())
+        self.notifier.start(self.loop)
+        ready = asyncio.create_task(self._notify_when_ready())
         watcher = None
         if self.dev:
             from .devwatch import watch
@@ -163,9 +182,59 @@ class Supervisor:
             signals.cancel()
             if watcher is not None:
                 watcher.cancel()
+            ready.cancel()
+            self.notifier.close()
             for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
                 self.loop.remove_signal_handler(sig)
         return 0
+
+    def _native_listener(self) -> tuple[socket.socket, str | None]:
+        """The native door's listening socket and the path to remove at exit.
+
+        Socket activation (systemd's LISTEN_FDS) wins over binding: the socket
+        unit owns that file, so it is neither replaced nor removed here, and
+        connections made while the daemon restarts wait in its backlog.
+        """
+        inherited = systemd.activated_sockets()
+        if inherited is None:
+            return bind_unix(self.socket_path, self.config.daemon.socket_mode), self.socket_path
+        sock, self.socket_path, self.activated = inherited
+        return sock, None
+
+    def _attach_observers(self, pool: Pool) -> None:
+        """Metrics and the access log watch this pool's requests and worker exits (call for every new pool)."""
+        self.metrics.attach(pool.dispatcher)
+        if self.access_log is not None:
+            pool.dispatcher.observers.append(self.access_log)
+
+    async def _notify_when_ready(self) -> None:
+        await self.ready.wait()
+        if self.notifier is not None and not self._stop.is_set():
+            self.notifier.ready()
+
+    def _status_line(self) -> str:
+        """systemd's STATUS=: the pool summary, plus why a pool cannot start (what `systemctl status` should show)."""
+        errors = [f"{name}: {p.dispatcher.last_error}" for name, p in self.pools.items() if p.dispatcher.last_error]
+        return self.summary() + (f"; last error {'; '.join(errors)}" if errors else "")
+
+    def _healthy(self) -> bool:
+        """Worth a watchdog ping: the loop runs (we are in it) and still reacts to signals."""
+        task = self._signal_task
+        return task is not None and not task.done()
+
+    def notify_reloading(self) -> None:
+        """A reload starts: systemd shows the unit as reloading until ``notify_ready``."""
+        if self.notifier is not None:
+            self.notifier.reloading()
+
+    def notify_ready(self) -> None:
+        """A reload finished (or failed and the old pools keep serving): READY=1 again."""
+        if self.notifier is not None:
+            self.notifier.ready()
+
+    def render_metrics(self) -> bytes:
+        """Prometheus text exposition (GET /metrics and the METRICS frame)."""
+        return self.metrics.render()
 
     def _check_ready(self) -> None:
         for pool in self.pools.values():
@@ -194,6 +263,8 @@ class Supervisor:
     async def _shutdown(self) -> None:
         self.state = "stopping"
         self.reloader.cancel()
+        if self.notifier is not None:
+            self.notifier.stopping_now()
         if self.native is not None:
             self.native.stop_listening()
         if self.http is not None:

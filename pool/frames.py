@@ -44,6 +44,9 @@ SETUP      sup -> worker          JSON ``{"endpoints": {"svc/ep": {"code": path,
 READY      worker -> sup          JSON ``{"pid":..., "python": "3.11", "endpoints":
                                   {"svc/ep": {"ok": true} | {"ok": false,
                                   "error": ..., "traceback": ...}}, ...}``
+METRICS    client -> sup          empty; reply is the Prometheus text exposition
+                                  (the same bytes as ``GET /metrics``)
+READY      worker -> sup          JSON ``{"pid":..., "python": "3.11", ...}``
 REPLY      every reply            ``status`` says how to read the payload
 =========  =====================  =============================================
 
@@ -112,6 +115,7 @@ class Kind(IntEnum):
     STATUS = 4
     PING = 5
     RELOAD = 6
+    METRICS = 7
     DEFINE = 16
     ENDPOINT = 17
     SETUP = 18

@@ -1,0 +1,168 @@
+"""Logging for the daemon: stderr, one event per line, text or JSON lines, the access log.
+
+Everything goes to stderr through ``logging``; systemd's journal, a container
+runtime or a terminal collects it. Three rules hold for every line:
+
+* one event per line: newlines inside a message or a traceback are escaped
+  (``\\n``) in text mode and JSON-escaped in JSON mode, so a multi-line
+  traceback never splits into lines that look like separate events;
+* secrets are masked: ``password=...``-style pairs and credentials in URLs
+  (``scheme://user:secret@host``, kdb+ ``:host:port:user:secret``) are
+  replaced by ``***`` before a line is written, whoever produced it (a worker
+  printing its connection string included). The daemon itself never logs
+  payloads, arguments or configuration values;
+* under systemd (``$JOURNAL_STREAM`` names our stderr) text lines carry a
+  ``<N>`` syslog-priority prefix and no timestamp, so ``journalctl -p err``
+  works and the journal's own timestamps are not doubled.
+
+Access log
+    ``AccessLog`` is a dispatcher Observer: one line per answered request on
+    logger ``cruised.access`` (pool, endpoint, outcome, queue_ms, exec_ms,
+    peer). ``daemon.access_log: false`` leaves it detached. In JSON mode the
+    same values appear as fields of the record, not only in its text.
+
+Worker output is captured per worker by the launcher and logged line by line
+with a ``worker=`` tag (daemon/launcher.py).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import sys
+import time
+from typing import TYPE_CHECKING, Any, TextIO
+
+if TYPE_CHECKING:
+    from .dispatch import Job
+
+FORMATS = ("text", "json")
+ACCESS_LOGGER = "cruised.access"
+LEVELS = ("debug", "info", "warning", "error")
+
+_SECRET_PAIR = re.compile(
+    r"(?i)\b((?:[a-z0-9_.-]*?)(?:password|passwd|pwd|secret|token|api[_-]?key|auth(?:orization)?))(\s*[=:]\s*)(\"[^\"]*\"|'[^']*'|[^\s,;&\"']+)"
+)
+_URL_USERINFO = re.compile(r"(\b[a-zA-Z][a-zA-Z0-9+.-]*://[^/\s:@]+):[^@\s/]+@")
+#: kdb+ connection strings: `:host:port:user:password (hopen) -> keep host, port and user
+_KDB_CREDS = re.compile(r"(`?:[\w.-]*:\d+:[^:\s`\"']+):[^\s`\"']+")
+_SYSLOG_PRIORITY = {logging.DEBUG: 7, logging.INFO: 6, logging.WARNING: 4, logging.ERROR: 3, logging.CRITICAL: 2}
+
+
+def redact(text: str) -> str:
+    """Mask credentials in a log line (cheap enough for every line: three regex passes)."""
+    if "=" in text or ":" in text:
+        text = _SECRET_PAIR.sub(r"\1\2***", text)
+        text = _URL_USERINFO.sub(r"\1:***@", text)
+        text = _KDB_CREDS.sub(r"\1:***", text)
+    return text
+
+
+def _one_line(text: str) -> str:
+    return text.replace("\\", "\\\\").replace("\r", "\\r").replace("\n", "\\n") if ("\n" in text or "\r" in text) else text
+
+
+class TextFormatter(logging.Formatter):
+    """``2024-05-01T12:00:00.123 INFO cruised.dispatch: message``, one line, redacted."""
+
+    def __init__(self, journal: bool = False) -> None:
+        super().__init__(datefmt="%Y-%m-%dT%H:%M:%S")
+        self.journal = journal
+
+    def format(self, record: logging.LogRecord) -> str:
+        msg = record.getMessage()
+        if record.exc_info:
+            msg = f"{msg} | {self.formatException(record.exc_info)}"
+        elif record.exc_text:
+            msg = f"{msg} | {record.exc_text}"
+        # access lines are built from pool/endpoint names and numbers only: skip the regexes on the hot path
+        msg = _one_line(msg if record.name == ACCESS_LOGGER else redact(msg))
+        if self.journal:
+            return f"<{_SYSLOG_PRIORITY.get(record.levelno, 6)}>{record.name}: {msg}"
+        return f"{self.formatTime(record, self.datefmt)}.{int(record.msecs):03d} {record.levelname} {record.name}: {msg}"
+
+
+class JsonFormatter(logging.Formatter):
+    """One JSON object per line: ts (UTC, ISO 8601), level, logger, msg, and the record's ``fields``."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        ts = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created)) + f".{int(record.msecs):03d}Z"
+        msg = record.getMessage()
+        out: dict[str, Any] = {"ts": ts, "level": record.levelname.lower(), "logger": record.name, "msg": msg if record.name == ACCESS_LOGGER else redact(msg)}
+        fields = getattr(record, "fields", None)
+        if isinstance(fields, dict):
+            for k, v in fields.items():
+                out.setdefault(k, redact(v) if isinstance(v, str) else v)
+        if record.exc_info:
+            out["exc"] = redact(self.formatException(record.exc_info))
+        return json.dumps(out, ensure_ascii=False, default=str)
+
+
+def stderr_is_journal(stream: TextIO = sys.stderr, env: dict[str, str] | os._Environ[str] = os.environ) -> bool:
+    """True if ``stream`` is the journal stream systemd connected (sd_journal_stream_fd semantics)."""
+    value = env.get("JOURNAL_STREAM")
+    if not value:
+        return False
+    try:
+        dev, ino = (int(x) for x in value.split(":"))
+        st = os.fstat(stream.fileno())
+    except (ValueError, OSError, AttributeError):
+        return False
+    return st.st_dev == dev and st.st_ino == ino
+
+
+def setup(level: str = "info", fmt: str = "text", stream: TextIO | None = None) -> logging.Handler:
+    """Install the one stderr handler on the root logger; return it."""
+    if fmt not in FORMATS:
+        raise ValueError(f"log format must be one of {', '.join(FORMATS)}, got {fmt!r}")
+    stream = stream or sys.stderr
+    handler = logging.StreamHandler(stream)
+    handler.setFormatter(JsonFormatter() if fmt == "json" else TextFormatter(journal=stderr_is_journal(stream)))
+    root = logging.getLogger()
+    for old in list(root.handlers):
+        root.removeHandler(old)
+    root.addHandler(handler)
+    root.setLevel(getattr(logging, level.upper(), logging.INFO))
+    logging.captureWarnings(True)  # Python warnings become one-line events too, not raw stderr text
+    return handler
+
+
+def format_peer(client: Any) -> tuple[str, Any]:
+    """(text, JSON value) of whoever sent a job: a native client's (pid, uid, gid), or the door's own form."""
+    peer = getattr(client, "peer", None)
+    if isinstance(peer, tuple) and len(peer) == 3:
+        pid, uid, gid = peer
+        return f"pid:{pid},uid:{uid},gid:{gid}", {"pid": pid, "uid": uid, "gid": gid}
+    if peer is None:
+        return "-", None
+    return str(peer), str(peer)
+
+
+class AccessLog:
+    """Observer: one ``cruised.access`` line per answered request."""
+
+    def __init__(self, logger: logging.Logger | None = None) -> None:
+        self.log = logger or logging.getLogger(ACCESS_LOGGER)
+
+    def request_done(self, pool: str, job: "Job", outcome: str, queue_s: float, exec_s: float | None) -> None:
+        if not self.log.isEnabledFor(logging.INFO):
+            return
+        peer_text, peer_value = format_peer(job.client)
+        queue_ms = round(queue_s * 1e3, 3)
+        exec_ms = round(exec_s * 1e3, 3) if exec_s is not None else None
+        fields = {"pool": pool, "endpoint": job.endpoint, "outcome": outcome, "queue_ms": queue_ms, "exec_ms": exec_ms, "peer": peer_value}
+        self.log.info(
+            "pool=%s endpoint=%s outcome=%s queue_ms=%s exec_ms=%s peer=%s",
+            pool,
+            job.endpoint,
+            outcome,
+            queue_ms,
+            "-" if exec_ms is None else exec_ms,
+            peer_text,
+            extra={"fields": fields},
+        )
+
+    def worker_exit(self, pool: str, reason: str) -> None:
+        pass  # exits are logged by the dispatcher itself, with the worker tag

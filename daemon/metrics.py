@@ -1,0 +1,233 @@
+"""Prometheus metrics, exported by the supervisor alone.
+
+Workers never import prometheus_client and keep no metrics: the supervisor
+already sees every admission, dispatch, reply, timeout and exit, so it counts
+them itself. That avoids prometheus_client's multiprocess mode (a directory of
+mmap files, no custom collectors, ``mark_process_dead``) entirely.
+
+Data flow::
+
+    Dispatcher._observe / on_worker_exit ──Observer port──> Metrics.request_done / worker_exit
+        -> counter and histogram children, cached per label set (no labels() lookup per request)
+
+    GET /metrics (HTTP door), METRICS frame (`cruised metrics`)
+        -> Supervisor.render_metrics() -> Metrics.render() -> generate_latest(own registry)
+              counters/histograms above
+              + PoolCollector: queue depth, worker states, limits... read from each
+                dispatcher at scrape time (nothing to keep in sync)
+              + ProcessCollector: the supervisor's own fds, memory, CPU
+
+Invariants
+    One ``CollectorRegistry`` per Metrics, never the global one: a test or an
+    embedding program can create several daemons' metrics side by side, and
+    nothing a library registers globally leaks into /metrics.
+    Label values are bounded: ``pool`` (configured), ``endpoint`` (``function``
+    for shipped functions, ``check`` for library checks, ``<service>/<endpoint>``
+    for named endpoints; at most ``MAX_ENDPOINTS`` per pool, the rest count as
+    ``other``), ``outcome`` (``OUTCOMES``), ``reason`` (``EXIT_REASONS``),
+    ``state`` and ``limit`` (fixed sets).
+    Counts are exact: each answered request is counted once, in the dispatcher's
+    ``_observe`` (which runs once per job, guarded by ``Job.answered``).
+
+Histograms
+    ``cruised_request_duration_seconds``: admission to reply, every answered
+    request (a rejection counts as ~0 s; filter those with the counter).
+    ``cruised_queue_wait_seconds``: admission to dispatch (or to giving up), for
+    every request that was queued or started, i.e. all but the ones refused at
+    the door. ``cruised_exec_seconds``: dispatch to reply, for every request
+    that reached a worker (an exec timeout observes its limit, a crash the time
+    until the worker died).
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Mapping
+
+from prometheus_client import CollectorRegistry, Counter, Histogram, Info, ProcessCollector, disable_created_metrics, generate_latest
+from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.exposition import CONTENT_TYPE_LATEST
+
+from . import __version__
+from .dispatch import WorkerState
+
+if TYPE_CHECKING:
+    from .dispatch import Dispatcher, Job
+
+log = logging.getLogger("cruised.metrics")
+
+#: the Content-Type for GET /metrics (text exposition format 0.0.4)
+CONTENT_TYPE = CONTENT_TYPE_LATEST
+
+OUTCOMES = ("ok", "error", "rejected", "queue_timeout", "exec_timeout", "crashed", "q_unavailable")
+#: dispatcher outcomes outside OUTCOMES, folded into one that says the same to an operator
+OUTCOME_ALIASES = {
+    # the worker did not have the code (a cache mismatch): not run, the client registers and retries
+    "unknown_function": "rejected",
+}
+EXIT_REASONS = ("crash", "exec_timeout", "recycled", "idle", "reload", "shutdown", "preload_failed")
+WORKER_STATES = ("starting", "idle", "busy", "draining")
+LIMITS = ("min", "cruise", "max")
+#: distinct endpoint label values per pool (each costs ~40 series); more is a cardinality bug upstream
+MAX_ENDPOINTS = 128
+OTHER_ENDPOINT = "other"
+
+#: 100 µs .. 60 s, roughly 1-2.5-5 per decade: enough to read a p99 of a 1 ms call and of a 30 s one
+BUCKETS = (
+    0.0001, 0.00025, 0.0005,
+    0.001, 0.0025, 0.005,
+    0.01, 0.025, 0.05,
+    0.1, 0.25, 0.5,
+    1.0, 2.5, 5.0,
+    10.0, 30.0, 60.0,
+)
+
+
+@dataclass(slots=True)
+class _Children:
+    """The metric children one (pool, endpoint, outcome) updates, resolved once."""
+
+    count: Any
+    duration: Any
+    queue_wait: Any
+    exec: Any
+
+
+class Metrics:
+    """The Observer behind /metrics. One per supervisor; ``attach`` it to each pool's dispatcher."""
+
+    def __init__(self, dispatchers: Callable[[], Mapping[str, "Dispatcher"]], process: bool = True) -> None:
+        # *_created series would double the exposition for a timestamp Prometheus (text format) ignores.
+        # The switch is process-wide; only the supervisor process uses prometheus_client.
+        disable_created_metrics()
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.requests = Counter(
+            "cruised_requests", "Answered requests by pool, endpoint and outcome.", ["pool", "endpoint", "outcome"], registry=r
+        )
+        self.duration = Histogram(
+            "cruised_request_duration_seconds", "Admission to reply.", ["pool", "endpoint"], buckets=BUCKETS, registry=r
+        )
+        self.queue_wait = Histogram(
+            "cruised_queue_wait_seconds", "Admission to dispatch to a worker (or to giving up).", ["pool"], buckets=BUCKETS, registry=r
+        )
+        self.exec = Histogram(
+            "cruised_exec_seconds", "Dispatch to a worker until its reply (or timeout, or death).", ["pool", "endpoint"], buckets=BUCKETS, registry=r
+        )
+        self.exits = Counter("cruised_worker_exits", "Worker processes gone, by reason.", ["pool", "reason"], registry=r)
+        Info("cruised_build", "Version of cruised and of the supervisor's Python.", registry=r).info(
+            {"version": __version__, "python": "%d.%d.%d" % sys.version_info[:3]}
+        )
+        r.register(PoolCollector(dispatchers))
+        if process:
+            ProcessCollector(namespace="cruised", registry=r)
+        self._children: dict[tuple[str, str, str], _Children] = {}
+        self._endpoints: dict[str, set[str]] = {}
+        self._capped: set[str] = set()  # pools that hit MAX_ENDPOINTS (warned once)
+
+    def attach(self, dispatcher: "Dispatcher") -> None:
+        """Observe this dispatcher; its pool's fixed label sets appear at once, as zeros."""
+        if self not in dispatcher.observers:
+            dispatcher.observers.append(self)
+        pool = dispatcher.name
+        for outcome in OUTCOMES:
+            self.requests.labels(pool, "function", outcome)
+        for reason in EXIT_REASONS:
+            self.exits.labels(pool, reason)
+        self.queue_wait.labels(pool)
+
+    # -- Observer ------------------------------------------------------------------
+
+    def request_done(self, pool: str, job: "Job", outcome: str, queue_s: float, exec_s: float | None) -> None:
+        key = (pool, job.endpoint, outcome)
+        c = self._children.get(key)
+        if c is None:
+            c = self._resolve(key)
+        c.count.inc()
+        c.duration.observe(queue_s + (exec_s or 0.0))
+        if job.started is not None or job.deadline:  # it got a worker or a place in the queue
+            c.queue_wait.observe(queue_s)
+        if exec_s is not None:
+            c.exec.observe(exec_s)
+
+    def worker_exit(self, pool: str, reason: str) -> None:
+        self.exits.labels(pool, reason).inc()
+
+    def _resolve(self, key: tuple[str, str, str]) -> _Children:
+        pool, endpoint, outcome = key
+        outcome = OUTCOME_ALIASES.get(outcome, outcome)
+        if outcome not in OUTCOMES:
+            log.warning("pool=%s unexpected request outcome %r counted as error", pool, outcome)
+            outcome = "error"
+        seen = self._endpoints.setdefault(pool, set())
+        cache = True
+        if endpoint not in seen:
+            if len(seen) >= MAX_ENDPOINTS:
+                if pool not in self._capped:
+                    self._capped.add(pool)
+                    log.warning("pool=%s has more than %d endpoints: %r and later ones count as %r", pool, MAX_ENDPOINTS, endpoint, OTHER_ENDPOINT)
+                endpoint, cache = OTHER_ENDPOINT, False  # do not let the cache grow with them either
+            else:
+                seen.add(endpoint)
+        c = _Children(
+            self.requests.labels(pool, endpoint, outcome),
+            self.duration.labels(pool, endpoint),
+            self.queue_wait.labels(pool),
+            self.exec.labels(pool, endpoint),
+        )
+        if cache:
+            self._children[key] = c
+        return c
+
+    # -- exposition --------------------------------------------------------------------
+
+    def render(self) -> bytes:
+        """The text exposition of everything above, gauges computed now."""
+        return generate_latest(self.registry)
+
+
+class PoolCollector:
+    """Gauges read from the live dispatchers at each scrape (nothing cached, nothing to drift)."""
+
+    def __init__(self, dispatchers: Callable[[], Mapping[str, "Dispatcher"]]) -> None:
+        self.dispatchers = dispatchers
+
+    def describe(self) -> Iterable[Metric]:
+        return list(self._families())
+
+    def collect(self) -> Iterable[Metric]:
+        families = self._families()
+        depth, capacity, workers, limits, q_connected, oldest = families
+        for name, d in self.dispatchers().items():
+            depth.add_metric([name], len(d.queue))
+            capacity.add_metric([name], d.config.queue_size)
+            c = d.counts
+            by_state = {
+                "starting": c[WorkerState.STARTING],
+                "idle": c[WorkerState.IDLE],
+                "busy": c[WorkerState.BUSY],
+                # a worker being killed is on its way out, like a draining one
+                "draining": c[WorkerState.DRAINING] + c[WorkerState.KILLING],
+            }
+            for state in WORKER_STATES:
+                workers.add_metric([name, state], by_state[state])
+            for limit in LIMITS:
+                limits.add_metric([name, limit], getattr(d.config, limit))
+            # the q-connection feature adds Dispatcher.q_connected(); until then no worker holds one
+            q = getattr(d, "q_connected", None)
+            q_connected.add_metric([name], q() if callable(q) else 0)
+            oldest.add_metric([name], d.clock.time() - d.queue[0].admitted if d.queue else 0.0)
+        return families
+
+    @staticmethod
+    def _families() -> list[GaugeMetricFamily]:
+        return [
+            GaugeMetricFamily("cruised_queue_depth", "Requests waiting in the pool's queue.", labels=["pool"]),
+            GaugeMetricFamily("cruised_queue_capacity", "The pool's queue_size.", labels=["pool"]),
+            GaugeMetricFamily("cruised_workers", "Worker processes by state.", labels=["pool", "state"]),
+            GaugeMetricFamily("cruised_pool_size_limits", "The pool's min, cruise and max.", labels=["pool", "limit"]),
+            GaugeMetricFamily("cruised_q_connected_workers", "Workers holding a live q connection.", labels=["pool"]),
+            GaugeMetricFamily("cruised_oldest_queued_seconds", "Age of the oldest queued request (0 if none).", labels=["pool"]),
+        ]
