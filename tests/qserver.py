@@ -53,11 +53,16 @@ against an in-memory ``trade`` table (sym symbol, time timestamp, price float, s
   "err" | ("err"; "msg")                    error reply "err" / "msg"
   "close"                                   server closes this connection, without a reply
   ("echo"; x)                               x, unchanged
+  ("incr"; `name)                           adds 1 to counter `name, returns the new count
+  ("incr"; `name; `close)                   adds 1, then closes this connection without a reply
+                                            (a query that "ran" but whose answer was lost)
+  (".cruised.test.count"; `name)            LongAtom: counter `name (0 if never incremented)
   ".cruised.test.connections"               LongAtom: accepted handshakes since start
   ".cruised.test.users"                     SymbolVector: accepted user names, first-seen order
   anything else                             error "nyi: <query>"
 
-Wrong argument counts give "rank", and a non-symbol vwap argument gives "type". Clients must
+Wrong argument counts give "rank", and a non-symbol vwap or counter name gives "type". Counters
+live in the server process, so a restart resets them. Clients must
 connect with ``no_ctx=True``. Without it, pykx sends q-specific context probes on connect.
 They get ``nyi`` back, and the constructor fails with an AttributeError. The probes are not
 emulated.
@@ -156,6 +161,7 @@ class Server:
         self.lock = threading.Lock()
         self.connections = 0
         self.users_seen: list[str] = []
+        self.counters: dict[str, int] = {}
         self.trade = make_trade()
         self.trade_k = kx.toq(self.trade)
 
@@ -262,6 +268,19 @@ class Server:
             if nargs != 1:
                 raise QueryError("rank")
             return args[0]
+        if q in ("incr", ".cruised.test.count"):
+            if not 1 <= nargs <= (2 if q == "incr" else 1):
+                raise QueryError("rank")
+            name = text_of(args[0]) if isinstance(args[0], kx.SymbolAtom) else None
+            if name is None or (nargs == 2 and text_of(args[1]) != "close"):
+                raise QueryError("type")
+            with self.lock:
+                if q == "incr":
+                    self.counters[name] = self.counters.get(name, 0) + 1
+                count = self.counters.get(name, 0)
+            if nargs == 2:
+                raise CloseConnection
+            return kx.LongAtom(count)
         if q == ".cruised.test.connections":
             with self.lock:
                 return kx.LongAtom(self.connections)

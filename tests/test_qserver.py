@@ -196,6 +196,24 @@ def test_close_then_reconnect(srv):
         assert isinstance(c(".cruised.test.connections"), kx.LongAtom)
 
 
+def test_counters_count_executions_even_when_the_reply_is_lost(srv):
+    with connect(srv.port) as c:
+        assert c(".cruised.test.count", "ctr_a").py() == 0
+        assert c("incr", "ctr_a").py() == 1
+        assert c("incr", "ctr_a").py() == 2
+        with pytest.raises(kx.QError, match="rank"):
+            c("incr")
+        with pytest.raises(kx.QError, match="type"):
+            c("incr", 1)
+        with pytest.raises(kx.QError, match="type"):
+            c("incr", "ctr_a", "nope")
+        with pytest.raises(RuntimeError, match="closed IPC connection"):
+            c("incr", "ctr_a", "close")
+    with connect(srv.port) as c:
+        assert c(".cruised.test.count", "ctr_a").py() == 3  # it ran, though its reply never came
+        assert c(".cruised.test.count", "ctr_b").py() == 0
+
+
 def test_unix_socket(srv):
     with kx.SyncQConnection(port=srv.port, unix=True, no_ctx=True, timeout=10.0) as c:
         assert c("til 3").py() == [0, 1, 2]
