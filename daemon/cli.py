@@ -85,6 +85,12 @@ def cmd_status(args: argparse.Namespace) -> int:
         )
         if p.get("last_error"):
             print(f"  last error: {p['last_error']}")
+        if p.get("q"):
+            qs = p["q"]
+            req = ", required" if qs["required"] else ""
+            print(f"  q {qs['endpoint']}: {qs['connected']}/{qs['workers']} workers connected{req}")
+            if qs.get("last_error"):
+                print(f"  q last error: {qs['last_error']}")
     return 0
 
 

@@ -33,6 +33,11 @@ CHECK      client -> sup -> wkr   pool name (u8 len + utf-8) + JSON
 STATUS     client -> sup          empty; reply is JSON
 PING       client -> sup          empty; reply is empty
 READY      worker -> sup          JSON ``{"pid":..., "python": "3.11", ...}``
+                                  (+ ``"q": {"connected": bool, "error": str|null}``
+                                  in a pool with a q connection)
+STATE      worker -> sup          JSON ``{"q": {"connected": bool, "error": ...}}``,
+                                  unsolicited, only when the q state changes;
+                                  reqid 0, may arrive between any two frames
 REPLY      every reply            ``status`` says how to read the payload
 =========  =====================  =============================================
 
@@ -47,8 +52,10 @@ the pickle bytes, then each buffer.
 
 REPLY status: OK (payload = result bundle, or empty/JSON for control calls),
 ERROR (the function raised: ``u32 len + JSON {type, module, message,
-traceback}`` then the pickled exception, possibly empty), and the daemon's own
-refusals, whose payload is JSON ``{"message": ...}``.
+traceback}`` then the pickled exception, possibly empty), Q_UNAVAILABLE (the
+function failed because the worker's q connection is down or broke:
+``{"message": ...}``), and the daemon's own refusals, whose payload is JSON
+``{"message": ...}``.
 """
 
 from __future__ import annotations
@@ -78,6 +85,7 @@ class Kind(IntEnum):
     DEFINE = 16
     ENDPOINT = 17
     READY = 32
+    STATE = 33
     REPLY = 64
 
 

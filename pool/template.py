@@ -11,7 +11,9 @@ Data flow::
         "spawn" + [channel fd, output fd]  -> fork -> worker.run()
     template --> supervisor: hello (preload result), spawned (pid), exited (pid, status)
 
-The template imports the pool's libraries once, freezes the GC (so children
+The template imports the pool's libraries once (and ``preload_modules``:
+pykx in a pool with a q connection, ~1 s of import no worker should pay),
+freezes the GC (so children
 keep sharing those pages instead of touching them on the first collection),
 and forks a worker per request: a new worker is ready in milliseconds instead
 of paying the imports again. Per-worker setup (init file, q connection) runs
@@ -106,6 +108,7 @@ def serve(ctl: socket.socket, config: dict[str, Any]) -> int:
     started = time.monotonic()
     try:
         worker_mod.import_libraries(config.get("libraries") or {})
+        worker_mod.import_libraries({m: m for m in config.get("preload_modules") or []})
     except ImportError as exc:
         send(ctl, {"op": "hello", "ok": False, "error": str(exc), "python": worker_mod.PYTHON})
         return worker_mod.PRELOAD_FAILED_EXIT

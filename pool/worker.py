@@ -13,8 +13,9 @@ Lifecycle
     broken deploy from a crash.
 
 Namespaces
-    ``base`` holds the pool's library aliases and whatever the init file
-    defined; every shipped function runs with a copy of ``base`` updated by
+    ``base`` holds the pool's library aliases, the ``q`` handle when the pool
+    has a ``q:`` section (pool/qconn.py; bound before the init file runs), and
+    whatever the init file defined; every shipped function runs with a copy of ``base`` updated by
     the globals it was shipped with and its session's libraries. Functions are
     cached by the content key the client computed, so code is loaded once per
     worker and later calls carry only arguments.
@@ -37,7 +38,7 @@ from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
-from . import bundle, frames
+from . import bundle, frames, qconn
 from .frames import Kind, Status
 
 PRELOAD_FAILED_EXIT = 3
@@ -53,6 +54,7 @@ class WorkerSpec:
     libraries: dict[str, str] = field(default_factory=dict)
     init: str | None = None
     max_message_bytes: int = 256 << 20
+    q: dict[str, Any] | None = None  # QConfig.worker_spec(): the pool's kdb+ connection, if any
 
     @classmethod
     def from_json(cls, raw: dict[str, Any]) -> "WorkerSpec":
@@ -77,6 +79,8 @@ def import_libraries(libraries: dict[str, str]) -> dict[str, Any]:
 def preload(spec: WorkerSpec) -> dict[str, Any]:
     base: dict[str, Any] = {"__name__": "__cruised__", "__builtins__": __builtins__}
     base.update(import_libraries(spec.libraries))
+    if spec.q is not None:
+        base["q"] = qconn.open_handle(spec.q)  # connects now; a q that is down does not fail preload
     if spec.init:
         path = os.path.abspath(spec.init)
         with open(path, encoding="utf-8") as fh:
@@ -158,6 +162,14 @@ class Worker:
         self.channel = channel
         self.base: dict[str, Any] = {}
         self.functions: OrderedDict[bytes, Callable[..., Any]] = OrderedDict()
+        self.q: qconn.QHandle | None = None
+
+    def report_q(self) -> None:
+        """Tell the supervisor when the q connection came up or went down (a STATE frame)."""
+        change = self.q.take_change() if self.q is not None else None
+        if change is not None:
+            payload = json.dumps({"q": change}).encode()
+            self.channel.send([frames.header(Kind.STATE, 0, len(payload)), payload])
 
     # -- requests -------------------------------------------------------------
 
@@ -211,6 +223,9 @@ class Worker:
         except BaseException as exc:  # noqa: BLE001 - every failure of user code goes back to its caller
             if isinstance(exc, (KeyboardInterrupt,)):
                 raise
+            if isinstance(exc, qconn.QConnectionError):  # q is unreachable: not the function's fault
+                self.channel.reply(reqid, Status.Q_UNAVAILABLE, [qconn.error_payload(exc)])
+                return
             self.channel.reply(reqid, Status.ERROR, error_parts(exc))
             return
         self.channel.reply(reqid, Status.OK, parts)
@@ -228,6 +243,8 @@ class Worker:
     def serve(self) -> int:
         ch = self.channel
         while True:
+            if self.q is not None:
+                self.q.idle(ch.sock, self.report_q)  # reconnects and watches q while waiting
             buf = ch.read()
             if buf is None:
                 return 0
@@ -264,7 +281,11 @@ def run(spec: WorkerSpec, sock: socket.socket) -> int:
         except OSError:
             pass
         return PRELOAD_FAILED_EXIT
-    ready = {"pid": os.getpid(), "python": PYTHON, "worker": spec.worker_id}
+    ready: dict[str, Any] = {"pid": os.getpid(), "python": PYTHON, "worker": spec.worker_id}
+    handle = worker.base.get("q")
+    if isinstance(handle, qconn.QHandle):
+        worker.q = handle
+        ready["q"] = handle.take_change()
     payload = json.dumps(ready).encode()
     channel.send([frames.header(Kind.READY, 0, len(payload)), payload])
     try:
