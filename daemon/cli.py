@@ -88,7 +88,9 @@ def cmd_status(args: argparse.Namespace) -> int:
         if p.get("q"):
             qs = p["q"]
             req = ", required" if qs["required"] else ""
-            print(f"  q {qs['endpoint']}: {qs['connected']}/{qs['workers']} workers connected{req}")
+            failed = r.get("q_unavailable", 0)
+            lost = f", {failed} calls failed on q" if failed else ""
+            print(f"  q {qs['endpoint']}: {qs['connected']}/{qs['workers']} workers connected{req}{lost}")
             if qs.get("last_error"):
                 print(f"  q last error: {qs['last_error']}")
     return 0

@@ -96,6 +96,12 @@ def test_vwap(conn):
     df = by_sym.pd()
     assert list(df.index) == ["AAPL", "GOOG", "IBM", "MSFT"] and list(df.columns) == ["vwap"]
     assert df.loc["AAPL", "vwap"] == pytest.approx(conn("vwap", "AAPL").py())
+    by_arg = conn("{select from trade where sym=x}", "IBM").pd()
+    pd.testing.assert_frame_equal(by_arg, conn("select from trade where sym=`IBM").pd())
+    with pytest.raises(kx.QError, match="type"):
+        conn("{select from trade where sym=x}", 1)
+    as_q = conn("select vwap:size wavg price by sym from trade")
+    pd.testing.assert_frame_equal(as_q.pd(), df)
 
 
 def test_errors_keep_connection_usable(conn):
@@ -241,8 +247,10 @@ def test_users_and_record(tmp_path):
             assert c(".cruised.test.connections").py() == 5
         hs = s.handshakes()
         assert len(hs) == 11 and sum(h["ok"] for h in hs) == 5
-        assert hs[0] == {"user": "alice", "ok": True, "cap": 6}
-        assert hs[9] == {"user": "alice", "ok": False, "cap": 3}
+        assert {k: hs[0][k] for k in ("user", "ok", "cap")} == {"user": "alice", "ok": True, "cap": 6}
+        assert {k: hs[9][k] for k in ("user", "ok", "cap")} == {"user": "alice", "ok": False, "cap": 3}
+        times = [h["t"] for h in hs]
+        assert times == sorted(times) and times[0] <= time.monotonic()  # one clock for every process
 
 
 def test_restart_on_same_port_and_sigterm(tmp_path):
