@@ -13,8 +13,8 @@ Data flow::
 
 The template imports the pool's libraries once (and ``preload_modules``:
 pykx in a pool with a q connection, ~1 s of import no worker should pay),
-freezes the GC (so children
-keep sharing those pages instead of touching them on the first collection),
+freezes the GC (so children keep sharing those pages instead of touching them
+on the first collection),
 and forks a worker per request: a new worker is ready in milliseconds instead
 of paying the imports again. Per-worker setup (init file, q connection) runs
 after the fork, in the child, because sockets and threads do not survive a

@@ -4,10 +4,13 @@ Threading model
     Single-threaded. The worker reads a frame from its private channel, runs
     it, writes the reply, and reads the next one. It never sees a client: the
     supervisor owns every deadline and kills the worker when a call overruns.
+    In a pool with q, waiting for the next frame is ``QHandle.idle``: the same
+    thread reconnects to q and watches its socket meanwhile, and sends a
+    STATE frame when the connection comes up or goes down.
 
 Lifecycle
     forked from the pool template (or started fresh) -> ``preload`` (library
-    aliases bound, init file run) -> READY frame -> serve until the channel
+    aliases bound, q connected if configured, init file run) -> READY frame -> serve until the channel
     closes (EOF = retire) -> exit 0. A preload failure is reported as a REPLY
     with status PRELOAD_FAILED and exit code 3, so the supervisor can tell a
     broken deploy from a crash.
@@ -15,7 +18,8 @@ Lifecycle
 Namespaces
     ``base`` holds the pool's library aliases, the ``q`` handle when the pool
     has a ``q:`` section (pool/qconn.py; bound before the init file runs), and
-    whatever the init file defined; every shipped function runs with a copy of ``base`` updated by
+    whatever the init file defined; every shipped function runs with a copy
+    of ``base`` updated by
     the globals it was shipped with and its session's libraries. Functions are
     cached by the content key the client computed, so code is loaded once per
     worker and later calls carry only arguments.
