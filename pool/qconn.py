@@ -191,7 +191,7 @@ class QHandle:
         self._next_attempt = 0.0
         self._connected_at = 0.0
         self._proven = False  # a query succeeded on the current connection
-        self._watching = True  # idle EOF watch on the current connection (off after unsolicited data)
+        self._watching = True  # idle EOF watch (off after unsolicited data, until the next query)
         self.last_error: str | None = None
         self._reported: dict[str, Any] | None = None
 
@@ -223,6 +223,7 @@ class QHandle:
             raise QConnectionError(lost) from exc
         self._proven = True
         self._failures = 0
+        self._watching = True  # pykx has read whatever q had sent before our reply
         return result
 
     def connect(self) -> None:

@@ -73,7 +73,8 @@ def ok_handshakes(srv: QServer) -> list[dict[str, Any]]:
 
 
 def test_each_worker_holds_one_connection_across_many_calls(start_daemon: Any, qsrv: QServer) -> None:
-    d = start_daemon({"pools": {"default": q_pool(qsrv.port, password=None, password_env="CRUISED_TEST_Q_PW")}}, env={"CRUISED_TEST_Q_PW": PW})
+    pools = {"default": q_pool(qsrv.port, password=None, password_env="CRUISED_TEST_Q_PW"), "plain": pool_config()}
+    d = start_daemon({"pools": pools}, env={"CRUISED_TEST_Q_PW": PW})
     wait_for(lambda: pool_status(d)["q"]["connected"] == 2, what="both workers connected")
     s = d.session()
 
@@ -94,6 +95,13 @@ def test_each_worker_holds_one_connection_across_many_calls(start_daemon: Any, q
     assert st["q"] == {"endpoint": f"127.0.0.1:{qsrv.port}", "user": "alice", "required": False, "connected": 2, "workers": 2, "last_error": None}
     assert all(w["q"] == {"connected": True, "error": None} for w in st["worker_list"])
     assert s.call(lambda: q(".cruised.test.users").py()) == ["alice"]  # noqa: F821
+    # nothing in a worker can wait on a terminal: stdin is /dev/null, pykx runs non-interactively
+    env_stdin = s.call(lambda: (os.readlink("/proc/self/fd/0"), os.environ.get("PYKX_UNLICENSED"), "pykx" in sys.modules))
+    assert env_stdin == ("/dev/null", "true", True)
+    # a pool without q: no connection, no q global, pykx never imported
+    plain = d.session(pool="plain")
+    assert plain.call(lambda: ("pykx" in sys.modules, "q" in globals())) == (False, False)
+    assert pool_status(d, "plain")["q"] is None and len(qsrv.handshakes()) == 2
     out = d.cli("status")
     assert out.returncode == 0 and f"q 127.0.0.1:{qsrv.port}: 2/2 workers connected" in out.stdout
 

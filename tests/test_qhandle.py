@@ -299,6 +299,8 @@ def test_idle_stops_watching_after_unsolicited_data() -> None:
         q_theirs.send(b"\x01\x00")  # an async message from q: not ours to read
         q.idle(chan_ours, report)
         assert q.connected and not c.closed and not q._watching
+        q("1+1")  # pykx reads pending messages before the reply: watching resumes
+        assert q._watching
     finally:
         for s in (chan_ours, chan_theirs, q_ours, q_theirs):
             s.close()
