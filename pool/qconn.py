@@ -290,8 +290,10 @@ class QHandle:
                     fds.append(qfd)
             try:
                 ready, _, _ = select.select(fds, [], [], timeout)
-            except (OSError, ValueError):  # the q fd went away under us: treat as lost
-                self._drop("the connection was closed")
+            except (OSError, ValueError):
+                if qfd < 0:
+                    raise  # the worker's own channel is broken: not ours to paper over
+                self._drop("the connection was closed")  # the q fd went away under us
                 continue
             if channel in ready:
                 return
