@@ -100,6 +100,14 @@ def cmd_status(args: argparse.Namespace) -> int:
         )
         if p.get("last_error"):
             print(f"  last error: {p['last_error']}")
+        if p.get("q"):
+            qs = p["q"]
+            req = ", required" if qs["required"] else ""
+            failed = r.get("q_unavailable", 0)
+            lost = f", {failed} calls failed on q" if failed else ""
+            print(f"  q {qs['endpoint']}: {qs['connected']}/{qs['workers']} workers connected{req}{lost}")
+            if qs.get("last_error"):
+                print(f"  q last error: {qs['last_error']}")
     from .endpoints_cli import print_endpoints
 
     print_endpoints(st)

@@ -96,6 +96,79 @@ class DaemonConfig:
 
 
 @dataclass(frozen=True)
+class QReconnect:
+    initial: Duration = doc("first wait after a failed connect; doubles per failure", Duration(0.5))
+    max: Duration = doc("longest wait between connect attempts", Duration(30))
+
+    def validate(self, path: str, errors: list[ConfigError]) -> None:
+        for name in ("initial", "max"):
+            if getattr(self, name) <= 0:
+                errors.append(ConfigError(f"{path}.{name}", f"must be positive, got {getattr(self, name)}"))
+        if self.initial > self.max > 0:
+            errors.append(ConfigError(f"{path}.initial", f"must be <= max ({self.max:g}s), got {self.initial:g}s"))
+
+
+@dataclass(frozen=True)
+class QConfig:
+    """``pools.<name>.q``: the one kdb+ connection each worker holds (pool/qconn.py).
+
+    The password is kept out of ``repr`` so it cannot reach a log line or a
+    traceback through this object; ``password_file`` and ``password_env`` are
+    read by the worker at connect time, so the secret never passes through the
+    supervisor at all.
+    """
+
+    host: str = doc("q host name or address (ignored with unix: true)", "127.0.0.1")
+    port: int = doc("q port (required; with unix: true, the Unix socket is /tmp/kx.<port>)", 0)
+    username: str = doc("user name sent in the q handshake", "")
+    password: str | None = field(default=None, repr=False, metadata={"doc": "password (prefer password_file or password_env)"})
+    password_file: str | None = doc("file whose first line is the password (read by each worker at connect time)", None)
+    password_env: str | None = doc("environment variable holding the password (read by each worker)", None)
+    tls: bool = doc("TLS to q (needs q started with -E 1 or 2)", False)
+    tls_ca_file: str | None = doc("CA certificate (PEM) that signed q's certificate; default: the system store", None)
+    tls_verify: bool = doc("verify q's certificate; false only for testing", True)
+    timeout: Duration | None = doc("longest wait for one q reply; default: the pool's exec_timeout", None)
+    connect_timeout: Duration = doc("longest wait to open the connection", Duration(5))
+    unix: bool = doc("connect over the local Unix-domain socket of q's port instead of TCP", False)
+    reconnect: QReconnect = doc("backoff between connect attempts while q is unreachable", factory=QReconnect)
+    required: bool = doc("the pool is ready only while its warm workers are connected to q", False)
+
+    def validate(self, path: str, errors: list[ConfigError]) -> None:
+        if self.port == 0:
+            errors.append(ConfigError(f"{path}.port", "is required (the port q listens on)"))
+        elif not 1 <= self.port <= 65535:
+            errors.append(ConfigError(f"{path}.port", f"must be a port number 1..65535, got {self.port}"))
+        given = [n for n in ("password", "password_file", "password_env") if getattr(self, n) is not None]
+        if len(given) > 1:
+            errors.append(ConfigError(f"{path}.{given[1]}", f"give only one of password, password_file, password_env (also set: {given[0]})"))
+        if self.password_file is not None and not os.path.isfile(self.password_file):
+            errors.append(ConfigError(f"{path}.password_file", f"no such file: {self.password_file}"))
+        if self.password_env is not None and not self.password_env:
+            errors.append(ConfigError(f"{path}.password_env", "must name an environment variable"))
+        if self.tls and self.unix:
+            errors.append(ConfigError(f"{path}.tls", "TLS is for TCP; a unix: true connection is local and cannot use it"))
+        if self.tls_ca_file is not None and not os.path.isfile(self.tls_ca_file):
+            errors.append(ConfigError(f"{path}.tls_ca_file", f"no such file: {self.tls_ca_file}"))
+        if self.timeout is not None and self.timeout <= 0:
+            # pykx busy-polls its socket while it waits when it has no timeout
+            errors.append(ConfigError(f"{path}.timeout", f"must be positive, got {self.timeout}"))
+        if self.connect_timeout <= 0:
+            errors.append(ConfigError(f"{path}.connect_timeout", f"must be positive, got {self.connect_timeout}"))
+
+    @property
+    def endpoint(self) -> str:
+        return f"unix:/tmp/kx.{self.port}" if self.unix else f"{self.host}:{self.port}"
+
+    def worker_spec(self, exec_timeout: float) -> dict[str, Any]:
+        """The settings a worker needs (pool/qconn.py ``QSettings``), as plain JSON values."""
+        spec = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "reconnect"}
+        spec["timeout"] = float(self.timeout if self.timeout is not None else exec_timeout)
+        spec["reconnect_initial"] = float(self.reconnect.initial)
+        spec["reconnect_max"] = float(self.reconnect.max)
+        return spec
+
+
+@dataclass(frozen=True)
 class PoolConfig:
     min: int = doc("DSS floor: workers warm before the pool counts as ready", 1)
     cruise: int = doc("DSS cruise: workers kept alive; surplus retires when idle", 2)
@@ -118,6 +191,7 @@ class PoolConfig:
         "default: the daemon's own Python",
         None,
     )
+    q: QConfig | None = doc("kdb+ connection held by every worker (the q global); omitted: none", None)
 
     def validate(self, path: str, errors: list[ConfigError]) -> None:
         for name in ("cruise", "max"):
@@ -403,7 +477,7 @@ def _convert(tp: Any, value: Any, path: str, base: Path | None) -> Any:
     raise ConfigError(path, f"unsupported type {tp}")  # a schema bug, not a user error
 
 
-_PATH_FIELDS = {"init", "code", "python", "password_file", "api_keys_file", "users_file", "ca_file"}
+_PATH_FIELDS = {"init", "code", "python", "password_file", "api_keys_file", "users_file", "ca_file", "tls_ca_file"}
 #: lists of paths, each resolved like the fields above
 _PATH_LIST_FIELDS = {"folders"}
 
@@ -499,6 +573,10 @@ def describe(cls: Any = Config, prefix: str = "") -> list[tuple[str, str, str]]:
     for f in fields(cls):
         key = _join(prefix, f.name)
         tp = hints[f.name]
+        if typing.get_origin(tp) in (Union, types.UnionType):  # an optional section, e.g. pools.<name>.q
+            inner = [a for a in typing.get_args(tp) if a is not type(None)]
+            if len(inner) == 1 and is_dataclass(inner[0]):
+                tp = inner[0]
         if is_dataclass(tp):
             rows.extend(describe(tp, key))
             continue

@@ -20,6 +20,10 @@ Invariants:
   requeue it;
 * the queue never holds more than ``queue_size`` jobs.
 
+q connection (pools with ``q:``): each worker reports its q state in READY
+and in STATE frames when it changes; ``worker.q`` keeps the latest. With
+``q.required`` the pool is ready only while its warm workers are connected.
+
 Worker states::
 
     STARTING --READY--> IDLE <--> BUSY --> DRAINING (recycle/retire) --> gone
@@ -148,6 +152,7 @@ class Worker:
     exit_reason: str | None = None  # set when we decide it must go
     timer: Any = None  # start or exec deadline handle
     handle: Any = None  # the launcher's own per-worker state
+    q: dict[str, Any] | None = None  # {"connected": bool, "error": str | None}, as the worker reported it
 
 
 class Dispatcher:
@@ -176,6 +181,7 @@ class Dispatcher:
         self.ready_info: dict[str, Any] = {}
         self.failures = 0
         self.last_error: str | None = None
+        self.q_last_error: str | None = None  # the latest q connection error any worker reported
         self.next_spawn_at = 0.0
         self._seq = 0
         self._queue_timer: Any = None
@@ -390,12 +396,42 @@ class Dispatcher:
         self.python = worker.python or self.python
         self.ready_info = info
         worker.ready_at = now
+        self._note_q(worker, info.get("q"))
         self.failures = 0
         self.last_error = None
         log.info("worker=%s pool=%s ready pid=%s in %.1fms", worker.id, self.name, worker.pid, (now - worker.spawned_at) * 1e3)
         self._become_idle(worker)
         self.pump()
         self.on_change()
+
+    def on_worker_state(self, worker: Worker, info: dict[str, Any]) -> None:
+        """An unsolicited STATE frame: the worker's q connection came up or went down."""
+        if worker.state in (WorkerState.GONE, WorkerState.KILLING):
+            return
+        if self._note_q(worker, info.get("q")):
+            self.on_change()
+
+    def _note_q(self, worker: Worker, q: Any) -> bool:
+        if not isinstance(q, dict):
+            return False
+        before = worker.q
+        worker.q = {"connected": bool(q.get("connected")), "error": q.get("error")}
+        if worker.q["error"]:
+            self.q_last_error = str(worker.q["error"])
+        was = bool(before and before["connected"])
+        if worker.q["connected"] and not was:
+            log.info("worker=%s pool=%s q connected", worker.id, self.name)
+        elif not worker.q["connected"] and (was or before is None):
+            log.warning("worker=%s pool=%s q not connected: %s", worker.id, self.name, worker.q["error"])
+        return worker.q != before
+
+    def q_connected(self) -> int:
+        """Ready workers (idle or busy) whose q connection is up; 0 in a pool without q."""
+        return sum(
+            1
+            for w in self.workers.values()
+            if w.state in (WorkerState.IDLE, WorkerState.BUSY) and w.q is not None and w.q["connected"]
+        )
 
     def on_worker_preload_failed(self, worker: Worker, message: str) -> None:
         worker.error = message
@@ -544,7 +580,11 @@ class Dispatcher:
                 self._kill(w, reason)
 
     def ready(self) -> bool:
-        return self.counts[WorkerState.IDLE] + self.counts[WorkerState.BUSY] >= self.config.min
+        warm = self.counts[WorkerState.IDLE] + self.counts[WorkerState.BUSY]
+        if self.config.q is not None and self.config.q.required:
+            # every warm worker connected, and at least min of them
+            return warm >= self.config.min and self.q_connected() == warm
+        return warm >= self.config.min
 
     def status(self) -> dict[str, Any]:
         states = {s.value: n for s, n in self.counts.items() if s is not WorkerState.GONE}
@@ -559,10 +599,24 @@ class Dispatcher:
             "last_error": self.last_error,
             "requests": dict(self.counters.requests),
             "exits": dict(self.counters.exits),
+            "q": self._q_status(),
             "worker_list": [
-                {"id": w.id, "pid": w.pid, "state": w.state.value, "requests": w.requests, "error": w.error}
+                {"id": w.id, "pid": w.pid, "state": w.state.value, "requests": w.requests, "error": w.error, "q": w.q}
                 for w in self.workers.values()
             ],
+        }
+
+    def _q_status(self) -> dict[str, Any] | None:
+        q = self.config.q
+        if q is None:
+            return None
+        return {
+            "endpoint": q.endpoint,
+            "user": q.username,
+            "required": q.required,
+            "connected": self.q_connected(),
+            "workers": self.counts[WorkerState.IDLE] + self.counts[WorkerState.BUSY],
+            "last_error": self.q_last_error,
         }
 
 
@@ -576,6 +630,7 @@ _OUTCOMES = {
     Status.BAD_REQUEST: "bad_request",
     Status.BAD_ARGUMENTS: "bad_request",
     Status.ENDPOINT_UNAVAILABLE: "unavailable",
+    Status.Q_UNAVAILABLE: "q_unavailable",
 }
 
 

@@ -36,6 +36,7 @@ Answers (errors are JSON ``{"errorType", "message", "detailedMessage"}``)::
     500  FunctionError       the function raised (remote traceback in detailedMessage)
     500  ResultNotSerializable / ResultTooLarge / InvalidCustomResponse
     502  WorkerCrashed       the worker died during the call (not retried)
+    502  QConnectionError    the worker's q connection is down (the worker stays warm)
     503  QueueFull           the pool's queue is full (Retry-After)
     503  ShuttingDown        (Retry-After)
     503  EndpointUnavailable the endpoint's code failed to load (detailedMessage: traceback)
@@ -125,6 +126,7 @@ _REFUSALS: dict[int, tuple[int, str, bool]] = {
     Status.QUEUE_TIMEOUT: (504, "QueueTimeout", False),
     Status.EXEC_TIMEOUT: (504, "ExecutionTimeout", False),
     Status.WORKER_CRASHED: (502, "WorkerCrashed", False),
+    Status.Q_UNAVAILABLE: (502, "QConnectionError", False),  # the worker's kdb+ connection is down
 }
 
 
@@ -438,6 +440,8 @@ class HttpDoor:
             return error_response(400, "BadRequest", info["message"])
         if status == Status.ENDPOINT_UNAVAILABLE:
             return error_response(503, "EndpointUnavailable", info["message"], info.get("traceback"))
+        if status == Status.Q_UNAVAILABLE:
+            return error_response(502, "QConnectionError", f"q is unavailable: {info['message']}")
         log.error("http: %s: unexpected reply status %s from the worker", name, status)
         return error_response(500, "InternalError", f"unexpected reply status {status} from the worker")
 

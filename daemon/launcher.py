@@ -27,7 +27,7 @@ import subprocess
 import sys
 from typing import Any
 
-from cruised.pool import frames
+from cruised.pool import frames, qconn
 from cruised.pool.frames import Kind, Status
 
 from . import codeenv
@@ -87,9 +87,8 @@ class PoolLauncher:
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         env = dict(os.environ)
         env.update(self.pool.env)
-        # pykx must never stop a worker at import to ask for a licence (issue: q connection)
-        env.setdefault("PYKX_UNLICENSED", "true")
-        env.setdefault("PYKX_SUPPRESS_WARNINGS", "true")
+        # pykx must never stop a worker at import to ask for a licence; the operator's choice wins
+        env = qconn.pykx_environment(env)
         env = codeenv.template_env(self.python, env)
         try:
             self.template = subprocess.Popen(
@@ -113,7 +112,7 @@ class PoolLauncher:
         self.loop.add_reader(ours.fileno(), self._on_control)
         self._pidfd = os.pidfd_open(self.template.pid)
         self.loop.add_reader(self._pidfd, self._on_template_exit)
-        config: dict[str, Any] = {"libraries": self.pool.libraries}
+        config: dict[str, Any] = {"libraries": self.pool.libraries, "preload_modules": ["pykx"] if self.pool.q is not None else []}
         creds = self.pool.credentials()
         if creds is not None:
             config["uid"], config["gid"] = creds
@@ -270,6 +269,8 @@ class PoolLauncher:
             "init": self.pool.init,
             "max_message_bytes": self.daemon.max_message_bytes,
             "setup": bool(self.endpoints),
+            # private channel to our own child: the only place a literal q password travels
+            "q": self.pool.q.worker_spec(self.pool.exec_timeout) if self.pool.q is not None else None,
         }
         if self.endpoints:
             # endpoint specs can be large: they go first on the worker's own channel, not in the spawn message
@@ -454,6 +455,16 @@ class _WorkerSink:
             self.dispatcher.on_worker_reply(self.worker, buf, status, reqid)
         elif kind == Kind.READY:
             self.dispatcher.on_worker_ready(self.worker, json.loads(bytes(buf[frames.HEADER_SIZE :])))
+        elif kind == Kind.STATE:
+            try:
+                info = json.loads(bytes(buf[frames.HEADER_SIZE :]))
+            except ValueError:
+                info = None
+            if not isinstance(info, dict):
+                log.error("worker=%s sent a malformed STATE frame; killing it", self.worker.id)
+                self.dispatcher._kill(self.worker, "crash")
+                return
+            self.dispatcher.on_worker_state(self.worker, info)
         else:
             log.error("worker=%s sent unexpected frame kind %s; killing it", self.worker.id, kind)
             self.dispatcher._kill(self.worker, "crash")

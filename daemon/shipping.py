@@ -7,6 +7,11 @@ next to a script) is shipped by value too, together with the same-module
 helpers it references, because that module is usually not on the worker's
 path; library functions (numpy, pandas, ...) stay references.
 
+A global named ``q`` that is a pykx connection (or pykx's embedded ``q``)
+is left behind: it cannot be pickled (it holds a socket), and in a pool with
+a ``q:`` section the worker's own ``q`` global takes its place, so code
+developed against a local ``q = pykx.SyncQConnection(...)`` ships unchanged.
+
 The content key is a hash of the dill bytes plus the session's libraries: the
 daemon and workers cache code by it, so each function crosses the wire once.
 """
@@ -67,10 +72,18 @@ def _by_value(fn: types.FunctionType, module: str, memo: dict[int, Any], capture
     for name in _names(fn.__code__):
         if name in fn.__globals__:
             value = fn.__globals__[name]
+            if name == "q" and _is_pykx_q(value):
+                continue  # the worker's q global stands in for it
             if captured is not None:
                 captured.append((fn.__globals__, name, value))
             g[name] = carry(value)
     return copy
+
+
+def _is_pykx_q(value: Any) -> bool:
+    kx = sys.modules.get("pykx")  # never import it here: a client without pykx has no such objects
+    q_type = getattr(kx, "Q", None) if kx is not None else None
+    return isinstance(q_type, type) and isinstance(value, q_type)
 
 
 def dump_function(fn: Callable[..., Any], captured: list[Capture] | None = None) -> bytes:

@@ -41,7 +41,7 @@ import types
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
-from . import api, frames
+from . import api, frames, qconn
 from .frames import Status
 from .jsonify import NotSerializable, to_json
 
@@ -233,6 +233,8 @@ def _too_large(size: int, limit: int) -> tuple[int, list[bytes | memoryview]]:
 
 
 def _failure(exc: BaseException) -> tuple[int, list[bytes | memoryview]]:
+    if isinstance(exc, qconn.QConnectionError):  # q is unreachable: not the function's fault
+        return Status.Q_UNAVAILABLE, [qconn.error_payload(exc)]
     status = api.http_status_of(exc)
     if status is not None:
         message = str(getattr(exc, "message", None) or exc)

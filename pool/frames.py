@@ -47,6 +47,11 @@ READY      worker -> sup          JSON ``{"pid":..., "python": "3.11", "endpoint
 METRICS    client -> sup          empty; reply is the Prometheus text exposition
                                   (the same bytes as ``GET /metrics``)
 READY      worker -> sup          JSON ``{"pid":..., "python": "3.11", ...}``
+                                  (+ ``"q": {"connected": bool, "error": str|null}``
+                                  in a pool with a q connection)
+STATE      worker -> sup          JSON ``{"q": {"connected": bool, "error": ...}}``,
+                                  unsolicited, only when the q state changes;
+                                  reqid 0, may arrive between any two frames
 REPLY      every reply            ``status`` says how to read the payload
 =========  =====================  =============================================
 
@@ -61,8 +66,10 @@ the pickle bytes, then each buffer.
 
 REPLY status: OK (payload = result bundle, or empty/JSON for control calls),
 ERROR (the function raised: ``u32 len + JSON {type, module, message,
-traceback}`` then the pickled exception, possibly empty), and the daemon's own
-refusals, whose payload is JSON ``{"message": ...}``.
+traceback}`` then the pickled exception, possibly empty), Q_UNAVAILABLE (the
+function failed because the worker's q connection is down or broke:
+``{"message": ...}``), and the daemon's own refusals, whose payload is JSON
+``{"message": ...}``.
 
 Endpoint calls
     The HTTP door builds the ENDPOINT frame around the body bytes it received
@@ -70,26 +77,7 @@ Endpoint calls
     parameters, runs it and converts the result (pool/jsonify.py), so neither
     side of the supervisor ever unpickles anything for an endpoint. Replies:
 
-    ====================  ===================================================
-    status                payload
-    ====================  ===================================================
-    OK                    the result as UTF-8 JSON (the ``response`` value)
-    CUSTOM_RESPONSE       ``u32 len + JSON {"status": int, "headers":
-                          [[name, value], ...]}`` then the body bytes
-    API_ERROR             JSON ``{"http_status", "errorType", "message",
-                          "detailedMessage"}``: the function raised an error
-                          that carries its own HTTP status (pool/api.py)
-    ERROR                 as for CALL, with ``errorType`` added to the JSON
-                          (``FunctionError``, ``ResultNotSerializable``) and
-                          no pickled exception
-    BAD_REQUEST           JSON ``{"message"}``: the body is not a JSON object
-    BAD_ARGUMENTS         JSON ``{"message", "missing": [...],
-                          "unexpected": [...]}``: it does not fit the
-                          function's parameters
-    ENDPOINT_UNAVAILABLE  JSON ``{"message", "traceback"}``: the endpoint's
-                          code failed to load in this worker
-    ====================  ===================================================
-"""
+    ====================  ============================================"""
 
 from __future__ import annotations
 
@@ -120,6 +108,7 @@ class Kind(IntEnum):
     ENDPOINT = 17
     SETUP = 18
     READY = 32
+    STATE = 33
     REPLY = 64
 
 

@@ -186,11 +186,11 @@ def _convert_other(o: Any, path: _Path) -> Any:
             return _numpy_scalar(np, o, path)
     kx = sys.modules.get("pykx")
     if kx is not None and isinstance(o, kx.K):
-        if isinstance(o, kx.KeyedTable):
-            return o.pd().reset_index()
-        if isinstance(o, kx.Table):
-            return o.pd()
-        return o.py()
+        # pykx: tables -> records, vectors -> lists, atoms -> scalars, temporal -> ISO (pool/qjson.py;
+        # imported only now: it needs numpy, which this module must not require)
+        from . import qjson
+
+        return qjson.to_jsonable(o)
     return o
 
 

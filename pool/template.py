@@ -11,8 +11,10 @@ Data flow::
         "spawn" + [channel fd, output fd]  -> fork -> worker.run()
     template --> supervisor: hello (preload result), spawned (pid), exited (pid, status)
 
-The template imports the pool's libraries once, freezes the GC (so children
-keep sharing those pages instead of touching them on the first collection),
+The template imports the pool's libraries once (and ``preload_modules``:
+pykx in a pool with a q connection, ~1 s of import no worker should pay),
+freezes the GC (so children keep sharing those pages instead of touching them
+on the first collection),
 and forks a worker per request: a new worker is ready in milliseconds instead
 of paying the imports again. Per-worker setup (init file, q connection) runs
 after the fork, in the child, because sockets and threads do not survive a
@@ -120,6 +122,7 @@ def serve(ctl: socket.socket, config: dict[str, Any]) -> int:
     try:
         # dill is what every worker needs to load shipped code: import it once, here
         worker_mod.import_libraries({"dill": "dill", **(config.get("libraries") or {})})
+        worker_mod.import_libraries({m: m for m in config.get("preload_modules") or []})
     except ImportError as exc:
         send(ctl, {"op": "hello", "ok": False, "error": str(exc), "python": worker_mod.PYTHON})
         return worker_mod.PRELOAD_FAILED_EXIT

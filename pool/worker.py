@@ -4,18 +4,24 @@ Threading model
     Single-threaded. The worker reads a frame from its private channel, runs
     it, writes the reply, and reads the next one. It never sees a client: the
     supervisor owns every deadline and kills the worker when a call overruns.
+    In a pool with q, waiting for the next frame is ``QHandle.idle``: the same
+    thread reconnects to q and watches its socket meanwhile, and sends a
+    STATE frame when the connection comes up or goes down.
 
 Lifecycle
     forked from the pool template (or started fresh) -> ``preload`` (library
-    aliases bound, init file run) -> endpoint code loaded (pool/endpoint.py;
-    a failure there marks only that endpoint) -> READY frame -> serve until the channel
+    aliases bound, q connected if configured, init file run) -> endpoint code
+    loaded (pool/endpoint.py; a failure there marks only that endpoint) -> READY
+    frame -> serve until the channel
     closes (EOF = retire) -> exit 0. A preload failure is reported as a REPLY
     with status PRELOAD_FAILED and exit code 3, so the supervisor can tell a
     broken deploy from a crash.
 
 Namespaces
-    ``base`` holds the pool's library aliases and whatever the init file
-    defined; every shipped function runs with a copy of ``base`` updated by
+    ``base`` holds the pool's library aliases, the ``q`` handle when the pool
+    has a ``q:`` section (pool/qconn.py; bound before the init file runs), and
+    whatever the init file defined; every shipped function runs with a copy
+    of ``base`` updated by
     the globals it was shipped with and its session's libraries. Functions are
     cached by the content key the client computed, so code is loaded once per
     worker and later calls carry only arguments.
@@ -38,7 +44,7 @@ from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
-from . import bundle, frames
+from . import bundle, frames, qconn
 from . import endpoint as endpoint_mod
 from .frames import Kind, Status
 
@@ -57,6 +63,7 @@ class WorkerSpec:
     max_message_bytes: int = 256 << 20
     #: a SETUP frame (this worker's endpoints) comes first on the channel
     setup: bool = False
+    q: dict[str, Any] | None = None  # QConfig.worker_spec(): the pool's kdb+ connection, if any
 
     @classmethod
     def from_json(cls, raw: dict[str, Any]) -> "WorkerSpec":
@@ -81,6 +88,8 @@ def import_libraries(libraries: dict[str, str]) -> dict[str, Any]:
 def preload(spec: WorkerSpec) -> dict[str, Any]:
     base: dict[str, Any] = {"__name__": "__cruised__", "__builtins__": __builtins__}
     base.update(import_libraries(spec.libraries))
+    if spec.q is not None:
+        base["q"] = qconn.open_handle(spec.q)  # connects now; a q that is down does not fail preload
     if spec.init:
         path = os.path.abspath(spec.init)
         with open(path, encoding="utf-8") as fh:
@@ -163,6 +172,14 @@ class Worker:
         self.base: dict[str, Any] = {}
         self.functions: OrderedDict[bytes, Callable[..., Any]] = OrderedDict()
         self.endpoints: dict[str, endpoint_mod.Endpoint] = {}
+        self.q: qconn.QHandle | None = None
+
+    def report_q(self) -> None:
+        """Tell the supervisor when the q connection came up or went down (a STATE frame)."""
+        change = self.q.take_change() if self.q is not None else None
+        if change is not None:
+            payload = json.dumps({"q": change}).encode()
+            self.channel.send([frames.header(Kind.STATE, 0, len(payload)), payload])
 
     # -- requests -------------------------------------------------------------
 
@@ -216,6 +233,9 @@ class Worker:
         except BaseException as exc:  # noqa: BLE001 - every failure of user code goes back to its caller
             if isinstance(exc, (KeyboardInterrupt,)):
                 raise
+            if isinstance(exc, qconn.QConnectionError):  # q is unreachable: not the function's fault
+                self.channel.reply(reqid, Status.Q_UNAVAILABLE, [qconn.error_payload(exc)])
+                return
             self.channel.reply(reqid, Status.ERROR, error_parts(exc))
             return
         self.channel.reply(reqid, Status.OK, parts)
@@ -233,6 +253,8 @@ class Worker:
     def serve(self) -> int:
         ch = self.channel
         while True:
+            if self.q is not None:
+                self.q.idle(ch.sock, self.report_q)  # reconnects and watches q while waiting
             buf = ch.read()
             if buf is None:
                 return 0
@@ -284,7 +306,11 @@ def run(spec: WorkerSpec, sock: socket.socket) -> int:
             pass
         return PRELOAD_FAILED_EXIT
     worker.endpoints = endpoint_mod.load_all(setup.get("endpoints") or {}, worker.base)
-    ready = {"pid": os.getpid(), "python": PYTHON, "worker": spec.worker_id, "endpoints": endpoint_mod.report(worker.endpoints)}
+    ready: dict[str, Any] = {"pid": os.getpid(), "python": PYTHON, "worker": spec.worker_id, "endpoints": endpoint_mod.report(worker.endpoints)}
+    handle = worker.base.get("q")
+    if isinstance(handle, qconn.QHandle):
+        worker.q = handle
+        ready["q"] = handle.take_change()
     payload = json.dumps(ready).encode()
     channel.send([frames.header(Kind.READY, 0, len(payload)), payload])
     try:

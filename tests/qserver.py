@@ -28,8 +28,9 @@ sends nothing, and pykx raises ``PyKXException('Authentication error')``. Users 
 text, or the 32-hex MD5 or the 40-hex SHA-1 of the password, so a plain password that
 looks like such a hash cannot be written plain) and from ``--user u:p`` (plain). With no
 users configured, anyone is accepted. ``--record FILE`` appends one JSON line per
-handshake: ``{"user": str, "ok": bool, "cap": int | null}`` (cap is the byte the client
-offered).
+handshake: ``{"user": str, "ok": bool, "cap": int | null, "t": float}`` (cap is the byte the
+client offered; t is ``time.monotonic()``, which on Linux is one clock for every process, so
+a test can measure the spacing of a client's connection attempts).
 
 Messages: an 8-byte header (endianness, type 0 async / 1 sync / 2 response, compressed
 flag, reserved, uint32 total length) and then the body. Sync messages get a response
@@ -44,20 +45,27 @@ against an in-memory ``trade`` table (sym symbol, time timestamp, price float, s
 
   "trade" | "select from trade"              whole table
   "select from trade where sym=`AAPL"       rows of that sym
+  ("{select from trade where sym=x}"; `AAPL)   the same, with the sym as an argument
   ("{x+y}"; a; b)                           a+b (atoms or vectors)
   "1+1"                                     sum of two numeric literals
   "til N"                                   LongVector 0..N-1
   "vwap"                                    keyed table sym -> vwap (sum price*size % sum size)
+  "select vwap:size wavg price by sym from trade"   the same keyed table (the q a user would write)
   ("vwap"; `SYM)                            FloatAtom vwap of SYM (0n if unknown)
   ("sleep"; secs) | "sleep secs"            sleeps, then returns secs
   "err" | ("err"; "msg")                    error reply "err" / "msg"
   "close"                                   server closes this connection, without a reply
   ("echo"; x)                               x, unchanged
+  ("incr"; `name)                           adds 1 to counter `name, returns the new count
+  ("incr"; `name; `close)                   adds 1, then closes this connection without a reply
+                                            (a query that "ran" but whose answer was lost)
+  (".cruised.test.count"; `name)            LongAtom: counter `name (0 if never incremented)
   ".cruised.test.connections"               LongAtom: accepted handshakes since start
   ".cruised.test.users"                     SymbolVector: accepted user names, first-seen order
   anything else                             error "nyi: <query>"
 
-Wrong argument counts give "rank", and a non-symbol vwap argument gives "type". Clients must
+Wrong argument counts give "rank", and a non-symbol vwap or counter name gives "type". Counters
+live in the server process, so a restart resets them. Clients must
 connect with ``no_ctx=True``. Without it, pykx sends q-specific context probes on connect.
 They get ``nyi`` back, and the constructor fails with an AttributeError. The probes are not
 emulated.
@@ -156,6 +164,7 @@ class Server:
         self.lock = threading.Lock()
         self.connections = 0
         self.users_seen: list[str] = []
+        self.counters: dict[str, int] = {}
         self.trade = make_trade()
         self.trade_k = kx.toq(self.trade)
 
@@ -193,7 +202,7 @@ class Server:
                 if user not in self.users_seen:
                     self.users_seen.append(user)
             if self.record:
-                self.record.write(json.dumps({"user": user, "ok": ok, "cap": cap}) + "\n")
+                self.record.write(json.dumps({"user": user, "ok": ok, "cap": cap, "t": time.monotonic()}) + "\n")
                 self.record.flush()  # other processes count these lines while we run
         if not ok:
             return None  # q closes without a word; pykx turns that into "Authentication error"
@@ -237,6 +246,12 @@ class Server:
             return self.trade_k
         if nargs == 0 and (m := re.fullmatch(r"select from trade where sym\s*=\s*`(\w*)", q)):
             return kx.toq(self.trade[self.trade["sym"] == m[1]].reset_index(drop=True))
+        if q == "{select from trade where sym=x}":
+            if nargs != 1:
+                raise QueryError("rank")
+            if not isinstance(args[0], kx.SymbolAtom):
+                raise QueryError("type")
+            return kx.toq(self.trade[self.trade["sym"] == text_of(args[0])].reset_index(drop=True))
         if q == "{x+y}":
             if nargs != 2:
                 raise QueryError("rank")
@@ -246,6 +261,8 @@ class Server:
             return kx.toq(num(m[1]) + num(m[2]))
         if nargs == 0 and (m := re.fullmatch(r"til\s+(\d+)", q)):
             return kx.LongVector(__import__("numpy").arange(int(m[1]), dtype="int64"))
+        if nargs == 0 and re.fullmatch(r"select\s+vwap\s*:\s*size\s+wavg\s+price\s+by\s+sym\s+from\s+trade", q):
+            return self.vwap(None)
         if q == "vwap":
             if nargs and text_of(args[0]) is None:
                 raise QueryError("type")
@@ -262,6 +279,19 @@ class Server:
             if nargs != 1:
                 raise QueryError("rank")
             return args[0]
+        if q in ("incr", ".cruised.test.count"):
+            if not 1 <= nargs <= (2 if q == "incr" else 1):
+                raise QueryError("rank")
+            name = text_of(args[0]) if isinstance(args[0], kx.SymbolAtom) else None
+            if name is None or (nargs == 2 and text_of(args[1]) != "close"):
+                raise QueryError("type")
+            with self.lock:
+                if q == "incr":
+                    self.counters[name] = self.counters.get(name, 0) + 1
+                count = self.counters.get(name, 0)
+            if nargs == 2:
+                raise CloseConnection
+            return kx.LongAtom(count)
         if q == ".cruised.test.connections":
             with self.lock:
                 return kx.LongAtom(self.connections)

@@ -139,3 +139,51 @@ def test_describe_lists_every_setting_once() -> None:
     keys = [k for k, _, _ in config.describe()]
     assert "pools.<name>.cruise" in keys and "daemon.socket_mode" in keys
     assert len(keys) == len(set(keys))
+
+
+# -- pools.<name>.q -------------------------------------------------------------------
+
+
+def test_q_section_defaults_and_worker_spec() -> None:
+    assert config.parse({}).pools["default"].q is None
+    pool = config.parse({"pools": {"p": {"exec_timeout": "45s", "q": {"port": 5010, "password": "pw-in-config"}}}}).pools["p"]
+    q = pool.q
+    assert q is not None and (q.host, q.port, q.username, q.tls, q.unix, q.required) == ("127.0.0.1", 5010, "", False, False, False)
+    assert (q.reconnect.initial, q.reconnect.max, q.connect_timeout) == (0.5, 30.0, 5.0)
+    assert "pw-in-config" not in repr(pool) and "pw-in-config" not in repr(q)
+    spec = q.worker_spec(pool.exec_timeout)
+    assert spec["timeout"] == 45.0 and spec["password"] == "pw-in-config"  # default: the pool's exec_timeout
+    assert spec["reconnect_initial"] == 0.5 and spec["reconnect_max"] == 30.0 and "reconnect" not in spec
+    assert q.endpoint == "127.0.0.1:5010"
+    assert config.parse({"pools": {"p": {"q": {"port": 5010, "unix": True}}}}).pools["p"].q.endpoint == "unix:/tmp/kx.5010"
+
+
+def test_q_password_file_is_relative_to_the_config_file(tmp_path: Path) -> None:
+    (tmp_path / "q.pw").write_text("secret\n")
+    (tmp_path / "c.yaml").write_text("pools:\n  p:\n    q: {port: 5010, password_file: q.pw, reconnect: {initial: 100ms, max: 2s}}\n")
+    q = config.load(tmp_path / "c.yaml").pools["p"].q
+    assert q is not None and q.password_file == str(tmp_path / "q.pw")
+    assert (q.reconnect.initial, q.reconnect.max) == (0.1, 2.0)
+
+
+def test_q_section_errors_name_the_key() -> None:
+    assert errors_of({"pools": {"p": {"q": {"port": 70000}}}}) == ["pools.p.q.port: must be a port number 1..65535, got 70000"]
+    assert errors_of({"pools": {"p": {"q": {"port": 1, "password_env": "A", "password_file": "/nonexistent/q.pw"}}}}) == [
+        "pools.p.q.password_env: give only one of password, password_file, password_env (also set: password_file)",
+        "pools.p.q.password_file: no such file: /nonexistent/q.pw",
+    ]
+    assert errors_of({"pools": {"p": {"q": {"port": 1, "reconnect": {"initial": "1m", "max": "1s"}}}}}) == [
+        "pools.p.q.reconnect.initial: must be <= max (1s), got 60s"
+    ]
+    assert errors_of({"pools": {"p": {"q": {"port": 1, "tls": True, "unix": True, "connect_timeout": 0}}}}) == [
+        "pools.p.q.tls: TLS is for TCP; a unix: true connection is local and cannot use it",
+        "pools.p.q.connect_timeout: must be positive, got 0.0",
+    ]
+    (line,) = errors_of({"pools": {"p": {"q": {"port": 1, "pasword": "x"}}}})
+    assert line.startswith("pools.p.q.pasword: unknown key") and "'password'" in line
+    assert errors_of({"pools": {"p": {"q": "localhost:5010"}}}) == ["pools.p.q: expected a mapping at pools.p.q, got str"]
+
+
+def test_describe_includes_the_q_section() -> None:
+    keys = [k for k, _, _ in config.describe()]
+    assert "pools.<name>.q.port" in keys and "pools.<name>.q.reconnect.max" in keys

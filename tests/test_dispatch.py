@@ -343,3 +343,65 @@ def test_every_accepted_job_gets_exactly_one_reply_under_mixed_events(n: int) ->
             elif w.state is WorkerState.KILLING:
                 d.on_worker_exit(w, -15)
     assert all(len(s.replies) == 1 for s in sinks), [s.replies for s in sinks]
+
+
+# -- the q connection state (pools with q:) ---------------------------------------
+
+
+def q_pool(**q: Any) -> tuple[Dispatcher, FakeClock, FakeLauncher]:
+    from cruised.config import QConfig
+
+    return make(min=2, cruise=2, max=2, q=QConfig(port=5010, username="alice", **q))
+
+
+def test_q_state_from_ready_and_state_frames_drives_status() -> None:
+    d, _, _ = q_pool()
+    changes: list[None] = []
+    d.on_change = lambda: changes.append(None)
+    w1, w2 = list(d.workers.values())
+    d.on_worker_ready(w1, {"pid": 1, "q": {"connected": True, "error": None}})
+    d.on_worker_ready(w2, {"pid": 2, "q": {"connected": False, "error": "cannot connect to q at 127.0.0.1:5010"}})
+    assert d.q_connected() == 1 and d.ready()  # q not required: readiness ignores it
+    st = d.status()["q"]
+    assert st == {"endpoint": "127.0.0.1:5010", "user": "alice", "required": False, "connected": 1, "workers": 2, "last_error": "cannot connect to q at 127.0.0.1:5010"}
+    n = len(changes)
+    d.on_worker_state(w2, {"q": {"connected": True, "error": None}})
+    assert d.q_connected() == 2 and len(changes) == n + 1
+    d.on_worker_state(w2, {"q": {"connected": True, "error": None}})  # no change: no notification
+    assert len(changes) == n + 1
+    assert d.status()["q"]["last_error"] == "cannot connect to q at 127.0.0.1:5010"  # the last one seen stays
+    d.on_worker_state(w1, {"unrelated": 1})
+    assert d.q_connected() == 2
+
+
+def test_required_q_gates_readiness_on_every_warm_worker() -> None:
+    d, _, _ = q_pool(required=True)
+    w1, w2 = list(d.workers.values())
+    d.on_worker_ready(w1, {"pid": 1, "q": {"connected": True, "error": None}})
+    assert not d.ready()  # only one warm worker; min is 2
+    d.on_worker_ready(w2, {"pid": 2, "q": {"connected": False, "error": "down"}})
+    assert not d.ready()
+    d.on_worker_state(w2, {"q": {"connected": True, "error": None}})
+    assert d.ready()
+    d.on_worker_state(w1, {"q": {"connected": False, "error": "q closed the connection"}})
+    assert not d.ready()
+
+
+def test_a_q_unavailable_reply_is_counted_and_the_worker_stays() -> None:
+    d, _, launcher = q_pool()
+    ready_all(d)
+    sink = Sink()
+    j = job(sink)
+    d.submit(j)
+    w = j.worker
+    assert w is not None
+    d.on_worker_reply(w, bytearray(), Status.Q_UNAVAILABLE, j.id)
+    assert sink.replies == [(j.client_reqid, Status.Q_UNAVAILABLE, "forwarded")]
+    assert d.counters.requests == {"q_unavailable": 1}
+    assert w.state is WorkerState.IDLE and not launcher.killed
+
+
+def test_pool_without_q_reports_none() -> None:
+    d, _, _ = make()
+    ready_all(d)
+    assert d.status()["q"] is None and d.q_connected() == 0 and d.ready()

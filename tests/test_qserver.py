@@ -96,6 +96,12 @@ def test_vwap(conn):
     df = by_sym.pd()
     assert list(df.index) == ["AAPL", "GOOG", "IBM", "MSFT"] and list(df.columns) == ["vwap"]
     assert df.loc["AAPL", "vwap"] == pytest.approx(conn("vwap", "AAPL").py())
+    by_arg = conn("{select from trade where sym=x}", "IBM").pd()
+    pd.testing.assert_frame_equal(by_arg, conn("select from trade where sym=`IBM").pd())
+    with pytest.raises(kx.QError, match="type"):
+        conn("{select from trade where sym=x}", 1)
+    as_q = conn("select vwap:size wavg price by sym from trade")
+    pd.testing.assert_frame_equal(as_q.pd(), df)
 
 
 def test_errors_keep_connection_usable(conn):
@@ -196,6 +202,24 @@ def test_close_then_reconnect(srv):
         assert isinstance(c(".cruised.test.connections"), kx.LongAtom)
 
 
+def test_counters_count_executions_even_when_the_reply_is_lost(srv):
+    with connect(srv.port) as c:
+        assert c(".cruised.test.count", "ctr_a").py() == 0
+        assert c("incr", "ctr_a").py() == 1
+        assert c("incr", "ctr_a").py() == 2
+        with pytest.raises(kx.QError, match="rank"):
+            c("incr")
+        with pytest.raises(kx.QError, match="type"):
+            c("incr", 1)
+        with pytest.raises(kx.QError, match="type"):
+            c("incr", "ctr_a", "nope")
+        with pytest.raises(RuntimeError, match="closed IPC connection"):
+            c("incr", "ctr_a", "close")
+    with connect(srv.port) as c:
+        assert c(".cruised.test.count", "ctr_a").py() == 3  # it ran, though its reply never came
+        assert c(".cruised.test.count", "ctr_b").py() == 0
+
+
 def test_unix_socket(srv):
     with kx.SyncQConnection(port=srv.port, unix=True, no_ctx=True, timeout=10.0) as c:
         assert c("til 3").py() == [0, 1, 2]
@@ -223,8 +247,10 @@ def test_users_and_record(tmp_path):
             assert c(".cruised.test.connections").py() == 5
         hs = s.handshakes()
         assert len(hs) == 11 and sum(h["ok"] for h in hs) == 5
-        assert hs[0] == {"user": "alice", "ok": True, "cap": 6}
-        assert hs[9] == {"user": "alice", "ok": False, "cap": 3}
+        assert {k: hs[0][k] for k in ("user", "ok", "cap")} == {"user": "alice", "ok": True, "cap": 6}
+        assert {k: hs[9][k] for k in ("user", "ok", "cap")} == {"user": "alice", "ok": False, "cap": 3}
+        times = [h["t"] for h in hs]
+        assert times == sorted(times) and times[0] <= time.monotonic()  # one clock for every process
 
 
 def test_restart_on_same_port_and_sigterm(tmp_path):
