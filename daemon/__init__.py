@@ -6,9 +6,14 @@ Public API (everything else is internal)::
     s = cruised.session()
     @cruised.function(s)
     def f(x): ...
+
+Endpoint code may raise ``cruised.ApiError(message, http_status_code=404)``
+or return ``cruised.CustomResponse(status, body, headers)``.
 """
 
 __version__ = "0.1.0"
+
+from cruised.pool.api import ApiError, CustomResponse  # noqa: E402
 
 from .client import Session, function, session  # noqa: E402
 from .errors import (  # noqa: E402
@@ -34,4 +39,6 @@ __all__ = [
     "RemoteError",
     "DaemonUnavailable",
     "QConnectionError",
+    "ApiError",
+    "CustomResponse",
 ]

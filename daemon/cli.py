@@ -1,4 +1,4 @@
-"""Command line: ``cruised serve | status | check-config``.
+"""Command line: ``cruised serve | status | check-config | call | test | reload``.
 
 Exit codes: 0 success, 1 a command ran and reported failure, 2 bad usage or
 configuration (including another daemon already on the socket).
@@ -47,9 +47,12 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from .supervisor import Supervisor
 
     socket_path = args.socket or paths.default_socket(cfg.daemon.socket)
+    if args.dev and args.config is None:
+        print("cruised: --dev watches the config and endpoint code: give it --config", file=sys.stderr)
+        return 2
 
     async def main() -> int:
-        sup = Supervisor(cfg, socket_path)
+        sup = Supervisor(cfg, socket_path, config_path=args.config, dev=args.dev)
         return await sup.run()
 
     try:
@@ -85,6 +88,9 @@ def cmd_status(args: argparse.Namespace) -> int:
         )
         if p.get("last_error"):
             print(f"  last error: {p['last_error']}")
+    from .endpoints_cli import print_endpoints
+
+    print_endpoints(st)
     return 0
 
 
@@ -97,6 +103,12 @@ def cmd_check_config(args: argparse.Namespace) -> int:
         return 2
     pools = ", ".join(f"{n} (min {p.min} / cruise {p.cruise} / max {p.max}, queue {p.queue_size})" for n, p in cfg.pools.items())
     print(f"{args.file}: ok; pools: {pools}")
+    for name, p in cfg.pools.items():
+        # not an error: a missing code env fails its own pool only, and may be created before the daemon starts
+        if p.python is not None and not os.access(p.python, os.X_OK):
+            print(f"{args.file}: warning: pools.{name}.python: {p.python} is not an executable file; that pool will not start", file=sys.stderr)
+    if cfg.services:
+        print(f"{args.file}: endpoints: {', '.join(cfg.endpoints())}")
     return 0
 
 
@@ -109,6 +121,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("serve", help="run the daemon in the foreground (logs to stderr)")
     p.add_argument("--config", "-c", help="YAML configuration file")
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    p.add_argument("--dev", action="store_true", help="reload whenever the config or endpoint code changes, printing the result")
     p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("status", help="pools, workers, queues and counts of a running daemon")
@@ -118,6 +131,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("check-config", help="validate a configuration file and exit")
     p.add_argument("file")
     p.set_defaults(func=cmd_check_config)
+
+    from . import endpoints_cli
+
+    endpoints_cli.add_commands(sub)
     return parser
 
 

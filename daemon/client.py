@@ -457,6 +457,17 @@ class Session:
             raise _error_for(status, frame)
         return json.loads(bytes(frame[frames.HEADER_SIZE :]))
 
+    def reload(self) -> tuple[bool, str]:
+        """Have the daemon re-read its config and endpoint code (as SIGHUP does): (ok, message) once done."""
+        status, frame = self._request(Kind.RELOAD, [])
+        try:
+            info = json.loads(bytes(frame[frames.HEADER_SIZE :]))
+        except ValueError:
+            info = None
+        if not isinstance(info, dict) or "ok" not in info:
+            raise _error_for(status, frame)
+        return bool(info["ok"]), str(info.get("message", ""))
+
     def close(self) -> None:
         with self._lock:
             if self._conn is not None:

@@ -12,13 +12,22 @@ allocated at start), ``cruise`` = cruise (kept warm; surplus workers above it
 retire after ``idle_timeout``), ``max`` = ceil, ``queue_size`` = queue
 (length), ``queue_timeout`` = timeout (DSS gives milliseconds; here any
 duration: ``10s``, ``500ms``, ``10000ms``).
+
+Endpoints (``services.<service>.endpoints.<endpoint>``) follow the DSS API
+node's Python function endpoints: ``code`` + ``function``, ``folders`` (the
+``folders`` global), ``test_queries``; ``pool`` names the pool that serves
+it, and a pool's ``python`` is its code env. Paths (``code``, ``folders``,
+``init``, ``python``, ``api_keys_file``) are relative to the config file.
 """
 
 from __future__ import annotations
 
 import difflib
+import json
+import keyword
 import os
 import re
+import shutil
 import types
 import typing
 from dataclasses import MISSING, dataclass, field, fields, is_dataclass
@@ -40,6 +49,15 @@ class Size(int):
 
 class FileMode(int):
     """A permission mode written as an octal string, e.g. ``"0660"``."""
+
+
+class JsonObject(dict):  # type: ignore[type-arg]
+    """A mapping that must survive ``json.dumps`` (a test query: an endpoint's request body)."""
+
+
+#: service and endpoint names are URL path segments
+_NAME = re.compile(r"^[A-Za-z0-9_.-]+$")
+DEFAULT_HTTP_PORT = 9580
 
 
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h)?\s*$")
@@ -93,6 +111,12 @@ class PoolConfig:
     env: dict[str, str] = doc("extra environment variables for this pool's workers", factory=dict)
     user: str | None = doc("run this pool's workers as this user (the daemon must run as root)", None)
     group: str | None = doc("…and this group (default: the user's primary group)", None)
+    python: str | None = doc(
+        "the pool's code env: the interpreter its workers run (/path/to/venv/bin/python); it needs no cruised "
+        "install (the daemon puts its own worker package on that interpreter's path), only `dill` for shipped functions; "
+        "default: the daemon's own Python",
+        None,
+    )
 
     def validate(self, path: str, errors: list[ConfigError]) -> None:
         for name in ("cruise", "max"):
@@ -143,13 +167,149 @@ class PoolConfig:
 
 
 @dataclass(frozen=True)
+class EndpointConfig:
+    code: str = doc("the endpoint's Python file; its module-level code runs once in each worker of the pool", "")
+    function: str = doc("the function in that file that answers a call; JSON attributes fill its parameters", "")
+    pool: str = doc("the pool whose workers serve this endpoint", "default")
+    folders: list[str] = doc("directories the code reads (DSS managed folders): the global `folders`, absolute, in this order", factory=list)
+    test_queries: list[JsonObject] = doc("example request bodies that `cruised test` plays against the running daemon", factory=list)
+    description: str = doc("free text shown in status", "")
+
+    def validate(self, path: str, errors: list[ConfigError]) -> None:
+        if not self.code:
+            errors.append(ConfigError(f"{path}.code", "required: the endpoint's .py file"))
+        elif not os.path.isfile(self.code):
+            errors.append(ConfigError(f"{path}.code", f"no such file: {self.code}"))
+        if not self.function:
+            errors.append(ConfigError(f"{path}.function", "required: the name of the function to call"))
+        elif not self.function.isidentifier() or keyword.iskeyword(self.function):
+            errors.append(ConfigError(f"{path}.function", f"must be a Python identifier, got {self.function!r}"))
+        for i, folder in enumerate(self.folders):
+            if not os.path.isdir(folder):
+                errors.append(ConfigError(f"{path}.folders[{i}]", f"no such directory: {folder}"))
+
+
+def _key_problem(key: str) -> str | None:
+    # the message must never contain the key itself: config errors get logged
+    if not key:
+        return "is empty"
+    if any(c.isspace() for c in key) or ":" in key:
+        return "contains whitespace or ':' (it is sent as an HTTP Basic user name)"
+    return None
+
+
+@dataclass(frozen=True)
+class ServiceConfig:
+    endpoints: dict[str, EndpointConfig] = doc("the service's endpoints: POST /public/api/v1/<service>/<endpoint>/run", factory=dict)
+    api_keys: list[str] = doc(
+        "if set (here or in api_keys_file), callers over TCP must send one: as the HTTP Basic user with a blank "
+        "password (as DSS clients do) or as `Authorization: Bearer <key>`; the Unix socket needs none",
+        factory=list,
+    )
+    api_keys_file: str | None = doc("a file of further keys, one per line (# comments); re-read on reload", None)
+    description: str = doc("free text shown in status", "")
+
+    def file_keys(self) -> list[str]:
+        """Keys from ``api_keys_file``; OSError if it cannot be read."""
+        if self.api_keys_file is None:
+            return []
+        with open(self.api_keys_file, encoding="utf-8") as fh:
+            return [ln.strip() for ln in fh if ln.strip() and not ln.lstrip().startswith("#")]
+
+    def keys(self) -> list[str]:
+        return list(self.api_keys) + self.file_keys()
+
+    def validate(self, path: str, errors: list[ConfigError]) -> None:
+        for name in self.endpoints:
+            if not _NAME.match(name):
+                errors.append(ConfigError(f"{path}.endpoints.{name}", "endpoint names may use only letters, digits, '_', '-' and '.'"))
+        for i, key in enumerate(self.api_keys):
+            problem = _key_problem(key)
+            if problem:
+                errors.append(ConfigError(f"{path}.api_keys[{i}]", f"key {problem}"))
+        if self.api_keys_file is not None:
+            try:
+                keys = self.file_keys()
+            except OSError as exc:
+                errors.append(ConfigError(f"{path}.api_keys_file", f"cannot read {self.api_keys_file}: {exc.strerror}"))
+                return
+            if not keys:
+                errors.append(ConfigError(f"{path}.api_keys_file", f"{self.api_keys_file} holds no keys"))
+            for i, key in enumerate(keys):
+                problem = _key_problem(key)
+                if problem:
+                    errors.append(ConfigError(f"{path}.api_keys_file", f"key number {i + 1} {problem}"))
+
+
+def parse_listen(text: str) -> tuple[str, int]:
+    """``host:port``, ``[v6]:port``, ``host`` or ``:port`` -> (host, port); ValueError if malformed."""
+    text = text.strip()
+    if text.startswith("["):
+        host, sep, rest = text[1:].partition("]")
+        if not sep or (rest and not rest.startswith(":")):
+            raise ValueError(f"expected [ipv6]:port, got {text!r}")
+        port_text = rest[1:]
+    elif text.count(":") == 1:
+        host, port_text = text.split(":")
+    elif ":" in text:
+        raise ValueError(f"write IPv6 addresses as [addr]:port, got {text!r}")
+    else:
+        host, port_text = text, ""
+    host = host or "127.0.0.1"
+    if not port_text:
+        return host, DEFAULT_HTTP_PORT
+    if not port_text.isdigit() or not 0 <= int(port_text) <= 65535:
+        raise ValueError(f"port must be a number from 0 to 65535, got {port_text!r}")
+    return host, int(port_text)
+
+
+@dataclass(frozen=True)
+class HttpConfig:
+    enabled: bool = doc("serve the HTTP front door: endpoints, /status, /healthz, /readyz, /metrics", True)
+    socket: str | None = doc("its Unix socket; default cruised-http.sock beside the native socket", None)
+    listen: str | None = doc(
+        f"also listen on TCP host:port (e.g. 127.0.0.1:{DEFAULT_HTTP_PORT}; a missing port is {DEFAULT_HTTP_PORT}, "
+        "a missing host 127.0.0.1, port 0 picks a free one); unset: no TCP",
+        None,
+    )
+    retry_after: Duration = doc("the Retry-After header of 503 answers (queue full, shutting down)", Duration(1))
+
+    def address(self) -> tuple[str, int] | None:
+        return parse_listen(self.listen) if self.listen else None
+
+    def validate(self, path: str, errors: list[ConfigError]) -> None:
+        if self.listen is not None:
+            try:
+                parse_listen(self.listen)
+            except ValueError as exc:
+                errors.append(ConfigError(f"{path}.listen", str(exc)))
+        if self.retry_after < 0:
+            errors.append(ConfigError(f"{path}.retry_after", f"must not be negative, got {self.retry_after}"))
+
+
+@dataclass(frozen=True)
 class Config:
     daemon: DaemonConfig = doc("the supervisor process", factory=DaemonConfig)
     pools: dict[str, PoolConfig] = doc("named worker pools", factory=lambda: {"default": PoolConfig()})
+    services: dict[str, ServiceConfig] = doc("named endpoint services (Dataiku API-node style)", factory=dict)
+    http: HttpConfig = doc("the HTTP front door", factory=HttpConfig)
 
     def validate(self, path: str, errors: list[ConfigError]) -> None:
         if not self.pools:
             errors.append(ConfigError("pools", "at least one pool is required"))
+        for sname, service in self.services.items():
+            if not _NAME.match(sname):
+                errors.append(ConfigError(f"services.{sname}", "service names may use only letters, digits, '_', '-' and '.'"))
+            for ename, ep in service.endpoints.items():
+                if ep.pool not in self.pools:
+                    known = ", ".join(sorted(self.pools))
+                    errors.append(ConfigError(f"services.{sname}.endpoints.{ename}.pool", f"no pool named {ep.pool!r} (configured: {known})"))
+                if len(f"{sname}/{ename}".encode()) > 255:
+                    errors.append(ConfigError(f"services.{sname}.endpoints.{ename}", "service/endpoint name is longer than 255 bytes"))
+
+    def endpoints(self) -> dict[str, tuple[str, str, EndpointConfig]]:
+        """``"service/endpoint"`` -> (service, endpoint, its config), in config order."""
+        return {f"{s}/{e}": (s, e, ep) for s, svc in self.services.items() for e, ep in svc.endpoints.items()}
 
 
 # -- loading -------------------------------------------------------------------
@@ -215,6 +375,14 @@ def _convert(tp: Any, value: Any, path: str, base: Path | None) -> Any:
         if not 0 <= mode <= 0o7777:
             raise ConfigError(path, f"mode out of range: {value!r}")
         return FileMode(mode)
+    if tp is JsonObject:
+        if not isinstance(value, dict):
+            raise ConfigError(path, f"expected a mapping (a JSON object: the request body), got {type(value).__name__}")
+        try:
+            json.dumps(value, allow_nan=False)
+        except (TypeError, ValueError) as exc:
+            raise ConfigError(path, f"not expressible as JSON: {exc}") from None
+        return JsonObject(value)
     if tp is bool:
         if not isinstance(value, bool):
             raise ConfigError(path, f"expected {_type_name(tp)}, got {value!r}")
@@ -235,6 +403,8 @@ def _convert(tp: Any, value: Any, path: str, base: Path | None) -> Any:
 
 
 _PATH_FIELDS = {"init", "code", "python", "password_file", "api_keys_file", "users_file", "ca_file"}
+#: lists of paths, each resolved like the fields above
+_PATH_LIST_FIELDS = {"folders"}
 
 
 def _build(cls: Any, raw: Any, path: str, base: Path | None) -> Any:
@@ -264,8 +434,16 @@ def _build(cls: Any, raw: Any, path: str, base: Path | None) -> Any:
         except ConfigError as exc:
             errors.append(exc)
             continue
-        if f.name in _PATH_FIELDS and isinstance(value, str) and base is not None:
+        if f.name == "python" and isinstance(value, str):
+            if os.sep not in value:
+                value = shutil.which(value) or value  # a bare command name: found on PATH, like a shell would
+            elif base is not None:
+                # not resolve(): a venv's bin/python is a symlink, and following it would leave the venv
+                value = os.path.abspath(os.path.join(base, os.path.expanduser(value)))
+        elif f.name in _PATH_FIELDS and isinstance(value, str) and base is not None:
             value = str((base / os.path.expanduser(value)).resolve())
+        elif f.name in _PATH_LIST_FIELDS and isinstance(value, list) and base is not None:
+            value = [str((base / os.path.expanduser(v)).resolve()) for v in value]
         kwargs[f.name] = value
     if errors:
         raise ConfigErrors(errors)

@@ -172,6 +172,8 @@ class Dispatcher:
         self.code_bytes = 0
         self.accepting = True
         self.python: str | None = None  # the pool's interpreter version, once a worker said it
+        #: the latest READY report of a worker (its endpoints' load results: daemon/services.py)
+        self.ready_info: dict[str, Any] = {}
         self.failures = 0
         self.last_error: str | None = None
         self.next_spawn_at = 0.0
@@ -282,7 +284,7 @@ class Dispatcher:
             worker.known.pop(job.key, None)
         if not job.answered:
             job.answered = True
-            outcome = "ok" if status == Status.OK else ("error" if status == Status.ERROR else "unknown_function")
+            outcome = _OUTCOMES.get(status, "error")
             self._observe(job, outcome)
             if not job.cancelled:
                 job.sink.forward(job, buf, status)
@@ -386,6 +388,7 @@ class Dispatcher:
         worker.pid = info.get("pid", worker.pid)
         worker.python = info.get("python")
         self.python = worker.python or self.python
+        self.ready_info = info
         worker.ready_at = now
         self.failures = 0
         self.last_error = None
@@ -560,6 +563,19 @@ class Dispatcher:
                 for w in self.workers.values()
             ],
         }
+
+
+#: a worker's reply status -> the outcome counted for it
+_OUTCOMES = {
+    Status.OK: "ok",
+    Status.CUSTOM_RESPONSE: "ok",
+    Status.ERROR: "error",
+    Status.API_ERROR: "error",
+    Status.UNKNOWN_FUNCTION: "unknown_function",
+    Status.BAD_REQUEST: "bad_request",
+    Status.BAD_ARGUMENTS: "bad_request",
+    Status.ENDPOINT_UNAVAILABLE: "unavailable",
+}
 
 
 def _cancel(handle: Any) -> None:

@@ -30,6 +30,7 @@ from typing import Any
 from cruised.pool import frames
 from cruised.pool.frames import Kind, Status
 
+from . import codeenv
 from .channel import Channel
 from .config import DaemonConfig, PoolConfig
 from .dispatch import BACKOFF_FIRST, BACKOFF_MAX, Dispatcher, Worker, WorkerState
@@ -61,7 +62,10 @@ class PoolLauncher:
         self.pool = pool
         self.daemon = daemon
         self.dispatcher: Dispatcher | None = None
-        self.python = sys.executable
+        self.python = pool.python or sys.executable  # a code env runs the pool under its own interpreter
+        #: this pool's endpoints as the workers load them (pool/endpoint.py); set by the supervisor
+        self.endpoints: dict[str, dict[str, Any]] = {}
+        self._stderr: codeenv.TemplateOutput | None = None
         self.template: subprocess.Popen[bytes] | None = None
         self.template_ready = False
         self.template_info: dict[str, Any] = {}
@@ -86,11 +90,13 @@ class PoolLauncher:
         # pykx must never stop a worker at import to ask for a licence (issue: q connection)
         env.setdefault("PYKX_UNLICENSED", "true")
         env.setdefault("PYKX_SUPPRESS_WARNINGS", "true")
+        env = codeenv.template_env(self.python, env)
         try:
             self.template = subprocess.Popen(
                 [self.python, "-m", "cruised.pool.template", str(theirs.fileno())],
                 pass_fds=[theirs.fileno()],
                 stdin=subprocess.DEVNULL,
+                stderr=subprocess.PIPE,  # logged by codeenv.TemplateOutput; its last line explains a failed start
                 env=env,
                 close_fds=True,
             )
@@ -100,6 +106,8 @@ class PoolLauncher:
             self._template_failed(f"cannot start {self.python}: {exc.strerror or exc}")
             return
         theirs.close()
+        assert self.template.stderr is not None
+        self._stderr = codeenv.TemplateOutput(self.loop, self.name, self.template.stderr)
         ours.setblocking(False)
         self._ctl = ours
         self.loop.add_reader(ours.fileno(), self._on_control)
@@ -143,9 +151,13 @@ class PoolLauncher:
         # Their replacements ask for a template again, which restarts it at once.
         for w in list(self._by_pid.values()):
             self._worker_gone(w, None)
+        failure = self.template_info.get("error") or codeenv.exit_message(self.python, code, self._stderr)
+        if self._stderr is not None:
+            self._stderr.close()
+            self._stderr = None
         if self.closing or was_ready:
             return
-        self._template_failed(self.template_info.get("error") or f"template exited with code {code}")
+        self._template_failed(failure)
 
     def _close_ctl(self) -> None:
         if self._ctl is not None:
@@ -257,7 +269,12 @@ class PoolLauncher:
             "libraries": self.pool.libraries,
             "init": self.pool.init,
             "max_message_bytes": self.daemon.max_message_bytes,
+            "setup": bool(self.endpoints),
         }
+        if self.endpoints:
+            # endpoint specs can be large: they go first on the worker's own channel, not in the spawn message
+            setup = json.dumps({"endpoints": self.endpoints}).encode()
+            link.channel.write([frames.frame(Kind.SETUP, 0, setup)])
         fd = os.dup(theirs.fileno())
         theirs.close()
         self._queue_msg(json.dumps({"op": "spawn", "spec": spec}).encode(), [fd, out_w])
@@ -408,6 +425,9 @@ class PoolLauncher:
             self.loop.remove_reader(self._pidfd)
             os.close(self._pidfd)
             self._pidfd = None
+        if self._stderr is not None:
+            self._stderr.close()
+            self._stderr = None
         self.template = None
 
     def worker_count(self) -> int:

@@ -36,3 +36,10 @@ def default_socket(configured: str | None = None) -> str:
     if configured:
         return configured
     return os.path.join(runtime_dir(), SOCKET_NAME)
+
+
+def default_http_socket(native_socket: str, configured: str | None = None) -> str:
+    """The HTTP door's Unix socket: ``http.socket``, else ``cruised-http.sock`` beside the native one."""
+    if configured:
+        return configured
+    return os.path.join(os.path.dirname(native_socket) or ".", HTTP_SOCKET_NAME)

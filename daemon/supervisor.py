@@ -3,7 +3,8 @@
 Data flow::
 
     client ──frames──> NativeServer/ClientConnection ─┐
-    (HTTP door, kdb+ IPC door: same path)             │ Job
+    HTTP ──requests──> HttpDoor (daemon/http.py) ─────┤ Job
+    (kdb+ IPC door: same path)                        │
                                                       v
                                Dispatcher (per pool): admission ─> bounded FIFO queue
                                                       │  idle worker (LIFO)
@@ -24,7 +25,8 @@ Signals
     SIGINT: graceful stop (stop listening, refuse new work with "shutting
     down", let queued and running calls finish up to ``shutdown_grace``, stop
     the workers, reap everything, remove the socket). A second one: fast path.
-    SIGHUP: reload.
+    SIGHUP: reload (daemon/reload.py: a new generation of pools is warmed and
+    swapped in; the old one finishes what it holds, then exits).
 
 Workers are started by a per-pool template process (a fresh interpreter
 acting as a preloaded forkserver), never by forking this process.
@@ -37,13 +39,17 @@ import logging
 import signal
 import sys
 import time
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
-from . import __version__
+from . import __version__, paths, services
 from .config import Config
 from .dispatch import Dispatcher
 from .launcher import PoolLauncher
+from .reload import Reloader
 from .server import NativeServer, bind_unix
+
+if TYPE_CHECKING:
+    from .http import HttpDoor
 
 log = logging.getLogger("cruised.supervisor")
 
@@ -70,15 +76,25 @@ class Pool:
         self.launcher = PoolLauncher(loop, name, pool_cfg, config.daemon)
         self.dispatcher = Dispatcher(name, pool_cfg, LoopClock(loop), self.launcher)
         self.launcher.dispatcher = self.dispatcher
+        self.launcher.endpoints = services.worker_specs(config, name)
+        self.failed_endpoints: set[str] = set()  # already logged as failing to load
 
 
 class Supervisor:
-    def __init__(self, config: Config, socket_path: str) -> None:
+    def __init__(self, config: Config, socket_path: str, config_path: str | None = None, dev: bool = False) -> None:
         self.config = config
         self.socket_path = socket_path
+        self.config_path = config_path  # re-read by a reload
+        self.dev = dev  # `serve --dev`: reload when the config or endpoint code changes
         self.loop = asyncio.get_running_loop()
         self.pools: dict[str, Pool] = {}
+        #: pools of a reload: still warming (not serving yet), or replaced and finishing what they hold
+        self.warming: list[Pool] = []
+        self.retiring: list[Pool] = []
+        self.generation = 1
+        self.reloader = Reloader(self)
         self.native: NativeServer | None = None
+        self.http: HttpDoor | None = None  # imported only when enabled
         self.started = time.time()
         self.state = "starting"
         self._signals: asyncio.Queue[int] = asyncio.Queue()
@@ -92,14 +108,22 @@ class Supervisor:
         p = self.pools.get(pool)
         return p.dispatcher if p is not None else None
 
+    def all_pools(self) -> list[Pool]:
+        """Serving, warming and retiring pools: everything that has processes."""
+        return [*self.pools.values(), *self.warming, *self.retiring]
+
     def all_dispatchers(self) -> list[Dispatcher]:
-        return [p.dispatcher for p in self.pools.values()]
+        return [p.dispatcher for p in self.all_pools()]
 
     def no_such_pool(self, pool: str) -> str:
         return f"no pool named {pool!r} (configured: {', '.join(sorted(self.pools))})"
 
     def request_reload(self, done: Callable[[bool, str], None]) -> None:
-        done(False, "reload is not supported by this build")
+        self.reloader.request(done)
+
+    def render_metrics(self) -> bytes:
+        """Prometheus text for GET /metrics (filled in by the metrics module)."""
+        return b""
 
     # -- lifecycle ---------------------------------------------------------------
 
@@ -110,6 +134,15 @@ class Supervisor:
             pool.dispatcher.on_change = self._check_ready
             self.pools[name] = pool
         self.native = NativeServer(self, sock, self.socket_path)
+        if self.config.http.enabled:
+            from .http import HttpDoor
+
+            self.http = HttpDoor(self, paths.default_http_socket(self.socket_path, self.config.http.socket))
+            try:
+                await self.http.start()
+            except BaseException:
+                self.native.stop_listening()
+                raise
         for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
             self.loop.add_signal_handler(sig, self._signals.put_nowait, sig)
         log.info("cruised %s listening on %s (pid %s, python %s)", __version__, self.socket_path, _pid(), sys.version.split()[0])
@@ -118,16 +151,25 @@ class Supervisor:
             pool.dispatcher.manage()
         self._check_ready()
         signals = asyncio.create_task(self._signal_loop())
+        watcher = None
+        if self.dev:
+            from .devwatch import watch
+
+            watcher = asyncio.create_task(watch(self))
         try:
             await self._stop.wait()
             await self._shutdown()
         finally:
             signals.cancel()
+            if watcher is not None:
+                watcher.cancel()
             for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
                 self.loop.remove_signal_handler(sig)
         return 0
 
     def _check_ready(self) -> None:
+        for pool in self.pools.values():
+            services.log_new_failures(pool)
         if not self.ready.is_set() and all(p.dispatcher.ready() for p in self.pools.values()):
             self.ready.set()
             self.state = "ready"
@@ -151,8 +193,11 @@ class Supervisor:
 
     async def _shutdown(self) -> None:
         self.state = "stopping"
+        self.reloader.cancel()
         if self.native is not None:
             self.native.stop_listening()
+        if self.http is not None:
+            await self.http.stop_listening()
         dispatchers = self.all_dispatchers()
         for d in dispatchers:
             d.stop_accepting()
@@ -163,12 +208,14 @@ class Supervisor:
             d.abort_queue("cruised is shutting down; the request was not run")
             d.terminate_all()
         kill_deadline = self.loop.time() + self.config.daemon.kill_grace + 1.0
-        while self.loop.time() < kill_deadline and any(p.launcher.worker_count() for p in self.pools.values()):
+        while self.loop.time() < kill_deadline and any(p.launcher.worker_count() for p in self.all_pools()):
             await asyncio.sleep(0.02)
-        for p in self.pools.values():
+        for p in self.all_pools():
             p.launcher.close()
-        for p in self.pools.values():
+        for p in self.all_pools():
             await p.launcher.wait_template(2.0)
+        if self.http is not None:
+            await self.http.close()
         if self.native is not None:
             self.native.close_all()
             # let the last replies leave before the loop goes away
@@ -186,7 +233,11 @@ class Supervisor:
             "state": self.state,
             "uptime_s": round(time.time() - self.started, 3),
             "socket": self.socket_path,
+            "generation": self.generation,
+            "http": self.http.describe() if self.http is not None else None,
             "pools": {name: p.dispatcher.status() for name, p in self.pools.items()},
+            "retiring_pools": len(self.retiring),
+            "services": services.describe(self),
         }
 
     def summary(self) -> str:

@@ -30,9 +30,20 @@ REGISTER   client -> sup          register head + code blob
 DEFINE     sup -> worker          the REGISTER payload, unchanged
 CHECK      client -> sup -> wkr   pool name (u8 len + utf-8) + JSON
                                   ``{"libraries": {alias: module}}``
+ENDPOINT   door -> sup -> wkr     endpoint name ``service/endpoint`` (u8 len +
+                                  utf-8), then the request's JSON body bytes,
+                                  unchanged (see "Endpoint calls" below)
 STATUS     client -> sup          empty; reply is JSON
 PING       client -> sup          empty; reply is empty
-READY      worker -> sup          JSON ``{"pid":..., "python": "3.11", ...}``
+SETUP      sup -> worker          JSON ``{"endpoints": {"svc/ep": {"code": path,
+                                  "function": name, "folders": [paths]}}}``:
+                                  the first frame on a new worker's channel
+                                  when its spawn spec says ``"setup": true``
+                                  (endpoint specs can outgrow the template's
+                                  spawn message, so they travel here)
+READY      worker -> sup          JSON ``{"pid":..., "python": "3.11", "endpoints":
+                                  {"svc/ep": {"ok": true} | {"ok": false,
+                                  "error": ..., "traceback": ...}}, ...}``
 REPLY      every reply            ``status`` says how to read the payload
 =========  =====================  =============================================
 
@@ -49,6 +60,32 @@ REPLY status: OK (payload = result bundle, or empty/JSON for control calls),
 ERROR (the function raised: ``u32 len + JSON {type, module, message,
 traceback}`` then the pickled exception, possibly empty), and the daemon's own
 refusals, whose payload is JSON ``{"message": ...}``.
+
+Endpoint calls
+    The HTTP door builds the ENDPOINT frame around the body bytes it received
+    and never parses them; the worker decodes the JSON, binds the function's
+    parameters, runs it and converts the result (pool/jsonify.py), so neither
+    side of the supervisor ever unpickles anything for an endpoint. Replies:
+
+    ====================  ===================================================
+    status                payload
+    ====================  ===================================================
+    OK                    the result as UTF-8 JSON (the ``response`` value)
+    CUSTOM_RESPONSE       ``u32 len + JSON {"status": int, "headers":
+                          [[name, value], ...]}`` then the body bytes
+    API_ERROR             JSON ``{"http_status", "errorType", "message",
+                          "detailedMessage"}``: the function raised an error
+                          that carries its own HTTP status (pool/api.py)
+    ERROR                 as for CALL, with ``errorType`` added to the JSON
+                          (``FunctionError``, ``ResultNotSerializable``) and
+                          no pickled exception
+    BAD_REQUEST           JSON ``{"message"}``: the body is not a JSON object
+    BAD_ARGUMENTS         JSON ``{"message", "missing": [...],
+                          "unexpected": [...]}``: it does not fit the
+                          function's parameters
+    ENDPOINT_UNAVAILABLE  JSON ``{"message", "traceback"}``: the endpoint's
+                          code failed to load in this worker
+    ====================  ===================================================
 """
 
 from __future__ import annotations
@@ -77,6 +114,7 @@ class Kind(IntEnum):
     RELOAD = 6
     DEFINE = 16
     ENDPOINT = 17
+    SETUP = 18
     READY = 32
     REPLY = 64
 
@@ -97,6 +135,10 @@ class Status(IntEnum):
     VERSION_MISMATCH = 12
     ACCESS_DENIED = 13
     Q_UNAVAILABLE = 14
+    BAD_ARGUMENTS = 15  # endpoint: the JSON object does not fit the function's parameters
+    ENDPOINT_UNAVAILABLE = 16  # endpoint: its code failed to load
+    CUSTOM_RESPONSE = 17  # endpoint: the function returned its own HTTP response
+    API_ERROR = 18  # endpoint: the function raised an error carrying an HTTP status
 
 
 class FrameError(ValueError):
@@ -186,6 +228,35 @@ def parse_register(buf: bytes | bytearray | memoryview) -> tuple[str, bytes, byt
     if off + n > len(buf):
         raise FrameError("truncated register metadata")
     return pool, key, bytes(buf[off : off + n]), off + n
+
+
+#: how far past ``daemon.max_message_bytes`` a worker reads: an HTTP body of the
+#: full limit arrives wrapped in a frame header and the endpoint's name
+ENVELOPE_SLACK: Final = 1024
+
+
+def parse_endpoint(buf: bytes | bytearray | memoryview) -> tuple[str, int]:
+    """(``service/endpoint``, offset of the JSON body) of an ENDPOINT frame."""
+    return unpack_name(buf, HEADER_SIZE)
+
+
+def seal(buf: bytearray, kind: int, reqid: int = 0, status: int = 0) -> None:
+    """Write the header into the first HEADER_SIZE bytes of ``buf``, which its builder reserved.
+
+    Lets a frame be built in one buffer as its payload arrives (the HTTP door
+    reads a body straight behind the endpoint name) instead of being copied
+    behind a header at the end.
+    """
+    HEADER.pack_into(buf, 0, len(buf) - SIZE_FIELD, VERSION, kind, status, reqid)
+
+
+def endpoint_frame(name: str, body: bytes | bytearray | memoryview) -> bytearray:
+    """An ENDPOINT frame (request id 0, patched at dispatch) holding ``body`` unchanged."""
+    buf = bytearray(HEADER_SIZE)
+    buf += pack_name(name)
+    buf += body
+    seal(buf, Kind.ENDPOINT)
+    return buf
 
 
 def error_payload(info_json: bytes, pickled_exc: bytes) -> list[bytes]:

@@ -7,7 +7,8 @@ Threading model
 
 Lifecycle
     forked from the pool template (or started fresh) -> ``preload`` (library
-    aliases bound, init file run) -> READY frame -> serve until the channel
+    aliases bound, init file run) -> endpoint code loaded (pool/endpoint.py;
+    a failure there marks only that endpoint) -> READY frame -> serve until the channel
     closes (EOF = retire) -> exit 0. A preload failure is reported as a REPLY
     with status PRELOAD_FAILED and exit code 3, so the supervisor can tell a
     broken deploy from a crash.
@@ -38,6 +39,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable
 
 from . import bundle, frames
+from . import endpoint as endpoint_mod
 from .frames import Kind, Status
 
 PRELOAD_FAILED_EXIT = 3
@@ -53,6 +55,8 @@ class WorkerSpec:
     libraries: dict[str, str] = field(default_factory=dict)
     init: str | None = None
     max_message_bytes: int = 256 << 20
+    #: a SETUP frame (this worker's endpoints) comes first on the channel
+    setup: bool = False
 
     @classmethod
     def from_json(cls, raw: dict[str, Any]) -> "WorkerSpec":
@@ -158,6 +162,7 @@ class Worker:
         self.channel = channel
         self.base: dict[str, Any] = {}
         self.functions: OrderedDict[bytes, Callable[..., Any]] = OrderedDict()
+        self.endpoints: dict[str, endpoint_mod.Endpoint] = {}
 
     # -- requests -------------------------------------------------------------
 
@@ -238,6 +243,10 @@ class Worker:
                 self.define(buf)
             elif kind == Kind.CHECK:
                 self.check(reqid, buf)
+            elif kind == Kind.ENDPOINT:
+                status, parts = endpoint_mod.handle(self.endpoints, buf, self.spec.max_message_bytes)
+                del buf
+                ch.reply(reqid, status, parts)
             elif kind == Kind.PING:
                 ch.reply(reqid, Status.OK, [])
             else:
@@ -253,8 +262,18 @@ def _raiser(exc: BaseException) -> Callable[..., Any]:
 
 def run(spec: WorkerSpec, sock: socket.socket) -> int:
     """Preload, say READY, serve. Returns the process exit code."""
-    channel = Channel(sock, spec.max_message_bytes)
+    channel = Channel(sock, spec.max_message_bytes + frames.ENVELOPE_SLACK)
     worker = Worker(spec, channel)
+    setup: dict[str, Any] = {}
+    if spec.setup:
+        buf = channel.read()
+        if buf is None:
+            return 0  # retired before it started
+        _, kind, _, _ = frames.parse_header(buf, channel.limit)
+        if kind != Kind.SETUP:
+            print(f"worker={spec.worker_id} expected a SETUP frame first, got kind {kind}", file=sys.stderr, flush=True)
+            return PRELOAD_FAILED_EXIT
+        setup = json.loads(bytes(buf[frames.HEADER_SIZE :]))
     try:
         worker.base = preload(spec)
     except BaseException as exc:  # noqa: BLE001 - reported, then a distinct exit code
@@ -264,7 +283,8 @@ def run(spec: WorkerSpec, sock: socket.socket) -> int:
         except OSError:
             pass
         return PRELOAD_FAILED_EXIT
-    ready = {"pid": os.getpid(), "python": PYTHON, "worker": spec.worker_id}
+    worker.endpoints = endpoint_mod.load_all(setup.get("endpoints") or {}, worker.base)
+    ready = {"pid": os.getpid(), "python": PYTHON, "worker": spec.worker_id, "endpoints": endpoint_mod.report(worker.endpoints)}
     payload = json.dumps(ready).encode()
     channel.send([frames.header(Kind.READY, 0, len(payload)), payload])
     try:
