@@ -63,7 +63,7 @@ from cruised.pool.frames import Kind, Status
 
 from . import qremote, qwire, services
 from .dispatch import Job
-from .qauth import Authenticator, is_loopback
+from .qauth import Authenticator, UsersFileError, is_loopback
 from .qwire import MSG_ASYNC, MSG_RESPONSE, MSG_SYNC, Header, WireError
 from .server import SocketInUse, next_job_id
 
@@ -127,6 +127,7 @@ class QipcDoor:
     def __init__(self, supervisor: "Supervisor") -> None:
         self.sup = supervisor
         self.loop = supervisor.loop
+        #: the listening settings (listen, unix, TLS) as started: a reload does not re-bind them
         self.cfg = supervisor.config.qipc
         self.auth = Authenticator(self.cfg)
         self._auth_config: "Config" = supervisor.config
@@ -225,8 +226,11 @@ class QipcDoor:
 
     def authenticator(self) -> Authenticator:
         cfg = self.sup.config
-        if cfg is not self._auth_config:  # a reload: endpoint_users may have changed (listen cannot)
-            self.auth.endpoint_users = {name: frozenset(users) for name, users in cfg.qipc.endpoint_users.items()}
+        if cfg is not self._auth_config:  # a reload: the users file, loopback trust or endpoint lists may have changed
+            try:
+                self.auth = Authenticator(cfg.qipc)
+            except UsersFileError as exc:  # validated at reload; unreadable since: keep the previous rules
+                log.error("qipc.users_file: %s; keeping the previous login rules", exc)
             self._auth_config = cfg
         return self.auth
 
@@ -398,7 +402,7 @@ class QConnection(asyncio.BufferedProtocol):
 
     def _inbox_full(self, fraction: float = 1.0) -> bool:
         """Messages read ahead: at most qipc.max_pending, and at most daemon.max_message_bytes of them."""
-        return len(self._inbox) >= self.door.cfg.max_pending * fraction or self._inbox_bytes >= self.sup.config.daemon.max_message_bytes * fraction
+        return len(self._inbox) >= self.sup.config.qipc.max_pending * fraction or self._inbox_bytes >= self.sup.config.daemon.max_message_bytes * fraction
 
     def eof_received(self) -> bool | None:
         return False  # close; replies still queued are flushed by the transport
@@ -667,7 +671,7 @@ class QConnection(asyncio.BufferedProtocol):
         frame = build_qcall(buf, RESERVE + p.args_at, RESERVE + header.total, prefix, head, header.little)
         job = Job(next_job_id(), Kind.QCALL, frame, QReply(self.loop), self, 0, endpoint=name, door="qipc")
         if mode == "callback":
-            while len(self._callbacks) >= self.door.cfg.callback_concurrency:
+            while len(self._callbacks) >= self.sup.config.qipc.callback_concurrency:
                 await asyncio.wait(list(self._callbacks), return_when=asyncio.FIRST_COMPLETED)
             disp.submit(job)
             task = self.loop.create_task(self._complete(job, disp, header, mode, callback))

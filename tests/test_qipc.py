@@ -184,7 +184,8 @@ def door(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Daemon]:
             "default": pool_config(min=1, cruise=2, max=4, queue_size=64),
             # one worker, one queue slot: busy on demand; also pykx.remote's pool (compiled once per worker)
             "one": pool_config(min=1, cruise=1, max=1, queue_size=1, queue_timeout="30s"),
-            "short": pool_config(min=1, cruise=1, max=1, exec_timeout="1s"),
+            # one worker, a 1 s execution limit and a 300 ms queue limit: both timeouts on demand
+            "short": pool_config(min=1, cruise=1, max=1, exec_timeout="1s", queue_timeout="300ms"),
         },
         "services": {
             "demo": {"endpoints": {**{n: ep(n) for n in names}, "secret": ep("greet")}},
@@ -499,9 +500,22 @@ def test_a_closed_handle_drops_its_queued_calls(door: Daemon) -> None:
     assert Path(path).read_text().split() == ["after"]
 
 
-def test_error_line_timeout(door: Daemon) -> None:
-    with conn(door) as c:
-        assert re.fullmatch(r"cruised: timeout after 1s" + ERROR_ID, qerror(lambda: c(sym("short/sleep"), 30)))
+def test_error_lines_timeout_and_queue_timeout(door: Daemon) -> None:
+    """Two calls at once into one worker: one runs past exec_timeout, the other waits past queue_timeout."""
+    lines: list[str] = []
+
+    def call() -> None:
+        with conn(door) as c:
+            lines.append(qerror(lambda: c(sym("short/sleep"), 30)))
+
+    threads = [threading.Thread(target=call) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert len(lines) == 2
+    assert any(re.fullmatch(r"cruised: timeout after 1s" + ERROR_ID, line) for line in lines), lines
+    assert any(re.fullmatch(r"cruised: queue timeout after 0.3s" + ERROR_ID, line) for line in lines), lines
 
 
 def test_error_line_worker_died(door: Daemon) -> None:
@@ -727,17 +741,31 @@ def test_oversized_message_is_refused_and_a_stalled_one_closed(strict: Daemon) -
         assert q.closed_by_server(timeout=20)  # daemon.read_timeout is 1s
 
 
-def test_shutdown_answers_pending_calls_then_closes(strict: Daemon) -> None:
+def test_shutdown_answers_pending_calls_refuses_new_ones_then_closes(strict: Daemon) -> None:
     out: list[Any] = []
 
     def slow() -> None:
         with RawQ(port(strict), unix=True, creds=f"alice:{PLAIN}".encode()) as q:
-            out.append(q.call([sym("demo/sleep"), 1.0]).py())
+            out.append(q.call([sym("demo/sleep"), 2.0]).py())
 
+    other = RawQ(port(strict), unix=True, creds=f"alice:{PLAIN}".encode())
     t = threading.Thread(target=slow)
     t.start()
-    wait_for(lambda: strict.status()["pools"]["default"]["workers"]["busy"] == 1, 20, what="the slow call to run")
-    strict.signal(signal.SIGTERM)
-    t.join(30)
-    assert out == [1.0]
+    try:
+        wait_for(lambda: strict.status()["pools"]["default"]["workers"]["busy"] == 1, 20, what="the slow call to run")
+        strict.signal(signal.SIGTERM)
+
+        def refused() -> str | None:
+            try:
+                other.call([sym("demo/add"), 1, 1])
+            except kx.QError as exc:
+                return str(exc)
+            return None  # not stopping yet
+
+        assert re.fullmatch(r"cruised: shutting down" + ERROR_ID, wait_for(refused, 20, what="new calls to be refused"))
+    finally:
+        t.join(30)
+    assert out == [2.0]  # the call that was running when SIGTERM came was answered
+    assert other.closed_by_server(timeout=30)
+    other.close()
     assert strict.wait_exit(30) == 0
