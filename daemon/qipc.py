@@ -10,7 +10,8 @@ Data flow of one message::
     handshake (user:password + capability + NUL; qauth decides; one byte back)
     -> 8-byte header -> body read straight into a buffer that keeps RESERVE
        free bytes in front of the message
-    -> the handle's inbox (bounded by qipc.max_pending: reading pauses beyond it)
+    -> the handle's inbox (at most qipc.max_pending messages and
+       daemon.max_message_bytes bytes: reading pauses beyond that)
     -> the handle's task takes messages in order:
          compressed?       pykx.deserialize + serialize: the plain message
          peek (qwire)      string or general list, head name, item count
@@ -40,7 +41,10 @@ Ordering on one handle (what q developers rely on)
     ``qipc.callback_concurrency``), because their point is to let a ``-30!``
     gateway serve many clients over one handle; each answer carries the
     caller's reqid, and the next sync or plain message still waits for all of
-    them. Many handles always run concurrently.
+    them. Many handles always run concurrently. The price of the order is
+    that one slow call holds up the later messages of its own handle (never
+    another handle's): a q process that wants several of its calls to run at
+    once opens several handles, or uses the callback form.
 
 A handle that goes away drops its queued jobs (``Dispatcher.drop_client``);
 a running one finishes and its answer is discarded.
@@ -588,11 +592,11 @@ class QConnection(asyncio.BufferedProtocol):
             plain = kx.serialize(kx.deserialize(msg), mode=6, wait=header.msgtype)
         except Exception as exc:  # noqa: BLE001 - pykx raises QError('badmsg') and others
             raise WireError(str(exc) or type(exc).__name__) from None
-        data = plain.data
-        out = bytearray(RESERVE + data.nbytes)
-        out[RESERVE:] = data
+        size = len(plain)
+        out = bytearray(RESERVE + size)
+        out[RESERVE:] = plain.data  # copied before ``plain`` (which owns that memory) goes
         del plain
-        return Header(True, header.msgtype, False, data.nbytes), out
+        return Header(True, header.msgtype, False, size), out
 
     def _text(self, header: Header, text: str) -> None:
         kind = qremote.classify_text(text)
@@ -674,12 +678,20 @@ class QConnection(asyncio.BufferedProtocol):
             while len(self._callbacks) >= self.sup.config.qipc.callback_concurrency:
                 await asyncio.wait(list(self._callbacks), return_when=asyncio.FIRST_COMPLETED)
             disp.submit(job)
-            task = self.loop.create_task(self._complete(job, disp, header, mode, callback))
+            task = self.loop.create_task(self._complete_callback(job, disp, header, callback))
             self._callbacks.add(task)
             task.add_done_callback(self._callbacks.discard)
             return
         disp.submit(job)
         await self._complete(job, disp, header, mode, None)
+
+    async def _complete_callback(self, job: Job, disp: "Dispatcher", header: Header, callback: tuple[Any, Any] | None) -> None:
+        try:
+            await self._complete(job, disp, header, "callback", callback)
+        except asyncio.CancelledError:
+            raise
+        except Exception:  # noqa: BLE001 - a task of its own: nobody else would see this
+            log.exception("qipc: internal error answering request #%d from %s", job.id, self.who())
 
     async def _complete(self, job: Job, disp: "Dispatcher", header: Header, mode: str, callback: tuple[Any, Any] | None) -> None:
         """Wait for the job's answer and pass it on (or turn the daemon's refusal into a q error)."""

@@ -162,6 +162,7 @@ def positional_range(fn: Callable[..., Any]) -> dict[str, Any]:
     lo = 0
     hi: int | None = 0
     names: list[str] = []
+    required: list[str] = []
     var_kw = False
     for p in sig.parameters.values():
         if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD):
@@ -171,6 +172,8 @@ def positional_range(fn: Callable[..., Any]) -> dict[str, Any]:
                 lo += 1
             if p.kind is p.POSITIONAL_OR_KEYWORD:
                 names.append(p.name)
+                if p.default is p.empty:
+                    required.append(p.name)
         elif p.kind is p.VAR_POSITIONAL:
             hi = None
         elif p.kind is p.KEYWORD_ONLY:
@@ -178,7 +181,15 @@ def positional_range(fn: Callable[..., Any]) -> dict[str, Any]:
         elif p.kind is p.VAR_KEYWORD:
             var_kw = True
     required_kw = [p.name for p in sig.parameters.values() if p.kind is p.KEYWORD_ONLY and p.default is p.empty]
-    return {"min": lo, "max": hi, "names": names, "var_keyword": var_kw, "required_keywords": required_kw, "signature": f"{getattr(fn, '__name__', 'function')}{sig}"}
+    return {
+        "min": lo,
+        "max": hi,
+        "names": names,
+        "required": required + required_kw,
+        "var_keyword": var_kw,
+        "required_keywords": required_kw,
+        "signature": f"{getattr(fn, '__name__', 'function')}{sig}",
+    }
 
 
 def describe(endpoints: dict[str, Any]) -> dict[str, dict[str, Any]]:
@@ -388,7 +399,9 @@ def _run_endpoint(worker: Any, call: Call, items: list[Any], limit: int) -> None
         why = "is not served by this pool" if ep is None else f"failed to load: {ep.error}"
         _reply(worker, call, Status.ENDPOINT_UNAVAILABLE, {"error": error_line(f"cruised: endpoint {name} {why}", call.reqid)}, limit)
         return
-    arity = positional_range(ep.fn)
+    arity = _ARITY.get(ep.fn)
+    if arity is None:
+        arity = _ARITY[ep.fn] = positional_range(ep.fn)
     try:
         args, kwargs = _bind(name, items, arity)
     except _RankError as exc:
@@ -398,6 +411,10 @@ def _run_endpoint(worker: Any, call: Call, items: list[Any], limit: int) -> None
         _reply(worker, call, Status.BAD_ARGUMENTS, {"error": error_line(f"cruised: cannot convert {exc.what} to Python", call.reqid)}, limit)
         return
     _invoke(worker, call, ep.fn, args, kwargs, to_q, limit)
+
+
+#: endpoint function -> its positional_range (a worker's endpoints never change)
+_ARITY: dict[Callable[..., Any], dict[str, Any]] = {}
 
 
 class _RankError(Exception):
@@ -413,7 +430,7 @@ def _bind(name: str, items: list[Any], arity: dict[str, Any]) -> tuple[list[Any]
         keys = [str(s) for s in items[0].keys().py()]
         if arity["var_keyword"] or (keys and set(keys) <= set(arity["names"])):
             kwargs = to_python(items[0])
-            missing = [n for n in arity["names"][: arity["min"]] + arity["required_keywords"] if n not in kwargs]
+            missing = [n for n in arity["required"] if n not in kwargs]
             if missing:
                 raise _RankError(f"rank: {name} needs {', '.join(missing)}")
             return [], kwargs

@@ -543,6 +543,12 @@ def test_introspection_tables(door: Daemon) -> None:
         assert bytes(row["signature"]).decode() == "greet(name, punct='!')"
 
 
+def test_cli_status_shows_the_listener(door: Daemon) -> None:
+    out = door.cli("status")
+    assert out.returncode == 0, out.stderr
+    assert f"kdb+ IPC on 127.0.0.1:{port(door)} and @/tmp/kx.{port(door)}:" in out.stdout
+
+
 # -- big, compressed and hostile messages ----------------------------------------------------------
 
 
