@@ -89,6 +89,10 @@ def cmd_status(args: argparse.Namespace) -> int:
         print(json.dumps(st, indent=2))
         return 0
     print(f"cruised {st['version']} pid {st['pid']} {st['state']}, up {st['uptime_s']:.0f}s, socket {st['socket']}")
+    q = st.get("qipc")
+    if q:
+        where = f"{q['listen']}{' (TLS)' if q['tls'] else ''}" + (f" and {q['unix']}" if q["unix"] else "")
+        print(f"kdb+ IPC on {where}: {q['connections']} handles, logins {q['logins']['ok']} ok / {q['logins']['failed']} refused")
     header = f"{'pool':<12} {'start':>5} {'idle':>5} {'busy':>5} {'drain':>5} {'queue':>9} {'ok':>8} {'err':>6} {'reject':>7} {'q-tmo':>6} {'x-tmo':>6} {'crash':>6}"
     print(header)
     for name, p in st["pools"].items():

@@ -363,11 +363,77 @@ class HttpConfig:
 
 
 @dataclass(frozen=True)
+class QipcConfig:
+    listen: str | None = doc(
+        "kdb+ IPC listener host:port, for q (hopen`:host:port) and pykx clients (port 0 picks a free one); unset: off",
+        None,
+    )
+    unix: bool = doc("also listen on the abstract Unix socket @/tmp/kx.<port>, what q's hopen`:unix://<port> dials", True)
+    users_file: str | None = doc(
+        "q -U style password file: one user:password per line, the password plain, or its MD5 or SHA-1 in hex; "
+        "re-read when it changes; unset: only loopback and Unix-socket peers may connect",
+        None,
+    )
+    allow_loopback_without_password: bool = doc(
+        "a loopback or Unix-socket peer that sends no password is let in as the user it names; a password it does send is checked", True
+    )
+    tls_cert: str | None = doc("PEM certificate: the TCP listener then speaks TLS only (q's hopen`:tcps://); the Unix socket stays plain", None)
+    tls_key: str | None = doc("PEM private key for tls_cert", None)
+    endpoint_users: dict[str, list[str]] = doc("\"service/endpoint\" -> the handshake users allowed to call it; unlisted endpoints are open", factory=dict)
+    remote_pool: str = doc("the pool that runs unmodified pykx.remote sessions' functions", "default")
+    callback_concurrency: int = doc("deferred-sync (callback) calls of one handle that may run at once; 1 runs them in order", 64)
+    max_pending: int = doc("messages read ahead on one handle while earlier ones run; more wait in the socket", 256)
+
+    def address(self) -> tuple[str, int] | None:
+        return parse_listen(self.listen) if self.listen else None
+
+    def validate(self, path: str, errors: list[ConfigError]) -> None:
+        if self.listen is not None:
+            if ":" not in self.listen:
+                errors.append(ConfigError(f"{path}.listen", f"expected host:port (e.g. 127.0.0.1:5010), got {self.listen!r}"))
+            else:
+                try:
+                    parse_listen(self.listen)
+                except ValueError as exc:
+                    errors.append(ConfigError(f"{path}.listen", str(exc)))
+        if (self.tls_cert is None) != (self.tls_key is None):
+            errors.append(ConfigError(f"{path}.tls_cert", "tls_cert and tls_key go together"))
+        for name in ("tls_cert", "tls_key"):
+            value = getattr(self, name)
+            if value is not None and not os.path.isfile(value):
+                errors.append(ConfigError(f"{path}.{name}", f"no such file: {value}"))
+        if self.users_file is not None:
+            from .qauth import UsersFileError, read_users_file
+
+            try:
+                read_users_file(self.users_file)
+            except UsersFileError as exc:
+                errors.append(ConfigError(f"{path}.users_file", str(exc)))
+        if self.listen is not None and self.users_file is None and not self.allow_loopback_without_password:
+            errors.append(ConfigError(f"{path}.allow_loopback_without_password", "is false and there is no users_file: nobody could log in"))
+        for name in ("callback_concurrency", "max_pending"):
+            if getattr(self, name) < 1:
+                errors.append(ConfigError(f"{path}.{name}", f"must be positive, got {getattr(self, name)}"))
+
+    def check_references(self, config: "Config", errors: list[ConfigError]) -> None:
+        """Names that must exist elsewhere in the config: the remote pool, the endpoints of endpoint_users."""
+        if self.listen is None:
+            return
+        if self.remote_pool not in config.pools:
+            errors.append(ConfigError("qipc.remote_pool", f"no pool named {self.remote_pool!r} (configured: {', '.join(sorted(config.pools))})"))
+        known = config.endpoints()
+        for name in self.endpoint_users:
+            if name not in known:
+                errors.append(ConfigError(f"qipc.endpoint_users.{name}", f"no endpoint {name!r} (configured: {', '.join(sorted(known)) or 'none'})"))
+
+
+@dataclass(frozen=True)
 class Config:
     daemon: DaemonConfig = doc("the supervisor process", factory=DaemonConfig)
     pools: dict[str, PoolConfig] = doc("named worker pools", factory=lambda: {"default": PoolConfig()})
     services: dict[str, ServiceConfig] = doc("named endpoint services (Dataiku API-node style)", factory=dict)
     http: HttpConfig = doc("the HTTP front door", factory=HttpConfig)
+    qipc: QipcConfig = doc("the kdb+ IPC front door (docs/q-developers.md)", factory=QipcConfig)
 
     def validate(self, path: str, errors: list[ConfigError]) -> None:
         if not self.pools:
@@ -381,6 +447,7 @@ class Config:
                     errors.append(ConfigError(f"services.{sname}.endpoints.{ename}.pool", f"no pool named {ep.pool!r} (configured: {known})"))
                 if len(f"{sname}/{ename}".encode()) > 255:
                     errors.append(ConfigError(f"services.{sname}.endpoints.{ename}", "service/endpoint name is longer than 255 bytes"))
+        self.qipc.check_references(self, errors)
 
     def endpoints(self) -> dict[str, tuple[str, str, EndpointConfig]]:
         """``"service/endpoint"`` -> (service, endpoint, its config), in config order."""
@@ -477,7 +544,7 @@ def _convert(tp: Any, value: Any, path: str, base: Path | None) -> Any:
     raise ConfigError(path, f"unsupported type {tp}")  # a schema bug, not a user error
 
 
-_PATH_FIELDS = {"init", "code", "python", "password_file", "api_keys_file", "users_file", "ca_file", "tls_ca_file"}
+_PATH_FIELDS = {"init", "code", "python", "password_file", "api_keys_file", "users_file", "ca_file", "tls_ca_file", "tls_cert", "tls_key"}
 #: lists of paths, each resolved like the fields above
 _PATH_LIST_FIELDS = {"folders"}
 

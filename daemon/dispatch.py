@@ -41,7 +41,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Protocol
 
 from cruised.pool import frames
-from cruised.pool.frames import Kind, Status
+from cruised.pool.frames import Status
 
 from .config import PoolConfig
 
@@ -126,6 +126,7 @@ class Job:
     key: bytes | None = None
     timeout: float | None = None  # per-call execution timeout, if the caller set one
     endpoint: str = "function"
+    door: str = "native"  # which front door admitted it (native, http, qipc): a metrics label
     admitted: float = 0.0
     deadline: float = 0.0  # queue deadline
     started: float | None = None
@@ -206,7 +207,7 @@ class Dispatcher:
         if not self.accepting:
             self._finish(job, Status.SHUTTING_DOWN, "cruised is shutting down; not accepting new requests", "rejected")
             return
-        if job.kind == Kind.CALL and job.key not in self.code:
+        if job.key is not None and job.key not in self.code:
             # the daemon restarted or evicted it: the client registers again and retries
             job.answered = True
             job.sink.refuse(job, Status.UNKNOWN_FUNCTION, "function not registered with this daemon")
@@ -245,8 +246,7 @@ class Dispatcher:
     def _start(self, worker: Worker, job: Job) -> None:
         now = self.clock.time()
         parts: list[Any] = []
-        if job.kind == Kind.CALL:
-            assert job.key is not None
+        if job.key is not None:  # a registered function (CALL, or a pykx.remote QCALL): its code first
             if job.key in worker.known:
                 worker.known.move_to_end(job.key)
             else:

@@ -294,11 +294,13 @@ class HttpDoor:
         presented = presented_key(request.headers.get("Authorization"))
         if presented is None:
             log.info("http: 401 %s %s from %s: no API key", request.method, request.path, request.remote)
+            self.sup.metrics.auth_failed("http")
             return error_response(
                 401, "Unauthorized", f"{what} needs an API key: send it as the HTTP Basic user with a blank password, or as 'Authorization: Bearer <key>'", headers=challenge
             )
         if not key_matches(presented, keys):
             log.info("http: 401 %s %s from %s: wrong API key", request.method, request.path, request.remote)
+            self.sup.metrics.auth_failed("http")
             return error_response(401, "Unauthorized", f"invalid API key for {what}", headers=challenge)
         return None
 
@@ -387,7 +389,7 @@ class HttpDoor:
         if state.state == "pool_unavailable":
             return error_response(503, "PoolUnavailable", f"endpoint {name} is unavailable: {state.error}", headers=self._retry_after())
         sink = HttpReply(self.loop)
-        job = Job(next_job_id(), Kind.ENDPOINT, frame, sink, sink, 0, endpoint=name)
+        job = Job(next_job_id(), Kind.ENDPOINT, frame, sink, sink, 0, endpoint=name, door="http")
         del frame
         disp.submit(job)
         try:

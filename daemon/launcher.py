@@ -71,6 +71,8 @@ class PoolLauncher:
         self.template_info: dict[str, Any] = {}
         self.template_failures = 0
         self._ctl: socket.socket | None = None
+        #: modules the template imports if it can, so workers fork with them (pykx for the q door)
+        self.warm_modules: list[str] = []
         self._pidfd: int | None = None
         self._pending: list[Worker] = []  # spawns waiting for the template
         self._outbox: list[tuple[bytes, list[int]]] = []
@@ -112,7 +114,11 @@ class PoolLauncher:
         self.loop.add_reader(ours.fileno(), self._on_control)
         self._pidfd = os.pidfd_open(self.template.pid)
         self.loop.add_reader(self._pidfd, self._on_template_exit)
-        config: dict[str, Any] = {"libraries": self.pool.libraries, "preload_modules": ["pykx"] if self.pool.q is not None else []}
+        config: dict[str, Any] = {
+            "libraries": self.pool.libraries,
+            "preload_modules": ["pykx"] if self.pool.q is not None else [],  # strict: the q global needs it
+            "warm_modules": self.warm_modules,  # best effort: the q door's calls are faster with it
+        }
         creds = self.pool.credentials()
         if creds is not None:
             config["uid"], config["gid"] = creds

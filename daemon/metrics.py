@@ -67,6 +67,8 @@ OUTCOME_ALIASES = {
     # the worker did not have the code (a cache mismatch): not run, the client registers and retries
     "unknown_function": "rejected",
 }
+#: the front doors, the ``door`` label of requests and of auth failures
+DOORS = ("native", "http", "qipc")
 EXIT_REASONS = ("crash", "exec_timeout", "recycled", "idle", "reload", "shutdown", "preload_failed")
 WORKER_STATES = ("starting", "idle", "busy", "draining")
 LIMITS = ("min", "cruise", "max")
@@ -105,7 +107,7 @@ class Metrics:
         self.registry = CollectorRegistry()
         r = self.registry
         self.requests = Counter(
-            "cruised_requests", "Answered requests by pool, endpoint and outcome.", ["pool", "endpoint", "outcome"], registry=r
+            "cruised_requests", "Answered requests by pool, endpoint, outcome and front door.", ["pool", "endpoint", "outcome", "door"], registry=r
         )
         self.duration = Histogram(
             "cruised_request_duration_seconds", "Admission to reply.", ["pool", "endpoint"], buckets=BUCKETS, registry=r
@@ -117,13 +119,21 @@ class Metrics:
             "cruised_exec_seconds", "Dispatch to a worker until its reply (or timeout, or death).", ["pool", "endpoint"], buckets=BUCKETS, registry=r
         )
         self.exits = Counter("cruised_worker_exits", "Worker processes gone, by reason.", ["pool", "reason"], registry=r)
+        self.auth_failures = Counter(
+            "cruised_auth_failures",
+            "Refused logins and keys by front door (native: peer not allowed; http: missing or wrong API key; qipc: bad credentials).",
+            ["door"],
+            registry=r,
+        )
+        for door in DOORS:
+            self.auth_failures.labels(door)
         Info("cruised_build", "Version of cruised and of the supervisor's Python.", registry=r).info(
             {"version": __version__, "python": "%d.%d.%d" % sys.version_info[:3]}
         )
         r.register(PoolCollector(dispatchers))
         if process:
             ProcessCollector(namespace="cruised", registry=r)
-        self._children: dict[tuple[str, str, str], _Children] = {}
+        self._children: dict[tuple[str, str, str, str], _Children] = {}
         self._endpoints: dict[str, set[str]] = {}
         self._capped: set[str] = set()  # pools that hit MAX_ENDPOINTS (warned once)
 
@@ -133,7 +143,7 @@ class Metrics:
             dispatcher.observers.append(self)
         pool = dispatcher.name
         for outcome in OUTCOMES:
-            self.requests.labels(pool, "function", outcome)
+            self.requests.labels(pool, "function", outcome, "native")
         for reason in EXIT_REASONS:
             self.exits.labels(pool, reason)
         self.queue_wait.labels(pool)
@@ -141,7 +151,7 @@ class Metrics:
     # -- Observer ------------------------------------------------------------------
 
     def request_done(self, pool: str, job: "Job", outcome: str, queue_s: float, exec_s: float | None) -> None:
-        key = (pool, job.endpoint, outcome)
+        key = (pool, job.endpoint, outcome, job.door)
         c = self._children.get(key)
         if c is None:
             c = self._resolve(key)
@@ -155,8 +165,12 @@ class Metrics:
     def worker_exit(self, pool: str, reason: str) -> None:
         self.exits.labels(pool, reason).inc()
 
-    def _resolve(self, key: tuple[str, str, str]) -> _Children:
-        pool, endpoint, outcome = key
+    def auth_failed(self, door: str) -> None:
+        """A refused login, key or peer (brute-force attempts show up here)."""
+        self.auth_failures.labels(door).inc()
+
+    def _resolve(self, key: tuple[str, str, str, str]) -> _Children:
+        pool, endpoint, outcome, door = key
         outcome = OUTCOME_ALIASES.get(outcome, outcome)
         if outcome not in OUTCOMES:
             log.warning("pool=%s unexpected request outcome %r counted as error", pool, outcome)
@@ -172,7 +186,7 @@ class Metrics:
             else:
                 seen.add(endpoint)
         c = _Children(
-            self.requests.labels(pool, endpoint, outcome),
+            self.requests.labels(pool, endpoint, outcome, door),
             self.duration.labels(pool, endpoint),
             self.queue_wait.labels(pool),
             self.exec.labels(pool, endpoint),

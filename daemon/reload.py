@@ -187,6 +187,8 @@ class Reloader:
             changed.append("daemon.socket")
         if old.http.socket != new.http.socket or old.http.listen != new.http.listen or old.http.enabled != new.http.enabled:
             changed.append("http.enabled/socket/listen")
+        if (old.qipc.listen, old.qipc.unix, old.qipc.tls_cert, old.qipc.tls_key) != (new.qipc.listen, new.qipc.unix, new.qipc.tls_cert, new.qipc.tls_key):
+            changed.append("qipc.listen/unix/tls_cert/tls_key")
         if changed:
             log.warning("reload: %s changed; listening sockets are kept until a restart", ", ".join(changed))
 

@@ -125,6 +125,7 @@ class NativeServer:
             refusal = (Status.QUEUE_FULL, f"too many connections ({cfg.max_connections}, daemon.max_connections)")
         elif (cfg.allow_uids or cfg.allow_gids) and uid not in cfg.allow_uids and gid not in cfg.allow_gids:
             log.warning("refused connection from pid=%s uid=%s gid=%s: not in daemon.allow_uids/allow_gids", pid, uid, gid)
+            self.sup.metrics.auth_failed("native")
             refusal = (Status.ACCESS_DENIED, f"uid {uid} / gid {gid} may not use this daemon (daemon.allow_uids, daemon.allow_gids)")
         if refusal is not None:
             try:

@@ -62,6 +62,7 @@ from .server import NativeServer, bind_unix
 
 if TYPE_CHECKING:
     from .http import HttpDoor
+    from .qipc import QipcDoor
 
 log = logging.getLogger("cruised.supervisor")
 
@@ -90,6 +91,8 @@ class Pool:
         self.launcher.dispatcher = self.dispatcher
         self.launcher.endpoints = services.worker_specs(config, name)
         self.failed_endpoints: set[str] = set()  # already logged as failing to load
+        if config.qipc.listen:
+            self.launcher.warm_modules = ["pykx"]  # q calls need it: import it once, in the template
 
 
 class Supervisor:
@@ -107,6 +110,7 @@ class Supervisor:
         self.reloader = Reloader(self)
         self.native: NativeServer | None = None
         self.http: HttpDoor | None = None  # imported only when enabled
+        self.qipc: QipcDoor | None = None  # the kdb+ IPC door, only when qipc.listen is set
         self.started = time.time()
         self.state = "starting"
         self._signals: asyncio.Queue[int] = asyncio.Queue()
@@ -159,6 +163,17 @@ class Supervisor:
                 await self.http.start()
             except BaseException:
                 self.native.stop_listening()
+                raise
+        if self.config.qipc.listen:
+            from .qipc import QipcDoor
+
+            self.qipc = QipcDoor(self)
+            try:
+                await self.qipc.start()
+            except BaseException:
+                self.native.stop_listening()
+                if self.http is not None:
+                    await self.http.close()
                 raise
         for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
             self.loop.add_signal_handler(sig, self._signals.put_nowait, sig)
@@ -269,6 +284,8 @@ class Supervisor:
             self.native.stop_listening()
         if self.http is not None:
             await self.http.stop_listening()
+        if self.qipc is not None:
+            self.qipc.stop_listening()
         dispatchers = self.all_dispatchers()
         for d in dispatchers:
             d.stop_accepting()
@@ -287,6 +304,8 @@ class Supervisor:
             await p.launcher.wait_template(2.0)
         if self.http is not None:
             await self.http.close()
+        if self.qipc is not None:
+            await self.qipc.close()
         if self.native is not None:
             self.native.close_all()
             # let the last replies leave before the loop goes away
@@ -306,6 +325,7 @@ class Supervisor:
             "socket": self.socket_path,
             "generation": self.generation,
             "http": self.http.describe() if self.http is not None else None,
+            "qipc": self.qipc.describe() if self.qipc is not None else None,
             "pools": {name: p.dispatcher.status() for name, p in self.pools.items()},
             "retiring_pools": len(self.retiring),
             "services": services.describe(self),

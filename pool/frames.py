@@ -33,6 +33,11 @@ CHECK      client -> sup -> wkr   pool name (u8 len + utf-8) + JSON
 ENDPOINT   door -> sup -> wkr     endpoint name ``service/endpoint`` (u8 len +
                                   utf-8), then the request's JSON body bytes,
                                   unchanged (see "Endpoint calls" below)
+QCALL      q door -> sup -> wkr   ``u16 len + JSON head`` (padded with spaces),
+                                  then one kdb+ IPC message holding the call's
+                                  arguments; the reply's payload is ``u32 len +
+                                  JSON info`` then the IPC message the q client
+                                  gets (pool/qcall.py documents both)
 STATUS     client -> sup          empty; reply is JSON
 PING       client -> sup          empty; reply is empty
 SETUP      sup -> worker          JSON ``{"endpoints": {"svc/ep": {"code": path,
@@ -58,7 +63,10 @@ REPLY      every reply            ``status`` says how to read the payload
 Call head: ``u8 len + pool name, u32 timeout_ms (0 = pool default), 16-byte
 function key``, then the args bundle. Register head: ``u8 len + pool name,
 16-byte key, u16 len + JSON meta ({"python": "3.11", "libraries": {...},
-"name": ...})``, then the dill blob of the function.
+"name": ...})``, then the dill blob of the function. The q door defines
+pykx.remote functions with the same DEFINE frame: meta ``{"source": true,
+"name": ..., "libraries": {...}}`` and the source text the client sent
+instead of a dill blob (pool/qcall.py ``load_source``).
 
 A *bundle* is a pickle (protocol 5) with its out-of-band buffers, so numpy
 arrays cross without extra copies: ``u16 nbuf, u64 length x (nbuf + 1)``, then
@@ -107,6 +115,7 @@ class Kind(IntEnum):
     DEFINE = 16
     ENDPOINT = 17
     SETUP = 18
+    QCALL = 19
     READY = 32
     STATE = 33
     REPLY = 64

@@ -11,10 +11,11 @@ Data flow::
         "spawn" + [channel fd, output fd]  -> fork -> worker.run()
     template --> supervisor: hello (preload result), spawned (pid), exited (pid, status)
 
-The template imports the pool's libraries once (and ``preload_modules``:
-pykx in a pool with a q connection, ~1 s of import no worker should pay),
-freezes the GC (so children keep sharing those pages instead of touching them
-on the first collection),
+The template imports the pool's libraries once (plus ``preload_modules``:
+pykx in a pool with a q connection, ~1 s of import no worker should pay; and,
+best effort, its ``warm_modules``: pykx when the q door is on), freezes the GC
+(so children keep sharing those pages instead of touching them on the first
+collection),
 and forks a worker per request: a new worker is ready in milliseconds instead
 of paying the imports again. Per-worker setup (init file, q connection) runs
 after the fork, in the child, because sockets and threads do not survive a
@@ -33,6 +34,7 @@ from __future__ import annotations
 import array
 import ctypes
 import gc
+import importlib
 import json
 import os
 import select
@@ -126,6 +128,11 @@ def serve(ctl: socket.socket, config: dict[str, Any]) -> int:
     except ImportError as exc:
         send(ctl, {"op": "hello", "ok": False, "error": str(exc), "python": worker_mod.PYTHON})
         return worker_mod.PRELOAD_FAILED_EXIT
+    for name in config.get("warm_modules") or []:
+        try:
+            importlib.import_module(name)
+        except Exception as exc:  # noqa: BLE001 - best effort: a worker that needs it reports the error then
+            print(f"template: {name} not preloaded: {type(exc).__name__}: {exc}", file=sys.stderr, flush=True)
     if config.get("uid") is not None:
         try:
             drop_privileges(int(config["uid"]), int(config["gid"]))

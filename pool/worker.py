@@ -46,6 +46,7 @@ from typing import Any, Callable
 
 from . import bundle, frames, qconn
 from . import endpoint as endpoint_mod
+from . import qcall
 from .frames import Kind, Status
 
 PRELOAD_FAILED_EXIT = 3
@@ -196,6 +197,8 @@ class Worker:
             self.functions.popitem(last=False)
 
     def _load_function(self, meta: dict[str, Any], blob: memoryview) -> Callable[..., Any]:
+        if meta.get("source"):  # a pykx.remote function: source text from the q door
+            return qcall.load_source(meta, blob, self.base, import_libraries)
         client_py = meta.get("python")
         if client_py and client_py != PYTHON:
             raise RuntimeError(
@@ -269,6 +272,8 @@ class Worker:
                 status, parts = endpoint_mod.handle(self.endpoints, buf, self.spec.max_message_bytes)
                 del buf
                 ch.reply(reqid, status, parts)
+            elif kind == Kind.QCALL:
+                qcall.handle(self, reqid, buf, self.spec.max_message_bytes)
             elif kind == Kind.PING:
                 ch.reply(reqid, Status.OK, [])
             else:
@@ -311,6 +316,7 @@ def run(spec: WorkerSpec, sock: socket.socket) -> int:
     if isinstance(handle, qconn.QHandle):
         worker.q = handle
         ready["q"] = handle.take_change()
+    ready["q_arity"] = qcall.describe(worker.endpoints)  # for the q door's deferred-sync rule
     payload = json.dumps(ready).encode()
     channel.send([frames.header(Kind.READY, 0, len(payload)), payload])
     try:

@@ -149,7 +149,7 @@ def test_exact_counts_after_known_traffic(start_daemon: Callable[..., Daemon], t
     for pool, outcomes in expected.items():
         for outcome in OUTCOMES:
             want = outcomes.get(outcome, 0)
-            got = value(m, "cruised_requests_total", pool=pool, endpoint="function", outcome=outcome)
+            got = value(m, "cruised_requests_total", pool=pool, endpoint="function", outcome=outcome, door="native")
             assert got == want, f"{pool} {outcome}: {got} != {want}"
     # only the known label sets exist: no endpoint or outcome we did not send
     requests = {k for k in m if k[0] == "cruised_requests_total"}
@@ -190,7 +190,7 @@ def test_exact_counts_after_known_traffic(start_daemon: Callable[..., Daemon], t
     # the CLI prints the same exposition
     out = d.cli("metrics")
     assert out.returncode == 0, out.stderr
-    assert value(parse(out.stdout), "cruised_requests_total", pool="default", endpoint="function", outcome="rejected") == m_rejected
+    assert value(parse(out.stdout), "cruised_requests_total", pool="default", endpoint="function", outcome="rejected", door="native") == m_rejected
 
 
 def _le(bound: float) -> str:
@@ -276,8 +276,8 @@ def test_outcome_aliases_and_histogram_membership() -> None:
     metrics.request_done("p", resent, "unknown_function", 0.0, 0.001)
 
     m = parse(metrics.render().decode())
-    assert value(m, "cruised_requests_total", pool="p", endpoint="function", outcome="rejected") == 2
-    assert value(m, "cruised_requests_total", pool="p", endpoint="svc/predict", outcome="ok") == 1
+    assert value(m, "cruised_requests_total", pool="p", endpoint="function", outcome="rejected", door="native") == 2
+    assert value(m, "cruised_requests_total", pool="p", endpoint="svc/predict", outcome="ok", door="native") == 1
     assert not any(dict(k[1]).get("outcome") == "unknown_function" for k in m)
     assert value(m, "cruised_queue_wait_seconds_count", pool="p") == 2
     assert value(m, "cruised_queue_wait_seconds_sum", pool="p") == 0.5
@@ -297,7 +297,7 @@ def test_endpoint_label_is_bounded(monkeypatch: pytest.MonkeyPatch, caplog: pyte
     m = parse(metrics.render().decode())
     endpoints = {dict(k[1])["endpoint"] for k in m if k[0] == "cruised_requests_total"}
     assert len(endpoints) == cap + 1
-    assert value(m, "cruised_requests_total", pool="p", endpoint="other", outcome="ok") == 50
+    assert value(m, "cruised_requests_total", pool="p", endpoint="other", outcome="ok", door="native") == 50
     assert len(metrics._children) == cap  # the overflow does not grow the cache either
     assert len([r for r in caplog.records if "more than" in r.getMessage()]) == 1
 
@@ -349,3 +349,33 @@ def test_docs_and_dashboard_reference_real_metrics() -> None:
         assert not unknown, f"{where} names metrics that are not exported: {sorted(unknown)}"
     for needle in ("rate(cruised_requests_total[1m])", "histogram_quantile(0.99"):
         assert needle in doc
+
+
+def test_door_label_and_auth_failures_are_counted(start_daemon, tmp_path) -> None:
+    """Requests carry the door they came through; refused API keys are counted (brute force shows)."""
+    import socket as _socket
+
+    from httphelp import basic, call, tcp, unix, write
+
+    with _socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    code = write(tmp_path / "ep.py", "def ping():\n    return 'pong'\n")
+    d = start_daemon(
+        {
+            "pools": {"default": pool_config()},
+            "http": {"listen": f"127.0.0.1:{port}"},
+            "services": {"s": {"api_keys": ["k-1"], "endpoints": {"ping": {"code": code, "function": "ping"}}}},
+        }
+    )
+    assert call(unix(d), "s/ping").status == 200
+    for _ in range(3):
+        assert call(tcp(d), "s/ping", headers=basic("wrong")).status == 401
+    assert call(tcp(d, api_key="k-1"), "s/ping").status == 200
+    with d.session() as s:
+        s.call(add, 1, 2)
+        m = parse(s.metrics())
+    assert value(m, "cruised_requests_total", pool="default", endpoint="s/ping", outcome="ok", door="http") == 2
+    assert value(m, "cruised_requests_total", pool="default", endpoint="function", outcome="ok", door="native") == 1
+    assert value(m, "cruised_auth_failures_total", door="http") == 3
+    assert value(m, "cruised_auth_failures_total", door="qipc") == 0
