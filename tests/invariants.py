@@ -53,6 +53,8 @@ def ledger_call(path: str, token: str, mode: str = "ok", arg: float = 0.0) -> st
         import time as _t
 
         _t.sleep(3600)
+    elif mode == "q":
+        q("til 3")  # noqa: F821 - the worker's q global: raises QConnectionError while q is down
     return token
 
 

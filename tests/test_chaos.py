@@ -196,3 +196,66 @@ def _refusal(d: Daemon) -> str | None:
     except cruised.QueueFull as exc:
         return str(exc)
     return None
+
+
+def test_q_server_killed_and_restarted_during_load(start_daemon, tmp_path: Path) -> None:
+    from qserver import run_qserver
+
+    with run_qserver() as qsrv:
+        q = {"port": qsrv.port, "timeout": "5s", "reconnect": {"initial": "50ms", "max": "200ms"}}
+        d = start_daemon({"pools": {"default": pool_config(min=2, cruise=2, max=2, queue_size=32, q=q)}})
+        ledger = tmp_path / "ledger"
+        clients = clients_for(d, ledger, 4)
+        stop = threading.Event()
+
+        def bounce() -> None:
+            for _ in range(3):
+                if stop.wait(SECONDS / 4):
+                    return
+                qsrv.stop()
+                if stop.wait(0.3):
+                    return
+                qsrv.restart()
+
+        b = threading.Thread(target=bounce)
+        b.start()
+        drive(clients, SECONDS, 4, lambda i: ("q", 0.0))
+        stop.set()
+        b.join(30)
+        settle(clients, 60)
+        rep = check(clients, str(ledger))
+        for c in clients:
+            c.close()
+        assert rep.ok(), rep.summary()
+        assert rep.by_status[Status.OK] > 0 and rep.by_status[Status.Q_UNAVAILABLE] > 0, rep.summary()
+        assert rep.by_status[Status.WORKER_CRASHED] == 0, "a q outage never kills a worker"
+        wait_for(lambda: d.status()["pools"]["default"]["q"]["connected"] == 2, 30, what="both workers reconnected")
+
+
+def test_sighup_every_second_during_load_fails_nothing(start_daemon, tmp_path: Path) -> None:
+    d = start_daemon({"pools": {"default": pool_config(min=2, cruise=2, max=3, queue_size=64)}})
+    ledger = tmp_path / "ledger"
+    clients = clients_for(d, ledger, 4)
+    stop = threading.Event()
+    reloads = 0
+
+    def hup() -> None:
+        nonlocal reloads
+        while not stop.wait(1.0) and reloads < 10:
+            d.signal(signal.SIGHUP)
+            reloads += 1
+
+    h = threading.Thread(target=hup)
+    h.start()
+    drive(clients, max(SECONDS, 3.5), 4, lambda i: ("sleep", 0.005))
+    stop.set()
+    h.join(10)
+    settle(clients, 60)
+    rep = check(clients, str(ledger))
+    for c in clients:
+        c.close()
+    assert rep.ok(), rep.summary()
+    assert reloads >= 3
+    failed = sum(n for s, n in rep.by_status.items() if s != Status.OK)
+    assert failed == 0, f"requests failed across {reloads} reloads: {rep.summary()}"
+    wait_for(lambda: d.status()["generation"] > 1, 30, what="reloads took effect")
