@@ -244,7 +244,8 @@ class Channel:
         out = self._out
         while out:
             try:
-                sent = self.sock.sendmsg(out[:IOV_MAX])
+                # one buffer (the usual forwarded frame): send() skips building an iovec list
+                sent = self.sock.send(out[0]) if len(out) == 1 else self.sock.sendmsg(out[:IOV_MAX])
             except (BlockingIOError, InterruptedError):
                 break
             except OSError as exc:

@@ -47,6 +47,8 @@ from . import errors, paths, shipping
 T = TypeVar("T")
 
 RECV_SIZE = 256 << 10
+#: requests up to this size are joined into one buffer before sending; larger ones go out as a scatter list
+SMALL_SEND = 64 << 10
 CONNECT_TIMEOUT = 5.0
 #: calls ``map`` keeps in flight; the shipped pool's queue (16) holds them all without rejections
 DEFAULT_WINDOW = 16
@@ -254,6 +256,9 @@ def _sendall(sock: socket.socket, parts: list[Any]) -> None:
         total = 0
         for p in parts:
             total += p.nbytes if isinstance(p, memoryview) else len(p)
+        if total <= SMALL_SEND:
+            sock.sendall(b"".join(parts))  # small: one copy is cheaper than a scatter list
+            return
         sent = sock.sendmsg(parts)  # the common case: everything in one call
         if sent == total:
             return
@@ -314,10 +319,20 @@ def decode_result(status: int, frame: bytearray) -> Any:
 
 
 class _Shipped:
-    __slots__ = ("key", "blob", "name")
+    __slots__ = ("key", "blob", "name", "heads")
 
     def __init__(self, key: bytes, blob: bytes, name: str) -> None:
         self.key, self.blob, self.name = key, blob, name
+        #: CALL heads already built, by (pool, timeout_ms): the same bytes every call
+        self.heads: dict[tuple[str, int], bytes] = {}
+
+    def call_head(self, pool: str, timeout_ms: int) -> bytes:
+        head = self.heads.get((pool, timeout_ms))
+        if head is None:
+            if len(self.heads) > 64:  # a caller cycling through timeouts: keep it bounded
+                self.heads.clear()
+            head = self.heads[(pool, timeout_ms)] = frames.call_head(pool, timeout_ms, self.key)
+        return head
 
 
 class Session:
@@ -467,7 +482,7 @@ class Session:
         if register:
             meta = json.dumps({"python": shipping.PYTHON, "libraries": self._libraries, "name": shipped.name}).encode()
             requests.append((Kind.REGISTER, [frames.register_head(self.pool, shipped.key, meta), shipped.blob]))
-        requests.append((Kind.CALL, [frames.call_head(self.pool, timeout_ms, shipped.key), *bundle.pack((args, kwargs))]))
+        requests.append((Kind.CALL, [shipped.call_head(self.pool, timeout_ms), *bundle.pack((args, kwargs))]))
         slots = conn.send(requests, callback)
         if register:
             conn.registered[reg_key] = slots[0]
