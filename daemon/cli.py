@@ -44,7 +44,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
             print(f"cruised: config error: {e}", file=sys.stderr)
         return 2
     from .server import SocketInUse
-    from .supervisor import Supervisor
+    from .supervisor import Supervisor, run_loop
 
     socket_path = args.socket or paths.default_socket(cfg.daemon.socket)
 
@@ -53,7 +53,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         return await sup.run()
 
     try:
-        return asyncio.run(main())
+        return run_loop(main())
     except SocketInUse as exc:
         print(f"cruised: {exc}", file=sys.stderr)
         return 2
