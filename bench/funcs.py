@@ -33,8 +33,15 @@ def getpid(_: Any = None) -> int:
 
 
 def warm_imports(_: Any = None) -> int:
-    """Import what the memory and scale-up rows preload, so every peer's worker holds the same modules."""
+    """Import what the memory rows preload, then collect fully, as every long-lived worker eventually does.
+
+    Every peer's worker then holds the same modules, and a fork-shared page that
+    the collector would dirty is already dirty when PSS is read.
+    """
+    import gc
+
     import numpy  # noqa: F401
     import pandas  # noqa: F401
 
+    gc.collect()
     return os.getpid()

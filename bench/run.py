@@ -130,11 +130,16 @@ def memory_cruised(d: daemon_mod.BenchDaemon) -> dict[str, Any]:
 
     from . import funcs
 
+    workers = {w["pid"] for w in d.status()["pools"]["mem"]["worker_list"]}
+    seen: set[int] = set()
     with cruised.session(socket=d.socket, pool="mem") as s:
-        pids = set(s.map(funcs.warm_imports, [None] * 64, window=4))
+        for _ in range(20):  # until every worker has run it (calls go to whichever worker is idle)
+            seen.update(s.map(funcs.warm_imports, [None] * 16, window=4))
+            if workers <= seen:
+                break
     time.sleep(0.5)  # idle
     st = d.status()["pools"]["mem"]
-    pids = [w["pid"] for w in st["worker_list"] if w["state"] == "idle"]
+    pids = [w["pid"] for w in st["worker_list"] if w["state"] == "idle" and w["pid"] in seen]
     return {"pids": pids, "pss_kb": [memory.pss_kb(p) for p in pids]}
 
 

@@ -88,7 +88,11 @@ def child(spec: worker_mod.WorkerSpec, ctl: socket.socket, wake_r: int, wake_w: 
     os.dup2(out_fd, 1)
     os.dup2(out_fd, 2)
     os.close(out_fd)
-    gc.unfreeze()
+    # No gc.unfreeze() here: the objects the template froze (its imports) stay out of the
+    # collector's reach for the worker's life. Unfrozen, the first full collection walks
+    # and writes every one of them, copying their pages: PSS per idle worker (numpy +
+    # pandas) went from 15 MB to 26 MB after one gc.collect(); frozen, it stays at 15 MB.
+    # Those objects are module-level and live as long as the process anyway.
     sock = socket.socket(fileno=chan_fd)
     sock.setblocking(True)
     return worker_mod.run(spec, sock)
