@@ -25,7 +25,7 @@ import sys
 from collections import deque
 from typing import Any
 
-from cruised.pool import frames
+from cruised.pool import frames, sockopt
 
 RECV_SIZE = 256 << 10
 _SIZE = struct.Struct("<I")
@@ -153,10 +153,16 @@ class FloorSystem:
         self.name = "floor-1hop" if hops == 1 else "floor-2hop"
         self.procs: list[subprocess.Popen[bytes]] = []
         ours, theirs = socket.socketpair()
+        mid_in = mid_out = None
+        if hops == 2:
+            mid_in, mid_out = socket.socketpair()
+        for s in (ours, theirs, mid_in, mid_out):
+            if s is not None:
+                sockopt.size_buffers(s)  # the same buffer sizes as cruised's channels: a fair floor
         if hops == 1:
             self.procs.append(_spawn("echo", theirs))
         else:
-            mid_in, mid_out = socket.socketpair()
+            assert mid_in is not None and mid_out is not None
             self.procs.append(_spawn("echo", mid_out))
             self.procs.append(_spawn("pump", theirs, mid_in))
         self.sock = ours

@@ -32,7 +32,7 @@ import socket
 import weakref
 from typing import Callable, Protocol
 
-from cruised.pool import frames
+from cruised.pool import frames, sockopt
 
 log = logging.getLogger("cruised.channel")
 
@@ -95,6 +95,7 @@ class Channel:
         on_frame_error: Callable[["Channel", frames.FrameError], None] | None = None,
     ) -> None:
         sock.setblocking(False)
+        sockopt.size_buffers(sock)
         self.loop = loop
         self.sock = sock
         self.fd = sock.fileno()

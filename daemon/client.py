@@ -39,7 +39,7 @@ from collections import deque
 from concurrent.futures import Future
 from typing import Any, Callable, Iterable, Iterator, TypeVar
 
-from cruised.pool import bundle, frames
+from cruised.pool import bundle, frames, sockopt
 from cruised.pool.frames import Kind, Status
 
 from . import errors, paths, shipping
@@ -89,6 +89,7 @@ class _Connection:
             reason = exc.strerror or str(exc)
             raise errors.DaemonUnavailable(f"no cruised daemon answers at {path} ({reason}); {_start_hint(path)}") from None
         sock.settimeout(None)
+        sockopt.size_buffers(sock)
         self.sock = sock
         self.send_lock = threading.Lock()
         #: held by the thread currently reading the socket (leader/follower)

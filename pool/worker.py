@@ -37,7 +37,7 @@ from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
-from . import bundle, frames
+from . import bundle, frames, sockopt
 from .frames import Kind, Status
 
 PRELOAD_FAILED_EXIT = 3
@@ -103,6 +103,7 @@ class Channel:
     def __init__(self, sock: socket.socket, limit: int) -> None:
         self.sock = sock
         self.limit = limit
+        sockopt.size_buffers(sock)
         self._buf = bytearray(RECV_SIZE)
         self._view = memoryview(self._buf)
         self._start = 0

@@ -27,6 +27,9 @@ class Trickle:
     def __init__(self, data: bytes, step: int) -> None:
         self.data, self.pos, self.step = data, 0, step
 
+    def setsockopt(self, *_: object) -> None:
+        pass  # buffer sizing (pool/sockopt.py) has nothing to size here
+
     def recv_into(self, view: memoryview) -> int:
         n = min(self.step, view.nbytes, len(self.data) - self.pos)
         view[:n] = self.data[self.pos : self.pos + n]
