@@ -46,7 +46,7 @@ def http_config(workdir: Path, sock: str) -> dict[str, Any]:
     code.write_text(ADD10_SOURCE)
     return {
         "http": {"socket": sock},
-        "services": {"bench": {"pool": "fast", "endpoints": {"add10": {"code": str(code), "function": "add10"}}}},
+        "services": {"bench": {"endpoints": {"add10": {"code": str(code), "function": "add10", "pool": "fast"}}}},
     }
 
 

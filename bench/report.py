@@ -118,17 +118,19 @@ def markdown(results: dict[str, Any]) -> str:
         "",
         "8 clients: separate processes, each with its own connection, for cruised; 8 threads sharing one pool for the in-process peers (a process pool cannot be shared between processes).",
         "",
-        "## Payload round trip (argument and result), p50 ms",
-        "",
-        "| system | " + " | ".join(PAYLOADS) + " |",
-        "|---|" + "---:|" * len(PAYLOADS),
     ]
-    for name, row in _rows(results):
-        if "payloads" not in row and "skipped" not in row:
-            continue
-        cells = [_cell(row, "payloads", p, "p50_us", fmt="{:,.3f}", scale=1e-3) for p in PAYLOADS]
-        lines.append(f"| {_label(name, row)} | " + " | ".join(cells) + " |")
-    lines += ["", "Floors move the same number of bytes as cruised's CALL frame for that argument (no pickling).", ""]
+    payload_rows = [(n, r) for n, r in _rows(results) if "payloads" in r]
+    if payload_rows:
+        lines += [
+            "## Payload round trip (argument and result), p50 ms",
+            "",
+            "| system | " + " | ".join(PAYLOADS) + " |",
+            "|---|" + "---:|" * len(PAYLOADS),
+        ]
+        for name, row in payload_rows:
+            cells = [_cell(row, "payloads", p, "p50_us", fmt="{:,.3f}", scale=1e-3) for p in PAYLOADS]
+            lines.append(f"| {_label(name, row)} | " + " | ".join(cells) + " |")
+        lines += ["", "Floors move the same number of bytes as cruised's CALL frame for that argument (no pickling).", ""]
 
     scale_rows = [(n, r) for n, r in _rows(results) if _get(r, "scaleup", "bursts")]
     if scale_rows:
@@ -188,6 +190,8 @@ def markdown(results: dict[str, Any]) -> str:
         for sec, val in row.items():
             if isinstance(val, dict) and "error" in val:
                 notes.append(f"{name} {sec}: error — {val['error']}")
+            elif isinstance(val, dict) and "skipped" in val and val["skipped"] != "not applicable":
+                notes.append(f"{name} {sec}: skipped — {val['skipped']}")
     if notes:
         lines += ["", "Notes:", ""] + [f"- {n}" for n in notes]
     return "\n".join(lines) + "\n"
