@@ -53,7 +53,13 @@ def _pss_mb(row: dict[str, Any]) -> float | None:
 
 
 def _ready(row: dict[str, Any]) -> list[float]:
+    """Spawn -> READY of every worker the bursts started (later ones queue behind earlier forks)."""
     return [t for b in (_get(row, "scaleup", "bursts") or []) for t in b.get("worker_ready_ms", [])]
+
+
+def _single(row: dict[str, Any]) -> list[float]:
+    """Spawn -> READY of one new worker on its own (nothing queued ahead of it in the template)."""
+    return list(_get(row, "scaleup", "single_spawn_ready_ms") or [])
 
 
 def _median(xs: list[float]) -> float | None:
@@ -82,11 +88,12 @@ def targets(results: dict[str, Any]) -> list[dict[str, Any]]:
     thr = _get(cr, "throughput", "calls_per_s")
     ratio("pipelined calls/s vs ProcessPoolExecutor", thr, _get(ppe, "throughput", "calls_per_s"), 3, False, "{a:,.0f}/s vs {b:,.0f}/s")
     ratio("pipelined calls/s vs Ray", thr, _get(ray, "throughput", "calls_per_s"), 10, False, "{a:,.0f}/s vs {b:,.0f}/s")
-    ready = _ready(cr)
+    ready = _single(cr) or _ready(cr)
     if ready:
         med = _median(ready)
         assert med is not None
-        out.append({"target": "new worker ready (numpy+pandas preloaded)", "figure": f"median {med:.1f} ms, max {max(ready):.1f} ms ({len(ready)} spawns)", "limit": "≤ 50 ms", "met": med <= 50})
+        what = "one new worker alone" if _single(cr) else "burst spawns"
+        out.append({"target": "new worker ready (numpy+pandas preloaded)", "figure": f"median {med:.1f} ms, max {max(ready):.1f} ms ({len(ready)} × {what})", "limit": "≤ 50 ms", "met": med <= 50})
     else:
         out.append({"target": "new worker ready (numpy+pandas preloaded)", "figure": "not measured", "limit": "≤ 50 ms", "met": None})
     pss = _pss_mb(cr)
@@ -134,16 +141,28 @@ def markdown(results: dict[str, Any]) -> str:
 
     scale_rows = [(n, r) for n, r in _rows(results) if _get(r, "scaleup", "bursts")]
     if scale_rows:
-        lines += ["## Scale-up: a burst of 8 concurrent 100 ms calls (numpy and pandas preloaded)", "", "| system | from | all running after ms | all done after ms | new worker ready ms (median / max) |", "|---|---|---:|---:|---:|"]
+        lines += [
+            "## Scale-up: a burst of 8 concurrent 100 ms calls (numpy and pandas preloaded)",
+            "",
+            "| system | from | all running after ms | all done after ms | burst spawns ready ms (median / max) | one new worker ready ms (median / max) |",
+            "|---|---|---:|---:|---:|---:|",
+        ]
         for name, row in scale_rows:
             b = row["scaleup"]["bursts"]
             started = _median([x["all_started_ms"] for x in b])
             done = _median([x["all_done_ms"] for x in b])
             ready = _ready(row)
             rd = f"{_median(ready):.1f} / {max(ready):.1f}" if ready else "—"
+            one = _single(row)
+            od = f"{_median(one):.1f} / {max(one):.1f}" if one else "—"
             origin = "cruise 1 → max 8" if name == "cruised" else "new 8-worker pool"
-            lines.append(f"| {_label(name, row)} | {origin} | {_num(started, '{:.1f}')} | {_num(done, '{:.1f}')} | {rd} |")
-        lines.append("")
+            lines.append(f"| {_label(name, row)} | {origin} | {_num(started, '{:.1f}')} | {_num(done, '{:.1f}')} | {rd} | {od} |")
+        lines += [
+            "",
+            "Spawn → READY as the supervisor logs it. The template forks one worker at a time, so in a burst the later spawns",
+            "queue behind the earlier ones; the last column spawns one worker with nothing ahead of it.",
+            "",
+        ]
 
     fresh = results.get("fresh_interpreter_pss_kb")
     mem_rows = [(n, r) for n, r in _rows(results) if _pss_mb(r) is not None]

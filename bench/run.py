@@ -111,7 +111,19 @@ def scaleup_cruised(d: daemon_mod.BenchDaemon, bursts: int) -> dict[str, Any]:
                 time.sleep(0.02)
             run["worker_ready_ms"] = ready
             runs.append(run)
-    return {"bursts": runs}
+        # one new worker on its own: two concurrent calls into a pool at cruise 1 spawn exactly one
+        single = []
+        for _ in range(bursts * 3):
+            _wait_pool(d, "scale", lambda p: p["workers"].get("idle", 0) + p["workers"].get("busy", 0) == 1 and not p["workers"].get("starting"))
+            mark = d.log_lines()
+            futs = [nap.submit(daemon_mod.NAP_MS) for _ in range(2)]  # type: ignore[attr-defined]
+            for f in futs:
+                f.result(timeout=60)
+            deadline = time.monotonic() + 5
+            while not (ready := d.ready_times_ms("scale", mark)) and time.monotonic() < deadline:
+                time.sleep(0.02)
+            single.extend(ready)
+    return {"bursts": runs, "single_spawn_ready_ms": single}
 
 
 def _wait_pool(d: daemon_mod.BenchDaemon, pool: str, pred: Any, timeout: float = 30.0) -> dict[str, Any]:
