@@ -155,6 +155,13 @@ def memory_cruised(d: daemon_mod.BenchDaemon) -> dict[str, Any]:
     return {"pids": pids, "pss_kb": [memory.pss_kb(p) for p in pids]}
 
 
+def _loadavg() -> str:
+    try:
+        return " / ".join(open("/proc/loadavg").read().split()[:3])
+    except OSError:
+        return "?"
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m bench", description="cruised benchmark suite (issue 6)")
     ap.add_argument("--quick", action="store_true", help="fewer iterations, no Ray: under a minute")
@@ -189,6 +196,7 @@ def main(argv: list[str] | None = None) -> int:
     if quick and "ray" not in systems:
         results["meta"]["notes"].append("--quick: Ray skipped (its start-up alone exceeds the quick budget)")
     started = time.monotonic()
+    results["meta"]["load_start"] = _loadavg()
     d = daemon_mod.BenchDaemon(WORKERS, with_http="cruised-http" in systems).start()
     try:
         if d.http_note:
@@ -242,6 +250,7 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         d.cleanup()
     results["meta"]["seconds"] = round(time.monotonic() - started, 1)
+    results["meta"]["load_end"] = _loadavg()
     md = report.markdown(results)
     (out_dir / "results.json").write_text(json.dumps(results, indent=1))
     (out_dir / "results.md").write_text(md)
