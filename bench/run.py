@@ -155,6 +155,16 @@ def memory_cruised(d: daemon_mod.BenchDaemon) -> dict[str, Any]:
     return {"pids": pids, "pss_kb": [memory.pss_kb(p) for p in pids]}
 
 
+def merge_best(row: dict[str, Any], again: dict[str, Any]) -> None:
+    """Keep the lower sync p50 and the higher pipelined rate of two passes over the same system."""
+    lat, lat2 = row.get("latency"), again.get("latency")
+    if isinstance(lat2, dict) and "p50_us" in lat2 and (not isinstance(lat, dict) or lat2["p50_us"] < lat.get("p50_us", float("inf"))):
+        row["latency"] = lat2
+    thr, thr2 = row.get("throughput"), again.get("throughput")
+    if isinstance(thr2, dict) and "calls_per_s" in thr2 and (not isinstance(thr, dict) or thr2["calls_per_s"] > thr.get("calls_per_s", 0.0)):
+        row["throughput"] = thr2
+
+
 def _loadavg() -> str:
     try:
         return " / ".join(open("/proc/loadavg").read().split()[:3])
@@ -220,6 +230,17 @@ def main(argv: list[str] | None = None) -> int:
             results["systems"][system] = run_probe(system, ps, d, quick)
             if "error" in results["systems"][system]:
                 log(f"{system}: ERROR {results['systems'][system]['error']}")
+        if "trivial" in sections and not quick:
+            # Background load drifts while the rows run one after another; a second pass in reverse
+            # order, keeping each system's better pass, stops the drift from deciding the ratios.
+            for system in reversed(systems):
+                row = results["systems"].get(system, {})
+                if "latency" not in row and "throughput" not in row:
+                    continue
+                log(f"{system}: second pass (latency, throughput)")
+                again = run_probe(system, ["latency", "throughput"], d, quick)
+                merge_best(row, again)
+            results["meta"]["notes"].append("trivial rows: best of two passes (forward and reverse order)")
         cr = results["systems"].setdefault("cruised", {"system": "cruised", "label": "cruised (native client)"})
         if "multiclient" in sections:
             n = 1000 if quick else 4000
