@@ -32,7 +32,7 @@ import socket
 import weakref
 from typing import Callable, Protocol
 
-from cruised.pool import frames
+from cruised.pool import frames, sockopt
 
 log = logging.getLogger("cruised.channel")
 
@@ -95,6 +95,7 @@ class Channel:
         on_frame_error: Callable[["Channel", frames.FrameError], None] | None = None,
     ) -> None:
         sock.setblocking(False)
+        sockopt.size_buffers(sock)
         self.loop = loop
         self.sock = sock
         self.fd = sock.fileno()
@@ -247,7 +248,8 @@ class Channel:
         out = self._out
         while out:
             try:
-                sent = self.sock.sendmsg(out[:IOV_MAX])
+                # one buffer (the usual forwarded frame): send() skips building an iovec list
+                sent = self.sock.send(out[0]) if len(out) == 1 else self.sock.sendmsg(out[:IOV_MAX])
             except (BlockingIOError, InterruptedError):
                 break
             except OSError as exc:

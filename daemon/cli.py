@@ -42,7 +42,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
             print(f"cruised: config error: {e}", file=sys.stderr)
         return 2
     from .server import SocketInUse
-    from .supervisor import Supervisor
+    from .supervisor import Supervisor, run_loop
     from .systemd import ActivationError
 
     socket_path = args.socket or paths.default_socket(cfg.daemon.socket)
@@ -55,7 +55,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         return await sup.run()
 
     try:
-        return asyncio.run(main())
+        return run_loop(main())
     except (SocketInUse, ActivationError) as exc:
         print(f"cruised: {exc}", file=sys.stderr)
         return 2

@@ -40,7 +40,7 @@ from collections import deque
 from concurrent.futures import Future
 from typing import Any, Callable, Iterable, Iterator, TypeVar
 
-from cruised.pool import bundle, frames
+from cruised.pool import bundle, frames, sockopt
 from cruised.pool.frames import Kind, Status
 
 from . import errors, paths, shipping
@@ -50,6 +50,8 @@ T = TypeVar("T")
 RECV_SIZE = 256 << 10
 #: a connection idle this long is checked for a daemon hang-up before reuse
 IDLE_CHECK_AFTER = 0.25
+#: requests up to this size are joined into one buffer before sending; larger ones go out as a scatter list
+SMALL_SEND = 64 << 10
 CONNECT_TIMEOUT = 5.0
 #: calls ``map`` keeps in flight; the shipped pool's queue (16) holds them all without rejections
 DEFAULT_WINDOW = 16
@@ -90,6 +92,7 @@ class _Connection:
             reason = exc.strerror or str(exc)
             raise errors.DaemonUnavailable(f"no cruised daemon answers at {path} ({reason}); {_start_hint(path)}") from None
         sock.settimeout(None)
+        sockopt.size_buffers(sock)
         self.sock = sock
         self.send_lock = threading.Lock()
         #: held by the thread currently reading the socket (leader/follower)
@@ -289,6 +292,9 @@ def _sendall(sock: socket.socket, parts: list[Any]) -> None:
         total = 0
         for p in parts:
             total += p.nbytes if isinstance(p, memoryview) else len(p)
+        if total <= SMALL_SEND:
+            sock.sendall(b"".join(parts))  # small: one copy is cheaper than a scatter list
+            return
         sent = sock.sendmsg(parts)  # the common case: everything in one call
         if sent == total:
             return
@@ -349,10 +355,20 @@ def decode_result(status: int, frame: bytearray) -> Any:
 
 
 class _Shipped:
-    __slots__ = ("key", "blob", "name", "captured")
+    __slots__ = ("key", "blob", "name", "captured", "heads")
 
     def __init__(self, key: bytes, blob: bytes, name: str, captured: list[shipping.Capture]) -> None:
         self.key, self.blob, self.name, self.captured = key, blob, name, captured
+        #: CALL heads already built, by (pool, timeout_ms): the same bytes every call
+        self.heads: dict[tuple[str, int], bytes] = {}
+
+    def call_head(self, pool: str, timeout_ms: int) -> bytes:
+        head = self.heads.get((pool, timeout_ms))
+        if head is None:
+            if len(self.heads) > 64:  # a caller cycling through timeouts: keep it bounded
+                self.heads.clear()
+            head = self.heads[(pool, timeout_ms)] = frames.call_head(pool, timeout_ms, self.key)
+        return head
 
 
 class Session:
@@ -520,7 +536,7 @@ class Session:
         if register:
             meta = json.dumps({"python": shipping.PYTHON, "libraries": self._libraries, "name": shipped.name}).encode()
             requests.append((Kind.REGISTER, [frames.register_head(self.pool, shipped.key, meta), shipped.blob]))
-        requests.append((Kind.CALL, [frames.call_head(self.pool, timeout_ms, shipped.key), *bundle.pack((args, kwargs))]))
+        requests.append((Kind.CALL, [shipped.call_head(self.pool, timeout_ms), *bundle.pack((args, kwargs))]))
         slots = conn.send(requests, callback)
         if register:
             conn.registered[reg_key] = slots[0]

@@ -79,6 +79,10 @@ class WorkerState(enum.Enum):
     KILLING = "killing"
     GONE = "gone"
 
+    # Members are singletons, so identity hashing is exact; Enum's own __hash__ is a Python-level
+    # call, and ``counts[state]`` runs about 14 times per request.
+    __hash__ = object.__hash__
+
 
 class Launcher(Protocol):
     def spawn(self, worker: "Worker") -> None: ...
@@ -151,9 +155,12 @@ class Worker:
     idle_since: float = 0.0
     error: str | None = None  # preload failure text, if any
     exit_reason: str | None = None  # set when we decide it must go
-    timer: Any = None  # start or exec deadline handle
+    timer: Any = None  # start deadline handle
     handle: Any = None  # the launcher's own per-worker state
     q: dict[str, Any] | None = None  # {"connected": bool, "error": str | None}, as the worker reported it
+    #: the exec-deadline timer, re-armed lazily (see Dispatcher._arm_exec); fires at or before the job's deadline
+    exec_timer: Any = None
+    exec_timer_at: float = 0.0
 
 
 class Dispatcher:
@@ -270,7 +277,7 @@ class Dispatcher:
         if job.timeout is not None and 0 < job.timeout < limit:
             limit = job.timeout
         job.extra["exec_limit"] = limit
-        worker.timer = self.clock.call_at(now + limit, self._exec_timeout, worker, job)
+        self._arm_exec(worker, now + limit)
         self.launcher.send(worker, parts)
 
     def on_worker_reply(self, worker: Worker, buf: bytearray, status: int, reqid: int) -> None:
@@ -302,6 +309,34 @@ class Dispatcher:
         else:
             self._become_idle(worker)
         self.pump()
+
+    def _arm_exec(self, worker: Worker, deadline: float) -> None:
+        """Make sure a timer fires at or before ``deadline``.
+
+        One timer per worker, not one per call: a timer armed for an earlier
+        call's deadline is kept (replies do not cancel it) and, when it fires,
+        re-arms itself for the running call's deadline (``_exec_check``).
+        Calls are usually far shorter than exec_timeout, so most calls create
+        and cancel no timer at all, yet a call is still killed exactly at its
+        deadline.
+        """
+        if worker.exec_timer is not None:
+            if worker.exec_timer_at <= deadline:
+                return
+            worker.exec_timer.cancel()  # a shorter per-call timeout than the armed one
+        worker.exec_timer_at = deadline
+        worker.exec_timer = self.clock.call_at(deadline, self._exec_check, worker)
+
+    def _exec_check(self, worker: Worker) -> None:
+        worker.exec_timer = None
+        job = worker.job
+        if job is None or job.started is None or worker.state is not WorkerState.BUSY:
+            return  # idle (or already being killed): nothing to time; the next call re-arms
+        deadline = job.started + job.extra.get("exec_limit", self.config.exec_timeout)
+        if deadline > worker.exec_timer_at:
+            self._arm_exec(worker, deadline)  # armed for an earlier call: wait for this one's deadline
+            return
+        self._exec_timeout(worker, job)  # this call's own deadline (the loop's resolution, as before)
 
     def _exec_timeout(self, worker: Worker, job: Job) -> None:
         if worker.job is not job or job.answered:
@@ -444,6 +479,8 @@ class Dispatcher:
         was_starting = worker.state is WorkerState.STARTING
         _cancel(worker.timer)
         worker.timer = None
+        _cancel(worker.exec_timer)
+        worker.exec_timer = None
         how = _describe_exit(code)
         job = worker.job
         if job is not None and not job.answered:

@@ -19,6 +19,8 @@ from typing import Any
 
 _COUNT = struct.Struct("<H")
 _LEN = struct.Struct("<Q")
+#: the index of a bundle without out-of-band buffers (the common case: no arrays)
+_PLAIN = struct.Struct("<HQ")
 PROTOCOL = 5
 
 
@@ -31,12 +33,11 @@ def pack(obj: Any) -> list[bytes | memoryview]:
 
         buffers = []
         data = dill.dumps(obj, protocol=PROTOCOL, buffer_callback=buffers.append, recurse=True)
+    if not buffers:
+        return [_PLAIN.pack(0, len(data)), data]
     views = [b.raw() for b in buffers]
-    index = bytearray(_COUNT.pack(len(views)))
-    index += _LEN.pack(len(data))
-    for v in views:
-        index += _LEN.pack(v.nbytes)
-    return [bytes(index), data, *views]
+    index = struct.pack(f"<H{len(views) + 1}Q", len(views), len(data), *[v.nbytes for v in views])
+    return [index, data, *views]
 
 
 def packed_size(parts: list[bytes | memoryview]) -> int:
@@ -45,15 +46,20 @@ def packed_size(parts: list[bytes | memoryview]) -> int:
 
 def unpack(buf: bytes | bytearray | memoryview, offset: int = 0) -> Any:
     mv = memoryview(buf)
-    if offset + 2 > len(mv):
+    size = mv.nbytes
+    if offset + _PLAIN.size > size:  # every bundle has at least a count and the pickle's length
         raise ValueError("truncated bundle")
-    (n,) = _COUNT.unpack_from(mv, offset)
+    n, ln = _PLAIN.unpack_from(mv, offset)
+    if n == 0:  # no out-of-band buffers: the pickle follows the index
+        pos = offset + _PLAIN.size
+        if pos + ln > size:
+            raise ValueError("truncated bundle")
+        return pickle.loads(mv[pos : pos + ln])
     pos = offset + 2
-    lengths = []
-    for _ in range(n + 1):
-        (ln,) = _LEN.unpack_from(mv, pos)
-        lengths.append(ln)
-        pos += 8
+    if pos + 8 * (n + 1) > len(mv):
+        raise ValueError("truncated bundle")
+    lengths = struct.unpack_from(f"<{n + 1}Q", mv, pos)
+    pos += 8 * (n + 1)
     if pos + sum(lengths) > len(mv):
         raise ValueError("truncated bundle")
     data = mv[pos : pos + lengths[0]]

@@ -105,7 +105,11 @@ def child(spec: worker_mod.WorkerSpec, ctl: socket.socket, wake_r: int, wake_w: 
     os.dup2(out_fd, 1)
     os.dup2(out_fd, 2)
     os.close(out_fd)
-    gc.unfreeze()
+    # No gc.unfreeze() here: the objects the template froze (its imports) stay out of the
+    # collector's reach for the worker's life. Unfrozen, the first full collection walks
+    # and writes every one of them, copying their pages: PSS per idle worker (numpy +
+    # pandas) went from 15 MB to 26 MB after one gc.collect(); frozen, it stays at 15 MB.
+    # Those objects are module-level and live as long as the process anyway.
     sock = socket.socket(fileno=chan_fd)
     sock.setblocking(True)
     return worker_mod.run(spec, sock)
@@ -122,12 +126,17 @@ def serve(ctl: socket.socket, config: dict[str, Any]) -> int:
 
     started = time.monotonic()
     try:
-        # dill is what every worker needs to load shipped code: import it once, here
-        worker_mod.import_libraries({"dill": "dill", **(config.get("libraries") or {})})
+        worker_mod.import_libraries(config.get("libraries") or {})
         worker_mod.import_libraries({m: m for m in config.get("preload_modules") or []})
     except ImportError as exc:
         send(ctl, {"op": "hello", "ok": False, "error": str(exc), "python": worker_mod.PYTHON})
         return worker_mod.PRELOAD_FAILED_EXIT
+    try:
+        # Every shipped function is a dill pickle: imported here once, it is shared by every
+        # worker instead of costing each new worker ~17 ms (far more in a burst) on its first call.
+        import dill  # noqa: F401
+    except ImportError:
+        pass  # an interpreter without dill can still serve endpoints; shipped calls report the error
     for name in config.get("warm_modules") or []:
         try:
             importlib.import_module(name)

@@ -44,7 +44,7 @@ from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
-from . import bundle, frames, qconn
+from . import bundle, frames, qconn, sockopt
 from . import endpoint as endpoint_mod
 from . import qcall
 from .frames import Kind, Status
@@ -53,6 +53,10 @@ PRELOAD_FAILED_EXIT = 3
 #: loaded functions kept per worker; a miss only costs a DEFINE from the supervisor
 FUNCTION_CACHE = 4096
 PYTHON = f"{sys.version_info[0]}.{sys.version_info[1]}"
+#: the channel's reusable receive buffer; larger frames get their own
+RECV_SIZE = 256 << 10
+#: replies up to this size are joined and sent as one buffer; larger ones go out as a scatter list
+SMALL_REPLY = 64 << 10
 
 
 @dataclass
@@ -101,33 +105,74 @@ def preload(spec: WorkerSpec) -> dict[str, Any]:
 
 
 class Channel:
-    """Blocking framed I/O over the worker's end of the socketpair."""
+    """Blocking framed I/O over the worker's end of the socketpair.
+
+    Reads go through a reusable receive buffer, so a frame (or a DEFINE and
+    the CALL pipelined behind it) usually costs one ``recv``; a frame larger
+    than the buffer gets a buffer of its own that the kernel fills directly.
+    Each returned frame is a ``bytearray`` of its own, since call arguments
+    may keep views into it (numpy arrays unpickled out-of-band).
+    """
 
     def __init__(self, sock: socket.socket, limit: int) -> None:
         self.sock = sock
         self.limit = limit
-        self._head = bytearray(frames.HEADER_SIZE)
+        sockopt.size_buffers(sock)
+        self._buf = bytearray(RECV_SIZE)
+        self._view = memoryview(self._buf)
+        self._start = 0
+        self._end = 0
         #: a function may call os.fork(); only the real worker may use the channel
         self.owner = os.getpid()
 
-    def _read_into(self, view: memoryview) -> bool:
-        while view.nbytes:
-            n = self.sock.recv_into(view)
-            if n == 0:
-                return False
-            view = view[n:]
+    def _fill(self) -> bool:
+        """One ``recv`` into the free end of the buffer (compacting first if needed); False at EOF."""
+        if self._end == len(self._buf):
+            pending = self._end - self._start
+            self._buf[:pending] = self._view[self._start : self._end]
+            self._start, self._end = 0, pending
+        n = self.sock.recv_into(self._view[self._end :])
+        if n == 0:
+            return False
+        self._end += n
         return True
+
+    def buffered(self) -> bool:
+        """True when bytes of the next frame are already in the receive buffer."""
+        return self._end > self._start
 
     def read(self) -> bytearray | None:
         """Next whole frame, or None at EOF (the supervisor closed the channel)."""
-        head = self._head
-        if not self._read_into(memoryview(head)):
-            return None
-        total, _, _, _ = frames.parse_header(head, self.limit)
-        buf = bytearray(total)
-        buf[: frames.HEADER_SIZE] = head
-        if not self._read_into(memoryview(buf)[frames.HEADER_SIZE :]):
-            return None
+        hs = frames.HEADER_SIZE
+        while self._end - self._start < hs:
+            if self._start == self._end:
+                self._start = self._end = 0
+            if not self._fill():
+                return None
+        start = self._start
+        total, _, _, _ = frames.parse_header(self._view[start : start + hs], self.limit)
+        have = self._end - start
+        if have >= total:
+            buf = bytearray(self._view[start : start + total])
+            self._start = start + total
+            return buf
+        if total > len(self._buf) - start:
+            # does not fit behind what is buffered: a buffer of its own, filled by the kernel
+            buf = bytearray(total)
+            buf[:have] = self._view[start : self._end]
+            self._start = self._end = 0
+            view = memoryview(buf)[have:]
+            while view.nbytes:
+                n = self.sock.recv_into(view)
+                if n == 0:
+                    return None
+                view = view[n:]
+            return buf
+        while self._end - start < total:
+            if not self._fill():
+                return None
+        buf = bytearray(self._view[start : start + total])
+        self._start = start + total
         return buf
 
     def send(self, parts: list[bytes | memoryview]) -> None:
@@ -146,7 +191,12 @@ class Channel:
 
     def reply(self, reqid: int, status: int, parts: list[bytes | memoryview]) -> None:
         size = bundle.packed_size(parts)
-        self.send([frames.header(Kind.REPLY, reqid, size, status), *parts])
+        head = frames.header(Kind.REPLY, reqid, size, status)
+        if size <= SMALL_REPLY:
+            # one contiguous buffer and plain send(): cheaper than building a scatter list
+            self.sock.sendall(b"".join((head, *parts)))
+        else:
+            self.send([head, *parts])
 
 
 def error_parts(exc: BaseException) -> list[bytes | memoryview]:
@@ -256,7 +306,9 @@ class Worker:
     def serve(self) -> int:
         ch = self.channel
         while True:
-            if self.q is not None:
+            if self.q is not None and not ch.buffered():
+                # only when no frame already sits in our receive buffer: idle() waits for the
+                # socket, and a frame read ahead (DEFINE arrives with its CALL) would never wake it
                 self.q.idle(ch.sock, self.report_q)  # reconnects and watches q while waiting
             buf = ch.read()
             if buf is None:

@@ -117,7 +117,10 @@ def _connect_as(path: str, uid: int) -> tuple[int, str]:
             c = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
             c.settimeout(10)
             c.connect(path)
-            c.sendall(frames.frame(Kind.PING, 1))
+            try:
+                c.sendall(frames.frame(Kind.PING, 1))
+            except BrokenPipeError:
+                pass  # a refused peer's socket is closed right after the refusal is written: still read it
             _, status, _, body = read_frame(c)
             os.write(w, json.dumps([status, body.decode() or "{}"]).encode())
             code = 0

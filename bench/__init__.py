@@ -1,0 +1,1 @@
+"""cruised's benchmark suite against its peers: ``python -m bench [--quick]`` (bench/run.py)."""
