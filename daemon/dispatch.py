@@ -71,6 +71,27 @@ class ReplySink(Protocol):
         """The daemon's own answer (rejections, timeouts, crashes)."""
 
 
+class FutureReply:
+    """A ReplySink that resolves an asyncio future: (status, worker frame or None, refusal message).
+
+    Used by the doors that await their job (HTTP, kdb+ IPC); the native door
+    writes replies straight to its connection instead.
+    """
+
+    __slots__ = ("future",)
+
+    def __init__(self, loop: Any) -> None:
+        self.future = loop.create_future()
+
+    def forward(self, job: "Job", buf: bytearray, status: int) -> None:
+        if not self.future.done():
+            self.future.set_result((status, buf, ""))
+
+    def refuse(self, job: "Job", status: int, message: str) -> None:
+        if not self.future.done():
+            self.future.set_result((status, None, message))
+
+
 class WorkerState(enum.Enum):
     STARTING = "starting"
     IDLE = "idle"

@@ -78,7 +78,7 @@ from cruised.pool.frames import Kind, Status
 
 from . import services
 from .config import Config
-from .dispatch import Job
+from .dispatch import FutureReply, Job
 from .server import SocketInUse, bind_unix, next_job_id, peer_credentials
 
 if TYPE_CHECKING:
@@ -102,21 +102,7 @@ def json_response(obj: Any, status: int = 200) -> web.Response:
     return web.Response(status=status, body=json.dumps(obj).encode(), content_type="application/json")
 
 
-class HttpReply:
-    """The ReplySink of one HTTP call: the dispatcher's answer resolves a future."""
-
-    __slots__ = ("future",)
-
-    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
-        self.future: asyncio.Future[tuple[int, bytearray | None, str]] = loop.create_future()
-
-    def forward(self, job: Job, buf: bytearray, status: int) -> None:
-        if not self.future.done():
-            self.future.set_result((status, buf, ""))
-
-    def refuse(self, job: Job, status: int, message: str) -> None:
-        if not self.future.done():
-            self.future.set_result((status, None, message))
+HttpReply = FutureReply  # the ReplySink of one call: the dispatcher's answer resolves a future
 
 
 #: daemon refusals -> (HTTP status, errorType, whether to send Retry-After)

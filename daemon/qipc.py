@@ -60,13 +60,13 @@ import os
 import re
 import socket
 import ssl
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 from cruised.pool import frames, qcall
 from cruised.pool.frames import Kind, Status
 
 from . import qremote, qwire, services
-from .dispatch import Job
+from .dispatch import FutureReply, Job
 from .qauth import Authenticator, UsersFileError, is_loopback
 from .qwire import MSG_ASYNC, MSG_RESPONSE, MSG_SYNC, Header, WireError
 from .server import SocketInUse, next_job_id
@@ -110,21 +110,7 @@ def import_pykx() -> Any:
     return pykx
 
 
-class QReply:
-    """The ReplySink of one q job: the dispatcher's answer resolves a future."""
-
-    __slots__ = ("future",)
-
-    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
-        self.future: asyncio.Future[tuple[int, bytearray | None, str]] = loop.create_future()
-
-    def forward(self, job: Job, buf: bytearray, status: int) -> None:
-        if not self.future.done():
-            self.future.set_result((status, buf, ""))
-
-    def refuse(self, job: Job, status: int, message: str) -> None:
-        if not self.future.done():
-            self.future.set_result((status, None, message))
+QReply = FutureReply  # the ReplySink of one call: the dispatcher's answer resolves a future
 
 
 class QipcDoor:
@@ -357,7 +343,8 @@ class QConnection(asyncio.BufferedProtocol):
     # -- asyncio protocol ---------------------------------------------------------------
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
+        # uvloop's transports are not asyncio.Transport subclasses, but have the same methods
+        transport = cast(asyncio.Transport, transport)
         self.transport = transport
         self.peer = transport.get_extra_info("peername")
         limit = self.sup.config.daemon.max_connections
