@@ -79,7 +79,7 @@ from cruised.pool.frames import Kind, Status
 from . import services
 from .config import Config
 from .dispatch import FutureReply, Job
-from .server import SocketInUse, bind_unix, next_job_id, peer_credentials
+from .server import SocketInUse, bind_tcp, bind_unix, next_job_id, peer_credentials
 
 if TYPE_CHECKING:
     from .supervisor import Supervisor
@@ -189,18 +189,8 @@ class HttpDoor:
         log.info("http listening on %s%s", self.socket_path, f" and {self.tcp_address}" if self.tcp_address else "")
 
     def _bind_tcp(self, host: str, port: int) -> socket.socket:
-        try:
-            family, kind, proto, _, addr = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[0]
-            sock = socket.socket(family, kind, proto)
-        except OSError as exc:
-            raise SocketInUse(f"cannot listen on {host}:{port} (http.listen): {exc.strerror or exc}") from None
-        try:
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            sock.bind(addr)
-            sock.listen(512)
-        except OSError as exc:
-            sock.close()
-            raise SocketInUse(f"cannot listen on {host}:{port} (http.listen): {exc.strerror or exc}") from None
+        sock = bind_tcp(host, port, "http.listen")
+        family = sock.family
         bound = sock.getsockname()
         self.tcp_address = f"[{bound[0]}]:{bound[1]}" if family == socket.AF_INET6 else f"{bound[0]}:{bound[1]}"
         return sock

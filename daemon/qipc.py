@@ -69,7 +69,7 @@ from . import qremote, qwire, services
 from .dispatch import FutureReply, Job
 from .qauth import Authenticator, UsersFileError, is_loopback
 from .qwire import MSG_ASYNC, MSG_RESPONSE, MSG_SYNC, Header, WireError
-from .server import SocketInUse, next_job_id
+from .server import SocketInUse, bind_tcp, next_job_id
 
 if TYPE_CHECKING:
     from .config import Config
@@ -167,18 +167,7 @@ class QipcDoor:
         log.info("qipc listening on %s:%s%s%s", self.host, self.port, " (TLS)" if tls else "", f" and {self.unix_name}" if self.unix_name else "")
 
     def _bind_tcp(self, host: str, port: int) -> socket.socket:
-        try:
-            family, kind, proto, _, addr = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[0]
-            sock = socket.socket(family, kind, proto)
-        except OSError as exc:
-            raise SocketInUse(f"cannot listen on {host}:{port} (qipc.listen): {exc.strerror or exc}") from None
-        try:
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            sock.bind(addr)
-            sock.listen(512)
-        except OSError as exc:
-            sock.close()
-            raise SocketInUse(f"cannot listen on {host}:{port} (qipc.listen): {exc.strerror or exc}") from None
+        sock = bind_tcp(host, port, "qipc.listen")
         sock.setblocking(False)
         return sock
 

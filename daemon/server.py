@@ -80,6 +80,23 @@ class SocketInUse(RuntimeError):
     pass
 
 
+def bind_tcp(host: str, port: int, setting: str) -> socket.socket:
+    """A listening TCP socket; errors name ``setting`` (e.g. ``http.listen``) so the operator knows what to fix."""
+    try:
+        family, kind, proto, _, addr = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[0]
+        sock = socket.socket(family, kind, proto)
+    except OSError as exc:
+        raise SocketInUse(f"cannot listen on {host}:{port} ({setting}): {exc.strerror or exc}") from None
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(addr)
+        sock.listen(512)
+    except OSError as exc:
+        sock.close()
+        raise SocketInUse(f"cannot listen on {host}:{port} ({setting}): {exc.strerror or exc}") from None
+    return sock
+
+
 class NativeServer:
     def __init__(self, supervisor: "Supervisor", sock: socket.socket, path: str | None) -> None:
         self.sup = supervisor
