@@ -365,3 +365,12 @@ def test_a_client_that_stalls_mid_frame_is_cut_off(start_daemon) -> None:
     big.sendall(frames.header(Kind.CALL, 6, 1 << 20) + b"x" * 1000)  # a large frame that stops
     assert "read_timeout" in json.loads(read_frame(big)[3])["message"]
     assert d.session().call(lambda: "still serving") == "still serving"
+
+
+def test_sigusr1_logs_memory_diagnostics(daemon: Daemon) -> None:
+    daemon.session().call(lambda: 1)
+    daemon.signal(signal.SIGUSR1)
+    wait_for(lambda: "memory: " in daemon.log() and "after malloc_trim" in daemon.log(), 10, what="memory lines in the log")
+    line = next(ln for ln in daemon.log().splitlines() if "top types:" in ln)
+    assert "objects; top types: " in line and "=" in line
+    assert daemon.session().call(lambda: 2) == 2, "the daemon keeps serving"
