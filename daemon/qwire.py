@@ -138,15 +138,7 @@ class Reader:
             self.pos += end + 2
             return raw.decode("utf-8", "replace")
         if t == T_CHAR_VECTOR:
-            self.need(6)
-            (n,) = self.i32.unpack_from(self.msg, self.pos + 2)
-            if n < 0:
-                raise WireError(f"negative string length {n}")
-            self.pos += 6
-            self.need(n)
-            raw = bytes(self.msg[self.pos : self.pos + n])
-            self.pos += n
-            return raw.decode("utf-8", "replace")
+            return self.char_vector_bytes().decode("utf-8", "replace")
         if t == T_CHAR_ATOM:
             self.need(2)
             raw = bytes(self.msg[self.pos + 1 : self.pos + 2])
