@@ -175,11 +175,14 @@ class Channel:
         self._start = start + total
         return buf
 
-    def send(self, parts: list[bytes | memoryview]) -> None:
+    def _only_the_worker(self) -> None:
         if os.getpid() != self.owner:
             # the forked child of a user function returned into our loop: a second reply
             # for the same request would be a duplicate, so it leaves silently
             os._exit(0)
+
+    def send(self, parts: list[bytes | memoryview]) -> None:
+        self._only_the_worker()
         views = [memoryview(p).cast("B") for p in parts if len(p)]
         while views:
             sent = self.sock.sendmsg(views)
@@ -190,6 +193,7 @@ class Channel:
                 views[0] = views[0][sent:]
 
     def reply(self, reqid: int, status: int, parts: list[bytes | memoryview]) -> None:
+        self._only_the_worker()  # every write path checks: reply has a fast path of its own
         size = bundle.packed_size(parts)
         head = frames.header(Kind.REPLY, reqid, size, status)
         if size <= SMALL_REPLY:
