@@ -185,6 +185,13 @@ class Daemon:
             os.killpg(self.pgid, signal.SIGKILL)
         assert not leftovers, f"processes left behind: {leftovers}"
 
+    def cleanup_or_fail(self) -> None:
+        """``cleanup`` for module-scoped fixtures: a leftover process fails the test with the daemon's log."""
+        try:
+            self.cleanup()
+        except AssertionError as exc:
+            pytest.fail(f"{exc}\n--- daemon log ---\n{self.log()[-4000:]}")
+
     def cleanup(self) -> None:
         self.stop()
         try:

@@ -105,10 +105,7 @@ def envs(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Daemon]:
         wait_for(lambda: all(d.status()["pools"][p]["ready"] for p in good), 60, 0.05, "the working pools")
         yield d
     finally:
-        try:
-            d.cleanup()
-        except AssertionError as exc:
-            pytest.fail(f"{exc}\n--- daemon log ---\n{d.log()[-4000:]}")
+        d.cleanup_or_fail()
 
 
 def test_two_envs_with_incompatible_versions_serve_side_by_side(envs: Daemon) -> None:

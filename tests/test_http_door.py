@@ -169,10 +169,7 @@ def door(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Daemon]:
     try:
         yield d
     finally:
-        try:
-            d.cleanup()
-        except AssertionError as exc:
-            pytest.fail(f"{exc}\n--- daemon log ---\n{d.log()[-4000:]}")
+        d.cleanup_or_fail()
 
 
 # -- successful calls ------------------------------------------------------------------
