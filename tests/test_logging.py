@@ -129,6 +129,48 @@ def test_access_log_line() -> None:
     assert second["outcome"] == "ok" and second["queue_ms"] == 1.2 and second["exec_ms"] == 500.0
 
 
+@pytest.mark.parametrize("fmt", ["text", "json"])
+def test_direct_access_lines_match_the_logging_path_and_keep_order(fmt: str) -> None:
+    """The hot-path access log renders the same line as a logging record would, batched per loop turn."""
+    from cruised.dispatch import Job
+
+    class Client:
+        peer = (11, 22, 33)
+
+    root = logging.getLogger()
+    saved = root.handlers[:], root.level
+    direct_out, slow_out = io.StringIO(), io.StringIO()
+    scheduled: list[Callable[[], None]] = []
+    job = Job(1, 1, bytearray(), None, Client(), 1, endpoint="svc/e")  # type: ignore[arg-type]
+    try:
+        logs.setup("info", fmt, slow_out)
+        logs.AccessLog().request_done("p", job, "ok", 0.0012, 0.5)  # no call_soon: an ordinary record
+        handler = logs.setup("info", fmt, direct_out)
+        access = logs.AccessLog(call_soon=scheduled.append)
+        access.request_done("p", job, "ok", 0.0012, 0.5)
+        access.request_done("p", job, "rejected", 0.0, None)
+        assert direct_out.getvalue() == "" and len(scheduled) == 1  # queued, one write scheduled for the turn
+        logging.getLogger("cruised.test").warning("something else")  # another record writes the queue first
+        access.request_done("p", job, "ok", 0.0, 0.1)
+        scheduled[-1]()
+        assert isinstance(handler, logs.StderrHandler) and not handler.queued
+    finally:
+        root.handlers[:] = saved[0]
+        root.setLevel(saved[1])
+    lines = direct_out.getvalue().splitlines()
+    assert len(lines) == 4 and "something else" in lines[2]
+
+    def strip_time(line: str) -> object:
+        if fmt == "json":
+            obj = json.loads(line)
+            obj.pop("ts")
+            return obj
+        return line.split(" ", 1)[1]
+
+    assert strip_time(lines[0]) == strip_time(slow_out.getvalue().splitlines()[0])
+    assert "outcome=rejected" in lines[1] or json.loads(lines[1])["outcome"] == "rejected"
+
+
 # -- the real daemon ---------------------------------------------------------------------------
 
 
