@@ -94,7 +94,7 @@ class TextFormatter(logging.Formatter):
     _stamp_second = -1
     _stamp = ""
 
-    def access_line(self, msg: str, fields: dict[str, Any], now: float) -> str:
+    def access_line(self, msg: str, fields: dict[str, Any] | None, now: float) -> str:
         """The line ``format`` would give an INFO record of ``cruised.access`` (no redaction: see format)."""
         msg = _one_line(msg)
         if self.journal:
@@ -121,8 +121,9 @@ class JsonFormatter(logging.Formatter):
             out["exc"] = redact(self.formatException(record.exc_info))
         return json.dumps(out, ensure_ascii=False, default=str)
 
-    def access_line(self, msg: str, fields: dict[str, Any], now: float) -> str:
+    def access_line(self, msg: str, fields: dict[str, Any] | None, now: float) -> str:
         """The line ``format`` would give an INFO record of ``cruised.access`` carrying ``fields``."""
+        assert fields is not None
         ts = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(now)) + f".{int((now % 1) * 1000):03d}Z"
         out: dict[str, Any] = {"ts": ts, "level": "info", "logger": ACCESS_LOGGER, "msg": msg}
         for k, v in fields.items():
@@ -257,15 +258,26 @@ class AccessLog:
     def request_done(self, pool: str, job: "Job", outcome: str, queue_s: float, exec_s: float | None) -> None:
         if not self.log.isEnabledFor(logging.INFO):
             return
-        peer_text, peer_value = format_peer(job.client)
         queue_ms = round(queue_s * 1e3, 3)
         exec_ms = round(exec_s * 1e3, 3) if exec_s is not None else None
-        fields = {"pool": pool, "endpoint": job.endpoint, "outcome": outcome, "queue_ms": queue_ms, "exec_ms": exec_ms, "peer": peer_value}
         direct = self._direct
         if direct is not None and self.call_soon is not None:
+            handler, fmt = direct
+            peer = getattr(job.client, "peer", None)
+            if type(peer) is tuple and len(peer) == 3:  # the native door's (pid, uid, gid): the common case, inline
+                peer_text = f"pid:{peer[0]},uid:{peer[1]},gid:{peer[2]}"
+            else:
+                peer_text = format_peer(job.client)[0]
             msg = f"pool={pool} endpoint={job.endpoint} outcome={outcome} queue_ms={queue_ms} exec_ms={'-' if exec_ms is None else exec_ms} peer={peer_text}"
-            direct[0].queue_line(direct[1].access_line(msg, fields, time.time()), self.call_soon)
+            if isinstance(fmt, TextFormatter):
+                line = fmt.access_line(msg, None, time.time())
+            else:
+                fields = {"pool": pool, "endpoint": job.endpoint, "outcome": outcome, "queue_ms": queue_ms, "exec_ms": exec_ms, "peer": format_peer(job.client)[1]}
+                line = fmt.access_line(msg, fields, time.time())
+            handler.queue_line(line, self.call_soon)
             return
+        peer_text, peer_value = format_peer(job.client)
+        fields = {"pool": pool, "endpoint": job.endpoint, "outcome": outcome, "queue_ms": queue_ms, "exec_ms": exec_ms, "peer": peer_value}
         self.log.info(
             "pool=%s endpoint=%s outcome=%s queue_ms=%s exec_ms=%s peer=%s",
             pool,

@@ -286,6 +286,28 @@ def test_outcome_aliases_and_histogram_membership() -> None:
     assert value(m, "cruised_exec_seconds_bucket", pool="p", endpoint="svc/predict", le="0.1") == 0
 
 
+def test_histograms_expose_what_prometheus_client_would() -> None:
+    """The lock-free request series render exactly as prometheus_client's own Histogram."""
+    import random
+
+    from prometheus_client import CollectorRegistry, Histogram, generate_latest
+
+    disp, _ = _dispatcher()
+    metrics = Metrics(lambda: {"p": disp}, process=False)
+    registry = CollectorRegistry()
+    reference = Histogram("cruised_exec_seconds", "x", ["pool", "endpoint"], buckets=BUCKETS, registry=registry)
+    rng = random.Random(7)
+    values = list(BUCKETS) + [0.0, 1e-7, 3600.0] + [rng.uniform(0, 2) ** 6 for _ in range(500)]  # every bound exactly, too
+    for v in values:
+        metrics.request_done("p", _job("svc/e"), "ok", 0.0, v)
+        reference.labels("p", "svc/e").observe(v)
+    ours = {k: v for k, v in parse(metrics.render().decode()).items() if k[0].startswith("cruised_exec_seconds")}
+    theirs = {k: v for k, v in parse(generate_latest(registry).decode()).items() if k[0].startswith("cruised_exec_seconds")}
+    assert ours.keys() == theirs.keys() and len(ours) == len(BUCKETS) + 3
+    for k in ours:
+        assert ours[k] == pytest.approx(theirs[k]), k
+
+
 def test_endpoint_label_is_bounded(monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
     assert MAX_ENDPOINTS >= 64  # room for real deployments
     cap = 8
