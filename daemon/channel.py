@@ -133,24 +133,42 @@ class Channel:
             if batch.depth == 0 and batch.dirty:
                 batch.flush()
 
-    def _read(self) -> None:
+    def drain(self) -> None:
+        """Read and deliver everything the peer has sent so far, now (not from the loop).
+
+        The dispatcher's exactness rests on this: once it returns, any frame the
+        peer's ``send`` completed before the call has reached the sink (a Unix
+        socket's send puts the bytes in our receive queue before it returns).
+        """
+        batch = self._batch
+        batch.depth += 1
+        try:
+            while self._reading and not self.closed and self._read():
+                pass
+        finally:
+            batch.depth -= 1
+            if batch.depth == 0 and batch.dirty:
+                batch.flush()
+
+    def _read(self) -> bool:
+        """One ``recv`` and the frames it completes; False when nothing was there (or the end)."""
         try:
             if self._big is not None:
-                self._read_big()
-                return
+                return self._read_big()
             if self._end == len(self._buf):
                 self._compact()
             n = self.sock.recv_into(self._view[self._end :])
         except (BlockingIOError, InterruptedError):
-            return
+            return False
         except OSError as exc:
             self.close(exc)
-            return
+            return False
         if n == 0:
             self.close(None)
-            return
+            return False
         self._end += n
         self._parse()
+        return True
 
     def _compact(self) -> None:
         pending = self._end - self._start
@@ -187,25 +205,26 @@ class Channel:
         elif self.partial_since is None:
             self.partial_since = self.loop.time()
 
-    def _read_big(self) -> None:
+    def _read_big(self) -> bool:
         big = self._big
         assert big is not None
         try:
             n = self.sock.recv_into(memoryview(big)[self._big_got :])
         except (BlockingIOError, InterruptedError):
-            return
+            return False
         except OSError as exc:
             self.close(exc)
-            return
+            return False
         if n == 0:
             self.close(None)
-            return
+            return False
         self._big_got += n
         if self._big_got == len(big):
             self._big = None
             self.partial_since = None
             _, kind, status, reqid = frames.parse_header(big, self.limit)
             self.sink.on_frame(self, big, kind, status, reqid)
+        return True
 
     def _frame_error(self, exc: frames.FrameError) -> None:
         # The stream cannot be resynchronised after a bad header: answer, then close.

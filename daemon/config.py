@@ -180,6 +180,11 @@ class PoolConfig:
     start_timeout: Duration = doc("a new worker must be ready (preload done) within this", Duration(60))
     max_requests: int = doc("recycle a worker after this many calls (0 = never)", 0)
     max_rss: Size = doc("recycle a worker whose resident memory exceeds this after a call (0 = no limit)", Size(0))
+    prefetch: int = doc(
+        "calls a busy worker may hold behind its running one, saving a round trip per call under pipelined load; "
+        "only while the pool is at max and its calls average under 2 ms (0 = never)",
+        2,
+    )
     libraries: dict[str, str] = doc("alias -> module imported in every worker, e.g. {np: numpy}", factory=dict)
     init: str | None = doc("Python file run once in every worker at start", None)
     env: dict[str, str] = doc("extra environment variables for this pool's workers", factory=dict)
@@ -197,6 +202,8 @@ class PoolConfig:
         for name in ("cruise", "max"):
             if getattr(self, name) < 1:
                 errors.append(ConfigError(f"{path}.{name}", f"must be positive, got {getattr(self, name)}"))
+        if not 0 <= self.prefetch <= 64:
+            errors.append(ConfigError(f"{path}.prefetch", f"must be between 0 and 64, got {self.prefetch}"))
         for name in ("min", "queue_size", "max_requests"):
             if getattr(self, name) < 0:
                 errors.append(ConfigError(f"{path}.{name}", f"must not be negative, got {getattr(self, name)}"))

@@ -18,7 +18,30 @@ Invariants:
 * a job that timed out in the queue, or whose client left, never runs;
 * a job is never re-run (at-most-once): a crash answers it, it does not
   requeue it;
-* the queue never holds more than ``queue_size`` jobs.
+* the queue and the workers' hold lists never hold more than ``queue_size``
+  jobs together.
+
+Holding (prefetch)
+    Under pipelined load a worker idles for one supervisor round trip between
+    calls. So when every worker is busy, the pool is at ``max`` and its calls
+    are short (moving average under ``PREFETCH_BELOW``), a busy worker is sent
+    up to ``prefetch`` queued jobs to hold behind its running one, each behind
+    a HELD frame carrying the job's queue deadline. A worker runs its channel
+    strictly in order, and writes each reply before reading the next call, so
+    the supervisor always knows which held jobs cannot have started: all but
+    the first after the running one, and that one too until the running
+    one's reply is read. That keeps every guarantee above:
+
+    * a reply makes the next held job the running one (its exec deadline runs
+      from then);
+    * when a worker dies, its channel is read to the end first; then the
+      running job is answered as crashed, and its held jobs, which never
+      started, go back to the front of the queue in order;
+    * at a held job's queue deadline the worker's channel is read first; if
+      the job is still held, its worker has not sent the reply before it and
+      will see the deadline passed (same CLOCK_MONOTONIC) and answer NOT_RUN
+      instead of starting it, so it is answered QueueTimeout at once;
+    * a held job whose client left still runs; its reply is dropped.
 
 q connection (pools with ``q:``): each worker reports its q state in READY
 and in STATE frames when it changes; ``worker.q`` keeps the latest. With
@@ -49,6 +72,11 @@ log = logging.getLogger("cruised.dispatch")
 
 #: supervisor-side mirror of the worker's function cache (pool/worker.py FUNCTION_CACHE)
 KNOWN_PER_WORKER = 4096
+#: hold jobs on busy workers only while the pool's calls average less than this (seconds): a
+#: held job waits for the call ahead of it even if another worker frees up first
+PREFETCH_BELOW = 0.002
+#: weight of the newest call in that moving average
+EWMA_WEIGHT = 0.2
 #: registered code kept per pool; a miss only makes the client register again
 CODE_CACHE_BYTES = 256 << 20
 BACKOFF_FIRST = 0.5
@@ -119,6 +147,9 @@ class Launcher(Protocol):
     def rss(self, worker: "Worker") -> int | None:
         """Resident memory of the worker in bytes, if known."""
 
+    def drain(self, worker: "Worker") -> None:
+        """Read and deliver, now, every frame the worker has already sent (its replies first)."""
+
 
 class Observer(Protocol):
     def request_done(self, pool: str, job: "Job", outcome: str, queue_s: float, exec_s: float | None) -> None: ...
@@ -132,6 +163,7 @@ class Counters:
     def __init__(self) -> None:
         self.requests: dict[str, int] = {}
         self.exits: dict[str, int] = {}
+        self.held = 0  # jobs handed to a busy worker to hold (see "Holding")
 
     def request_done(self, pool: str, job: "Job", outcome: str, queue_s: float, exec_s: float | None) -> None:
         self.requests[outcome] = self.requests.get(outcome, 0) + 1
@@ -157,6 +189,7 @@ class Job:
     started: float | None = None
     finished: float | None = None
     worker: "Worker | None" = None
+    held: bool = False  # sent to a busy worker, waiting behind its running job (not started)
     answered: bool = False
     cancelled: bool = False  # client went away: do not run, do not reply
     extra: dict[str, Any] = field(default_factory=dict)
@@ -182,6 +215,10 @@ class Worker:
     #: the exec-deadline timer, re-armed lazily (see Dispatcher._arm_exec); fires at or before the job's deadline
     exec_timer: Any = None
     exec_timer_at: float = 0.0
+    #: jobs sent to wait behind ``job``, in channel order (see "Holding" above)
+    held: deque[Job] = field(default_factory=deque)
+    recycle_due: bool = False  # over max_rss: take nothing more, retire once done
+    dead: bool = False  # the process is gone; its last frames are being delivered before the exit report
 
 
 class Dispatcher:
@@ -200,6 +237,10 @@ class Dispatcher:
         self.counters = Counters()
         self.observers: list[Observer] = [self.counters] + ([observer] if observer else [])
         self.queue: deque[Job] = deque()
+        #: every held job in the order it left the queue (= deadline order); started ones are skipped lazily
+        self.held: deque[Job] = deque()
+        self.held_count = 0  # jobs in all workers' hold lists (admission counts them as queued)
+        self.exec_avg = 1.0  # moving average of exec time (s): pessimistic until calls show otherwise
         self.workers: dict[str, Worker] = {}
         self.idle: list[Worker] = []  # LIFO: hot workers stay hot, surplus ones age out
         self.code: OrderedDict[bytes, bytearray] = OrderedDict()
@@ -217,6 +258,7 @@ class Dispatcher:
         self._queue_timer_at: float | None = None
         self._idle_timer: Any = None
         self._manage_timer: Any = None
+        self._aborted: str | None = None  # abort_queue's message, once the queue was given up
         #: workers per state, kept by ``_set_state`` so sizing decisions are O(1) per request
         self.counts: dict[WorkerState, int] = {s: 0 for s in WorkerState}
         self.on_change: Callable[[], None] = lambda: None  # readiness/status watchers
@@ -243,18 +285,21 @@ class Dispatcher:
         if self.idle and not self.queue:
             self._start(self.idle.pop(), job)
             return
-        if len(self.queue) >= self.config.queue_size:
+        waiting = len(self.queue) + self.held_count
+        if waiting >= self.config.queue_size:
             busy = self.counts[WorkerState.BUSY]
             self._finish(
                 job,
                 Status.QUEUE_FULL,
-                f"pool {self.name!r} is full: queue {len(self.queue)}/{self.config.queue_size}, {busy} busy workers",
+                f"pool {self.name!r} is full: queue {waiting}/{self.config.queue_size}, {busy} busy workers",
                 "rejected",
             )
             return
         job.deadline = now + self.config.queue_timeout
         self.queue.append(job)
         self._arm_queue_timer()
+        if not self.idle:
+            self._prefetch()
         self.manage()
 
     def drop_client(self, client: Any) -> None:
@@ -268,68 +313,152 @@ class Dispatcher:
         for w in self.workers.values():
             if w.job is not None and w.job.client is client:
                 w.job.cancelled = True
+            for j in w.held:  # already on the worker's channel: they run, their replies are dropped
+                if j.client is client:
+                    j.cancelled = True
 
     # -- running ---------------------------------------------------------------------
 
+    def _code_parts(self, worker: Worker, job: Job) -> list[Any] | None:
+        """The DEFINE the worker needs before this job (or nothing); None if the code is gone."""
+        if job.key is None:
+            return []
+        # a registered function (CALL, or a pykx.remote QCALL): its code first, once per worker
+        if job.key in worker.known:
+            worker.known.move_to_end(job.key)
+            return []
+        code = self.code.get(job.key)
+        if code is None:
+            job.answered = True
+            job.sink.refuse(job, Status.UNKNOWN_FUNCTION, "function not registered with this daemon")
+            return None
+        worker.known[job.key] = None
+        if len(worker.known) > KNOWN_PER_WORKER:
+            worker.known.popitem(last=False)
+        return [code]
+
     def _start(self, worker: Worker, job: Job) -> None:
-        now = self.clock.time()
-        parts: list[Any] = []
-        if job.key is not None:  # a registered function (CALL, or a pykx.remote QCALL): its code first
-            if job.key in worker.known:
-                worker.known.move_to_end(job.key)
-            else:
-                code = self.code.get(job.key)
-                if code is None:
-                    self._become_idle(worker)
-                    job.answered = True
-                    job.sink.refuse(job, Status.UNKNOWN_FUNCTION, "function not registered with this daemon")
-                    return
-                parts.append(code)
-                worker.known[job.key] = None
-                if len(worker.known) > KNOWN_PER_WORKER:
-                    worker.known.popitem(last=False)
+        parts = self._code_parts(worker, job)
+        if parts is None:
+            self._become_idle(worker)
+            return
         frames.set_reqid(job.frame, job.id)
         parts.append(job.frame)
-        job.started = now
         job.worker = worker
         worker.job = job
         self._set_state(worker, WorkerState.BUSY)
+        self._begin(worker, job, self.clock.time())
+        self.launcher.send(worker, parts)
+
+    def _begin(self, worker: Worker, job: Job, now: float) -> None:
+        """``job`` is running on ``worker`` from ``now``: its execution deadline starts."""
+        job.started = now
         limit = self.config.exec_timeout
         if job.timeout is not None and 0 < job.timeout < limit:
             limit = job.timeout
         job.extra["exec_limit"] = limit
         self._arm_exec(worker, now + limit)
+
+    def _hold(self, worker: Worker, job: Job) -> bool:
+        """Send ``job`` to wait behind ``worker``'s running job (see "Holding")."""
+        parts = self._code_parts(worker, job)
+        if parts is None:
+            return False
+        frames.set_reqid(job.frame, job.id)
+        # the deadline in CLOCK_MONOTONIC ns: the clock is time.monotonic (LoopClock), as in the worker
+        parts.append(frames.held_frame(job.id, int(job.deadline * 1e9)))
+        parts.append(job.frame)
+        job.worker = worker
+        job.held = True
+        worker.held.append(job)
+        self.held.append(job)
+        self.held_count += 1
+        self.counters.held += 1
         self.launcher.send(worker, parts)
+        return True
+
+    def _prefetch(self) -> None:
+        """Give busy workers queued jobs to hold, when that cannot make anyone wait longer."""
+        k = self.config.prefetch
+        if (
+            not k
+            or not self.queue
+            or self.idle
+            or self.exec_avg >= PREFETCH_BELOW
+            or self.counts[WorkerState.STARTING]
+            or self.live() < self.config.max  # a new worker would take them sooner
+        ):
+            return
+        limit = self.config.max_requests
+        takers = [
+            w
+            for w in self.workers.values()
+            if w.state is WorkerState.BUSY and not w.recycle_due and not w.dead and (not limit or w.requests + 1 + len(w.held) < limit)
+        ]
+        armed = bool(self.held)
+        for depth in range(k):  # round robin: every worker holds one before any holds two
+            for w in takers:
+                if len(w.held) != depth:
+                    continue
+                while self.queue:
+                    job = self.queue.popleft()
+                    if not (job.cancelled or job.answered) and self._hold(w, job):
+                        break
+                if not self.queue:
+                    break
+            if not self.queue:
+                break
+        if self.held and not armed:
+            self._arm_queue_timer()
 
     def on_worker_reply(self, worker: Worker, buf: bytearray, status: int, reqid: int) -> None:
         job = worker.job
-        if job is None or reqid != job.id or worker.state is not WorkerState.BUSY:
+        if job is None or reqid != job.id or worker.state not in (WorkerState.BUSY, WorkerState.KILLING):
             if worker.state is WorkerState.KILLING:
                 return  # a late answer from a worker we already gave up on
             log.error("worker=%s pool=%s protocol violation: reply %s without a matching call; killing it", worker.id, self.name, reqid)
             self._kill(worker, "crash")
             return
-        _cancel(worker.timer)
-        worker.timer = None
-        worker.job = None
-        worker.requests += 1
-        job.finished = self.clock.time()
-        if status == Status.UNKNOWN_FUNCTION and job.key is not None:
-            worker.known.pop(job.key, None)
-        if not job.answered:
-            job.answered = True
-            outcome = _OUTCOMES.get(status, "error")
-            self._observe(job, outcome)
-            if not job.cancelled:
-                job.sink.forward(job, buf, status)
-        if self.config.max_requests and worker.requests >= self.config.max_requests:
-            self._retire(worker, "recycled")
-        elif self.config.max_rss and (self.launcher.rss(worker) or 0) > self.config.max_rss:
-            log.info("worker=%s pool=%s over max_rss (%d bytes); recycling it", worker.id, self.name, self.config.max_rss)
-            self._retire(worker, "recycled")
+        now = self.clock.time()
+        self._next_held(worker, now)  # the worker starts its next held job (if any) right after this reply
+        if worker.state is WorkerState.KILLING:
+            return  # a late answer from a worker we already gave up on (its job was answered then)
+        job.finished = now
+        if status == Status.NOT_RUN:  # a held job whose queue deadline passed in the worker
+            self._finish(job, Status.QUEUE_TIMEOUT, self._queue_timeout_message(job, now), "queue_timeout")
         else:
-            self._become_idle(worker)
+            worker.requests += 1
+            if job.started is not None:
+                self.exec_avg += EWMA_WEIGHT * (now - job.started - self.exec_avg)
+            if status == Status.UNKNOWN_FUNCTION and job.key is not None:
+                worker.known.pop(job.key, None)
+            if not job.answered:
+                job.answered = True
+                outcome = _OUTCOMES.get(status, "error")
+                self._observe(job, outcome)
+                if not job.cancelled:
+                    job.sink.forward(job, buf, status)
+            if self.config.max_rss and not worker.recycle_due and (self.launcher.rss(worker) or 0) > self.config.max_rss:
+                log.info("worker=%s pool=%s over max_rss (%d bytes); recycling it", worker.id, self.name, self.config.max_rss)
+                worker.recycle_due = True
+        if worker.job is None and not worker.dead:
+            if worker.recycle_due or (self.config.max_requests and worker.requests >= self.config.max_requests):
+                self._retire(worker, "recycled")
+            else:
+                self._become_idle(worker)
         self.pump()
+
+    def _next_held(self, worker: Worker, now: float) -> None:
+        """The running job replied: the first held job, if any, is running from now."""
+        if not worker.held:
+            worker.job = None
+            return
+        nxt = worker.held.popleft()
+        self.held_count -= 1
+        nxt.held = False
+        worker.job = nxt
+        if not nxt.answered and worker.state is WorkerState.BUSY:
+            self._begin(worker, nxt, now)
 
     def _arm_exec(self, worker: Worker, deadline: float) -> None:
         """Make sure a timer fires at or before ``deadline``.
@@ -371,35 +500,58 @@ class Dispatcher:
         self.manage()
 
     def pump(self) -> None:
-        """Hand queued jobs to idle workers, oldest job first."""
+        """Hand queued jobs to idle workers, oldest job first; then maybe to busy ones to hold."""
         while self.queue and self.idle:
             job = self.queue.popleft()
             if job.cancelled or job.answered:
                 continue
             self._start(self.idle.pop(), job)
+        if self.queue:
+            self._prefetch()
         self.manage()
+
+    def _queue_timeout_message(self, job: Job, now: float) -> str:
+        return f"waited {now - job.admitted:.3g}s in pool {self.name!r}'s queue (queue_timeout {self.config.queue_timeout:g}s); not run"
+
+    def _first_held(self) -> Job | None:
+        """The oldest job still held (not started, not answered), dropping the others from the front."""
+        held = self.held
+        while held and (not held[0].held or held[0].answered):
+            held.popleft()
+        return held[0] if held else None
 
     def _expire_queue(self) -> None:
         self._queue_timer = self._queue_timer_at = None
         now = self.clock.time()
+        drained: set[str] = set()
+        while (job := self._first_held()) is not None and job.deadline <= now:
+            worker = job.worker
+            assert worker is not None
+            if worker.id not in drained:
+                # a reply already sent would mean the job started in time: read it first
+                drained.add(worker.id)
+                self.launcher.drain(worker)
+                continue
+            # Still held after reading everything its worker sent: the worker will find the
+            # deadline passed and answer NOT_RUN. It stays in the hold list to pair that reply.
+            job.finished = now
+            self._finish(job, Status.QUEUE_TIMEOUT, self._queue_timeout_message(job, now), "queue_timeout")
         while self.queue and (self.queue[0].deadline <= now or self.queue[0].cancelled):
             job = self.queue.popleft()
             if job.cancelled:
                 continue
             job.finished = now
-            self._finish(
-                job,
-                Status.QUEUE_TIMEOUT,
-                f"waited {now - job.admitted:.3g}s in pool {self.name!r}'s queue (queue_timeout {self.config.queue_timeout:g}s); not run",
-                "queue_timeout",
-            )
+            self._finish(job, Status.QUEUE_TIMEOUT, self._queue_timeout_message(job, now), "queue_timeout")
         self._arm_queue_timer()
 
     def _arm_queue_timer(self) -> None:
-        # FIFO with one timeout per pool: the head always expires first, so one timer suffices.
-        if not self.queue:
+        # Deadlines are admission order plus one queue_timeout, so the oldest queued job (and the
+        # oldest held one) always expires first: one timer per pool suffices.
+        first = self._first_held() if self.held else None
+        deadlines = [j.deadline for j in (self.queue[0] if self.queue else None, first) if j is not None]
+        if not deadlines:
             return
-        at = self.queue[0].deadline
+        at = min(deadlines)
         if self._queue_timer is not None and self._queue_timer_at is not None and self._queue_timer_at <= at:
             return  # an earlier timer will fire and re-arm
         _cancel(self._queue_timer)
@@ -508,6 +660,21 @@ class Dispatcher:
             job.finished = self.clock.time()
             self._finish(job, Status.WORKER_CRASHED, f"worker {worker.id} died during the call ({how}); the call was not retried", "crashed")
         worker.job = None
+        if worker.held:
+            # Its channel was read to the end before this report (Launcher.drain), and no reply
+            # for the running job came, so none of these started: back to the front, in order.
+            requeue = [j for j in worker.held if not (j.answered or j.cancelled)]
+            self.held_count -= len(worker.held)
+            for j in worker.held:
+                j.held = False
+                j.worker = None
+            worker.held.clear()
+            if self._aborted is not None:  # shutting down: the queue was already answered
+                for j in requeue:
+                    self._finish(j, Status.SHUTTING_DOWN, self._aborted, "rejected")
+            else:
+                self.queue.extendleft(reversed(requeue))
+                self._arm_queue_timer()
         reason = worker.exit_reason
         if reason is None:
             reason = "preload_failed" if was_starting else ("shutdown" if not self.accepting else "crash")
@@ -527,7 +694,10 @@ class Dispatcher:
         self.workers.pop(worker.id, None)
         for o in self.observers:
             o.worker_exit(self.name, reason)
-        self.manage()
+        if self.queue and self.idle:
+            self.pump()
+        else:
+            self.manage()
         self.on_change()
 
     def _become_idle(self, worker: Worker) -> None:
@@ -624,6 +794,7 @@ class Dispatcher:
         return not self.queue and all(w.job is None for w in self.workers.values())
 
     def abort_queue(self, message: str) -> None:
+        self._aborted = message  # held jobs of workers that end from now on get the same answer
         while self.queue:
             job = self.queue.popleft()
             if not job.cancelled:
@@ -650,12 +821,13 @@ class Dispatcher:
         oldest = now - self.queue[0].admitted if self.queue else 0.0
         return {
             "workers": states,
-            "queue": {"depth": len(self.queue), "capacity": self.config.queue_size, "oldest_s": round(oldest, 6)},
+            "queue": {"depth": len(self.queue) + self.held_count, "held": self.held_count, "capacity": self.config.queue_size, "oldest_s": round(oldest, 6)},
             "limits": {"min": self.config.min, "cruise": self.config.cruise, "max": self.config.max},
             "ready": self.ready(),
             "python": self.python,
             "last_error": self.last_error,
             "requests": dict(self.counters.requests),
+            "held_total": self.counters.held,
             "exits": dict(self.counters.exits),
             "q": self._q_status(),
             "worker_list": [

@@ -291,6 +291,11 @@ class PoolLauncher:
         if link.channel is not None:
             link.channel.write(parts)
 
+    def drain(self, worker: Worker) -> None:
+        link: WorkerLink = worker.handle
+        if link is not None and link.channel is not None and not link.channel.closed:
+            link.channel.drain()
+
     def kill(self, worker: Worker) -> None:
         link: WorkerLink = worker.handle
         if worker in self._pending:
@@ -399,6 +404,11 @@ class PoolLauncher:
         if worker.pid is not None:
             self._by_pid.pop(worker.pid, None)
         if link.channel is not None:
+            # Everything it sent before it died is in our receive queue: deliver it before the
+            # exit is reported, so a finished call is answered as finished, not as crashed.
+            if not link.channel.closed:
+                worker.dead = True  # nothing new may be given to it meanwhile
+                link.channel.drain()
             link.channel.close()
         if link.out_fd is not None:
             self._on_output(worker)  # last words first: they often explain the exit

@@ -277,9 +277,10 @@ class PoolCollector:
 
     def collect(self) -> Iterable[Metric]:
         families = self._families()
-        depth, capacity, workers, limits, q_connected, oldest = families
+        depth, capacity, workers, limits, q_connected, oldest, held = families
         for name, d in self.dispatchers().items():
-            depth.add_metric([name], len(d.queue))
+            held.add_metric([name], d.counters.held)
+            depth.add_metric([name], len(d.queue) + d.held_count)
             capacity.add_metric([name], d.config.queue_size)
             c = d.counts
             by_state = {
@@ -302,10 +303,13 @@ class PoolCollector:
     @staticmethod
     def _families() -> list[Metric]:
         return [
-            GaugeMetricFamily("cruised_queue_depth", "Requests waiting in the pool's queue.", labels=["pool"]),
+            GaugeMetricFamily("cruised_queue_depth", "Requests waiting for a worker (in the queue or held by a busy one).", labels=["pool"]),
             GaugeMetricFamily("cruised_queue_capacity", "The pool's queue_size.", labels=["pool"]),
             GaugeMetricFamily("cruised_workers", "Worker processes by state.", labels=["pool", "state"]),
             GaugeMetricFamily("cruised_pool_size_limits", "The pool's min, cruise and max.", labels=["pool", "limit"]),
             GaugeMetricFamily("cruised_q_connected_workers", "Workers holding a live q connection.", labels=["pool"]),
             GaugeMetricFamily("cruised_oldest_queued_seconds", "Age of the oldest queued request (0 if none).", labels=["pool"]),
+            CounterMetricFamily(
+                "cruised_held_calls", "Calls handed to a busy worker to wait behind its running one (prefetch).", labels=["pool"]
+            ),
         ]

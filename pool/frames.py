@@ -57,6 +57,13 @@ READY      worker -> sup          JSON ``{"pid":..., "python": "3.11", ...}``
 STATE      worker -> sup          JSON ``{"q": {"connected": bool, "error": ...}}``,
                                   unsolicited, only when the q state changes;
                                   reqid 0, may arrive between any two frames
+HELD       sup -> worker          ``i64`` CLOCK_MONOTONIC deadline in ns; reqid
+                                  names the call frame that follows it. The
+                                  call was handed to a busy worker to wait
+                                  behind its running one (prefetch, see
+                                  daemon/dispatch.py): the worker starts it only
+                                  if the deadline has not passed, else replies
+                                  NOT_RUN without touching it
 REPLY      every reply            ``status`` says how to read the payload
 =========  =====================  =============================================
 
@@ -116,6 +123,7 @@ class Kind(IntEnum):
     ENDPOINT = 17
     SETUP = 18
     QCALL = 19
+    HELD = 20
     READY = 32
     STATE = 33
     REPLY = 64
@@ -141,6 +149,7 @@ class Status(IntEnum):
     ENDPOINT_UNAVAILABLE = 16  # endpoint: its code failed to load
     CUSTOM_RESPONSE = 17  # endpoint: the function returned its own HTTP response
     API_ERROR = 18  # endpoint: the function raised an error carrying an HTTP status
+    NOT_RUN = 19  # worker -> supervisor: a HELD call's queue deadline passed before it could start
 
 
 class FrameError(ValueError):
@@ -157,6 +166,14 @@ def header(kind: int, reqid: int, payload_len: int, status: int = 0) -> bytes:
 
 def frame(kind: int, reqid: int, payload: bytes = b"", status: int = 0) -> bytes:
     return header(kind, reqid, len(payload), status) + payload
+
+
+HELD_DEADLINE = struct.Struct("<q")
+
+
+def held_frame(reqid: int, deadline_ns: int) -> bytes:
+    """The HELD frame that precedes a prefetched call: start it only before ``deadline_ns``."""
+    return HEADER.pack(HEADER_SIZE - SIZE_FIELD + HELD_DEADLINE.size, VERSION, Kind.HELD, 0, reqid) + HELD_DEADLINE.pack(deadline_ns)
 
 
 def set_reqid(buf: bytearray, reqid: int) -> None:

@@ -38,6 +38,7 @@ import os
 import pickle
 import socket
 import sys
+import time
 import traceback
 import types
 from collections import OrderedDict
@@ -309,6 +310,7 @@ class Worker:
 
     def serve(self) -> int:
         ch = self.channel
+        held_reqid, held_until = 0, 0  # the call the last HELD frame announced, and its deadline
         while True:
             if self.q is not None and not ch.buffered():
                 # only when no frame already sits in our receive buffer: idle() waits for the
@@ -318,6 +320,18 @@ class Worker:
             if buf is None:
                 return 0
             _, kind, _, reqid = frames.parse_header(buf, ch.limit)
+            if kind == Kind.HELD:
+                held_reqid, held_until = reqid, frames.HELD_DEADLINE.unpack_from(buf, frames.HEADER_SIZE)[0]
+                continue
+            if held_reqid:
+                # The previous reply is already sent (reply() writes synchronously), so if the
+                # supervisor read no reply by the deadline, this check comes after it: at most once.
+                expired = reqid == held_reqid and time.monotonic_ns() >= held_until
+                held_reqid = 0
+                if expired:
+                    del buf
+                    ch.reply(reqid, Status.NOT_RUN, [])
+                    continue
             if kind == Kind.CALL:
                 self.call(reqid, buf)
             elif kind == Kind.DEFINE:

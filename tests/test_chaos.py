@@ -65,6 +65,44 @@ def test_random_worker_kills_while_eight_clients_pipeline(start_daemon, tmp_path
     assert rss1 < rss0 + (64 << 20), (rss0, rss1)
 
 
+def test_held_calls_survive_crashes_and_kills_exactly_once(start_daemon, tmp_path: Path) -> None:
+    """A pool at max with short calls holds queued calls on busy workers (prefetch); crashes and
+    SIGKILLs land while calls are held: every held call still runs at most once, or never if it
+    was answered as not run."""
+    d = start_daemon({"pools": {"default": pool_config(min=2, cruise=2, max=2, queue_size=256, prefetch=2)}})
+    ledger = tmp_path / "ledger"
+    clients = clients_for(d, ledger, 4)
+    stop = threading.Event()
+    kills = 0
+
+    def killer() -> None:
+        nonlocal kills
+        rng = random.Random(11)
+        while not stop.wait(0.2) and kills < 20:
+            busy = [w["pid"] for w in d.status()["pools"]["default"]["worker_list"] if w["pid"] and w["state"] == "busy"]
+            if busy:
+                try:
+                    os.kill(rng.choice(busy), signal.SIGKILL)
+                    kills += 1
+                except ProcessLookupError:
+                    pass
+
+    k = threading.Thread(target=killer)
+    k.start()
+    # mostly trivial calls (so the pool's average stays short and it holds), 1 in 97 crashes its worker
+    drive(clients, SECONDS, 24, lambda i: ("crash", 0.0) if i % 97 == 0 else ("ok", 0.0))
+    stop.set()
+    k.join(10)
+    settle(clients, 60)
+    rep = check(clients, str(ledger))
+    for c in clients:
+        c.close()
+    assert rep.ok(), rep.summary()
+    assert rep.by_status[Status.OK] > 500 and rep.by_status[Status.WORKER_CRASHED] > 0, rep.summary()
+    held = d.status()["pools"]["default"]["held_total"]
+    assert held > 100, f"the scenario must exercise holding (held_total={held}); {rep.summary()}"
+
+
 def test_hostile_mix_keeps_every_invariant(start_daemon, tmp_path: Path) -> None:
     d = start_daemon(
         {

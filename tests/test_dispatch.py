@@ -70,6 +70,9 @@ class FakeLauncher:
     def rss(self, worker: Worker) -> int | None:
         return self.rss_value
 
+    def drain(self, worker: Worker) -> None:
+        pass  # nothing sent and unread: the fake workers answer through the test
+
     rss_value: int | None = None
 
 
