@@ -50,6 +50,7 @@ def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--n", type=int, default=20000)
     ap.add_argument("--py-spy", action="store_true")
+    ap.add_argument("--profile", choices=["sync", "map"], default="map", help="which run --py-spy samples")
     args = ap.parse_args()
     import cruised
 
@@ -91,16 +92,23 @@ def main() -> int:
             assert res[-1] == n - 1 + 10
             return "window 32"
 
-        measure("sync", sync, min(args.n, 5000))
         spy = None
-        if args.py_spy:
-            stamp = time.strftime("%H%M%S")
-            out = Path(__file__).resolve().parent / "out" / f"supervisor-{stamp}.txt"
-            out.parent.mkdir(exist_ok=True)
+        stamp = time.strftime("%H%M%S")
+        out = Path(__file__).resolve().parent / "out" / f"supervisor-{stamp}.txt"
+        out.parent.mkdir(exist_ok=True)
+
+        def start_spy() -> subprocess.Popen[bytes]:
             py_spy = str(Path(sys.executable).with_name("py-spy"))
             # collapsed stacks (one line per stack with its sample count): greppable, and flamegraph.pl reads them
-            spy = subprocess.Popen([py_spy, "record", "-r", "1000", "-f", "raw", "-o", str(out), "-p", str(d.pid)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            proc = subprocess.Popen([py_spy, "record", "-r", "1000", "-f", "raw", "-o", str(out), "-p", str(d.pid)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
             time.sleep(1.0)
+            return proc
+
+        if args.py_spy and args.profile == "sync":
+            spy = start_spy()
+        measure("sync", sync, min(args.n, 5000))
+        if args.py_spy and args.profile == "map":
+            spy = start_spy()
         measure("map", mapped, args.n)
         if spy is not None:
             spy.send_signal(2)

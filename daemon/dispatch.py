@@ -172,7 +172,7 @@ class Counters:
         self.exits[reason] = self.exits.get(reason, 0) + 1
 
 
-@dataclass(eq=False)
+@dataclass(eq=False, slots=True)
 class Job:
     id: int
     kind: int
@@ -192,7 +192,7 @@ class Job:
     held: bool = False  # sent to a busy worker, waiting behind its running job (not started)
     answered: bool = False
     cancelled: bool = False  # client went away: do not run, do not reply
-    extra: dict[str, Any] = field(default_factory=dict)
+    exec_limit: float = 0.0  # the execution timeout in force once it started (0 = not started)
 
 
 @dataclass(eq=False)
@@ -356,7 +356,7 @@ class Dispatcher:
         limit = self.config.exec_timeout
         if job.timeout is not None and 0 < job.timeout < limit:
             limit = job.timeout
-        job.extra["exec_limit"] = limit
+        job.exec_limit = limit
         self._arm_exec(worker, now + limit)
 
     def _hold(self, worker: Worker, job: Job) -> bool:
@@ -482,7 +482,7 @@ class Dispatcher:
         job = worker.job
         if job is None or job.started is None or worker.state is not WorkerState.BUSY:
             return  # idle (or already being killed): nothing to time; the next call re-arms
-        deadline = job.started + job.extra.get("exec_limit", self.config.exec_timeout)
+        deadline = job.started + (job.exec_limit or self.config.exec_timeout)
         if deadline > worker.exec_timer_at:
             self._arm_exec(worker, deadline)  # armed for an earlier call: wait for this one's deadline
             return
@@ -492,7 +492,7 @@ class Dispatcher:
         if worker.job is not job or job.answered:
             return
         worker.timer = None
-        limit = job.extra.get("exec_limit", self.config.exec_timeout)
+        limit = job.exec_limit or self.config.exec_timeout
         log.warning("worker=%s pool=%s call %s ran past %.3gs; killing the worker", worker.id, self.name, job.id, limit)
         job.finished = self.clock.time()
         self._finish(job, Status.EXEC_TIMEOUT, f"call ran past its execution timeout of {limit:g}s; its worker was killed", "exec_timeout")

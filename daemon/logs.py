@@ -23,10 +23,12 @@ Access log
     It is on the hot path, so under the daemon's own handler it skips the
     ``logging`` machinery (a LogRecord, a lock and a write per line cost
     ~45 µs, a third of the supervisor's CPU per call): the formatter renders
-    the line directly and ``StderrHandler`` queues it, writing all lines of
-    one event-loop turn in one ``write``. Any other record written through
-    the handler first writes the queued lines, so the stream's order is the
-    order of events.
+    the line directly and ``StderrHandler`` queues it, writing the queue in
+    one ``write`` at most every ``ACCESS_FLUSH_S`` (a write per request was
+    still a tenth of a sync call's supervisor CPU). Any other record written
+    through the handler first writes the queued lines, so the stream's order
+    is the order of events; ``flush`` (logging.shutdown, a clean exit) writes
+    them too, so only a killed daemon can lose the last few.
 
 Worker output is captured per worker by the launcher and logged line by line
 with a ``worker=`` tag (daemon/launcher.py).
@@ -48,6 +50,8 @@ if TYPE_CHECKING:
 
 FORMATS = ("text", "json")
 ACCESS_LOGGER = "cruised.access"
+#: access lines wait at most this long (seconds) to be written together
+ACCESS_FLUSH_S = 0.05
 LEVELS = ("debug", "info", "warning", "error")
 
 _SECRET_PAIR = re.compile(
@@ -135,9 +139,9 @@ class StderrHandler(logging.StreamHandler):  # type: ignore[type-arg]
     """The daemon's one handler: a StreamHandler that can also take pre-rendered lines in batches.
 
     ``queue_line`` is called from the event loop only. Queued lines are written
-    by ``write_queued``: scheduled once per loop turn, when 256 are waiting,
-    before any other record, and on ``flush`` (so ``logging.shutdown`` loses
-    nothing).
+    by ``write_queued``: ``ACCESS_FLUSH_S`` after the first of them, when 256
+    are waiting, before any other record, and on ``flush`` (so
+    ``logging.shutdown`` loses nothing).
     """
 
     MAX_QUEUED = 256
@@ -147,13 +151,13 @@ class StderrHandler(logging.StreamHandler):  # type: ignore[type-arg]
         self.queued: list[str] = []
         self._scheduled = False
 
-    def queue_line(self, line: str, call_soon: Callable[[Callable[[], None]], object]) -> None:
+    def queue_line(self, line: str, call_later: Callable[[float, Callable[[], None]], object]) -> None:
         self.queued.append(line)
         if len(self.queued) >= self.MAX_QUEUED:
             self.write_queued()
         elif not self._scheduled:
             self._scheduled = True
-            call_soon(self.write_queued)
+            call_later(ACCESS_FLUSH_S, self.write_queued)
 
     def write_queued(self) -> None:
         self._scheduled = False
@@ -242,17 +246,17 @@ def format_peer(client: Any) -> tuple[str, Any]:
 class AccessLog:
     """Observer: one ``cruised.access`` line per answered request.
 
-    With ``call_soon`` (the event loop's) and the daemon's ``StderrHandler`` on
+    With ``call_later`` (the event loop's) and the daemon's ``StderrHandler`` on
     the root logger, lines are rendered by its formatter and queued on it (see
     the module docstring); otherwise (tests, embedding) they go through
     ``logging`` as ordinary records.
     """
 
-    def __init__(self, logger: logging.Logger | None = None, call_soon: Callable[[Callable[[], None]], object] | None = None) -> None:
+    def __init__(self, logger: logging.Logger | None = None, call_later: Callable[[float, Callable[[], None]], object] | None = None) -> None:
         self.log = logger or logging.getLogger(ACCESS_LOGGER)
-        self.call_soon = call_soon
+        self.call_later = call_later
         self._direct: tuple[StderrHandler, TextFormatter | JsonFormatter] | None = None
-        if call_soon is not None and logger is None:
+        if call_later is not None and logger is None:
             self._direct = _direct_handler(self.log)
 
     def request_done(self, pool: str, job: "Job", outcome: str, queue_s: float, exec_s: float | None) -> None:
@@ -261,7 +265,7 @@ class AccessLog:
         queue_ms = round(queue_s * 1e3, 3)
         exec_ms = round(exec_s * 1e3, 3) if exec_s is not None else None
         direct = self._direct
-        if direct is not None and self.call_soon is not None:
+        if direct is not None and self.call_later is not None:
             handler, fmt = direct
             peer = getattr(job.client, "peer", None)
             if type(peer) is tuple and len(peer) == 3:  # the native door's (pid, uid, gid): the common case, inline
@@ -274,7 +278,7 @@ class AccessLog:
             else:
                 fields = {"pool": pool, "endpoint": job.endpoint, "outcome": outcome, "queue_ms": queue_ms, "exec_ms": exec_ms, "peer": format_peer(job.client)[1]}
                 line = fmt.access_line(msg, fields, time.time())
-            handler.queue_line(line, self.call_soon)
+            handler.queue_line(line, self.call_later)
             return
         peer_text, peer_value = format_peer(job.client)
         fields = {"pool": pool, "endpoint": job.endpoint, "outcome": outcome, "queue_ms": queue_ms, "exec_ms": exec_ms, "peer": peer_value}

@@ -705,7 +705,7 @@ class QConnection(asyncio.BufferedProtocol):
         if status == Status.QUEUE_TIMEOUT:
             return qcall.error_line(f"cruised: queue timeout after {disp.config.queue_timeout:g}s", rid)
         if status == Status.EXEC_TIMEOUT:
-            limit = job.extra.get("exec_limit", disp.config.exec_timeout)
+            limit = job.exec_limit or disp.config.exec_timeout
             return qcall.error_line(f"cruised: timeout after {limit:g}s", rid)
         if status == Status.WORKER_CRASHED:
             m = _SIGNAL.search(message)

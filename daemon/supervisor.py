@@ -159,7 +159,7 @@ class Supervisor:
         self._fast = False
         self.ready = asyncio.Event()
         self.metrics = Metrics(lambda: {name: p.dispatcher for name, p in self.pools.items()})
-        self.access_log = AccessLog(call_soon=self.loop.call_soon) if config.daemon.access_log else None
+        self.access_log = AccessLog(call_later=self.loop.call_later) if config.daemon.access_log else None
         self.notifier: systemd.Notifier | None = None
         #: sockets passed by systemd that the native door did not take, by name (for the other doors)
         self.activated: dict[str, socket.socket] = {}

@@ -141,15 +141,20 @@ def test_direct_access_lines_match_the_logging_path_and_keep_order(fmt: str) -> 
     saved = root.handlers[:], root.level
     direct_out, slow_out = io.StringIO(), io.StringIO()
     scheduled: list[Callable[[], None]] = []
+
+    def call_later(delay: float, cb: Callable[[], None]) -> None:
+        assert delay == logs.ACCESS_FLUSH_S
+        scheduled.append(cb)
+
     job = Job(1, 1, bytearray(), None, Client(), 1, endpoint="svc/e")  # type: ignore[arg-type]
     try:
         logs.setup("info", fmt, slow_out)
         logs.AccessLog().request_done("p", job, "ok", 0.0012, 0.5)  # no call_soon: an ordinary record
         handler = logs.setup("info", fmt, direct_out)
-        access = logs.AccessLog(call_soon=scheduled.append)
+        access = logs.AccessLog(call_later=call_later)
         access.request_done("p", job, "ok", 0.0012, 0.5)
         access.request_done("p", job, "rejected", 0.0, None)
-        assert direct_out.getvalue() == "" and len(scheduled) == 1  # queued, one write scheduled for the turn
+        assert direct_out.getvalue() == "" and len(scheduled) == 1  # queued, one write scheduled
         logging.getLogger("cruised.test").warning("something else")  # another record writes the queue first
         access.request_done("p", job, "ok", 0.0, 0.1)
         scheduled[-1]()
