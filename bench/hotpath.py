@@ -2,8 +2,10 @@
 
 Native door (default): sync calls and a pipelined ``map`` of ``add10``
 against a 2-worker pool. ``--http``: sync calls of the ``bench/add10``
-endpoint through the HTTP door's Unix socket, with the same keep-alive
-client as the benchmark's ``cruised-http`` row (bench/systems.py HTTPDoor).
+endpoint through the HTTP door's Unix socket, with the keep-alive client of
+the benchmark's ``cruised-http`` row (bench/systems.py HTTPDoor, a lean
+HTTP/1.1 client), or with ``--client stdlib`` that of ``cruised-http-stdlib``
+(http.client).
 
 Each process's CPU time (``/proc/<pid>/stat`` utime + stime) is divided by
 the number of calls: client, supervisor, workers. ``--py-spy supervisor``
@@ -24,7 +26,7 @@ from typing import Callable
 
 from . import funcs, stats
 from .daemon import BenchDaemon
-from .systems import HTTPDoor
+from .systems import HTTPDoor, HTTPDoorStdlib
 
 TICK = os.sysconf("SC_CLK_TCK")
 
@@ -85,6 +87,7 @@ def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--n", type=int, default=20000)
     ap.add_argument("--http", action="store_true", help="call the bench/add10 endpoint through the HTTP door")
+    ap.add_argument("--client", choices=["lean", "stdlib"], default="lean", help="--http: the HTTP client (bench/systems.py)")
     ap.add_argument("--py-spy", default="", help="comma-separated: supervisor, worker (the native run profiles the pipelined map)")
     ap.add_argument("--rounds", type=int, default=1, help="sync runs in a row (each printed)")
     args = ap.parse_args()
@@ -96,7 +99,7 @@ def main() -> int:
         wpids = [w["pid"] for w in st["worker_list"]]
         s = cruised.session(socket=d.socket, pool="fast")
         if args.http:
-            door = HTTPDoor(d.http_socket)
+            door = HTTPDoor(d.http_socket) if args.client == "lean" else HTTPDoorStdlib(d.http_socket)
             call: Callable[[int], object] = lambda i: door.call("add10", i)  # noqa: E731
         else:
             f = cruised.function(s)(funcs.add10)
@@ -137,7 +140,7 @@ def main() -> int:
             assert res[-1] == n - 1 + 10
             return "window 32"
 
-        label = "http sync" if args.http else "sync"
+        label = f"http sync ({args.client} client)" if args.http else "sync"
         for r in range(args.rounds):
             last_sync = args.http and r == args.rounds - 1
             with Spy(spied if last_sync else {}):
