@@ -1,10 +1,17 @@
-"""Per-call CPU of each process on cruised's hot path: ``python -m bench.hotpath [--py-spy]``.
+"""Per-call CPU of each process on cruised's hot path: ``python -m bench.hotpath [--http] [--py-spy ...]``.
 
-Runs sync calls and a pipelined ``map`` of ``add10`` against a 2-worker pool
-and divides each process's CPU time (``/proc/<pid>/stat`` utime + stime) by
-the number of calls: client, supervisor, workers. With ``--py-spy`` it also
-records a flame graph of the supervisor during the pipelined run (needs
-py-spy and ptrace permission) into bench/out/.
+Native door (default): sync calls and a pipelined ``map`` of ``add10``
+against a 2-worker pool. ``--http``: sync calls of the ``bench/add10``
+endpoint through the HTTP door's Unix socket, with the keep-alive client of
+the benchmark's ``cruised-http`` row (bench/systems.py HTTPDoor, a lean
+HTTP/1.1 client), or with ``--client stdlib`` that of ``cruised-http-stdlib``
+(http.client).
+
+Each process's CPU time (``/proc/<pid>/stat`` utime + stime) is divided by
+the number of calls: client, supervisor, workers. ``--py-spy supervisor``
+(or ``worker``, or both, comma-separated) records collapsed stacks of that
+process during the last measured run (needs py-spy and ptrace permission)
+into bench/out/ and prints the top functions.
 """
 
 from __future__ import annotations
@@ -15,9 +22,11 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Callable
 
 from . import funcs, stats
 from .daemon import BenchDaemon
+from .systems import HTTPDoor, HTTPDoorStdlib
 
 TICK = os.sysconf("SC_CLK_TCK")
 
@@ -46,25 +55,64 @@ def top_frames(path: Path, n: int = 25) -> str:
     return "\n".join(f"{c / total:6.1%} self {incl[f] / total:6.1%} incl  {f}" for f, c in rows)
 
 
+class Spy:
+    """py-spy on some processes while a block runs; prints each profile's top functions after."""
+
+    def __init__(self, targets: dict[str, int]) -> None:
+        self.targets = targets
+        self.procs: list[tuple[str, Path, subprocess.Popen[bytes]]] = []
+
+    def __enter__(self) -> "Spy":
+        stamp = time.strftime("%H%M%S")
+        py_spy = str(Path(sys.executable).with_name("py-spy"))
+        for label, pid in self.targets.items():
+            out = Path(__file__).resolve().parent / "out" / f"{label}-{stamp}.txt"
+            out.parent.mkdir(exist_ok=True)
+            # collapsed stacks (one line per stack with its sample count): greppable, and flamegraph.pl reads them
+            cmd = [py_spy, "record", "-r", "1000", "-f", "raw", "-o", str(out), "-p", str(pid)]
+            self.procs.append((label, out, subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)))
+        if self.procs:
+            time.sleep(1.0)  # py-spy attaches before the measured calls start
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for label, out, proc in self.procs:
+            proc.send_signal(2)
+            proc.wait(30)
+            print(f"{label} profile: {out}")
+            print(top_frames(out))
+
+
 def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--n", type=int, default=20000)
-    ap.add_argument("--py-spy", action="store_true")
-    ap.add_argument("--profile", choices=["sync", "map"], default="map", help="which run --py-spy samples")
+    ap.add_argument("--http", action="store_true", help="call the bench/add10 endpoint through the HTTP door")
+    ap.add_argument("--client", choices=["lean", "stdlib"], default="lean", help="--http: the HTTP client (bench/systems.py)")
+    ap.add_argument("--py-spy", default="", help="comma-separated: supervisor, worker (the native run profiles the pipelined map)")
+    ap.add_argument("--rounds", type=int, default=1, help="sync runs in a row (each printed)")
     args = ap.parse_args()
     import cruised
 
-    d = BenchDaemon(2, with_http=False).start()
+    d = BenchDaemon(2, with_http=args.http).start()
     try:
         st = d.status()["pools"]["fast"]
         wpids = [w["pid"] for w in st["worker_list"]]
         s = cruised.session(socket=d.socket, pool="fast")
-        f = cruised.function(s)(funcs.add10)
+        if args.http:
+            door = HTTPDoor(d.http_socket) if args.client == "lean" else HTTPDoorStdlib(d.http_socket)
+            call: Callable[[int], object] = lambda i: door.call("add10", i)  # noqa: E731
+        else:
+            f = cruised.function(s)(funcs.add10)
+            call = f
         for i in range(500):
-            f(i)
+            assert call(i) == i + 10
         procs = {"client": os.getpid(), "supervisor": d.pid, **{f"worker{i}": p for i, p in enumerate(wpids)}}
+        wanted = {t.strip() for t in args.py_spy.split(",") if t.strip()}
+        spied = {k: p for k, p in procs.items() if k == "supervisor" and "supervisor" in wanted}
+        if "worker" in wanted:
+            spied.update({k: p for k, p in procs.items() if k.startswith("worker")})
 
-        def measure(label: str, fn: "callable", n: int) -> None:
+        def measure(label: str, fn: Callable[[int], str], n: int) -> None:
             before = {k: cpu_s(p) for k, p in procs.items()}
             t = time.perf_counter()
             extra = fn(n)
@@ -82,7 +130,7 @@ def main() -> int:
             lat = []
             for i in range(n):
                 t = time.perf_counter()
-                f(i)
+                call(i)
                 lat.append(time.perf_counter() - t)
             sm = stats.summary_us(lat)
             return f"p50 {sm['p50_us']:.0f} µs p99 {sm['p99_us']:.0f} µs"
@@ -92,29 +140,16 @@ def main() -> int:
             assert res[-1] == n - 1 + 10
             return "window 32"
 
-        spy = None
-        stamp = time.strftime("%H%M%S")
-        out = Path(__file__).resolve().parent / "out" / f"supervisor-{stamp}.txt"
-        out.parent.mkdir(exist_ok=True)
-
-        def start_spy() -> subprocess.Popen[bytes]:
-            py_spy = str(Path(sys.executable).with_name("py-spy"))
-            # collapsed stacks (one line per stack with its sample count): greppable, and flamegraph.pl reads them
-            proc = subprocess.Popen([py_spy, "record", "-r", "1000", "-f", "raw", "-o", str(out), "-p", str(d.pid)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-            time.sleep(1.0)
-            return proc
-
-        if args.py_spy and args.profile == "sync":
-            spy = start_spy()
-        measure("sync", sync, min(args.n, 5000))
-        if args.py_spy and args.profile == "map":
-            spy = start_spy()
-        measure("map", mapped, args.n)
-        if spy is not None:
-            spy.send_signal(2)
-            spy.wait(30)
-            print(f"supervisor profile: {out}")
-            print(top_frames(out))
+        label = f"http sync ({args.client} client)" if args.http else "sync"
+        for r in range(args.rounds):
+            last_sync = args.http and r == args.rounds - 1
+            with Spy(spied if last_sync else {}):
+                measure(label, sync, min(args.n, 5000))
+        if not args.http:
+            with Spy(spied):
+                measure("map", mapped, args.n)
+        if args.http:
+            door.close()
         s.close()
     finally:
         d.cleanup()

@@ -6,7 +6,7 @@ import math
 from pathlib import Path
 from typing import Any
 
-ORDER = ["floor-1hop", "floor-2hop", "cruised", "cruised-http", "ppe", "multiprocess", "pebble", "ray"]
+ORDER = ["floor-1hop", "floor-2hop", "cruised", "cruised-http", "cruised-http-stdlib", "ppe", "multiprocess", "pebble", "ray"]
 PAYLOADS = ["1KB bytes", "1MB ndarray", "64MB ndarray", "100k-row DataFrame"]
 
 
@@ -223,6 +223,7 @@ COLORS = {
     "floor-2hop": "#999999",
     "cruised": "#d62728",
     "cruised-http": "#ff7f0e",
+    "cruised-http-stdlib": "#ffbb78",
     "ppe": "#1f77b4",
     "multiprocess": "#2ca02c",
     "pebble": "#9467bd",

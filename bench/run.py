@@ -207,7 +207,7 @@ def main(argv: list[str] | None = None) -> int:
         results["meta"]["notes"].append("--quick: Ray skipped (its start-up alone exceeds the quick budget)")
     started = time.monotonic()
     results["meta"]["load_start"] = _loadavg()
-    d = daemon_mod.BenchDaemon(WORKERS, with_http="cruised-http" in systems).start()
+    d = daemon_mod.BenchDaemon(WORKERS, with_http=any(s.startswith("cruised-http") for s in systems)).start()
     try:
         if d.http_note:
             results["meta"]["notes"].append(f"HTTP row: {d.http_note}")
@@ -218,7 +218,7 @@ def main(argv: list[str] | None = None) -> int:
             probe_sections.append("payloads")
         for system in systems:
             ps = list(probe_sections)
-            if "memory" in sections and system not in ("cruised", "cruised-http") and not system.startswith("floor"):
+            if "memory" in sections and not system.startswith(("cruised", "floor")):
                 ps.append("pids")
             if system == "ppe" and "scaleup" in sections:
                 ps.append("scaleup")
@@ -244,15 +244,15 @@ def main(argv: list[str] | None = None) -> int:
         cr = results["systems"].setdefault("cruised", {"system": "cruised", "label": "cruised (native client)"})
         if "multiclient" in sections:
             n = 1000 if quick else 4000
-            for system in ("cruised", "cruised-http"):
+            for system in ("cruised", "cruised-http", "cruised-http-stdlib"):
                 if system not in systems:
                     continue
-                if system == "cruised-http" and not d.http_socket:
+                if system.startswith("cruised-http") and not d.http_socket:
                     continue
                 log(f"{system}: 8 client processes")
                 row = results["systems"].setdefault(system, {"system": system})
                 try:
-                    row["multi8"] = multi_client(system, d, 8, n // (4 if system == "cruised-http" else 1))
+                    row["multi8"] = multi_client(system, d, 8, n // (4 if system.startswith("cruised-http") else 1))
                 except Exception as exc:  # noqa: BLE001 - recorded against the row
                     row["multi8"] = {"error": f"{type(exc).__name__}: {exc}"}
         if "scaleup" in sections and "cruised" in systems:

@@ -161,12 +161,17 @@ def _reject_constant(name: str) -> Any:
     raise ValueError(f"{name} is not valid JSON")
 
 
+#: built once: json.loads(..., parse_constant=...) would build a decoder per call
+_DECODER = json.JSONDecoder(parse_constant=_reject_constant)
+
+
 def parse_body(body: bytes) -> dict[str, Any]:
     """The request body as the attributes object; ValueError says what is wrong with it."""
     if not body.strip():
         return {}
     try:
-        data = json.loads(body, parse_constant=_reject_constant)
+        # what json.loads does with bytes (UTF-8, -16 or -32, detected), on the cached decoder
+        data = _DECODER.decode(body.decode(json.detect_encoding(body), "surrogatepass"))
     except UnicodeDecodeError:
         raise ValueError("request body is not UTF-8 text") from None
     except ValueError as exc:

@@ -77,10 +77,10 @@ def to_json(obj: Any) -> bytes:
     """``obj`` as compact UTF-8 JSON bytes under the module's rule; raises NotSerializable."""
     try:
         # fast path: plain data and finite numbers go straight through the C encoder
-        text = json.dumps(obj, ensure_ascii=False, allow_nan=False, separators=(",", ":"), default=_fast_default)
+        text = _FAST.encode(obj)
     except (TypeError, ValueError, RecursionError):
         # NaN somewhere, an odd key, a cycle or something unsupported: walk it with paths
-        text = json.dumps(_walk(obj, None, 0, set()), ensure_ascii=False, allow_nan=False, separators=(",", ":"))
+        text = _PLAIN.encode(_walk(obj, None, 0, set()))
     return text.encode("utf-8")
 
 
@@ -89,6 +89,12 @@ def _fast_default(o: Any) -> Any:
     if converted is o:
         raise TypeError("unconvertible")
     return converted
+
+
+#: the encoders, built once (json.dumps with any option builds one per call); encode() keeps no state
+#: between calls, so one instance serves every call
+_FAST = json.JSONEncoder(ensure_ascii=False, allow_nan=False, separators=(",", ":"), default=_fast_default)
+_PLAIN = json.JSONEncoder(ensure_ascii=False, allow_nan=False, separators=(",", ":"))
 
 
 #: where a value sits, built only when an error needs it: (parent, key) links, None = root

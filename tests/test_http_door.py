@@ -536,3 +536,102 @@ def test_hundreds_of_endpoints_in_one_pool(start_daemon: Any, tmp_path: Path) ->
     t = unix(d)
     wait_for(lambda: get(t, "/readyz").status == 200, 60, 0.05, "all endpoints loaded")
     assert call(t, "many/endpoint-number-0399", {"i": 399}).json()["response"] == 399
+
+
+# -- the keep-alive fast path (daemon/httpfast.py) and its hand-off to aiohttp ----------------
+
+
+def _raw_exchange(sock: socket.socket, data: bytes, answers: int) -> list[tuple[int, dict[str, str], bytes]]:
+    """Send ``data`` at once, read ``answers`` complete HTTP answers (Content-Length framed)."""
+    out: list[tuple[int, dict[str, str], bytes]] = []
+    buf = b""
+    if data:
+        sock.sendall(data)
+    while len(out) < answers:
+        end = buf.find(b"\r\n\r\n")
+        if end >= 0:
+            lines = buf[:end].decode("latin-1").split("\r\n")
+            headers = {k.strip().lower(): v.strip() for k, _, v in (line.partition(":") for line in lines[1:])}
+            size = int(headers.get("content-length", "0"))
+            if len(buf) >= end + 4 + size:
+                out.append((int(lines[0].split()[1]), headers, buf[end + 4 : end + 4 + size]))
+                buf = buf[end + 4 + size :]
+                continue
+        chunk = sock.recv(65536)
+        assert chunk, f"connection closed after {len(out)} answers"
+        buf += chunk
+    return out
+
+
+def _post(path: str, body: bytes, extra: str = "") -> bytes:
+    return f"POST {path} HTTP/1.1\r\nHost: cruised\r\nContent-Type: application/json\r\n{extra}Content-Length: {len(body)}\r\n\r\n".encode() + body
+
+
+_PARITY_CASES = [
+    ("/public/api/v1/t/add/run", b'{"a": 2, "b": 40}'),  # 200
+    ("/public/api/v1/t/nope/run", b"{}"),  # 404 unknown endpoint
+    ("/public/api/v1/zz/add/run", b"{}"),  # 404 unknown service
+    ("/public/api/v1/t/add/run", b"[1]"),  # 400 BadRequest (from the worker)
+    ("/public/api/v1/t/add/run", b'{"a": 1}'),  # 400 BadArguments
+    ("/public/api/v1/t/custom/run", b""),  # the function's CustomResponse
+    ("/public/api/v1/t/boom/run", b'{"x": 1}'),  # 500 FunctionError
+    ("/public/api/v1/t/teapot/run", b'{"code": 418}'),  # the function's own HTTP status
+    ("/public/api/v1/t/broken/run", b"{}"),  # 503 EndpointUnavailable
+]
+
+
+def _comparable(answer: tuple[int, dict[str, str], bytes]) -> tuple[int, dict[str, str], Any]:
+    status, headers, body = answer
+    headers = {k: v for k, v in headers.items() if k not in ("date", "server-timing")}
+    try:
+        parsed = json.loads(body)
+    except ValueError:
+        return status, headers, body
+    if isinstance(parsed, dict):
+        parsed.pop("timing", None)
+        if "detailedMessage" in parsed and "Traceback" in str(parsed["detailedMessage"]):
+            parsed["detailedMessage"] = "<traceback>"
+        headers.pop("content-length", None)  # the timing figures differ in length
+    return status, headers, parsed
+
+
+def test_fast_path_answers_exactly_as_aiohttp_does(door: Daemon) -> None:
+    """Each case on a fresh connection (fast path) and on one handed to aiohttp by a first GET."""
+    path = door.status()["http"]["socket"]
+    for target, body in _PARITY_CASES:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as fast, socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as slow:
+            fast.settimeout(30)
+            slow.settimeout(30)
+            fast.connect(path)
+            slow.connect(path)
+            (fast_answer,) = _raw_exchange(fast, _post(target, body), 1)
+            health, slow_answer = _raw_exchange(slow, b"GET /healthz HTTP/1.1\r\nHost: cruised\r\n\r\n" + _post(target, body), 2)
+        assert health[0] == 200
+        assert _comparable(fast_answer) == _comparable(slow_answer), target
+        assert fast_answer[1]["server"] == slow_answer[1]["server"] and fast_answer[1]["date"].endswith(" GMT")
+
+
+def test_fast_path_pipelined_requests_answer_in_order_then_hand_off(door: Daemon) -> None:
+    path = door.status()["http"]["socket"]
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+        s.settimeout(30)
+        s.connect(path)
+        calls = b"".join(_post("/public/api/v1/t/add/run", json.dumps({"a": i, "b": 1}).encode()) for i in range(5))
+        answers = _raw_exchange(s, calls + b"GET /healthz HTTP/1.1\r\nHost: cruised\r\n\r\n" + _post("/public/api/v1/t/add/run", b'{"a": 7, "b": 1}'), 7)
+    assert [json.loads(b)["response"] for _, _, b in answers[:5]] == [1, 2, 3, 4, 5]
+    assert answers[5][0] == 200 and json.loads(answers[5][2])["status"] == "alive"  # aiohttp's route, same connection
+    assert answers[6][0] == 200 and json.loads(answers[6][2])["response"] == 8  # and calls go on, through aiohttp
+
+
+def test_fast_path_connection_close_and_split_writes(door: Daemon) -> None:
+    path = door.status()["http"]["socket"]
+    request = _post("/public/api/v1/t/add/run", b'{"a": 1, "b": 2}', extra="Connection: close\r\n")
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+        s.settimeout(30)
+        s.connect(path)
+        for i in range(0, len(request), 7):  # the head and body arrive in pieces
+            s.sendall(request[i : i + 7])
+        (answer,) = _raw_exchange(s, b"", 1)
+        assert answer[0] == 200 and json.loads(answer[2])["response"] == 3
+        assert answer[1]["connection"] == "close"
+        assert s.recv(1) == b""  # closed after the answer
