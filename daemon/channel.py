@@ -83,6 +83,9 @@ class FrameSink(Protocol):
 
     def on_close(self, channel: "Channel", error: BaseException | None) -> None: ...
 
+    # optional: ``on_peer_gone(channel)``, called when a write fails, before what the peer
+    # already sent is delivered and the channel closes
+
 
 class Channel:
     def __init__(
@@ -272,7 +275,7 @@ class Channel:
             except (BlockingIOError, InterruptedError):
                 break
             except OSError as exc:
-                self.close(exc)
+                self._write_failed(exc)
                 return
             self.out_bytes -= sent
             i = 0
@@ -299,6 +302,20 @@ class Channel:
 
     def _on_writable(self) -> None:
         self._flush()
+
+    def _write_failed(self, exc: OSError) -> None:
+        """The peer is gone (EPIPE, ECONNRESET). What it sent before it went is still in our
+        receive queue: deliver that first (a worker's last replies), then close."""
+        self._out.clear()
+        self.out_bytes = 0
+        if self._writing:
+            self._writing = False
+            self.loop.remove_writer(self.fd)
+        gone = getattr(self.sink, "on_peer_gone", None)
+        if gone is not None:
+            gone(self)
+        self.drain()
+        self.close(exc)
 
     # -- closing ---------------------------------------------------------------
 

@@ -297,7 +297,8 @@ class Dispatcher:
             return
         job.deadline = now + self.config.queue_timeout
         self.queue.append(job)
-        self._arm_queue_timer()
+        if self._queue_timer is None:  # an armed one fires no later than this newest deadline
+            self._arm_queue_timer()
         if not self.idle:
             self._prefetch()
         self.manage()
@@ -380,13 +381,15 @@ class Dispatcher:
     def _prefetch(self) -> None:
         """Give busy workers queued jobs to hold, when that cannot make anyone wait longer."""
         k = self.config.prefetch
+        counts = self.counts
         if (
             not k
             or not self.queue
             or self.idle
+            or self.held_count >= k * counts[WorkerState.BUSY]  # every busy worker holds its share
             or self.exec_avg >= PREFETCH_BELOW
-            or self.counts[WorkerState.STARTING]
-            or self.live() < self.config.max  # a new worker would take them sooner
+            or counts[WorkerState.STARTING]
+            or counts[WorkerState.BUSY] < self.config.max  # below max a new worker would take them sooner
         ):
             return
         limit = self.config.max_requests
@@ -395,7 +398,7 @@ class Dispatcher:
             for w in self.workers.values()
             if w.state is WorkerState.BUSY and not w.recycle_due and not w.dead and (not limit or w.requests + 1 + len(w.held) < limit)
         ]
-        armed = bool(self.held)
+        armed = self._queue_timer is not None
         for depth in range(k):  # round robin: every worker holds one before any holds two
             for w in takers:
                 if len(w.held) != depth:
@@ -408,7 +411,7 @@ class Dispatcher:
                     break
             if not self.queue:
                 break
-        if self.held and not armed:
+        if not armed:
             self._arm_queue_timer()
 
     def on_worker_reply(self, worker: Worker, buf: bytearray, status: int, reqid: int) -> None:
@@ -645,6 +648,13 @@ class Dispatcher:
         worker.error = message
         worker.exit_reason = "preload_failed"
 
+    def on_worker_lost(self, worker: Worker) -> None:
+        """Its channel is gone (end of stream, a failed write, or the process reported dead): it can
+        take nothing more. Frames it sent before may still be delivered; its exit report follows."""
+        worker.dead = True
+        if worker in self.idle:
+            self.idle.remove(worker)
+
     def on_worker_exit(self, worker: Worker, code: int | None) -> None:
         """The process is gone (reaped). Answers its job, if any, and refills the pool."""
         if worker.state is WorkerState.GONE:
@@ -675,6 +685,7 @@ class Dispatcher:
             else:
                 self.queue.extendleft(reversed(requeue))
                 self._arm_queue_timer()
+            log.info("worker=%s pool=%s died holding %d calls that had not started: requeued %s head=%s", worker.id, self.name, len(requeue), [(j.id, j.client_reqid) for j in requeue], (job.id, job.client_reqid) if job else None)
         reason = worker.exit_reason
         if reason is None:
             reason = "preload_failed" if was_starting else ("shutdown" if not self.accepting else "crash")
@@ -735,8 +746,8 @@ class Dispatcher:
         cfg = self.config
         live = self.live()
         waiting = len(self.queue)  # cancelled jobs leave the queue at once (drop_client)
-        if live >= cfg.cruise and not waiting:
-            return  # the steady state: nothing to decide
+        if live >= cfg.max or (live >= cfg.cruise and not waiting):
+            return  # the steady states: nothing to decide
         starting = self.counts[WorkerState.STARTING]
         want = max(cfg.cruise - live, min(waiting - starting, cfg.max - live))
         if want <= 0:

@@ -375,6 +375,8 @@ class PoolLauncher:
         link: WorkerLink = worker.handle
         if link.exited or link.eof_timer is not None:
             return
+        if self.dispatcher is not None:
+            self.dispatcher.on_worker_lost(worker)
         if worker.state is not WorkerState.DRAINING and worker.pid is not None:
             # A worker that lost its channel (it closed or replaced its own fd, say) can never
             # answer again; waiting for its exec timeout would only hold a caller hostage.
@@ -407,7 +409,8 @@ class PoolLauncher:
             # Everything it sent before it died is in our receive queue: deliver it before the
             # exit is reported, so a finished call is answered as finished, not as crashed.
             if not link.channel.closed:
-                worker.dead = True  # nothing new may be given to it meanwhile
+                if self.dispatcher is not None:
+                    self.dispatcher.on_worker_lost(worker)  # nothing new may be given to it meanwhile
                 link.channel.drain()
             link.channel.close()
         if link.out_fd is not None:
@@ -484,6 +487,9 @@ class _WorkerSink:
         else:
             log.error("worker=%s sent unexpected frame kind %s; killing it", self.worker.id, kind)
             self.dispatcher._kill(self.worker, "crash")
+
+    def on_peer_gone(self, channel: Channel) -> None:
+        self.dispatcher.on_worker_lost(self.worker)  # before its last replies are delivered
 
     def on_close(self, channel: Channel, error: BaseException | None) -> None:
         self.launcher.channel_closed(self.worker)

@@ -97,7 +97,7 @@ def test_held_calls_survive_crashes_and_kills_exactly_once(start_daemon, tmp_pat
     rep = check(clients, str(ledger))
     for c in clients:
         c.close()
-    assert rep.ok(), rep.summary()
+    assert rep.ok(), rep.summary() + "\n" + "\n".join(line for line in d.log().splitlines() if "requeued" in line)[-4000:]
     assert rep.by_status[Status.OK] > 500 and rep.by_status[Status.WORKER_CRASHED] > 0, rep.summary()
     held = d.status()["pools"]["default"]["held_total"]
     assert held > 100, f"the scenario must exercise holding (held_total={held}); {rep.summary()}"

@@ -118,8 +118,8 @@ def test_a_reply_read_before_the_exit_makes_the_next_held_job_the_crashed_one() 
     w = jobs[0].worker
     assert w is not None
     first_held, second_held = w.held
-    reply(d, w)  # what Launcher.drain delivers before the exit report
-    w.dead = True
+    d.on_worker_lost(w)  # its channel ended...
+    reply(d, w)  # ...and what it sent before is delivered before the exit report
     d.on_worker_exit(w, -11)
     assert [r[0] for r in sink.replies if r[1] == Status.WORKER_CRASHED] == [first_held.client_reqid]
     assert second_held in d.queue and not second_held.answered
@@ -251,7 +251,7 @@ class Model:
 
     def die(self, p: Proc) -> None:
         p.alive = False
-        p.worker.dead = True
+        self.d.on_worker_lost(p.worker)
         self.deliver(p.worker)  # what the launcher does before reporting the exit
         self.d.on_worker_exit(p.worker, -9)
 
