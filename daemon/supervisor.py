@@ -84,6 +84,27 @@ def _libc() -> Any:
 
 _LIBC = _libc()
 
+#: glibc mallopt parameters: below this size frames come from the heap, not a fresh mmap
+M_TRIM_THRESHOLD = -1
+M_MMAP_THRESHOLD = -3
+HEAP_FRAMES_UP_TO = 32 << 20  # glibc's largest allowed mmap threshold on 64-bit
+TRIM_ABOVE = 256 << 20
+
+
+def keep_frame_buffers_warm() -> bool:
+    """Let large frame buffers reuse heap pages instead of a fresh ``mmap`` each.
+
+    A forwarded 1 MB argument is received into a buffer of its own. glibc
+    serves that from a new mmap, so the kernel's copy into it takes a page
+    fault per 4 KiB: 544 faults and ~1 ms of supervisor CPU per 1 MB round
+    trip (perf stat). From the heap, freed pages are reused warm; the periodic
+    ``malloc_trim`` (``_trim_heap``) still hands idle ones back, so memory stays
+    bounded. Frames above 32 MiB are mmapped as before.
+    """
+    if _LIBC is None:
+        return False
+    return bool(_LIBC.mallopt(M_MMAP_THRESHOLD, HEAP_FRAMES_UP_TO)) and bool(_LIBC.mallopt(M_TRIM_THRESHOLD, TRIM_ABOVE))
+
 
 def run_loop(main: Coroutine[Any, Any, int]) -> int:
     """Run the supervisor on uvloop when it is importable, else on asyncio's own loop.
@@ -232,6 +253,7 @@ class Supervisor:
             from .devwatch import watch
 
             watcher = asyncio.create_task(watch(self))
+        keep_frame_buffers_warm()
         self._trimmer = self.loop.call_later(TRIM_EVERY, self._trim_heap)
         try:
             await self._stop.wait()
