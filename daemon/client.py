@@ -542,6 +542,24 @@ class Session:
             conn.registered[reg_key] = slots[0]
         return slots[-1]
 
+    def _send_calls(self, conn: _Connection, shipped: _Shipped, arglist: list[tuple[Any, ...]]) -> list[_Pending]:
+        """Several calls of one function in one ``sendmsg`` (``map``'s refills)."""
+        timeout_ms = int(self.timeout * 1000) if self.timeout else 0
+        reg_key = (self.pool, shipped.key)
+        register = reg_key not in conn.registered
+        requests: list[tuple[int, list[Any]]] = []
+        if register:
+            meta = json.dumps({"python": shipping.PYTHON, "libraries": self._libraries, "name": shipped.name}).encode()
+            requests.append((Kind.REGISTER, [frames.register_head(self.pool, shipped.key, meta), shipped.blob]))
+        head = shipped.call_head(self.pool, timeout_ms)
+        for args in arglist:
+            requests.append((Kind.CALL, [head, *bundle.pack((args, {}))]))
+        slots = conn.send(requests)
+        if register:
+            conn.registered[reg_key] = slots[0]
+            return slots[1:]
+        return slots
+
     def _outcome(self, conn: _Connection, shipped: _Shipped, slot: _Pending, retried: bool) -> tuple[bool, Any]:
         """(final, value-or-exception) of a resolved call; not final means: register again and retry."""
         if slot.error is not None:
@@ -631,12 +649,23 @@ class Session:
                     raise value
                 slot = self._send_call(conn, shipped, args, {}, retried)
 
-        for args in zip(*iterables):
-            if len(inflight) >= max(1, window):
-                yield result(*inflight.popleft())
-            inflight.append((args, self._send_call(conn, shipped, args, {}, False)))
+        # Refills go out in batches: once half the window has been consumed, the other half is
+        # sent in one sendmsg, so the daemon reads many calls per recv (and we make one syscall
+        # per batch, not per call). At least window/2 calls stay in flight.
+        window = max(1, window)
+        low = window // 2
+        items = zip(*iterables)
+
+        def refill() -> None:
+            batch = list(itertools.islice(items, window - len(inflight)))
+            if batch:
+                inflight.extend(zip(batch, self._send_calls(conn, shipped, batch)))
+
+        refill()
         while inflight:
             yield result(*inflight.popleft())
+            if len(inflight) <= low:
+                refill()
 
 
 class _Value:

@@ -378,8 +378,9 @@ class Dispatcher:
         self.launcher.send(worker, parts)
         return True
 
-    def _prefetch(self) -> None:
-        """Give busy workers queued jobs to hold, when that cannot make anyone wait longer."""
+    def _prefetch(self, only: Worker | None = None) -> None:
+        """Give busy workers (or just ``only``, whose hold list shrank) queued jobs to hold, when
+        that cannot make anyone wait longer."""
         k = self.config.prefetch
         counts = self.counts
         if (
@@ -395,7 +396,7 @@ class Dispatcher:
         limit = self.config.max_requests
         takers = [
             w
-            for w in self.workers.values()
+            for w in ((only,) if only is not None else self.workers.values())
             if w.state is WorkerState.BUSY and not w.recycle_due and not w.dead and (not limit or w.requests + 1 + len(w.held) < limit)
         ]
         armed = self._queue_timer is not None
@@ -449,7 +450,7 @@ class Dispatcher:
                 self._retire(worker, "recycled")
             else:
                 self._become_idle(worker)
-        self.pump()
+        self.pump(worker if worker.job is not None else None)
 
     def _next_held(self, worker: Worker, now: float) -> None:
         """The running job replied: the first held job, if any, is running from now."""
@@ -502,15 +503,16 @@ class Dispatcher:
         self._kill(worker, "exec_timeout")
         self.manage()
 
-    def pump(self) -> None:
-        """Hand queued jobs to idle workers, oldest job first; then maybe to busy ones to hold."""
+    def pump(self, replied: Worker | None = None) -> None:
+        """Hand queued jobs to idle workers, oldest job first; then maybe to busy ones to hold
+        (after a reply only ``replied`` has room that was not offered before)."""
         while self.queue and self.idle:
             job = self.queue.popleft()
             if job.cancelled or job.answered:
                 continue
             self._start(self.idle.pop(), job)
         if self.queue:
-            self._prefetch()
+            self._prefetch(replied)
         self.manage()
 
     def _queue_timeout_message(self, job: Job, now: float) -> str:

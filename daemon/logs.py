@@ -267,10 +267,8 @@ class AccessLog:
         direct = self._direct
         if direct is not None and self.call_later is not None:
             handler, fmt = direct
-            peer = getattr(job.client, "peer", None)
-            if type(peer) is tuple and len(peer) == 3:  # the native door's (pid, uid, gid): the common case, inline
-                peer_text = f"pid:{peer[0]},uid:{peer[1]},gid:{peer[2]}"
-            else:
+            peer_text = getattr(job.client, "peer_text", None)  # a native connection renders it once
+            if peer_text is None:
                 peer_text = format_peer(job.client)[0]
             msg = f"pool={pool} endpoint={job.endpoint} outcome={outcome} queue_ms={queue_ms} exec_ms={'-' if exec_ms is None else exec_ms} peer={peer_text}"
             if isinstance(fmt, TextFormatter):

@@ -180,6 +180,7 @@ class ClientConnection:
         self.server = server
         self.sup = server.sup
         self.peer = peer
+        self.peer_text = f"pid:{peer[0]},uid:{peer[1]},gid:{peer[2]}"  # the access log's peer= field
         self.channel = Channel(
             server.loop, sock, self, self.sup.config.daemon.max_message_bytes, name=f"client-pid{peer[0]}", on_frame_error=self._frame_error
         )

@@ -52,6 +52,19 @@ def above_threshold(x: int) -> bool:
     return x > THRESHOLD
 
 
+@pytest.mark.parametrize("window", [1, 2, 7, 64])
+def test_map_keeps_order_through_batched_refills_and_a_full_queue(start_daemon, window: int) -> None:
+    """map sends its refills in batches (half a window at a time); with a queue smaller than the
+    window, QueueFull answers are resubmitted: every result arrives, in order, exactly once."""
+    d = start_daemon({"pools": {"default": pool_config(min=1, cruise=1, max=1, queue_size=3)}})
+    s = cruised.session(socket=d.socket)
+    try:
+        assert list(s.map(lambda x, y: x * y, range(150), range(1, 151), window=window)) == [x * (x + 1) for x in range(150)]
+        assert list(s.map(lambda x: x, [], window=window)) == []
+    finally:
+        s.close()
+
+
 def test_rebinding_a_global_reships_the_function(daemon: Daemon) -> None:
     global THRESHOLD
     s = daemon.session()
