@@ -14,9 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import random
-import signal
 import sys
 import tempfile
 import threading
@@ -27,7 +25,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent / "tests"))
 
 from conftest import Daemon, pool_config  # noqa: E402
-from invariants import RawClient, check, drive, resources, settle  # noqa: E402
+from invariants import BusyKiller, RawClient, check, drive, resources, settle  # noqa: E402
 
 from cruised.pool.frames import Status  # noqa: E402
 
@@ -51,7 +49,6 @@ def main() -> int:
     pid = d.status()["pid"]
     samples: list[tuple[float, int, int]] = []
     stop = threading.Event()
-    kills = 0
 
     def sample() -> None:
         t0 = time.monotonic()
@@ -59,22 +56,11 @@ def main() -> int:
             rss, fds = resources(pid)
             samples.append((round(time.monotonic() - t0, 1), rss, fds))
 
-    def killer() -> None:
-        nonlocal kills
-        rng = random.Random(11)
-        while not stop.wait(0.5):
-            busy = [w["pid"] for w in d.status()["pools"]["default"]["worker_list"] if w["state"] == "busy" and w["pid"]]
-            if busy:
-                try:
-                    os.kill(rng.choice(busy), signal.SIGKILL)
-                    kills += 1
-                except ProcessLookupError:
-                    pass
-
     modes = [("ok", 0.0)] * 12 + [("sleep", 0.02), ("raise", 0.0), ("crash", 0.0), ("hang", 0.0)]
     rng = random.Random(5)
     ledger = work / "ledger"
-    threads = [threading.Thread(target=sample), threading.Thread(target=killer)]
+    killer = BusyKiller(d.status, every=0.5, seed=11)
+    threads = [threading.Thread(target=sample), killer]
     for t in threads:
         t.start()
     # fresh connections every minute so client churn is part of the soak
@@ -94,6 +80,7 @@ def main() -> int:
             print(f"[{seconds - remaining:.0f}s] {reports[-1].summary()}", flush=True)
     finally:
         stop.set()
+        kills = killer.stop()
         for t in threads:
             t.join(10)
         d.cleanup()

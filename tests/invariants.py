@@ -18,6 +18,8 @@ from __future__ import annotations
 
 import json
 import os
+import random
+import signal
 import socket
 import threading
 import time
@@ -191,6 +193,33 @@ def check(clients: list[RawClient], ledger: str, disconnected: set[int] | None =
             if o.status == Status.OK and ran[o.token] != 1:
                 rep.violations.append(f"{o.token} succeeded but ran {ran[o.token]} times")
     return rep
+
+
+class BusyKiller(threading.Thread):
+    """SIGKILLs a random busy worker of ``pool`` every ``every`` seconds (at most ``limit`` times) until stopped."""
+
+    def __init__(self, status: Callable[[], dict[str, Any]], every: float, seed: int, limit: int | None = None, pool: str = "default") -> None:
+        super().__init__(name="busy-killer", daemon=True)
+        self.status, self.every, self.limit, self.pool = status, every, limit, pool
+        self.rng = random.Random(seed)
+        self.kills = 0
+        self.stopped = threading.Event()
+
+    def run(self) -> None:
+        while not self.stopped.wait(self.every) and (self.limit is None or self.kills < self.limit):
+            busy = [w["pid"] for w in self.status()["pools"][self.pool]["worker_list"] if w["pid"] and w["state"] == "busy"]
+            if busy:
+                try:
+                    os.kill(self.rng.choice(busy), signal.SIGKILL)
+                    self.kills += 1
+                except ProcessLookupError:
+                    pass
+
+    def stop(self) -> int:
+        """Stop and return how many workers it killed."""
+        self.stopped.set()
+        self.join(10)
+        return self.kills
 
 
 def resources(pid: int) -> tuple[int, int]:

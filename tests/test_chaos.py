@@ -16,7 +16,7 @@ from pathlib import Path
 
 from conftest import Daemon, pool_config, wait_for
 from cruised.pool.frames import Status
-from invariants import RawClient, check, drive, resources, settle
+from invariants import BusyKiller, RawClient, check, drive, resources, settle
 
 SECONDS = float(os.environ.get("CRUISED_CHAOS_SECONDS", "3"))
 
@@ -31,26 +31,10 @@ def test_random_worker_kills_while_eight_clients_pipeline(start_daemon, tmp_path
     rss0, fds0 = resources(daemon_pid)
     ledger = tmp_path / "ledger"
     clients = clients_for(d, ledger, 8)
-    stop = threading.Event()
-    kills = 0
-
-    def killer() -> None:
-        nonlocal kills
-        rng = random.Random(7)
-        while not stop.wait(0.15) and kills < 40:
-            workers = [w["pid"] for w in d.status()["pools"]["default"]["worker_list"] if w["pid"] and w["state"] == "busy"]
-            if workers:
-                try:
-                    os.kill(rng.choice(workers), signal.SIGKILL)
-                    kills += 1
-                except ProcessLookupError:
-                    pass
-
-    k = threading.Thread(target=killer)
-    k.start()
+    killer = BusyKiller(d.status, every=0.15, seed=7, limit=40)
+    killer.start()
     drive(clients, SECONDS, 8, lambda i: ("sleep", 0.002) if i % 3 else ("ok", 0.0))
-    stop.set()
-    k.join(10)
+    kills = killer.stop()
     settle(clients, 60)
     rep = check(clients, str(ledger))
     for c in clients:
@@ -72,27 +56,11 @@ def test_held_calls_survive_crashes_and_kills_exactly_once(start_daemon, tmp_pat
     d = start_daemon({"pools": {"default": pool_config(min=2, cruise=2, max=2, queue_size=256, prefetch=2)}})
     ledger = tmp_path / "ledger"
     clients = clients_for(d, ledger, 4)
-    stop = threading.Event()
-    kills = 0
-
-    def killer() -> None:
-        nonlocal kills
-        rng = random.Random(11)
-        while not stop.wait(0.2) and kills < 20:
-            busy = [w["pid"] for w in d.status()["pools"]["default"]["worker_list"] if w["pid"] and w["state"] == "busy"]
-            if busy:
-                try:
-                    os.kill(rng.choice(busy), signal.SIGKILL)
-                    kills += 1
-                except ProcessLookupError:
-                    pass
-
-    k = threading.Thread(target=killer)
-    k.start()
+    killer = BusyKiller(d.status, every=0.2, seed=11, limit=20)
+    killer.start()
     # mostly trivial calls (so the pool's average stays short and it holds), 1 in 97 crashes its worker
     drive(clients, SECONDS, 24, lambda i: ("crash", 0.0) if i % 97 == 0 else ("ok", 0.0))
-    stop.set()
-    k.join(10)
+    killer.stop()
     settle(clients, 60)
     rep = check(clients, str(ledger))
     for c in clients:
