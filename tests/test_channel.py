@@ -43,3 +43,20 @@ def test_a_failed_write_delivers_what_the_peer_sent_before_closing() -> None:
 
     events = asyncio.run(scenario())
     assert events == [("gone", 0), ("frame", 7), ("frame", 8), ("close", 0)]
+
+
+def test_a_closed_channel_lets_go_of_its_receive_buffer() -> None:
+    """A channel and its sink form a cycle (a worker's also through its Worker), so a closed one can
+    live until a full collection; its 256 KiB buffer must not live that long (soak RSS growth)."""
+
+    async def scenario() -> tuple[int, int]:
+        loop = asyncio.get_running_loop()
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        channel = Channel(loop, ours, Recorder(), 1 << 20, name="t")
+        before = len(channel._buf)
+        theirs.close()
+        channel.drain()  # reads the end of the stream: closes
+        return before, len(channel._buf)
+
+    before, after = asyncio.run(scenario())
+    assert before > 0 and after == 0
