@@ -183,7 +183,7 @@ class PoolConfig:
     prefetch: int = doc(
         "calls a busy worker may hold behind its running one, saving a round trip per call under pipelined load; "
         "only while the pool is at max and its calls average under 2 ms (0 = never)",
-        2,
+        4,
     )
     libraries: dict[str, str] = doc("alias -> module imported in every worker, e.g. {np: numpy}", factory=dict)
     init: str | None = doc("Python file run once in every worker at start", None)
