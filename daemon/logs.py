@@ -243,6 +243,11 @@ def format_peer(client: Any) -> tuple[str, Any]:
     return str(peer), str(peer)
 
 
+def _access_fields(pool: str, job: "Job", outcome: str, queue_ms: float, exec_ms: float | None) -> dict[str, Any]:
+    """An access line's values as JSON fields (the text line carries the same in its message)."""
+    return {"pool": pool, "endpoint": job.endpoint, "outcome": outcome, "queue_ms": queue_ms, "exec_ms": exec_ms, "peer": format_peer(job.client)[1]}
+
+
 class AccessLog:
     """Observer: one ``cruised.access`` line per answered request.
 
@@ -264,32 +269,15 @@ class AccessLog:
             return
         queue_ms = round(queue_s * 1e3, 3)
         exec_ms = round(exec_s * 1e3, 3) if exec_s is not None else None
+        peer_text = getattr(job.client, "peer_text", None) or format_peer(job.client)[0]  # a native connection renders it once
+        msg = f"pool={pool} endpoint={job.endpoint} outcome={outcome} queue_ms={queue_ms} exec_ms={'-' if exec_ms is None else exec_ms} peer={peer_text}"
         direct = self._direct
         if direct is not None and self.call_later is not None:
             handler, fmt = direct
-            peer_text = getattr(job.client, "peer_text", None)  # a native connection renders it once
-            if peer_text is None:
-                peer_text = format_peer(job.client)[0]
-            msg = f"pool={pool} endpoint={job.endpoint} outcome={outcome} queue_ms={queue_ms} exec_ms={'-' if exec_ms is None else exec_ms} peer={peer_text}"
-            if isinstance(fmt, TextFormatter):
-                line = fmt.access_line(msg, None, time.time())
-            else:
-                fields = {"pool": pool, "endpoint": job.endpoint, "outcome": outcome, "queue_ms": queue_ms, "exec_ms": exec_ms, "peer": format_peer(job.client)[1]}
-                line = fmt.access_line(msg, fields, time.time())
-            handler.queue_line(line, self.call_later)
+            fields = None if isinstance(fmt, TextFormatter) else _access_fields(pool, job, outcome, queue_ms, exec_ms)
+            handler.queue_line(fmt.access_line(msg, fields, time.time()), self.call_later)
             return
-        peer_text, peer_value = format_peer(job.client)
-        fields = {"pool": pool, "endpoint": job.endpoint, "outcome": outcome, "queue_ms": queue_ms, "exec_ms": exec_ms, "peer": peer_value}
-        self.log.info(
-            "pool=%s endpoint=%s outcome=%s queue_ms=%s exec_ms=%s peer=%s",
-            pool,
-            job.endpoint,
-            outcome,
-            queue_ms,
-            "-" if exec_ms is None else exec_ms,
-            peer_text,
-            extra={"fields": fields},
-        )
+        self.log.info("%s", msg, extra={"fields": _access_fields(pool, job, outcome, queue_ms, exec_ms)})
 
     def worker_exit(self, pool: str, reason: str) -> None:
         pass  # exits are logged by the dispatcher itself, with the worker tag

@@ -265,3 +265,12 @@ def settle(clients: list[RawClient], timeout: float, skip: set[int] | None = Non
         if all(c.pending() == 0 or c.closed or i in skip for i, c in enumerate(clients)):
             return
         time.sleep(0.02)
+
+
+def settle_and_check(clients: list[RawClient], ledger: str, timeout: float = 60) -> Report:
+    """The end of every scenario: wait for the replies, judge them against the ledger, hang up."""
+    settle(clients, timeout)
+    rep = check(clients, ledger)
+    for c in clients:
+        c.close()
+    return rep

@@ -16,7 +16,7 @@ from pathlib import Path
 
 from conftest import Daemon, pool_config, wait_for
 from cruised.pool.frames import Status
-from invariants import BusyKiller, RawClient, check, drive, resources, settle
+from invariants import BusyKiller, RawClient, check, drive, resources, settle, settle_and_check
 
 SECONDS = float(os.environ.get("CRUISED_CHAOS_SECONDS", "3"))
 
@@ -35,10 +35,7 @@ def test_random_worker_kills_while_eight_clients_pipeline(start_daemon, tmp_path
     killer.start()
     drive(clients, SECONDS, 8, lambda i: ("sleep", 0.002) if i % 3 else ("ok", 0.0))
     kills = killer.stop()
-    settle(clients, 60)
-    rep = check(clients, str(ledger))
-    for c in clients:
-        c.close()
+    rep = settle_and_check(clients, str(ledger))
     assert rep.ok(), rep.summary()
     assert kills > 0 and rep.by_status[Status.OK] > 100, rep.summary()
     assert rep.by_status[Status.WORKER_CRASHED] > 0, rep.summary()
@@ -61,10 +58,7 @@ def test_held_calls_survive_crashes_and_kills_exactly_once(start_daemon, tmp_pat
     # mostly trivial calls (so the pool's average stays short and it holds), 1 in 97 crashes its worker
     drive(clients, SECONDS, 24, lambda i: ("crash", 0.0) if i % 97 == 0 else ("ok", 0.0))
     killer.stop()
-    settle(clients, 60)
-    rep = check(clients, str(ledger))
-    for c in clients:
-        c.close()
+    rep = settle_and_check(clients, str(ledger))
     assert rep.ok(), rep.summary() + "\n" + "\n".join(line for line in d.log().splitlines() if "requeued" in line)[-4000:]
     assert rep.by_status[Status.OK] > 500 and rep.by_status[Status.WORKER_CRASHED] > 0, rep.summary()
     held = d.status()["pools"]["default"]["held_total"]
@@ -83,10 +77,7 @@ def test_hostile_mix_keeps_every_invariant(start_daemon, tmp_path: Path) -> None
     modes = [("ok", 0.0)] * 6 + [("sleep", 0.05), ("raise", 0.0), ("crash", 0.0), ("hang", 0.0)]
     rng = random.Random(3)
     drive(clients, SECONDS, 6, lambda i: rng.choice(modes))
-    settle(clients, 60)
-    rep = check(clients, str(ledger))
-    for c in clients:
-        c.close()
+    rep = settle_and_check(clients, str(ledger))
     assert rep.ok(), rep.summary()
     for status in (Status.OK, Status.ERROR, Status.WORKER_CRASHED, Status.EXEC_TIMEOUT, Status.QUEUE_FULL):
         assert rep.by_status[status] > 0, f"{status.name} never happened: {rep.summary()}"
@@ -227,10 +218,7 @@ def test_q_server_killed_and_restarted_during_load(start_daemon, tmp_path: Path)
         drive(clients, SECONDS, 4, lambda i: ("q", 0.0))
         stop.set()
         b.join(30)
-        settle(clients, 60)
-        rep = check(clients, str(ledger))
-        for c in clients:
-            c.close()
+        rep = settle_and_check(clients, str(ledger))
         assert rep.ok(), rep.summary()
         assert rep.by_status[Status.OK] > 0 and rep.by_status[Status.Q_UNAVAILABLE] > 0, rep.summary()
         assert rep.by_status[Status.WORKER_CRASHED] == 0, "a q outage never kills a worker"
@@ -255,10 +243,7 @@ def test_sighup_every_second_during_load_fails_nothing(start_daemon, tmp_path: P
     drive(clients, max(SECONDS, 3.5), 4, lambda i: ("sleep", 0.005))
     stop.set()
     h.join(10)
-    settle(clients, 60)
-    rep = check(clients, str(ledger))
-    for c in clients:
-        c.close()
+    rep = settle_and_check(clients, str(ledger))
     assert rep.ok(), rep.summary()
     assert reloads >= 3
     failed = sum(n for s, n in rep.by_status.items() if s != Status.OK)
