@@ -32,7 +32,7 @@ import socket
 import weakref
 from typing import Callable, Protocol
 
-from cruised.pool import frames, sockopt
+from cruised.pool import frames, rawbuf, sockopt
 
 log = logging.getLogger("cruised.channel")
 
@@ -194,7 +194,7 @@ class Channel:
                 continue
             if total > len(self._buf):
                 have = self._end - start
-                big = bytearray(total)
+                big = rawbuf.uninitialized(total)  # delivered only once recv_into filled every byte
                 big[:have] = view[start : self._end]
                 self._big, self._big_got = big, have
                 self._start = self._end = 0

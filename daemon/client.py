@@ -40,7 +40,7 @@ from collections import deque
 from concurrent.futures import Future
 from typing import Any, Callable, Iterable, Iterator, TypeVar
 
-from cruised.pool import bundle, frames, sockopt
+from cruised.pool import bundle, frames, rawbuf, sockopt
 from cruised.pool.frames import Kind, Status
 
 from . import errors, paths, shipping
@@ -243,7 +243,7 @@ class _Connection:
                 frame = bytearray(view[self._start : self._start + total])
                 self._start += total
             elif total > len(buf):
-                frame = bytearray(total)
+                frame = rawbuf.uninitialized(total)  # filled whole by the copy and _recv_exact below
                 have = self._end - self._start
                 frame[:have] = view[self._start : self._end]
                 self._start = self._end = 0

@@ -45,7 +45,7 @@ from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
-from . import bundle, frames, qconn, sockopt
+from . import bundle, frames, qconn, rawbuf, sockopt
 from . import endpoint as endpoint_mod
 from . import qcall
 from .frames import Kind, Status
@@ -159,7 +159,7 @@ class Channel:
             return buf
         if total > len(self._buf) - start:
             # does not fit behind what is buffered: a buffer of its own, filled by the kernel
-            buf = bytearray(total)
+            buf = rawbuf.uninitialized(total)  # every byte is written below before the frame is used
             buf[:have] = self._view[start : self._end]
             self._start = self._end = 0
             view = memoryview(buf)[have:]

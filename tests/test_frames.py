@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from cruised.pool import bundle, frames
+from cruised.pool import bundle, frames, rawbuf
 from cruised.pool.frames import Kind, Status
 
 
@@ -84,3 +84,15 @@ def test_truncated_bundle_is_a_value_error() -> None:
     flat = b"".join(bytes(p) for p in parts)
     with pytest.raises(ValueError, match="truncated"):
         bundle.unpack(flat[:-5])
+
+
+@pytest.mark.parametrize("n", [0, 1, 4096, 3 << 20])
+def test_uninitialized_buffers_have_the_asked_size_and_keep_what_is_written(n: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    for api in (rawbuf._from_string_and_size, None):  # the C API, and the plain-bytearray fallback
+        monkeypatch.setattr(rawbuf, "_from_string_and_size", api)
+        a, b = rawbuf.uninitialized(n), rawbuf.uninitialized(n)
+        assert type(a) is bytearray and len(a) == n and a is not b
+        pattern = bytes(range(256)) * (n // 256 + 1)
+        memoryview(a)[:] = pattern[:n]
+        b[:] = bytes(n)
+        assert a == pattern[:n] and b == bytes(n)  # separate memory: writing one leaves the other alone
