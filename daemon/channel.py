@@ -113,7 +113,7 @@ class Channel:
         self._end = 0
         self._big: bytearray | None = None
         self._big_got = 0
-        self._out: list[memoryview] = []
+        self._out: list[bytes | bytearray | memoryview] = []  # flat byte buffers (len() == size)
         self.out_bytes = 0
         self._flush_scheduled = False
         self._writing = False
@@ -252,11 +252,16 @@ class Channel:
         if self.closed:
             return
         out = self._out
+        added = 0
         for p in parts:
-            mv = p if isinstance(p, memoryview) else memoryview(p)
-            if mv.nbytes:
-                out.append(mv.cast("B") if mv.format != "B" or mv.ndim != 1 else mv)
-                self.out_bytes += mv.nbytes
+            # every queued buffer is flat bytes, so len() is its size (no memoryview per part)
+            if type(p) is memoryview and (p.format != "B" or p.ndim != 1):
+                p = p.cast("B")
+            n = len(p)
+            if n:
+                out.append(p)
+                added += n
+        self.out_bytes += added
         if not self._flush_scheduled and not self._writing:
             self._flush_scheduled = True
             self._batch.mark(self)
@@ -279,12 +284,12 @@ class Channel:
                 return
             self.out_bytes -= sent
             i = 0
-            while i < len(out) and sent >= out[i].nbytes:
-                sent -= out[i].nbytes
+            while i < len(out) and sent >= len(out[i]):
+                sent -= len(out[i])
                 i += 1
             del out[:i]
             if sent:
-                out[0] = out[0][sent:]
+                out[0] = memoryview(out[0])[sent:]  # a view: the rest is not copied
                 break  # the kernel is full
         if out:
             if not self._writing:

@@ -22,10 +22,11 @@ Access log
     same values appear as fields of the record, not only in its text.
     It is on the hot path, so under the daemon's own handler it skips the
     ``logging`` machinery (a LogRecord, a lock and a write per line cost
-    ~45 µs, a third of the supervisor's CPU per call): the formatter renders
-    the line directly and ``StderrHandler`` queues it, writing the queue in
-    one ``write`` at most every ``ACCESS_FLUSH_S`` (a write per request was
-    still a tenth of a sync call's supervisor CPU). Any other record written
+    ~45 µs, a third of the supervisor's CPU per call): ``StderrHandler``
+    queues the line's values and writes the queue in one ``write`` at most
+    every ``ACCESS_FLUSH_S`` (a write per request was still a tenth of a sync
+    call's supervisor CPU), rendering each line with the formatter then, so
+    a request's own path only appends a tuple. Any other record written
     through the handler first writes the queued lines, so the stream's order
     is the order of events; ``flush`` (logging.shutdown, a clean exit) writes
     them too, so only a killed daemon can lose the last few.
@@ -148,10 +149,11 @@ class StderrHandler(logging.StreamHandler):  # type: ignore[type-arg]
 
     def __init__(self, stream: TextIO) -> None:
         super().__init__(stream)
-        self.queued: list[str] = []
+        #: lines, or ``(render, *values)`` tuples rendered by ``render(item)`` when written
+        self.queued: list[str | tuple[Any, ...]] = []
         self._scheduled = False
 
-    def queue_line(self, line: str, call_later: Callable[[float, Callable[[], None]], object]) -> None:
+    def queue_line(self, line: str | tuple[Any, ...], call_later: Callable[[float, Callable[[], None]], object]) -> None:
         self.queued.append(line)
         if len(self.queued) >= self.MAX_QUEUED:
             self.write_queued()
@@ -163,8 +165,16 @@ class StderrHandler(logging.StreamHandler):  # type: ignore[type-arg]
         self._scheduled = False
         if not self.queued:
             return
-        text = "\n".join(self.queued) + "\n"
-        self.queued.clear()
+        queued, self.queued = self.queued, []
+        lines: list[str] = []
+        for x in queued:
+            if type(x) is not str:
+                try:
+                    x = x[0](x)
+                except Exception as exc:  # a renderer bug must cost neither the other lines nor the daemon
+                    x = f"cruised.logs: an access line could not be rendered: {type(exc).__name__}: {exc}"
+            lines.append(x)
+        text = "\n".join(lines) + "\n"
         self.acquire()
         try:
             self.stream.write(text)
@@ -243,9 +253,18 @@ def format_peer(client: Any) -> tuple[str, Any]:
     return str(peer), str(peer)
 
 
-def _access_fields(pool: str, job: "Job", outcome: str, queue_ms: float, exec_ms: float | None) -> dict[str, Any]:
+def _access_message(pool: str, endpoint: str, outcome: str, queue_s: float, exec_s: float | None, client: Any) -> tuple[str, float, float | None]:
+    """(an access line's message, queue_ms, exec_ms)."""
+    queue_ms = round(queue_s * 1e3, 3)
+    exec_ms = round(exec_s * 1e3, 3) if exec_s is not None else None
+    peer_text = getattr(client, "peer_text", None) or format_peer(client)[0]  # a native connection renders it once
+    msg = f"pool={pool} endpoint={endpoint} outcome={outcome} queue_ms={queue_ms} exec_ms={'-' if exec_ms is None else exec_ms} peer={peer_text}"
+    return msg, queue_ms, exec_ms
+
+
+def _access_fields(pool: str, endpoint: str, outcome: str, queue_ms: float, exec_ms: float | None, client: Any) -> dict[str, Any]:
     """An access line's values as JSON fields (the text line carries the same in its message)."""
-    return {"pool": pool, "endpoint": job.endpoint, "outcome": outcome, "queue_ms": queue_ms, "exec_ms": exec_ms, "peer": format_peer(job.client)[1]}
+    return {"pool": pool, "endpoint": endpoint, "outcome": outcome, "queue_ms": queue_ms, "exec_ms": exec_ms, "peer": format_peer(client)[1]}
 
 
 class AccessLog:
@@ -267,17 +286,22 @@ class AccessLog:
     def request_done(self, pool: str, job: "Job", outcome: str, queue_s: float, exec_s: float | None) -> None:
         if not self.log.isEnabledFor(logging.INFO):
             return
-        queue_ms = round(queue_s * 1e3, 3)
-        exec_ms = round(exec_s * 1e3, 3) if exec_s is not None else None
-        peer_text = getattr(job.client, "peer_text", None) or format_peer(job.client)[0]  # a native connection renders it once
-        msg = f"pool={pool} endpoint={job.endpoint} outcome={outcome} queue_ms={queue_ms} exec_ms={'-' if exec_ms is None else exec_ms} peer={peer_text}"
         direct = self._direct
         if direct is not None and self.call_later is not None:
-            handler, fmt = direct
-            fields = None if isinstance(fmt, TextFormatter) else _access_fields(pool, job, outcome, queue_ms, exec_ms)
-            handler.queue_line(fmt.access_line(msg, fields, time.time()), self.call_later)
+            # the values now, the text when the queue is written: off the request's path
+            direct[0].queue_line((self._render, time.time(), pool, job.endpoint, outcome, queue_s, exec_s, job.client), self.call_later)
             return
-        self.log.info("%s", msg, extra={"fields": _access_fields(pool, job, outcome, queue_ms, exec_ms)})
+        msg, queue_ms, exec_ms = _access_message(pool, job.endpoint, outcome, queue_s, exec_s, job.client)
+        self.log.info("%s", msg, extra={"fields": _access_fields(pool, job.endpoint, outcome, queue_ms, exec_ms, job.client)})
+
+    def _render(self, item: tuple[Any, ...]) -> str:
+        """A queued access line's text, as the ``logging`` path above would have written it."""
+        assert self._direct is not None
+        _, now, pool, endpoint, outcome, queue_s, exec_s, client = item
+        msg, queue_ms, exec_ms = _access_message(pool, endpoint, outcome, queue_s, exec_s, client)
+        fmt = self._direct[1]
+        fields = None if isinstance(fmt, TextFormatter) else _access_fields(pool, endpoint, outcome, queue_ms, exec_ms, client)
+        return fmt.access_line(msg, fields, now)
 
     def worker_exit(self, pool: str, reason: str) -> None:
         pass  # exits are logged by the dispatcher itself, with the worker tag

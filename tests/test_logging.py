@@ -176,6 +176,24 @@ def test_direct_access_lines_match_the_logging_path_and_keep_order(fmt: str) -> 
     assert "outcome=rejected" in lines[1] or json.loads(lines[1])["outcome"] == "rejected"
 
 
+def test_a_queued_line_that_cannot_be_rendered_costs_only_itself() -> None:
+    out = io.StringIO()
+    handler = logs.StderrHandler(out)
+
+    def broken(item: tuple[object, ...]) -> str:
+        raise KeyError("boom")
+
+    handler.queue_line("first", lambda delay, cb: None)
+    handler.queue_line((broken, 1), lambda delay, cb: None)
+    handler.queue_line((lambda item: f"rendered {item[1]}", 2), lambda delay, cb: None)
+    handler.flush()
+    assert out.getvalue().splitlines() == [
+        "first",
+        "cruised.logs: an access line could not be rendered: KeyError: 'boom'",
+        "rendered 2",
+    ]
+
+
 # -- the real daemon ---------------------------------------------------------------------------
 
 
