@@ -384,14 +384,14 @@ class HttpDoor:
     async def run(self, request: web.Request) -> web.StreamResponse:
         t0 = self.loop.time()
         route = self.route(request.match_info["service"], request.match_info["endpoint"], Caller.of(request))
-        if isinstance(route, web.Response):
+        if type(route) is not tuple:  # a refusal (web.Response: an ABC, so isinstance is slow)
             return route
         name, pool = route
         frame = await self._read_frame(request, name)
         if frame is None:
             return self.too_large()
         disp = self.admit(name, pool)
-        if isinstance(disp, web.Response):
+        if not isinstance(disp, Dispatcher):  # a refusal
             return disp
         sink = HttpReply(self.loop)
         job = self.submit(disp, name, frame, sink)
@@ -461,11 +461,9 @@ class HttpDoor:
     @staticmethod
     def ok_body(buf: bytearray, timing: tuple[float, float, float]) -> bytes:
         """The 200 body around a worker's OK payload (already JSON): the response and its timing."""
-        queue_ms, exec_ms, total_ms = timing
-        # json.dumps of these rounded floats, without building a dict and an encoder per call
-        timing_json = b'{"queue_ms":%s,"exec_ms":%s,"total_ms":%s}' % (
-            repr(round(queue_ms, 3)).encode(), repr(round(exec_ms, 3)).encode(), repr(round(total_ms, 3)).encode()
-        )
+        # the JSON by hand, not a dict through json.dumps; the figures are finite and >= 0, so
+        # "%.3f" is valid JSON for each (and 3x cheaper than repr(round(x, 3)))
+        timing_json = b'{"queue_ms":%.3f,"exec_ms":%.3f,"total_ms":%.3f}' % timing
         return b"".join((b'{"response":', memoryview(buf)[frames.HEADER_SIZE :], b',"timing":', timing_json, b"}"))
 
     def answer(self, name: str, job: Job, status: int, buf: bytearray | None, message: str, t0: float) -> web.Response:

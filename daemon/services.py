@@ -46,6 +46,10 @@ class EndpointState:
     traceback: str | None = None
 
 
+#: the common answer, made once (the HTTP door asks on every request)
+LOADED = EndpointState("loaded")
+
+
 def pool_unavailable(disp: Dispatcher) -> str | None:
     """Why ``disp`` cannot serve now (no worker up, and starting one fails), else None.
 
@@ -67,7 +71,7 @@ def endpoint_state(disp: Dispatcher, name: str) -> EndpointState:
             return EndpointState("pool_unavailable", f"pool {disp.name!r} cannot start workers: {why}")
         return EndpointState("loading")
     if report.get("ok"):
-        return EndpointState("loaded")
+        return LOADED
     return EndpointState("failed", report.get("error"), report.get("traceback"))
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import pytest
 from aiohttp import web
 from multidict import CIMultiDict
@@ -86,3 +87,16 @@ def test_render_error_and_custom_answers() -> None:
     assert [k for k, _ in headers[4:]] == ["Content-Length", "Date", "Connection"]
     no_content = _parts(render(web.Response(status=204, body=b""), close=False))[1]
     assert "Content-Length" not in dict(no_content)
+
+
+@pytest.mark.parametrize("timing", [(0.0, 0.0, 0.0), (0.0004, 12.3456789, 1234.5678), (1e-9, 3e5, 0.0005)])
+def test_ok_body_is_json_with_the_response_and_millisecond_timing(timing: tuple[float, float, float]) -> None:
+    from cruised.http import HttpDoor
+    from cruised.pool import frames as fr
+
+    buf = bytearray(fr.HEADER_SIZE) + b'{"a": [1, 2.5, "x"]}'
+    body = json.loads(HttpDoor.ok_body(buf, timing))
+    assert body["response"] == {"a": [1, 2.5, "x"]}
+    assert list(body["timing"]) == ["queue_ms", "exec_ms", "total_ms"]
+    for got, want in zip(body["timing"].values(), timing):
+        assert got == pytest.approx(want, abs=0.0005)  # milliseconds to three decimals
