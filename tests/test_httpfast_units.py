@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+
 import pytest
 from aiohttp import web
 from multidict import CIMultiDict
