@@ -30,15 +30,18 @@ import logging
 import os
 import socket
 import weakref
+from collections import deque
 from typing import Callable, Protocol
 
-from cruised.pool import frames, rawbuf, sockopt
+from cruised.pool import frames, rawbuf, sharedfile, sockopt
 
 log = logging.getLogger("cruised.channel")
 
 RECV_SIZE = 256 << 10
 HIGH_WATER = 32 << 20
 LOW_WATER = 4 << 20
+#: descriptors a peer may pass ahead of the frames that claim them
+MAX_FDS_WAITING = 2 * 253
 try:
     IOV_MAX = min(os.sysconf("SC_IOV_MAX"), 1024)
 except (ValueError, OSError):
@@ -96,6 +99,7 @@ class Channel:
         limit: int,
         name: str = "",
         on_frame_error: Callable[["Channel", frames.FrameError], None] | None = None,
+        accept_fds: bool = False,
     ) -> None:
         sock.setblocking(False)
         sockopt.size_buffers(sock)
@@ -115,10 +119,21 @@ class Channel:
         self._big_got = 0
         self._out: list[bytes | bytearray | memoryview] = []  # flat byte buffers (len() == size)
         self.out_bytes = 0
+        #: bytes ever queued / ever sent: where in the stream each outgoing descriptor belongs
+        self._queued_pos = 0
+        self._sent_pos = 0
+        #: descriptors to send: (stream position of the frame they come with, our dup of the fd)
+        self._fds_out: list[tuple[int, int]] = []
+        #: read with recvmsg, keeping passed descriptors (client channels: shared files)
+        self.accept_fds = accept_fds
+        self._fds_in: deque[int] = deque()
+        #: the descriptor that came with the frame being delivered; the sink may ``take_fd`` it
+        self.frame_fd: int | None = None
         self._flush_scheduled = False
         self._writing = False
         self._reading = True
         self._closing = False
+        self._broken = False  # a frame error: stop delivering, answer, close
         #: loop time at which the current partial frame began, else None (stall detection)
         self.partial_since: float | None = None
         self._batch = batch_for(loop)
@@ -160,8 +175,11 @@ class Channel:
                 return self._read_big()
             if self._end == len(self._buf):
                 self._compact()
-            n = self.sock.recv_into(self._view[self._end :])
+            n = self._recvmsg(self._view[self._end :]) if self.accept_fds else self.sock.recv_into(self._view[self._end :])
         except (BlockingIOError, InterruptedError):
+            return False
+        except frames.FrameError as exc:
+            self._frame_error(exc)
             return False
         except OSError as exc:
             self.close(exc)
@@ -173,6 +191,38 @@ class Channel:
         self._parse()
         return True
 
+    def _recvmsg(self, view: memoryview) -> int:
+        """recv_into that also keeps descriptors the peer passed (SCM_RIGHTS), in arrival order."""
+        n, anc, flags, _ = self.sock.recvmsg_into([view], sharedfile.ANCBUF)
+        if anc:
+            self._fds_in.extend(sharedfile.fds_from(anc))
+            if len(self._fds_in) > MAX_FDS_WAITING:
+                raise frames.FrameError(f"over {MAX_FDS_WAITING} file descriptors passed without frames that claim them")
+        if flags & socket.MSG_CTRUNC:
+            raise frames.FrameError("file descriptors passed with a frame were lost (more than one recvmsg can hold)")
+        return n
+
+    def _deliver(self, buf: bytearray, kind: int, status: int, reqid: int) -> None:
+        """Hand a whole frame to the sink, with its descriptor if it announces one."""
+        if status & frames.CARRIES_FD and self.accept_fds:
+            if not self._fds_in:
+                self._frame_error(frames.FrameError("the frame announces a file descriptor, but none came with it", reqid))
+                return
+            self.frame_fd = self._fds_in.popleft()
+            try:
+                self.sink.on_frame(self, buf, kind, status, reqid)
+            finally:
+                if self.frame_fd is not None:  # not taken: nobody will use it
+                    os.close(self.frame_fd)
+                    self.frame_fd = None
+            return
+        self.sink.on_frame(self, buf, kind, status, reqid)
+
+    def take_fd(self) -> int | None:
+        """The descriptor that came with the frame being delivered; the caller now owns it."""
+        fd, self.frame_fd = self.frame_fd, None
+        return fd
+
     def _compact(self) -> None:
         pending = self._end - self._start
         self._buf[:pending] = self._view[self._start : self._end]
@@ -180,7 +230,8 @@ class Channel:
 
     def _parse(self) -> None:
         view = self._view
-        while not self.closed and self._end - self._start >= frames.HEADER_SIZE:
+        # after a frame error (_deliver's too) nothing that follows the bad frame is delivered
+        while not self.closed and not self._broken and self._end - self._start >= frames.HEADER_SIZE:
             start = self._start
             try:
                 total, kind, status, reqid = frames.parse_header(view[start : start + frames.HEADER_SIZE], self.limit)
@@ -190,7 +241,7 @@ class Channel:
             if self._end - start >= total:
                 buf = bytearray(view[start : start + total])
                 self._start = start + total
-                self.sink.on_frame(self, buf, kind, status, reqid)
+                self._deliver(buf, kind, status, reqid)
                 continue
             if total > len(self._buf):
                 have = self._end - start
@@ -212,8 +263,12 @@ class Channel:
         big = self._big
         assert big is not None
         try:
-            n = self.sock.recv_into(memoryview(big)[self._big_got :])
+            view = memoryview(big)[self._big_got :]
+            n = self._recvmsg(view) if self.accept_fds else self.sock.recv_into(view)
         except (BlockingIOError, InterruptedError):
+            return False
+        except frames.FrameError as exc:
+            self._frame_error(exc)
             return False
         except OSError as exc:
             self.close(exc)
@@ -226,11 +281,12 @@ class Channel:
             self._big = None
             self.partial_since = None
             _, kind, status, reqid = frames.parse_header(big, self.limit)
-            self.sink.on_frame(self, big, kind, status, reqid)
+            self._deliver(big, kind, status, reqid)
         return True
 
     def _frame_error(self, exc: frames.FrameError) -> None:
         # The stream cannot be resynchronised after a bad header: answer, then close.
+        self._broken = True
         self.pause_reading()
         if self.on_frame_error is not None:
             self.on_frame_error(self, exc)
@@ -248,9 +304,12 @@ class Channel:
 
     # -- writing ---------------------------------------------------------------
 
-    def write(self, parts: list[bytes | bytearray | memoryview]) -> None:
+    def write(self, parts: list[bytes | bytearray | memoryview], fd: int | None = None) -> None:
+        """Queue ``parts``; ``fd`` (duplicated: the caller keeps its own) goes with their first byte."""
         if self.closed:
             return
+        if fd is not None:
+            self._fds_out.append((self._queued_pos, os.dup(fd)))
         out = self._out
         added = 0
         for p in parts:
@@ -262,6 +321,7 @@ class Channel:
                 out.append(p)
                 added += n
         self.out_bytes += added
+        self._queued_pos += added
         if not self._flush_scheduled and not self._writing:
             self._flush_scheduled = True
             self._batch.mark(self)
@@ -275,13 +335,17 @@ class Channel:
         out = self._out
         while out:
             try:
-                # one buffer (the usual forwarded frame): send() skips building an iovec list
-                sent = self.sock.send(out[0]) if len(out) == 1 else self.sock.sendmsg(out[:IOV_MAX])
+                if self._fds_out:
+                    sent = self._send_with_fds()
+                else:
+                    # one buffer (the usual forwarded frame): send() skips building an iovec list
+                    sent = self.sock.send(out[0]) if len(out) == 1 else self.sock.sendmsg(out[:IOV_MAX])
             except (BlockingIOError, InterruptedError):
                 break
             except OSError as exc:
                 self._write_failed(exc)
                 return
+            self._sent_pos += sent
             self.out_bytes -= sent
             i = 0
             while i < len(out) and sent >= len(out[i]):
@@ -305,6 +369,28 @@ class Channel:
         if not self._reading and not self._closing and self.out_bytes < LOW_WATER:
             self.resume_reading()
 
+    def _send_with_fds(self) -> int:
+        """One sendmsg carrying the queued descriptors (at most SCM_MAX_FD), each no later than
+        the first byte of the frame it came with: the bytes sent stop before any frame whose
+        descriptor has to wait for the next sendmsg."""
+        marks = self._fds_out
+        take = marks[: sharedfile.SCM_MAX_FD]
+        iov = self._out[:IOV_MAX]
+        if len(marks) > len(take):
+            room = marks[len(take)][0] - self._sent_pos  # > 0: the first mark is always taken
+            cut: list[bytes | bytearray | memoryview] = []
+            for b in iov:
+                if room <= 0:
+                    break
+                cut.append(b if len(b) <= room else memoryview(b)[:room])
+                room -= len(b)
+            iov = cut
+        sent = self.sock.sendmsg(iov, sharedfile.rights([fd for _, fd in take]))
+        if sent:  # the kernel took the descriptors with the bytes (a Unix socket never splits them off)
+            del marks[: len(take)]
+            sharedfile.close_all([fd for _, fd in take])
+        return sent
+
     def _on_writable(self) -> None:
         self._flush()
 
@@ -313,6 +399,7 @@ class Channel:
         receive queue: deliver that first (a worker's last replies), then close."""
         self._out.clear()
         self.out_bytes = 0
+        self._drop_fds()
         if self._writing:
             self._writing = False
             self.loop.remove_writer(self.fd)
@@ -323,6 +410,13 @@ class Channel:
         self.close(exc)
 
     # -- closing ---------------------------------------------------------------
+
+    def _drop_fds(self) -> None:
+        sharedfile.close_all([fd for _, fd in self._fds_out])
+        self._fds_out.clear()
+        fds_in = list(self._fds_in)
+        self._fds_in.clear()
+        sharedfile.close_all(fds_in)
 
     def close_after_flush(self) -> None:
         self._closing = True
@@ -340,6 +434,7 @@ class Channel:
             self.loop.remove_writer(self.fd)
         self._out.clear()
         self.out_bytes = 0
+        self._drop_fds()
         try:
             self.sock.close()
         except OSError:

@@ -40,7 +40,7 @@ from collections import deque
 from concurrent.futures import Future
 from typing import Any, Callable, Iterable, Iterator, TypeVar
 
-from cruised.pool import bundle, frames, rawbuf, sockopt
+from cruised.pool import bundle, frames, rawbuf, sharedfile, sockopt
 from cruised.pool.frames import Kind, Status
 
 from . import errors, paths, shipping
@@ -64,7 +64,7 @@ def _start_hint(path: str) -> str:
 class _Pending:
     """One outstanding request: filled by whichever thread reads its reply."""
 
-    __slots__ = ("status", "frame", "error", "done", "callback")
+    __slots__ = ("status", "frame", "error", "done", "callback", "shared")
 
     def __init__(self) -> None:
         self.status = 0
@@ -72,6 +72,8 @@ class _Pending:
         self.error: BaseException | None = None
         self.done = False
         self.callback: Callable[["_Pending"], None] | None = None
+        #: the call's shared file (pool/sharedfile.py): its large arguments, then its result's
+        self.shared: sharedfile.Owned | None = None
 
     def resolve(self, status: int, frame: bytearray | None, error: BaseException | None = None) -> None:
         self.status, self.frame, self.error = status, frame, error
@@ -109,6 +111,7 @@ class _Connection:
         self._start = 0
         self._end = 0
         self.last_used = time.monotonic()
+        self.files = sharedfile.FilePool()
 
     def stale(self) -> bool:
         """True if the daemon hung up while we were idle (e.g. it restarted).
@@ -139,26 +142,47 @@ class _Connection:
     def send(self, requests: list[tuple[int, list[Any]]], callback: Callable[[_Pending], None] | None = None) -> list[_Pending]:
         """Register a pending slot per (kind, payload parts) request and send them all in one sendmsg.
 
-        ``callback`` is attached to the last slot before anything is sent, so
-        it can never miss a reply that another thread reads first.
+        A CALL whose arguments have large buffers puts them in a shared file
+        (pool/sharedfile.py) passed with the frame. ``callback`` is attached to
+        the last slot before anything is sent, so it can never miss a reply
+        that another thread reads first.
         """
         if self.broken is not None:
             raise self.broken
         slots: list[_Pending] = []
         out: list[Any] = []
+        fds: list[int] = []
+        #: (out, fds) per sendmsg: one can pass at most SCM_MAX_FD descriptors
+        batches: list[tuple[list[Any], list[int]]] = [(out, fds)]
         pending = self.pending
         for kind, parts in requests:
             rid = next(self.ids)
             slot = _Pending()
+            status = 0
+            if kind == Kind.CALL and bundle.shareable(parts[1:]):  # parts: call head, then the args bundle
+                fd = self.files.take()
+                bundled = parts[1:]
+                shared_parts = bundle.share(bundled, fd)
+                if shared_parts is not bundled:
+                    parts = [parts[0], *shared_parts]
+                    slot.shared = sharedfile.Owned(fd)
+                    status = frames.CARRIES_FD
+                    if len(fds) == sharedfile.SCM_MAX_FD:
+                        out, fds = [], []
+                        batches.append((out, fds))
+                    fds.append(fd)
+                else:
+                    self.files.give(fd)
             pending[rid] = slot
             slots.append(slot)
-            out.append(frames.header(kind, rid, bundle.packed_size(parts)))
+            out.append(frames.header(kind, rid, bundle.packed_size(parts), status))
             out.extend(parts)
         slot.callback = callback
         self.last_used = time.monotonic()
         try:
             with self.send_lock:
-                _sendall(self.sock, out)
+                for batch_out, batch_fds in batches:
+                    _sendall(self.sock, batch_out, batch_fds)
         except OSError as exc:
             self._fail(errors.DaemonUnavailable(f"connection to cruised at {self.path} lost while sending: {exc}"))
             raise self.broken or exc from None
@@ -284,10 +308,28 @@ class _Connection:
 
     def close(self) -> None:
         self._fail(errors.DaemonUnavailable("session closed"))
+        self.files.close()
+
+    def release(self, slot: _Pending) -> None:
+        """The call is over: its shared file goes back to the pool if the worker answered (it is
+        done with the file), else it is closed (pool/sharedfile.py says why)."""
+        shared, slot.shared = slot.shared, None
+        if shared is None:
+            return
+        if slot.error is None and slot.status in (Status.OK, Status.ERROR):
+            self.files.give(shared.detach())
+        else:
+            shared.close()
 
 
-def _sendall(sock: socket.socket, parts: list[Any]) -> None:
+def _sendall(sock: socket.socket, parts: list[Any], fds: list[int] | None = None) -> None:
     sent = 0
+    if fds:
+        # the descriptors (at most SCM_MAX_FD) go with the first bytes, so each arrives before the
+        # frame that claims it; once sendmsg returns they are in flight, and the rest goes as usual
+        views = [memoryview(p).cast("B") for p in parts if len(p)]
+        _send_rest(sock, views, sock.sendmsg(views[:512], sharedfile.rights(fds)))
+        return
     if len(parts) <= 512:
         total = 0
         for p in parts:
@@ -298,7 +340,11 @@ def _sendall(sock: socket.socket, parts: list[Any]) -> None:
         sent = sock.sendmsg(parts)  # the common case: everything in one call
         if sent == total:
             return
-    views = [memoryview(p).cast("B") for p in parts if len(p)]
+    _send_rest(sock, [memoryview(p).cast("B") for p in parts if len(p)], sent)
+
+
+def _send_rest(sock: socket.socket, views: list[memoryview], sent: int) -> None:
+    """Send ``views`` after the first ``sent`` bytes of them."""
     while True:
         while views and sent >= views[0].nbytes:
             sent -= views[0].nbytes
@@ -562,6 +608,8 @@ class Session:
 
     def _outcome(self, conn: _Connection, shipped: _Shipped, slot: _Pending, retried: bool) -> tuple[bool, Any]:
         """(final, value-or-exception) of a resolved call; not final means: register again and retry."""
+        if slot.status != Status.OK or slot.error is not None:
+            conn.release(slot)  # an OK result is read out of the file first
         if slot.error is not None:
             return True, slot.error
         assert slot.frame is not None
@@ -574,9 +622,11 @@ class Session:
                 return False, None
         if slot.status == Status.OK:
             try:
-                return True, _Value(bundle.unpack(slot.frame, frames.HEADER_SIZE))
+                return True, _Value(bundle.unpack(slot.frame, frames.HEADER_SIZE, None if slot.shared is None else slot.shared.fd))
             except Exception as exc:  # a result this process cannot unpickle
                 return True, exc
+            finally:
+                conn.release(slot)
         return True, _error_for(slot.status, slot.frame)
 
     def call(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:

@@ -136,7 +136,8 @@ class WorkerState(enum.Enum):
 class Launcher(Protocol):
     def spawn(self, worker: "Worker") -> None: ...
 
-    def send(self, worker: "Worker", parts: list[Any]) -> None: ...
+    def send(self, worker: "Worker", parts: list[Any], fd: int | None = None) -> None:
+        """Queue ``parts`` on the worker's channel; ``fd`` (the caller keeps it) goes with them."""
 
     def kill(self, worker: "Worker") -> None:
         """SIGTERM now, SIGKILL after the grace period; report the exit via ``on_worker_exit``."""
@@ -193,6 +194,9 @@ class Job:
     answered: bool = False
     cancelled: bool = False  # client went away: do not run, do not reply
     exec_limit: float = 0.0  # the execution timeout in force once it started (0 = not started)
+    #: the call's shared file (pool/sharedfile.py), sent with the frame to whichever worker runs it;
+    #: closed when the job is answered, or when it is dropped
+    shared: Any = None
 
 
 @dataclass(eq=False)
@@ -349,7 +353,7 @@ class Dispatcher:
         worker.job = job
         self._set_state(worker, WorkerState.BUSY)
         self._begin(worker, job, self.clock.time())
-        self.launcher.send(worker, parts)
+        self.launcher.send(worker, parts, None if job.shared is None else job.shared.fd)
 
     def _begin(self, worker: Worker, job: Job, now: float) -> None:
         """``job`` is running on ``worker`` from ``now``: its execution deadline starts."""
@@ -375,7 +379,7 @@ class Dispatcher:
         self.held.append(job)
         self.held_count += 1
         self.counters.held += 1
-        self.launcher.send(worker, parts)
+        self.launcher.send(worker, parts, None if job.shared is None else job.shared.fd)
         return True
 
     def _prefetch(self, only: Worker | None = None) -> None:

@@ -286,10 +286,10 @@ class PoolLauncher:
         theirs.close()
         self._queue_msg(json.dumps({"op": "spawn", "spec": spec}).encode(), [fd, out_w])
 
-    def send(self, worker: Worker, parts: list[Any]) -> None:
+    def send(self, worker: Worker, parts: list[Any], fd: int | None = None) -> None:
         link: WorkerLink = worker.handle
         if link.channel is not None:
-            link.channel.write(parts)
+            link.channel.write(parts, fd)
 
     def drain(self, worker: Worker) -> None:
         link: WorkerLink = worker.handle

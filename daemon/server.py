@@ -19,7 +19,7 @@ import stat
 import struct
 from typing import TYPE_CHECKING, Any
 
-from cruised.pool import frames
+from cruised.pool import frames, sharedfile
 from cruised.pool.frames import Kind, Status
 
 from .channel import Channel
@@ -182,7 +182,13 @@ class ClientConnection:
         self.peer = peer
         self.peer_text = f"pid:{peer[0]},uid:{peer[1]},gid:{peer[2]}"  # the access log's peer= field
         self.channel = Channel(
-            server.loop, sock, self, self.sup.config.daemon.max_message_bytes, name=f"client-pid{peer[0]}", on_frame_error=self._frame_error
+            server.loop,
+            sock,
+            self,
+            self.sup.config.daemon.max_message_bytes,
+            name=f"client-pid{peer[0]}",
+            on_frame_error=self._frame_error,
+            accept_fds=True,  # a CALL's shared file (pool/sharedfile.py)
         )
 
     # -- FrameSink -------------------------------------------------------------
@@ -191,12 +197,23 @@ class ClientConnection:
         try:
             if kind == Kind.CALL:
                 pool, timeout_ms, key, _ = frames.parse_call(buf)
+                shared = None
+                if status & frames.CARRIES_FD:
+                    shared = sharedfile.Owned(channel.take_fd())  # type: ignore[arg-type]  # the channel checked one came
+                    try:
+                        sharedfile.check(shared.fd, self.sup.config.daemon.max_message_bytes)
+                    except (sharedfile.SharedFileError, OSError) as exc:
+                        shared.close()
+                        self._refuse(reqid, Status.BAD_REQUEST, str(exc))
+                        return
                 disp = self.sup.dispatcher(pool)
                 if disp is None:
                     self._refuse(reqid, Status.NO_SUCH_POOL, self.sup.no_such_pool(pool))
                     return
-                job = Job(next_job_id(), Kind.CALL, buf, self, self, reqid, key=key, timeout=timeout_ms / 1000 if timeout_ms else None)
+                job = Job(next_job_id(), Kind.CALL, buf, self, self, reqid, key=key, timeout=timeout_ms / 1000 if timeout_ms else None, shared=shared)
                 disp.submit(job)
+            elif status & frames.CARRIES_FD:
+                self._refuse(reqid, Status.BAD_REQUEST, f"only a CALL may carry a file descriptor (frame kind {kind})")
             elif kind == Kind.REGISTER:
                 self._register(buf, reqid)
             elif kind == Kind.CHECK:
@@ -255,9 +272,13 @@ class ClientConnection:
     def forward(self, job: Job, buf: bytearray, status: int) -> None:
         frames.set_reqid(buf, job.client_reqid)
         self.channel.write([buf])
+        if job.shared is not None:
+            job.shared.close()  # the call is over: no worker will be sent it again
 
     def refuse(self, job: Job, status: int, message: str) -> None:
         self._refuse(job.client_reqid, status, message)
+        if job.shared is not None:
+            job.shared.close()
 
     def _refuse(self, reqid: int, status: int, message: str) -> None:
         self.channel.write([frames.frame(Kind.REPLY, reqid, json.dumps({"message": message}).encode(), status)])

@@ -6,6 +6,10 @@ header and writes with a single ``sendmsg``. ``unpack`` reads a bundle out of a
 received frame without copying the buffers: numpy arrays in the result point
 into the frame's memory.
 
+With a call's shared file (pool/sharedfile.py), buffers of ``SHARE_MIN``
+bytes or more go into that file instead of the frame: the index flags their
+lengths with ``IN_FILE``, and ``unpack`` copies them out of the file.
+
 Objects plain pickle refuses (lambdas, closures, classes defined in
 ``__main__``) fall back to dill, whose output loads with plain ``pickle`` as
 long as dill is importable on the loading side.
@@ -16,6 +20,8 @@ from __future__ import annotations
 import pickle
 import struct
 from typing import Any
+
+from . import sharedfile
 
 _COUNT = struct.Struct("<H")
 _LEN = struct.Struct("<Q")
@@ -40,11 +46,40 @@ def pack(obj: Any) -> list[bytes | memoryview]:
     return [index, data, *views]
 
 
+def shareable(parts: list[bytes | memoryview]) -> bool:
+    """True if a packed bundle has buffers large enough for a shared file."""
+    return any(isinstance(p, memoryview) and p.nbytes >= sharedfile.SHARE_MIN for p in parts[2:])
+
+
+def share(parts: list[bytes | memoryview], fd: int, limit: int = 1 << 62) -> list[bytes | memoryview]:
+    """The bundle with its buffers of ``SHARE_MIN`` bytes or more written into the shared file
+    ``fd`` (back to back from offset 0, lengths flagged ``IN_FILE``), the rest still inline.
+    Unchanged if they would exceed ``limit`` bytes or the file cannot be written (a read-only
+    descriptor, a full tmpfs): the socket path always works."""
+    views = parts[2:]
+    lengths = [len(v) if isinstance(v, bytes) else v.nbytes for v in views]
+    total = sum(n for n in lengths if n >= sharedfile.SHARE_MIN)
+    if not total or total > limit:
+        return parts
+    offset = 0
+    try:
+        for v, n in zip(views, lengths):
+            if n >= sharedfile.SHARE_MIN:
+                sharedfile.write_at(fd, memoryview(v), offset)
+                offset += n
+    except OSError:
+        return parts
+    flagged = [n | sharedfile.IN_FILE if n >= sharedfile.SHARE_MIN else n for n in lengths]
+    index = struct.pack(f"<H{len(views) + 1}Q", len(views), len(parts[1]), *flagged)
+    return [index, parts[1], *(v for v, n in zip(views, lengths) if n < sharedfile.SHARE_MIN)]
+
+
 def packed_size(parts: list[bytes | memoryview]) -> int:
     return sum(len(p) if isinstance(p, bytes) else p.nbytes for p in parts)
 
 
-def unpack(buf: bytes | bytearray | memoryview, offset: int = 0) -> Any:
+def unpack(buf: bytes | bytearray | memoryview, offset: int = 0, shared: int | None = None) -> Any:
+    """The object in a bundle; buffers flagged as in the shared file are copied out of ``shared``."""
     mv = memoryview(buf)
     size = mv.nbytes
     if offset + _PLAIN.size > size:  # every bundle has at least a count and the pickle's length
@@ -60,12 +95,20 @@ def unpack(buf: bytes | bytearray | memoryview, offset: int = 0) -> Any:
         raise ValueError("truncated bundle")
     lengths = struct.unpack_from(f"<{n + 1}Q", mv, pos)
     pos += 8 * (n + 1)
-    if pos + sum(lengths) > len(mv):
+    if pos + sum(ln for ln in lengths if not ln & sharedfile.IN_FILE) > len(mv):
         raise ValueError("truncated bundle")
     data = mv[pos : pos + lengths[0]]
     pos += lengths[0]
-    oob = []
+    oob: list[memoryview | bytearray] = []
+    file_pos = 0
     for ln in lengths[1:]:
+        if ln & sharedfile.IN_FILE:
+            if shared is None:
+                raise ValueError("the bundle has buffers in a shared file, but none came with it")
+            ln &= ~sharedfile.IN_FILE
+            oob.append(sharedfile.read_at(shared, file_pos, ln))
+            file_pos += ln
+            continue
         oob.append(mv[pos : pos + ln])
         pos += ln
     return pickle.loads(data, buffers=oob)

@@ -79,6 +79,14 @@ A *bundle* is a pickle (protocol 5) with its out-of-band buffers, so numpy
 arrays cross without extra copies: ``u16 nbuf, u64 length x (nbuf + 1)``, then
 the pickle bytes, then each buffer.
 
+Shared file: a CALL whose ``status`` has ``CARRIES_FD`` set comes with one
+file descriptor (``SCM_RIGHTS``, sent no later than the frame's first byte),
+the call's shared file (pool/sharedfile.py). Its args bundle, and the
+result bundle in the worker's OK reply, may flag buffers as in that file
+instead of in the frame. The supervisor passes the descriptor on with the
+frame and never reads the file. Readers keep received descriptors in
+arrival order and give the next one to each flagged frame.
+
 REPLY status: OK (payload = result bundle, or empty/JSON for control calls),
 ERROR (the function raised: ``u32 len + JSON {type, module, message,
 traceback}`` then the pickled exception, possibly empty), Q_UNAVAILABLE (the
@@ -150,6 +158,10 @@ class Status(IntEnum):
     CUSTOM_RESPONSE = 17  # endpoint: the function returned its own HTTP response
     API_ERROR = 18  # endpoint: the function raised an error carrying an HTTP status
     NOT_RUN = 19  # worker -> supervisor: a HELD call's queue deadline passed before it could start
+
+
+#: in a CALL's ``status``: a file descriptor (the call's shared file) comes with the frame
+CARRIES_FD: Final = 0x8000
 
 
 class FrameError(ValueError):

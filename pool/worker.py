@@ -41,11 +41,11 @@ import sys
 import time
 import traceback
 import types
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
-from . import bundle, frames, qconn, rawbuf, sockopt
+from . import bundle, frames, qconn, rawbuf, sharedfile, sockopt
 from . import endpoint as endpoint_mod
 from . import qcall
 from .frames import Kind, Status
@@ -123,8 +123,21 @@ class Channel:
         self._view = memoryview(self._buf)
         self._start = 0
         self._end = 0
+        #: descriptors received and not yet claimed by a frame, in arrival order
+        self._fds: deque[int] = deque()
+        #: the shared file that came with the frame ``read`` returned last (the caller closes it)
+        self.frame_fd: int | None = None
         #: a function may call os.fork(); only the real worker may use the channel
         self.owner = os.getpid()
+
+    def _recv(self, view: memoryview) -> int:
+        """One ``recvmsg``: bytes into ``view``, any descriptors onto the queue."""
+        n, anc, flags, _ = self.sock.recvmsg_into([view], sharedfile.ANCBUF)
+        if anc:
+            self._fds.extend(sharedfile.fds_from(anc))
+        if flags & socket.MSG_CTRUNC:
+            raise frames.FrameError("file descriptors passed with a frame were lost (MSG_CTRUNC)")
+        return n
 
     def _fill(self) -> bool:
         """One ``recv`` into the free end of the buffer (compacting first if needed); False at EOF."""
@@ -132,18 +145,33 @@ class Channel:
             pending = self._end - self._start
             self._buf[:pending] = self._view[self._start : self._end]
             self._start, self._end = 0, pending
-        n = self.sock.recv_into(self._view[self._end :])
+        n = self._recv(self._view[self._end :])
         if n == 0:
             return False
         self._end += n
         return True
+
+    def _claim_fd(self, buf: bytearray) -> bytearray:
+        """Give a CALL flagged CARRIES_FD the next received descriptor (see frames.py, "Shared file")."""
+        _, _, kind, status, _ = frames.HEADER.unpack_from(buf, 0)
+        if kind == Kind.CALL and status & frames.CARRIES_FD:
+            if not self._fds:
+                raise frames.FrameError("a CALL announced a shared file, but no descriptor came with it")
+            self.frame_fd = self._fds.popleft()
+        return buf
 
     def buffered(self) -> bool:
         """True when bytes of the next frame are already in the receive buffer."""
         return self._end > self._start
 
     def read(self) -> bytearray | None:
-        """Next whole frame, or None at EOF (the supervisor closed the channel)."""
+        """Next whole frame, or None at EOF (the supervisor closed the channel). A shared file
+        that came with it is in ``frame_fd``."""
+        self.frame_fd = None
+        buf = self._read()
+        return buf if buf is None else self._claim_fd(buf)
+
+    def _read(self) -> bytearray | None:
         hs = frames.HEADER_SIZE
         while self._end - self._start < hs:
             if self._start == self._end:
@@ -164,7 +192,7 @@ class Channel:
             self._start = self._end = 0
             view = memoryview(buf)[have:]
             while view.nbytes:
-                n = self.sock.recv_into(view)
+                n = self._recv(view)
                 if n == 0:
                     return None
                 view = view[n:]
@@ -276,7 +304,15 @@ class Worker:
             g[shipped.__name__] = fn
         return fn
 
-    def call(self, reqid: int, buf: bytearray) -> None:
+    def call(self, reqid: int, buf: bytearray, shared: int | None = None) -> None:
+        """Run a CALL and reply. ``shared``: the call's shared file (closed here, after the reply)."""
+        try:
+            self._call(reqid, buf, shared)
+        finally:
+            if shared is not None:
+                os.close(shared)
+
+    def _call(self, reqid: int, buf: bytearray, shared: int | None) -> None:
         _, _, key, off = frames.parse_call(buf)
         fn = self.functions.get(key)
         if fn is None:
@@ -284,10 +320,12 @@ class Worker:
             return
         self.functions.move_to_end(key)
         try:
-            args, kwargs = bundle.unpack(buf, off)
+            args, kwargs = bundle.unpack(buf, off, shared)
             del buf  # the arguments may view the frame; let it go with them
             result = fn(*args, **kwargs)
             parts = bundle.pack(result)
+            if shared is not None and bundle.shareable(parts):  # the result's large buffers go back through the file
+                parts = bundle.share(parts, shared, self.spec.max_message_bytes)
         except BaseException as exc:  # noqa: BLE001 - every failure of user code goes back to its caller
             if isinstance(exc, (KeyboardInterrupt,)):
                 raise
@@ -319,6 +357,7 @@ class Worker:
             buf = ch.read()
             if buf is None:
                 return 0
+            shared = ch.frame_fd  # only a CALL has one
             _, kind, _, reqid = frames.parse_header(buf, ch.limit)
             if kind == Kind.HELD:
                 held_reqid, held_until = reqid, frames.HELD_DEADLINE.unpack_from(buf, frames.HEADER_SIZE)[0]
@@ -330,10 +369,12 @@ class Worker:
                 held_reqid = 0
                 if expired:
                     del buf
+                    if shared is not None:
+                        os.close(shared)  # never read: the call did not run
                     ch.reply(reqid, Status.NOT_RUN, [])
                     continue
             if kind == Kind.CALL:
-                self.call(reqid, buf)
+                self.call(reqid, buf, shared)
             elif kind == Kind.DEFINE:
                 self.define(buf)
             elif kind == Kind.CHECK:

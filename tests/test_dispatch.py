@@ -58,7 +58,7 @@ class FakeLauncher:
     def spawn(self, worker: Worker) -> None:
         self.spawned.append(worker)
 
-    def send(self, worker: Worker, parts: list[Any]) -> None:
+    def send(self, worker: Worker, parts: list[Any], fd: int | None = None) -> None:
         self.sent.append((worker, parts))
 
     def kill(self, worker: Worker) -> None:

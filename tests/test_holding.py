@@ -228,7 +228,7 @@ class Model:
     def proc(self, w: Worker) -> Proc:
         return self.procs.setdefault(w.id, Proc(w))
 
-    def on_send(self, w: Worker, parts: list[Any]) -> None:
+    def on_send(self, w: Worker, parts: list[Any], fd: int | None = None) -> None:
         p = self.proc(w)
         deadline = None
         for part in parts:
@@ -342,3 +342,43 @@ def test_model_every_job_answered_once_and_never_run_twice(seed: int) -> None:
         elif status in (Status.QUEUE_TIMEOUT, Status.QUEUE_FULL, Status.SHUTTING_DOWN):
             assert j.id not in ran, f"job {j.id} answered {Status(status).name} but ran"
     assert d.held_count == sum(len(w.held) for w in d.workers.values())
+
+
+def test_a_requeued_held_job_is_sent_again_with_its_shared_file() -> None:
+    """The supervisor keeps a call's shared file until the call is answered: a held call whose
+    worker died goes to the next worker with the same descriptor (pool/sharedfile.py)."""
+    import os
+
+    from cruised.pool import sharedfile
+
+    d, _, launcher = make(min=2, cruise=2, max=2, queue_size=10, prefetch=2)
+    ready_all(d)
+    short_calls(d)
+    sink = Sink()
+    sent: list[tuple[Worker, int | None, list[int]]] = []  # (worker, fd, reqids of the CALLs sent)
+    plain_send = launcher.send
+
+    def send(worker: Worker, parts: list[Any], fd: int | None = None) -> None:
+        sent.append((worker, fd, [r for k, r in sent_kinds(parts) if k == Kind.CALL]))
+        plain_send(worker, parts, fd)
+
+    launcher.send = send  # type: ignore[method-assign]
+    jobs = []
+    try:
+        for _ in range(4):
+            j = job(sink)
+            j.shared = sharedfile.Owned(os.memfd_create("test-shared"))
+            jobs.append(j)
+            d.submit(j)
+        assert all(fd == j.shared.fd for j in jobs for _, fd, ids in sent if j.id in ids), "each CALL goes with its own file"
+        held = next(j for j in jobs if j.held)
+        w = held.worker
+        assert w is not None
+        d.on_worker_exit(w, -9)
+        assert held in d.queue and held.shared.fd >= 0, "requeued, its file still open"
+        ready_all(d)  # the replacement worker takes the queue
+        again = [(wk, fd) for wk, fd, ids in sent if held.id in ids]
+        assert len(again) == 2 and again[1][0] is not w and again[1][1] == held.shared.fd
+    finally:
+        for j in jobs:
+            j.shared.close()

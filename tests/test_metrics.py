@@ -235,7 +235,7 @@ class NullLauncher:
     def spawn(self, worker: Worker) -> None:
         pass
 
-    def send(self, worker: Worker, parts: list[Any]) -> None:
+    def send(self, worker: Worker, parts: list[Any], fd: int | None = None) -> None:
         pass
 
     def kill(self, worker: Worker) -> None:

@@ -1,0 +1,420 @@
+"""Large buffers through a call's shared file (pool/sharedfile.py): units, then the real daemon."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import socket
+import stat
+import threading
+import time
+from typing import Any, Callable
+
+import numpy as np
+import pandas as pd
+import pytest
+
+import cruised
+from conftest import Daemon, pool_config, wait_for
+from cruised import shipping
+from cruised.channel import Channel
+from cruised.pool import bundle, frames, sharedfile, worker
+from cruised.pool.frames import Kind, Status
+from test_supervision import raw_connect, read_frame
+
+BIG = sharedfile.SHARE_MIN
+
+
+def fd_count(pid: int | str = "self") -> int:
+    return len(os.listdir(f"/proc/{pid}/fd"))
+
+
+def memfds(pid: int | str = "self") -> int:
+    """Shared files (memfds) a process holds open."""
+    n = 0
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        try:
+            n += os.readlink(f"/proc/{pid}/fd/{fd}").startswith("/memfd:")
+        except OSError:
+            pass  # closed meanwhile
+    return n
+
+
+def flat(parts: list[Any]) -> bytearray:
+    return bytearray(b"".join(bytes(p) for p in parts))
+
+
+# -- bundles ------------------------------------------------------------------------------------
+
+
+def test_large_buffers_go_to_the_file_and_come_back() -> None:
+    small = np.arange(10.0)
+    big1, big2 = np.random.rand(BIG // 8), np.arange(BIG // 4, dtype=np.int32) * 3
+    obj = {"s": small, "a": big1, "b": big2, "x": "text"}
+    parts = bundle.pack(obj)
+    assert bundle.shareable(parts)
+    fd = sharedfile.create()
+    try:
+        shared = bundle.share(parts, fd)
+        assert sum(len(bytes(p)) for p in shared) < BIG, "only the small buffer stays in the frame"
+        assert os.fstat(fd).st_size == big1.nbytes + big2.nbytes
+        with pytest.raises(ValueError, match="shared file"):
+            bundle.unpack(flat(shared))  # flagged buffers need the file
+        out = bundle.unpack(flat(shared), 0, fd)
+        np.testing.assert_array_equal(out["a"], big1)
+        np.testing.assert_array_equal(out["b"], big2)
+        np.testing.assert_array_equal(out["s"], small)
+        out["a"][0] = -1.0  # a private copy: writable, and the file is untouched
+        assert bundle.unpack(flat(shared), 0, fd)["a"][0] == big1[0]
+    finally:
+        os.close(fd)
+
+
+def test_bundles_stay_inline_when_the_file_cannot_take_them(tmp_path: Any) -> None:
+    parts = bundle.pack(np.ones(BIG // 8))
+    path = tmp_path / "ro"
+    path.write_bytes(b"")
+    ro = os.open(path, os.O_RDONLY)
+    fd = sharedfile.create()
+    try:
+        assert bundle.share(parts, ro) is parts  # a read-only descriptor: the socket path
+        assert bundle.share(parts, fd, limit=BIG - 1) is parts  # over the size limit
+        assert not bundle.shareable(bundle.pack(np.ones(10)))
+        assert bundle.share(bundle.pack(np.ones(10)), fd) is not None
+    finally:
+        os.close(ro)
+        os.close(fd)
+
+
+def test_a_file_shorter_than_announced_is_an_error_not_garbage() -> None:
+    fd = sharedfile.create()
+    try:
+        shared = bundle.share(bundle.pack(np.ones(BIG // 8)), fd)
+        os.ftruncate(fd, 100)
+        with pytest.raises(sharedfile.SharedFileError, match="ends at"):
+            bundle.unpack(flat(shared), 0, fd)
+    finally:
+        os.close(fd)
+
+
+def test_file_pool_reuses_a_few_files_and_closes_the_rest() -> None:
+    pool = sharedfile.FilePool()
+    before = fd_count()
+    fds = [pool.take() for _ in range(sharedfile.POOL_IDLE + 3)]
+    for fd in fds:
+        pool.give(fd)
+    assert fd_count() == before + sharedfile.POOL_IDLE
+    kept = pool.take()
+    assert kept in fds
+    huge = pool.take()
+    os.ftruncate(huge, sharedfile.POOL_KEEP_BYTES + 1)  # sparse: no memory used
+    pool.give(huge)  # grown too large to keep idle: closed
+    assert fd_count() == before + sharedfile.POOL_IDLE - 1
+    pool.close()
+    assert fd_count() == before + 1  # only the one still taken
+    pool.give(kept)  # given back after close: closed, not kept
+    assert fd_count() == before
+
+
+# -- the supervisor's channel -------------------------------------------------------------------
+
+
+class Collect:
+    def __init__(self) -> None:
+        self.frames: list[tuple[int, int, int, int | None]] = []  # kind, status, reqid, fd taken
+        self.closed: list[BaseException | None] = []
+        self.take = True
+
+    def on_frame(self, channel: Channel, buf: bytearray, kind: int, status: int, reqid: int) -> None:
+        self.frames.append((kind, status, reqid, channel.take_fd() if self.take else None))
+
+    def on_close(self, channel: Channel, error: BaseException | None) -> None:
+        self.closed.append(error)
+
+
+def _loop_pair() -> tuple[asyncio.AbstractEventLoop, socket.socket, socket.socket]:
+    loop = asyncio.new_event_loop()
+    a, b = socket.socketpair()
+    return loop, a, b
+
+
+def _spin(loop: asyncio.AbstractEventLoop, until: Callable[[], bool], timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not until():
+        assert time.monotonic() < deadline, "timed out"
+        loop.run_until_complete(asyncio.sleep(0.001))
+
+
+def _memfd_with(data: bytes) -> int:
+    fd = sharedfile.create()
+    os.write(fd, data)
+    return fd
+
+
+def test_channel_gives_each_flagged_frame_its_descriptor_in_order() -> None:
+    loop, a, b = _loop_pair()
+    sink = Collect()
+    ch = Channel(loop, b, sink, 1 << 20, accept_fds=True)
+    try:
+        fds = [_memfd_with(bytes([i]) * 3) for i in range(3)]
+        batch = [
+            frames.frame(Kind.CALL, 1, b"x", frames.CARRIES_FD),
+            frames.frame(Kind.PING, 2),
+            frames.frame(Kind.CALL, 3, b"y", frames.CARRIES_FD),
+            frames.frame(Kind.CALL, 4, b"z", frames.CARRIES_FD),
+        ]
+        a.sendmsg([b"".join(batch)], sharedfile.rights(fds))
+        for fd in fds:
+            os.close(fd)
+        _spin(loop, lambda: len(sink.frames) == 4)
+        got = [(reqid, fd) for _, _, reqid, fd in sink.frames]
+        assert [r for r, _ in got] == [1, 2, 3, 4] and got[1][1] is None
+        for i, (_, fd) in enumerate(x for x in got if x[1] is not None):
+            assert os.pread(fd, 3, 0) == bytes([i]) * 3  # the right file with the right frame
+            os.close(fd)
+    finally:
+        ch.close()
+        a.close()
+        loop.close()
+
+
+def test_channel_closes_descriptors_nobody_took() -> None:
+    loop, a, b = _loop_pair()
+    sink = Collect()
+    sink.take = False
+    ch = Channel(loop, b, sink, 1 << 20, accept_fds=True)
+    try:
+        before = fd_count()
+        fd = _memfd_with(b"abc")
+        a.sendmsg([frames.frame(Kind.CALL, 1, b"", frames.CARRIES_FD)], sharedfile.rights([fd]))
+        os.close(fd)
+        _spin(loop, lambda: len(sink.frames) == 1)
+        assert fd_count() == before  # ours closed, and the received one too (it was never taken)
+    finally:
+        ch.close()
+        a.close()
+        loop.close()
+
+
+def test_a_flagged_frame_without_a_descriptor_breaks_the_connection() -> None:
+    loop, a, b = _loop_pair()
+    sink = Collect()
+    errors: list[str] = []
+    ch = Channel(loop, b, sink, 1 << 20, accept_fds=True, on_frame_error=lambda c, e: errors.append(str(e)))
+    try:
+        a.sendall(frames.frame(Kind.CALL, 7, b"", frames.CARRIES_FD) + frames.frame(Kind.PING, 8))
+        _spin(loop, lambda: bool(sink.closed))
+        assert errors and "none came with it" in errors[0] and sink.frames == [], "nothing after the bad frame"
+    finally:
+        ch.close()
+        a.close()
+        loop.close()
+
+
+@pytest.mark.parametrize("count", [3, sharedfile.SCM_MAX_FD + 40])
+def test_channel_writes_each_descriptor_no_later_than_its_frame(count: int) -> None:
+    """More descriptors than one sendmsg can pass: the bytes sent stop before a frame whose
+    descriptor must wait, so a reader that claims in order never runs short."""
+    loop, a, b = _loop_pair()
+    sink = Collect()
+    ch = Channel(loop, a, sink, 1 << 20)
+    fds = [_memfd_with(i.to_bytes(2, "little")) for i in range(count)]
+    before = fd_count()
+    try:
+        for i, fd in enumerate(fds):
+            ch.write([frames.frame(Kind.CALL, i, b"p" * 50, frames.CARRIES_FD)], fd)
+        assert fd_count() == before + count, "the channel holds a duplicate of each until it is sent"
+        _spin(loop, lambda: not ch._out)  # everything written (the loop flushes what one sendmsg could not)
+        assert fd_count() == before, "sent: the duplicates closed (in flight, the kernel holds them)"
+        rx = worker.Channel(b, 1 << 20)
+        for i in range(count):
+            buf = rx.read()
+            assert buf is not None and rx.frame_fd is not None, f"frame {i} without its descriptor"
+            assert os.pread(rx.frame_fd, 2, 0) == i.to_bytes(2, "little")
+            os.close(rx.frame_fd)
+        assert fd_count() == before
+    finally:
+        for fd in fds:
+            os.close(fd)
+        ch.close()
+        b.close()
+        loop.close()
+
+
+# -- through the real daemon ---------------------------------------------------------------------
+
+
+def echo(x: Any) -> Any:
+    return x
+
+
+def test_large_arguments_and_results_round_trip_through_the_daemon(daemon: Daemon) -> None:
+    s = daemon.session()
+    sup = daemon.proc.pid  # type: ignore[union-attr]
+    s.call(echo, 1)
+    mine = memfds()  # other tests' sessions in this process may keep files of their own
+    one_mb = np.random.rand(1 << 17)
+    np.testing.assert_array_equal(s.call(echo, one_mb), one_mb)
+    big = np.random.rand(8 << 20)  # 64 MB
+    np.testing.assert_array_equal(s.call(lambda a: a[::-1].copy(), big), big[::-1])
+    df = pd.DataFrame({"a": np.arange(100_000), "b": np.random.rand(100_000), "s": ["x"] * 100_000})
+    pd.testing.assert_frame_equal(s.call(echo, df), df)
+    assert s.call(lambda a: float(a.sum()), one_mb) == pytest.approx(float(one_mb.sum()))  # large in, small out
+    np.testing.assert_array_equal(s.call(lambda n: np.ones(n), 1 << 17), np.ones(1 << 17))  # small in, large out
+    mixed = (one_mb, np.arange(5), one_mb * 2)
+    out = s.call(lambda t: (t[2], t[1], t[0]), mixed)
+    np.testing.assert_array_equal(out[0], one_mb * 2)
+    np.testing.assert_array_equal(out[2], one_mb)
+    with pytest.raises(ZeroDivisionError):
+        s.call(lambda a: 1 / 0, one_mb)
+    for i in range(30):  # the client reuses its files: descriptors do not grow with calls
+        assert s.call(lambda a, k: a[k], one_mb, i) == one_mb[i]
+    results = list(s.map(lambda a: a * 2, [one_mb] * 40, window=16))
+    assert all(np.array_equal(r, one_mb * 2) for r in results)
+    assert memfds() <= mine + sharedfile.POOL_IDLE
+    wait_for(lambda: memfds(sup) == 0, what="the supervisor holding no shared file")
+    s.close()
+    assert memfds() == mine, "closing the session closes its files"
+
+
+def test_shared_files_are_released_on_every_kind_of_answer(start_daemon: Callable[..., Daemon]) -> None:
+    d = start_daemon({"pools": {"default": pool_config(min=1, cruise=1, max=1, queue_size=2, queue_timeout="1s", exec_timeout="2s")}})
+    s = d.session()
+    sup = d.proc.pid  # type: ignore[union-attr]
+    s.call(echo, 1)
+    mine = memfds()
+    arr = np.random.rand(1 << 17)
+
+    def nap(a: Any, secs: float) -> int:
+        import time as _t
+
+        _t.sleep(secs)
+        return len(a)
+
+    blocker = s.submit(nap, arr, 1.5)
+    wait_for(lambda: d.status()["pools"]["default"]["workers"]["busy"] == 1, what="the worker busy")
+    waiting = [s.submit(nap, arr, 0) for _ in range(4)]  # 2 queue (then time out), 2 refused: full
+    outcomes = []
+    for f in waiting:
+        try:
+            outcomes.append(f.result(30))
+        except cruised.CruisedError as exc:
+            outcomes.append(type(exc).__name__)
+    assert blocker.result(30) == len(arr)
+    assert sorted(map(str, outcomes)) == ["QueueFull", "QueueFull", "QueueTimeout", "QueueTimeout"]
+    with pytest.raises(cruised.ExecutionTimeout):
+        s.call(nap, arr, 10)  # its worker is killed; the client closes that file rather than reuse it
+    with pytest.raises(cruised.WorkerCrashed):
+        s.call(lambda a: os._exit(3), arr)
+    np.testing.assert_array_equal(s.call(echo, arr), arr)
+
+    # a client that leaves with shared calls in the queue
+    other = d.session()
+    futs = [other.submit(nap, arr, 0.3) for _ in range(3)]
+    other.close()
+    del futs
+    wait_for(lambda: d.status()["pools"]["default"]["workers"]["busy"] == 0, what="the pool idle again")
+    wait_for(lambda: memfds(sup) == 0, what="the supervisor holding no shared file")
+    assert memfds() <= mine + sharedfile.POOL_IDLE
+    s.close()
+    assert memfds() == mine, "every call's file was closed or pooled, and the pool is closed"
+
+
+def _register(sock: socket.socket, fn: Callable[..., Any], pool: str = "default") -> bytes:
+    captured: list[shipping.Capture] = []
+    blob = shipping.dump_function(fn, captured)
+    key = shipping.function_key(blob, {})
+    meta = json.dumps({"python": shipping.PYTHON, "libraries": {}, "name": "f"}).encode()
+    sock.sendall(frames.frame(Kind.REGISTER, 1, frames.register_head(pool, key, meta) + blob))
+    assert read_frame(sock)[1] == Status.OK
+    return key
+
+
+def _flagged_call(key: bytes, reqid: int, obj: Any = ((np.ones(10),), {}), pool: str = "default") -> bytes:
+    """A CALL that announces a shared file (small: one sendmsg takes it whole)."""
+    body = flat(bundle.pack(obj))
+    return frames.frame(Kind.CALL, reqid, frames.call_head(pool, 0, key) + bytes(body), frames.CARRIES_FD)
+
+
+def test_hostile_descriptors_fail_only_their_request(start_daemon: Callable[..., Daemon]) -> None:
+    d = start_daemon({"pools": {"default": pool_config()}, "daemon": {"max_message_bytes": "8MiB"}})
+    sup = d.proc.pid  # type: ignore[union-attr]
+    c = raw_connect(d.socket)
+    key = _register(c, echo)
+    baseline = fd_count(sup)  # one client, one worker: nothing else opens descriptors meanwhile
+
+    r, w = os.pipe()
+    c.sendmsg([_flagged_call(key, 10)], sharedfile.rights([r]))  # not a regular file
+    kind, status, reqid, body = read_frame(c)
+    assert (status, reqid) == (Status.BAD_REQUEST, 10) and "not a regular file" in json.loads(body)["message"]
+
+    huge = sharedfile.create()
+    os.ftruncate(huge, 16 << 20)  # sparse, but over daemon.max_message_bytes
+    c.sendmsg([_flagged_call(key, 11)], sharedfile.rights([huge]))
+    _, status, reqid, body = read_frame(c)
+    assert (status, reqid) == (Status.BAD_REQUEST, 11) and "daemon.max_message_bytes" in json.loads(body)["message"]
+
+    c.sendmsg([frames.frame(Kind.PING, 12, b"", frames.CARRIES_FD)], sharedfile.rights([huge]))
+    _, status, reqid, body = read_frame(c)
+    assert (status, reqid) == (Status.BAD_REQUEST, 12) and "only a CALL" in json.loads(body)["message"]
+
+    c.sendall(frames.frame(Kind.PING, 13))  # the connection still serves
+    assert read_frame(c)[1:3] == (Status.OK, 13)
+    for fd in (r, w, huge):
+        os.close(fd)
+    wait_for(lambda: fd_count(sup) == baseline, what="every passed descriptor closed")
+
+    # a flag with no descriptor cannot be told apart from a lost one: the connection ends
+    c.sendall(_flagged_call(key, 14))
+    _, status, reqid, body = read_frame(c)
+    assert status == Status.BAD_REQUEST and "none came with it" in json.loads(body)["message"]
+    with pytest.raises(ConnectionError):
+        read_frame(c)
+    c.close()
+    s = d.session()
+    assert s.call(lambda: "still serving") == "still serving"
+
+
+def test_a_client_file_is_used_as_given(start_daemon: Callable[..., Daemon], tmp_path: Any) -> None:
+    """Any regular file the client could open works as the shared file (the worker copies
+    out of it; nothing is mapped), and a read-only one makes the result come back inline."""
+    d = start_daemon({"pools": {"default": pool_config()}})
+    c = raw_connect(d.socket)
+    key = _register(c, lambda a: a * 2)
+    arr = np.random.rand(BIG // 8)
+    fd = sharedfile.create()
+    parts = bundle.share(bundle.pack(((arr,), {})), fd)
+    path = tmp_path / "args"
+    with open(path, "wb") as fh:
+        fh.write(os.pread(fd, os.fstat(fd).st_size, 0))
+    os.close(fd)
+    ro = os.open(path, os.O_RDONLY)
+    assert stat.S_ISREG(os.fstat(ro).st_mode)
+    c.sendmsg([frames.frame(Kind.CALL, 5, frames.call_head("default", 0, key) + bytes(flat(parts)), frames.CARRIES_FD)], sharedfile.rights([ro]))
+    os.close(ro)
+    _, status, reqid, body = read_frame(c)
+    assert (status, reqid) == (Status.OK, 5)
+    np.testing.assert_array_equal(bundle.unpack(body), arr * 2)  # inline: no file needed to read it
+    c.close()
+
+
+def test_concurrent_clients_with_large_arguments(daemon: Daemon) -> None:
+    arr = np.random.rand(1 << 17)
+    errors: list[BaseException] = []
+
+    def client(k: int) -> None:
+        try:
+            s = daemon.session()
+            for i in range(20):
+                np.testing.assert_array_equal(s.call(lambda a, m: a * m, arr, k + i), arr * (k + i))
+            s.close()
+        except BaseException as exc:  # noqa: BLE001
+            errors.append(exc)
+
+    threads = [threading.Thread(target=client, args=(k,)) for k in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    assert not errors, errors
