@@ -46,6 +46,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import resource
 import signal
 import socket
 import sys
@@ -104,6 +105,27 @@ def keep_frame_buffers_warm() -> bool:
     if _LIBC is None:
         return False
     return bool(_LIBC.mallopt(M_MMAP_THRESHOLD, HEAP_FRAMES_UP_TO)) and bool(_LIBC.mallopt(M_TRIM_THRESHOLD, TRIM_ABOVE))
+
+
+def raise_fd_limit() -> tuple[int, int]:
+    """(before, after): the soft open-file limit raised to the hard one.
+
+    Every call waiting in a queue with a shared file (pool/sharedfile.py)
+    holds one descriptor here, on top of one per client and three per worker;
+    a soft limit of 1024 (a shell's default) would cap the daemon well below
+    what ``queue_size`` and ``max_connections`` allow. The systemd unit sets
+    ``LimitNOFILE`` too. Should descriptors still run out, the kernel drops
+    passed ones and the client's connection is closed with that reason.
+    """
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    want = hard if hard != resource.RLIM_INFINITY else max(soft, 1 << 20)
+    if soft != resource.RLIM_INFINITY and soft < want:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (want, hard))
+            return soft, want
+        except (ValueError, OSError):
+            pass
+    return soft, soft
 
 
 def run_loop(main: Coroutine[Any, Any, int]) -> int:
@@ -254,6 +276,9 @@ class Supervisor:
 
             watcher = asyncio.create_task(watch(self))
         keep_frame_buffers_warm()
+        before, after = raise_fd_limit()
+        if after != before:
+            log.info("open-file limit raised from %d to %d (queued calls with shared files hold descriptors)", before, after)
         self._trimmer = self.loop.call_later(TRIM_EVERY, self._trim_heap)
         try:
             await self._stop.wait()

@@ -97,3 +97,23 @@ def test_fds_and_threads_stable_across_twenty_reloads(start_daemon: Callable[...
     families = {f.name: f for f in text_string_to_metric_families(d.session().metrics())}
     reload_exits = [s.value for s in families["cruised_worker_exits"].samples if s.labels.get("reason") == "reload" and s.name.endswith("_total")]
     assert reload_exits == [21.0]
+
+
+@pytest.mark.parametrize(
+    ("limits", "expected"),
+    [((1024, 4096), (1024, 4096)), ((1024, -1), (1024, 1 << 20)), ((4096, 4096), (4096, 4096)), ((-1, -1), (-1, -1))],
+)
+def test_the_open_file_limit_is_raised_to_the_hard_one(monkeypatch: pytest.MonkeyPatch, limits: tuple[int, int], expected: tuple[int, int]) -> None:
+    from cruised import supervisor
+
+    current = list(limits)
+    monkeypatch.setattr(supervisor.resource, "RLIM_INFINITY", -1)
+    monkeypatch.setattr(supervisor.resource, "getrlimit", lambda which: tuple(current))
+
+    def setrlimit(which: int, new: tuple[int, int]) -> None:
+        assert new[1] == current[1], "the hard limit is never touched"
+        current[0] = new[0]
+
+    monkeypatch.setattr(supervisor.resource, "setrlimit", setrlimit)
+    assert supervisor.raise_fd_limit() == expected
+    assert current[0] == expected[1]
