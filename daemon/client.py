@@ -73,7 +73,7 @@ class _Pending:
         self.done = False
         self.callback: Callable[["_Pending"], None] | None = None
         #: the call's shared file (pool/sharedfile.py): its large arguments, then its result's
-        self.shared: sharedfile.Owned | None = None
+        self.shared: sharedfile.Mapped | None = None
 
     def resolve(self, status: int, frame: bytearray | None, error: BaseException | None = None) -> None:
         self.status, self.frame, self.error = status, frame, error
@@ -160,19 +160,19 @@ class _Connection:
             slot = _Pending()
             status = 0
             if kind == Kind.CALL and bundle.shareable(parts[1:]):  # parts: call head, then the args bundle
-                fd = self.files.take()
+                shared = self.files.take()
                 bundled = parts[1:]
-                shared_parts = bundle.share(bundled, fd)
+                shared_parts = bundle.share(bundled, shared, grow=sharedfile.FilePool.GROW)
                 if shared_parts is not bundled:
                     parts = [parts[0], *shared_parts]
-                    slot.shared = sharedfile.Owned(fd)
+                    slot.shared = shared
                     status = frames.CARRIES_FD
                     if len(fds) == sharedfile.SCM_MAX_FD:
                         out, fds = [], []
                         batches.append((out, fds))
-                    fds.append(fd)
+                    fds.append(shared.fd)
                 else:
-                    self.files.give(fd)
+                    self.files.give(shared)
             pending[rid] = slot
             slots.append(slot)
             out.append(frames.header(kind, rid, bundle.packed_size(parts), status))
@@ -317,7 +317,7 @@ class _Connection:
         if shared is None:
             return
         if slot.error is None and slot.status in (Status.OK, Status.ERROR):
-            self.files.give(shared.detach())
+            self.files.give(shared)
         else:
             shared.close()
 
@@ -622,7 +622,7 @@ class Session:
                 return False, None
         if slot.status == Status.OK:
             try:
-                return True, _Value(bundle.unpack(slot.frame, frames.HEADER_SIZE, None if slot.shared is None else slot.shared.fd))
+                return True, _Value(bundle.unpack(slot.frame, frames.HEADER_SIZE, slot.shared))
             except Exception as exc:  # a result this process cannot unpickle
                 return True, exc
             finally:

@@ -51,23 +51,25 @@ def shareable(parts: list[bytes | memoryview]) -> bool:
     return any(isinstance(p, memoryview) and p.nbytes >= sharedfile.SHARE_MIN for p in parts[2:])
 
 
-def share(parts: list[bytes | memoryview], fd: int, limit: int = 1 << 62) -> list[bytes | memoryview]:
-    """The bundle with its buffers of ``SHARE_MIN`` bytes or more written into the shared file
-    ``fd`` (back to back from offset 0, lengths flagged ``IN_FILE``), the rest still inline.
-    Unchanged if they would exceed ``limit`` bytes or the file cannot be written (a read-only
-    descriptor, a full tmpfs): the socket path always works."""
+def share(parts: list[bytes | memoryview], shared: sharedfile.Mapped, limit: int = 1 << 62, grow: int = 1) -> list[bytes | memoryview]:
+    """The bundle with its buffers of ``SHARE_MIN`` bytes or more copied into the shared file
+    (back to back from offset 0, lengths flagged ``IN_FILE``), the rest still inline. The file
+    grows in steps of ``grow`` if it is too small. Unchanged if they would exceed ``limit``
+    bytes or the file cannot take them (a read-only descriptor, a full tmpfs): the socket path
+    always works."""
     views = parts[2:]
     lengths = [len(v) if isinstance(v, bytes) else v.nbytes for v in views]
     total = sum(n for n in lengths if n >= sharedfile.SHARE_MIN)
     if not total or total > limit:
         return parts
-    offset = 0
     try:
+        shared.reserve(total, grow)
+        offset = 0
         for v, n in zip(views, lengths):
             if n >= sharedfile.SHARE_MIN:
-                sharedfile.write_at(fd, memoryview(v), offset)
+                shared.write(offset, memoryview(v))
                 offset += n
-    except OSError:
+    except (OSError, ValueError):  # ValueError: SharedFileError, or mmap refusing the file
         return parts
     flagged = [n | sharedfile.IN_FILE if n >= sharedfile.SHARE_MIN else n for n in lengths]
     index = struct.pack(f"<H{len(views) + 1}Q", len(views), len(parts[1]), *flagged)
@@ -78,7 +80,7 @@ def packed_size(parts: list[bytes | memoryview]) -> int:
     return sum(len(p) if isinstance(p, bytes) else p.nbytes for p in parts)
 
 
-def unpack(buf: bytes | bytearray | memoryview, offset: int = 0, shared: int | None = None) -> Any:
+def unpack(buf: bytes | bytearray | memoryview, offset: int = 0, shared: sharedfile.Mapped | None = None) -> Any:
     """The object in a bundle; buffers flagged as in the shared file are copied out of ``shared``."""
     mv = memoryview(buf)
     size = mv.nbytes
@@ -106,7 +108,7 @@ def unpack(buf: bytes | bytearray | memoryview, offset: int = 0, shared: int | N
             if shared is None:
                 raise ValueError("the bundle has buffers in a shared file, but none came with it")
             ln &= ~sharedfile.IN_FILE
-            oob.append(sharedfile.read_at(shared, file_pos, ln))
+            oob.append(shared.read(file_pos, ln))
             file_pos += ln
             continue
         oob.append(mv[pos : pos + ln])

@@ -257,6 +257,7 @@ class Worker:
         self.functions: OrderedDict[bytes, Callable[..., Any]] = OrderedDict()
         self.endpoints: dict[str, endpoint_mod.Endpoint] = {}
         self.q: qconn.QHandle | None = None
+        self.mappings = sharedfile.MappingCache()
 
     def report_q(self) -> None:
         """Tell the supervisor when the q connection came up or went down (a STATE frame)."""
@@ -304,15 +305,22 @@ class Worker:
             g[shipped.__name__] = fn
         return fn
 
-    def call(self, reqid: int, buf: bytearray, shared: int | None = None) -> None:
-        """Run a CALL and reply. ``shared``: the call's shared file (closed here, after the reply)."""
+    def call(self, reqid: int, buf: bytearray, fd: int | None = None) -> None:
+        """Run a CALL and reply. ``fd``: the call's shared file (closed here, after the reply)."""
+        if fd is None:
+            self._call(reqid, buf, None)
+            return
+        try:
+            shared = self.mappings.open(fd)
+        except (OSError, ValueError):  # not mappable: reading it raises the reason, as the call's error
+            shared = sharedfile.Mapped(fd, owns_fd=False)
         try:
             self._call(reqid, buf, shared)
         finally:
-            if shared is not None:
-                os.close(shared)
+            self.mappings.done(shared)
+            os.close(fd)
 
-    def _call(self, reqid: int, buf: bytearray, shared: int | None) -> None:
+    def _call(self, reqid: int, buf: bytearray, shared: sharedfile.Mapped | None) -> None:
         _, _, key, off = frames.parse_call(buf)
         fn = self.functions.get(key)
         if fn is None:

@@ -31,7 +31,8 @@ def fd_count(pid: int | str = "self") -> int:
 
 
 def memfds(pid: int | str = "self") -> int:
-    """Shared files (memfds) a process holds open."""
+    """Descriptors of shared files (memfds) a process holds open; a mapped file has two (mmap
+    keeps a duplicate of its descriptor)."""
     n = 0
     for fd in os.listdir(f"/proc/{pid}/fd"):
         try:
@@ -54,67 +55,98 @@ def test_large_buffers_go_to_the_file_and_come_back() -> None:
     obj = {"s": small, "a": big1, "b": big2, "x": "text"}
     parts = bundle.pack(obj)
     assert bundle.shareable(parts)
-    fd = sharedfile.create()
+    writer = sharedfile.Mapped(sharedfile.create())
+    reader = sharedfile.Mapped(os.dup(writer.fd))  # another descriptor of the file, as a worker has
     try:
-        shared = bundle.share(parts, fd)
+        shared = bundle.share(parts, writer, grow=sharedfile.FilePool.GROW)
         assert sum(len(bytes(p)) for p in shared) < BIG, "only the small buffer stays in the frame"
-        assert os.fstat(fd).st_size == big1.nbytes + big2.nbytes
+        assert os.fstat(writer.fd).st_size == sharedfile.FilePool.GROW  # grown in steps
         with pytest.raises(ValueError, match="shared file"):
             bundle.unpack(flat(shared))  # flagged buffers need the file
-        out = bundle.unpack(flat(shared), 0, fd)
+        out = bundle.unpack(flat(shared), 0, reader)
         np.testing.assert_array_equal(out["a"], big1)
         np.testing.assert_array_equal(out["b"], big2)
         np.testing.assert_array_equal(out["s"], small)
         out["a"][0] = -1.0  # a private copy: writable, and the file is untouched
-        assert bundle.unpack(flat(shared), 0, fd)["a"][0] == big1[0]
+        assert bundle.unpack(flat(shared), 0, reader)["a"][0] == big1[0]
+        bundle.share(bundle.pack({"a": -big1, "b": big2, "s": small, "x": ""}), writer)  # the file reused
+        assert out["b"][1] == big2[1] and out["a"][1] == big1[1], "objects already read never change"
     finally:
-        os.close(fd)
+        writer.close()
+        reader.close()
 
 
 def test_bundles_stay_inline_when_the_file_cannot_take_them(tmp_path: Any) -> None:
     parts = bundle.pack(np.ones(BIG // 8))
     path = tmp_path / "ro"
     path.write_bytes(b"")
-    ro = os.open(path, os.O_RDONLY)
-    fd = sharedfile.create()
+    ro = sharedfile.Mapped(os.open(path, os.O_RDONLY))
+    rw = sharedfile.Mapped(sharedfile.create())
     try:
         assert bundle.share(parts, ro) is parts  # a read-only descriptor: the socket path
-        assert bundle.share(parts, fd, limit=BIG - 1) is parts  # over the size limit
+        assert bundle.share(parts, rw, limit=BIG - 1) is parts  # over the size limit
         assert not bundle.shareable(bundle.pack(np.ones(10)))
-        assert bundle.share(bundle.pack(np.ones(10)), fd) is not None
     finally:
-        os.close(ro)
-        os.close(fd)
+        ro.close()
+        rw.close()
 
 
-def test_a_file_shorter_than_announced_is_an_error_not_garbage() -> None:
-    fd = sharedfile.create()
+def test_a_file_shorter_than_announced_is_an_error_not_a_fault() -> None:
+    writer = sharedfile.Mapped(sharedfile.create())
+    reader = sharedfile.Mapped(os.dup(writer.fd))
     try:
-        shared = bundle.share(bundle.pack(np.ones(BIG // 8)), fd)
-        os.ftruncate(fd, 100)
-        with pytest.raises(sharedfile.SharedFileError, match="ends at"):
-            bundle.unpack(flat(shared), 0, fd)
+        shared = bundle.share(bundle.pack(np.ones(BIG // 8)), writer)
+        bundle.unpack(flat(shared), 0, reader)  # mapped at full size...
+        os.ftruncate(writer.fd, 100)  # ...then the file shrinks under the mapping
+        with pytest.raises(sharedfile.SharedFileError, match="ends at 100 bytes"):
+            bundle.unpack(flat(shared), 0, reader)
     finally:
-        os.close(fd)
+        writer.close()
+        reader.close()
 
 
 def test_file_pool_reuses_a_few_files_and_closes_the_rest() -> None:
     pool = sharedfile.FilePool()
     before = fd_count()
-    fds = [pool.take() for _ in range(sharedfile.POOL_IDLE + 3)]
-    for fd in fds:
-        pool.give(fd)
+    files = [pool.take() for _ in range(sharedfile.POOL_IDLE + 3)]
+    for m in files:
+        pool.give(m)
     assert fd_count() == before + sharedfile.POOL_IDLE
     kept = pool.take()
-    assert kept in fds
+    assert kept in files
     huge = pool.take()
-    os.ftruncate(huge, sharedfile.POOL_KEEP_BYTES + 1)  # sparse: no memory used
+    os.ftruncate(huge.fd, sharedfile.POOL_KEEP_BYTES + 1)  # sparse: no memory used
     pool.give(huge)  # grown too large to keep idle: closed
     assert fd_count() == before + sharedfile.POOL_IDLE - 1
     pool.close()
     assert fd_count() == before + 1  # only the one still taken
     pool.give(kept)  # given back after close: closed, not kept
     assert fd_count() == before
+
+
+def test_worker_mappings_are_kept_per_file_and_bounded() -> None:
+    cache = sharedfile.MappingCache()
+    files = [sharedfile.Mapped(sharedfile.create()) for _ in range(cache.KEEP + 2)]
+    try:
+        for m in files:
+            m.reserve(BIG)
+        first = os.dup(files[0].fd)
+        a = cache.open(first)
+        cache.done(a)
+        os.close(first)
+        again = os.dup(files[0].fd)  # the same file under a new descriptor: the same mapping
+        assert cache.open(again) is a and a.fd == again
+        cache.done(a)
+        os.close(again)
+        for m in files[1:]:
+            fd = os.dup(m.fd)
+            cache.done(cache.open(fd))
+            os.close(fd)
+        assert a.mm is None, "the oldest mapping was dropped"
+        assert len(cache._maps) == cache.KEEP
+    finally:
+        for m in files:
+            m.close()
 
 
 # -- the supervisor's channel -------------------------------------------------------------------
@@ -272,7 +304,7 @@ def test_large_arguments_and_results_round_trip_through_the_daemon(daemon: Daemo
         assert s.call(lambda a, k: a[k], one_mb, i) == one_mb[i]
     results = list(s.map(lambda a: a * 2, [one_mb] * 40, window=16))
     assert all(np.array_equal(r, one_mb * 2) for r in results)
-    assert memfds() <= mine + sharedfile.POOL_IDLE
+    assert memfds() <= mine + 2 * sharedfile.POOL_IDLE
     wait_for(lambda: memfds(sup) == 0, what="the supervisor holding no shared file")
     s.close()
     assert memfds() == mine, "closing the session closes its files"
@@ -316,7 +348,7 @@ def test_shared_files_are_released_on_every_kind_of_answer(start_daemon: Callabl
     del futs
     wait_for(lambda: d.status()["pools"]["default"]["workers"]["busy"] == 0, what="the pool idle again")
     wait_for(lambda: memfds(sup) == 0, what="the supervisor holding no shared file")
-    assert memfds() <= mine + sharedfile.POOL_IDLE
+    assert memfds() <= mine + 2 * sharedfile.POOL_IDLE
     s.close()
     assert memfds() == mine, "every call's file was closed or pooled, and the pool is closed"
 
@@ -383,12 +415,12 @@ def test_a_client_file_is_used_as_given(start_daemon: Callable[..., Daemon], tmp
     c = raw_connect(d.socket)
     key = _register(c, lambda a: a * 2)
     arr = np.random.rand(BIG // 8)
-    fd = sharedfile.create()
-    parts = bundle.share(bundle.pack(((arr,), {})), fd)
+    m = sharedfile.Mapped(sharedfile.create())
+    parts = bundle.share(bundle.pack(((arr,), {})), m)
     path = tmp_path / "args"
     with open(path, "wb") as fh:
-        fh.write(os.pread(fd, os.fstat(fd).st_size, 0))
-    os.close(fd)
+        fh.write(os.pread(m.fd, os.fstat(m.fd).st_size, 0))
+    m.close()
     ro = os.open(path, os.O_RDONLY)
     assert stat.S_ISREG(os.fstat(ro).st_mode)
     c.sendmsg([frames.frame(Kind.CALL, 5, frames.call_head("default", 0, key) + bytes(flat(parts)), frames.CARRIES_FD)], sharedfile.rights([ro]))
