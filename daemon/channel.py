@@ -119,12 +119,8 @@ class Channel:
         self._big_got = 0
         self._out: list[bytes | bytearray | memoryview] = []  # flat byte buffers (len() == size)
         self.out_bytes = 0
-        #: bytes ever queued / ever sent: where in the stream each outgoing descriptor belongs
-        self._queued_pos = 0
-        self._sent_pos = 0
-        #: descriptors to send: (stream position of the frame they come with, our dup of the fd)
-        self._fds_out: list[tuple[int, int]] = []
-        #: read with recvmsg, keeping passed descriptors (client channels: shared files)
+        #: read with recvmsg, keeping passed descriptors: a client connection that asked to pass
+        #: shared files (PASS_FDS). Off otherwise: recvmsg costs ~10 µs a call more than recv_into
         self.accept_fds = accept_fds
         self._fds_in: deque[int] = deque()
         #: the descriptor that came with the frame being delivered; the sink may ``take_fd`` it
@@ -304,12 +300,9 @@ class Channel:
 
     # -- writing ---------------------------------------------------------------
 
-    def write(self, parts: list[bytes | bytearray | memoryview], fd: int | None = None) -> None:
-        """Queue ``parts``; ``fd`` (duplicated: the caller keeps its own) goes with their first byte."""
+    def write(self, parts: list[bytes | bytearray | memoryview]) -> None:
         if self.closed:
             return
-        if fd is not None:
-            self._fds_out.append((self._queued_pos, os.dup(fd)))
         out = self._out
         added = 0
         for p in parts:
@@ -321,7 +314,6 @@ class Channel:
                 out.append(p)
                 added += n
         self.out_bytes += added
-        self._queued_pos += added
         if not self._flush_scheduled and not self._writing:
             self._flush_scheduled = True
             self._batch.mark(self)
@@ -335,17 +327,13 @@ class Channel:
         out = self._out
         while out:
             try:
-                if self._fds_out:
-                    sent = self._send_with_fds()
-                else:
-                    # one buffer (the usual forwarded frame): send() skips building an iovec list
-                    sent = self.sock.send(out[0]) if len(out) == 1 else self.sock.sendmsg(out[:IOV_MAX])
+                # one buffer (the usual forwarded frame): send() skips building an iovec list
+                sent = self.sock.send(out[0]) if len(out) == 1 else self.sock.sendmsg(out[:IOV_MAX])
             except (BlockingIOError, InterruptedError):
                 break
             except OSError as exc:
                 self._write_failed(exc)
                 return
-            self._sent_pos += sent
             self.out_bytes -= sent
             i = 0
             while i < len(out) and sent >= len(out[i]):
@@ -369,28 +357,6 @@ class Channel:
         if not self._reading and not self._closing and self.out_bytes < LOW_WATER:
             self.resume_reading()
 
-    def _send_with_fds(self) -> int:
-        """One sendmsg carrying the queued descriptors (at most SCM_MAX_FD), each no later than
-        the first byte of the frame it came with: the bytes sent stop before any frame whose
-        descriptor has to wait for the next sendmsg."""
-        marks = self._fds_out
-        take = marks[: sharedfile.SCM_MAX_FD]
-        iov = self._out[:IOV_MAX]
-        if len(marks) > len(take):
-            room = marks[len(take)][0] - self._sent_pos  # > 0: the first mark is always taken
-            cut: list[bytes | bytearray | memoryview] = []
-            for b in iov:
-                if room <= 0:
-                    break
-                cut.append(b if len(b) <= room else memoryview(b)[:room])
-                room -= len(b)
-            iov = cut
-        sent = self.sock.sendmsg(iov, sharedfile.rights([fd for _, fd in take]))
-        if sent:  # the kernel took the descriptors with the bytes (a Unix socket never splits them off)
-            del marks[: len(take)]
-            sharedfile.close_all([fd for _, fd in take])
-        return sent
-
     def _on_writable(self) -> None:
         self._flush()
 
@@ -412,8 +378,6 @@ class Channel:
     # -- closing ---------------------------------------------------------------
 
     def _drop_fds(self) -> None:
-        sharedfile.close_all([fd for _, fd in self._fds_out])
-        self._fds_out.clear()
         fds_in = list(self._fds_in)
         self._fds_in.clear()
         sharedfile.close_all(fds_in)

@@ -112,6 +112,10 @@ class _Connection:
         self._end = 0
         self.last_used = time.monotonic()
         self.files = sharedfile.FilePool()
+        #: None until the first call with large buffers asks the daemon (PASS_FDS); then whether
+        #: this connection passes shared files
+        self.pass_fds: bool | None = None
+        self._pass_fds_lock = threading.Lock()
 
     def stale(self) -> bool:
         """True if the daemon hung up while we were idle (e.g. it restarted).
@@ -159,7 +163,8 @@ class _Connection:
             rid = next(self.ids)
             slot = _Pending()
             status = 0
-            if kind == Kind.CALL and bundle.shareable(parts[1:]):  # parts: call head, then the args bundle
+            # parts: the call head, then the args bundle (index, pickle, then out-of-band buffers)
+            if kind == Kind.CALL and len(parts) > 3 and bundle.shareable(parts[1:]) and self._may_pass_fds():
                 shared = self.files.take()
                 bundled = parts[1:]
                 shared_parts = bundle.share(bundled, shared, grow=sharedfile.FilePool.GROW)
@@ -187,6 +192,18 @@ class _Connection:
             self._fail(errors.DaemonUnavailable(f"connection to cruised at {self.path} lost while sending: {exc}"))
             raise self.broken or exc from None
         return slots
+
+    def _may_pass_fds(self) -> bool:
+        """Whether CALLs may carry shared files; the first time, ask the daemon (PASS_FDS) and
+        wait for its answer, since a descriptor sent before it switches to recvmsg is lost."""
+        if self.pass_fds is None:
+            with self._pass_fds_lock:
+                if self.pass_fds is None:
+                    slot = self.wait(self.send([(Kind.PASS_FDS, [])])[0])
+                    if slot.error is not None:
+                        raise slot.error
+                    self.pass_fds = slot.status == Status.OK  # a daemon without shared files: inline
+        return self.pass_fds
 
     # -- receiving ---------------------------------------------------------------
 
@@ -311,15 +328,35 @@ class _Connection:
         self.files.close()
 
     def release(self, slot: _Pending) -> None:
-        """The call is over: its shared file goes back to the pool if the worker answered (it is
-        done with the file), else it is closed (pool/sharedfile.py says why)."""
+        """The call is over: its shared file goes back to the pool if no worker can touch it any
+        more, else it is closed (pool/sharedfile.py says why)."""
         shared, slot.shared = slot.shared, None
         if shared is None:
             return
-        if slot.error is None and slot.status in (Status.OK, Status.ERROR):
+        if slot.error is None and slot.status in _FILE_DONE:
             self.files.give(shared)
         else:
             shared.close()
+
+
+#: answers after which no worker touches the call's shared file again: the worker's own replies
+#: (it wrote the result before replying), and refusals of calls that never started (QueueFull,
+#: QueueTimeout: a held call's worker answers NOT_RUN without reading it). Not ExecutionTimeout:
+#: the killed worker may have been copying at that moment.
+_FILE_DONE = frozenset(
+    {
+        Status.OK,
+        Status.ERROR,
+        Status.Q_UNAVAILABLE,
+        Status.UNKNOWN_FUNCTION,
+        Status.QUEUE_FULL,
+        Status.QUEUE_TIMEOUT,
+        Status.SHUTTING_DOWN,
+        Status.NO_SUCH_POOL,
+        Status.BAD_REQUEST,
+        Status.VERSION_MISMATCH,
+    }
+)
 
 
 def _sendall(sock: socket.socket, parts: list[Any], fds: list[int] | None = None) -> None:

@@ -5,6 +5,10 @@ one template process (``cruised.pool.template``: a fresh interpreter, the
 preloaded forkserver) and asks it to fork workers. For each worker it creates
 
 * a socketpair: the private channel, framed (daemon/channel.py);
+* a SOCK_SEQPACKET socketpair that only carries descriptors: each flagged
+  CALL's shared file (pool/sharedfile.py), sent right before the CALL is
+  queued on the channel, so the worker finds it there when it reads the CALL
+  (pool/worker.py ``Channel._claim_fd``) and the channel stays plain bytes;
 * a pipe: the worker's stdout and stderr, logged line by line with a
   ``worker=`` tag instead of interleaving raw on the daemon's stderr;
 
@@ -27,7 +31,7 @@ import subprocess
 import sys
 from typing import Any
 
-from cruised.pool import frames, qconn
+from cruised.pool import frames, qconn, sharedfile
 from cruised.pool.frames import Kind, Status
 
 from . import codeenv
@@ -48,6 +52,7 @@ class WorkerLink:
 
     def __init__(self) -> None:
         self.channel: Channel | None = None
+        self.fd_sock: socket.socket | None = None  # shared files to the worker (see the module docstring)
         self.out_fd: int | None = None
         self.out_buf = bytearray()
         self.sigkill_timer: asyncio.TimerHandle | None = None
@@ -262,6 +267,9 @@ class PoolLauncher:
     def _send_spawn(self, worker: Worker) -> None:
         link: WorkerLink = worker.handle
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        fd_ours, fd_theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        fd_ours.setblocking(False)
+        link.fd_sock = fd_ours
         out_r, out_w = os.pipe()
         os.set_blocking(out_r, False)
         link.out_fd = out_r
@@ -284,12 +292,23 @@ class PoolLauncher:
             link.channel.write([frames.frame(Kind.SETUP, 0, setup)])
         fd = os.dup(theirs.fileno())
         theirs.close()
-        self._queue_msg(json.dumps({"op": "spawn", "spec": spec}).encode(), [fd, out_w])
+        fds_fd = os.dup(fd_theirs.fileno())
+        fd_theirs.close()
+        self._queue_msg(json.dumps({"op": "spawn", "spec": spec}).encode(), [fd, out_w, fds_fd])
 
     def send(self, worker: Worker, parts: list[Any], fd: int | None = None) -> None:
         link: WorkerLink = worker.handle
-        if link.channel is not None:
-            link.channel.write(parts, fd)
+        if link.channel is None:
+            return
+        if fd is not None and link.fd_sock is not None:
+            # before the CALL is queued: the worker reads its file from here when it reads the CALL
+            try:
+                link.fd_sock.sendmsg([b"F"], sharedfile.rights([fd]))
+            except OSError as exc:  # gone (its exit report follows), or a queue that cannot be full
+                log.error("worker=%s pool=%s could not be sent a shared file (%s); killing it", worker.id, self.name, exc)
+                if worker.pid is not None:
+                    self._signal(worker.pid, signal.SIGKILL)
+        link.channel.write(parts)
 
     def drain(self, worker: Worker) -> None:
         link: WorkerLink = worker.handle
@@ -413,6 +432,9 @@ class PoolLauncher:
                     self.dispatcher.on_worker_lost(worker)  # nothing new may be given to it meanwhile
                 link.channel.drain()
             link.channel.close()
+        if link.fd_sock is not None:
+            link.fd_sock.close()  # files still queued on it are the kernel's to release
+            link.fd_sock = None
         if link.out_fd is not None:
             self._on_output(worker)  # last words first: they often explain the exit
             self._close_output(worker)

@@ -188,7 +188,6 @@ class ClientConnection:
             self.sup.config.daemon.max_message_bytes,
             name=f"client-pid{peer[0]}",
             on_frame_error=self._frame_error,
-            accept_fds=True,  # a CALL's shared file (pool/sharedfile.py)
         )
 
     # -- FrameSink -------------------------------------------------------------
@@ -199,7 +198,11 @@ class ClientConnection:
                 pool, timeout_ms, key, _ = frames.parse_call(buf)
                 shared = None
                 if status & frames.CARRIES_FD:
-                    shared = sharedfile.Owned(channel.take_fd())  # type: ignore[arg-type]  # the channel checked one came
+                    fd = channel.take_fd()
+                    if fd is None:  # the kernel dropped it: we were not reading with recvmsg
+                        self._refuse(reqid, Status.BAD_REQUEST, "a CALL carried a file descriptor before PASS_FDS was answered")
+                        return
+                    shared = sharedfile.Owned(fd)
                     try:
                         sharedfile.check(shared.fd, self.sup.config.daemon.max_message_bytes)
                     except (sharedfile.SharedFileError, OSError) as exc:
@@ -214,6 +217,10 @@ class ClientConnection:
                 disp.submit(job)
             elif status & frames.CARRIES_FD:
                 self._refuse(reqid, Status.BAD_REQUEST, f"only a CALL may carry a file descriptor (frame kind {kind})")
+            elif kind == Kind.PASS_FDS:
+                # before the reply goes out: whatever the client sends after reading it is read with recvmsg
+                self.channel.accept_fds = True
+                self.channel.write([frames.frame(Kind.REPLY, reqid)])
             elif kind == Kind.REGISTER:
                 self._register(buf, reqid)
             elif kind == Kind.CHECK:

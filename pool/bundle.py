@@ -48,7 +48,7 @@ def pack(obj: Any) -> list[bytes | memoryview]:
 
 def shareable(parts: list[bytes | memoryview]) -> bool:
     """True if a packed bundle has buffers large enough for a shared file."""
-    return any(isinstance(p, memoryview) and p.nbytes >= sharedfile.SHARE_MIN for p in parts[2:])
+    return len(parts) > 2 and any(isinstance(p, memoryview) and p.nbytes >= sharedfile.SHARE_MIN for p in parts[2:])
 
 
 def share(parts: list[bytes | memoryview], shared: sharedfile.Mapped, limit: int = 1 << 62, grow: int = 1) -> list[bytes | memoryview]:

@@ -49,6 +49,10 @@ SETUP      sup -> worker          JSON ``{"endpoints": {"svc/ep": {"code": path,
 READY      worker -> sup          JSON ``{"pid":..., "python": "3.11", "endpoints":
                                   {"svc/ep": {"ok": true} | {"ok": false,
                                   "error": ..., "traceback": ...}}, ...}``
+PASS_FDS   client -> sup          empty; reply empty. From the reply on, CALLs on
+                                  this connection may carry a shared file (see
+                                  "Shared file" below); the daemon reads a
+                                  connection with recvmsg only after this
 METRICS    client -> sup          empty; reply is the Prometheus text exposition
                                   (the same bytes as ``GET /metrics``)
 READY      worker -> sup          JSON ``{"pid":..., "python": "3.11", ...}``
@@ -80,12 +84,14 @@ arrays cross without extra copies: ``u16 nbuf, u64 length x (nbuf + 1)``, then
 the pickle bytes, then each buffer.
 
 Shared file: a CALL whose ``status`` has ``CARRIES_FD`` set comes with one
-file descriptor (``SCM_RIGHTS``, sent no later than the frame's first byte),
-the call's shared file (pool/sharedfile.py). Its args bundle, and the
-result bundle in the worker's OK reply, may flag buffers as in that file
-instead of in the frame. The supervisor passes the descriptor on with the
-frame and never reads the file. Readers keep received descriptors in
-arrival order and give the next one to each flagged frame.
+file descriptor, the call's shared file (pool/sharedfile.py). Its args
+bundle, and the result bundle in the worker's OK reply, may flag buffers as
+in that file instead of in the frame. From a client, the descriptor comes
+with the CALL (``SCM_RIGHTS``, sent no later than the frame's first byte;
+the daemon keeps received descriptors in arrival order and gives the next
+one to each flagged CALL), and only after PASS_FDS was answered. To a
+worker, the supervisor sends it on the worker's descriptor socket just
+before the CALL (daemon/launcher.py). The supervisor never reads the file.
 
 REPLY status: OK (payload = result bundle, or empty/JSON for control calls),
 ERROR (the function raised: ``u32 len + JSON {type, module, message,
@@ -117,6 +123,7 @@ SIZE_FIELD: Final = 4
 REQID_OFFSET: Final = 8
 REQID = struct.Struct("<Q")
 KIND_OFFSET: Final = 5
+STATUS_OFFSET: Final = 6  # u16, little-endian
 
 
 class Kind(IntEnum):
@@ -127,6 +134,7 @@ class Kind(IntEnum):
     PING = 5
     RELOAD = 6
     METRICS = 7
+    PASS_FDS = 8
     DEFINE = 16
     ENDPOINT = 17
     SETUP = 18

@@ -21,12 +21,12 @@ Rules that make it safe:
 
 * every object gets a private copy: no array a function receives, and none the
   client gets back, views a mapping, so reusing a file never changes them;
-* the client reuses a file only after the worker's own reply to the call
-  (status OK or ERROR): the worker copied the arguments before running the
-  call and wrote the result before replying, so it is done with the file.
-  After any answer from the daemon instead (a timeout, a crash, a refusal)
-  the client closes the file: a worker killed at its deadline may have been
-  copying into it at that moment;
+* the client reuses a file only after an answer that means no worker will
+  touch it again: the worker's own reply (it copied the arguments before
+  running the call and wrote the result before replying), or the refusal of
+  a call that never started (QueueFull, QueueTimeout). After an
+  ExecutionTimeout or a crash it closes the file instead: a worker killed at
+  its deadline may have been copying into it at that moment;
 * files only grow (``ftruncate`` up, by whichever side needs more room), and
   each side takes the file's size (``fstat``) right before it copies, so a
   mapping is never used past the end of its file: a file that shrank gives a
@@ -63,9 +63,14 @@ IN_FILE: Final = 1 << 63
 #: descriptors one ``recvmsg`` can bring (the kernel's SCM_MAX_FD)
 SCM_MAX_FD: Final = 253
 ANCBUF: Final = socket.CMSG_SPACE(SCM_MAX_FD * 4)
-#: idle files a client connection keeps for reuse, and the largest it keeps
+#: a kept file holds its memory, so what stays idle is bounded. A client connection keeps at
+#: most POOL_IDLE files for reuse, none over KEEP_FILE_BYTES and KEEP_TOTAL_BYTES in all; a
+#: worker keeps the mappings of at most MappingCache.KEEP files within the same bounds.
 POOL_IDLE: Final = 8
-POOL_KEEP_BYTES: Final = 64 << 20
+KEEP_FILE_BYTES: Final = 16 << 20
+KEEP_TOTAL_BYTES: Final = 64 << 20
+#: map the whole file at once (page tables filled in one call, not a fault per 4 KiB)
+_MAP_FLAGS: Final = mmap.MAP_SHARED | getattr(mmap, "MAP_POPULATE", 0)
 
 
 class SharedFileError(ValueError):
@@ -77,17 +82,42 @@ def create() -> int:
     return os.memfd_create("cruised-call", os.MFD_CLOEXEC)
 
 
-class Mapped:
+class Owned:
+    """A descriptor with one owner: closed by ``close()`` or, at the latest, when dropped.
+
+    A supervisor job keeps its call's shared file this way until the job is
+    answered or forgotten: a held call requeued after its worker died is
+    sent again, with the same file.
+    """
+
+    __slots__ = ("fd",)
+
+    def __init__(self, fd: int) -> None:
+        self.fd = fd
+
+    def close(self) -> None:
+        fd, self.fd = self.fd, -1
+        if fd >= 0:
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+
+    def __del__(self) -> None:
+        self.close()
+
+
+class Mapped(Owned):
     """A shared file and a ``MAP_SHARED`` mapping of all of it, remapped when the file grows.
 
     ``fd`` is the file's descriptor; a client's ``Mapped`` owns it (``close``
     closes both), a worker's borrows the descriptor of the call at hand.
     """
 
-    __slots__ = ("fd", "mm", "size", "writable", "owns_fd", "__weakref__")
+    __slots__ = ("mm", "size", "writable", "owns_fd")
 
     def __init__(self, fd: int, owns_fd: bool = True) -> None:
-        self.fd = fd
+        super().__init__(fd)
         self.mm: mmap.mmap | None = None
         self.size = 0
         self.writable = True
@@ -100,9 +130,9 @@ class Mapped:
         self.size = 0
         if size:
             try:
-                self.mm = mmap.mmap(self.fd, size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
+                self.mm = mmap.mmap(self.fd, size, _MAP_FLAGS, mmap.PROT_READ | mmap.PROT_WRITE)
             except PermissionError:  # a read-only descriptor: it can be read, not written
-                self.mm = mmap.mmap(self.fd, size, mmap.MAP_SHARED, mmap.PROT_READ)
+                self.mm = mmap.mmap(self.fd, size, _MAP_FLAGS, mmap.PROT_READ)
                 self.writable = False
         self.size = size
 
@@ -144,15 +174,10 @@ class Mapped:
         if self.mm is not None:
             self.mm.close()
             self.mm = None
-        fd, self.fd = self.fd, -1
-        if self.owns_fd and fd >= 0:
-            try:
-                os.close(fd)
-            except OSError:
-                pass
-
-    def __del__(self) -> None:
-        self.close()
+        if self.owns_fd:
+            super().close()
+        else:
+            self.fd = -1  # borrowed: its owner closes it
 
 
 def check(fd: int, limit: int) -> None:
@@ -189,31 +214,6 @@ def close_all(fds: list[int]) -> None:
     fds.clear()
 
 
-class Owned:
-    """A descriptor with one owner: closed by ``close()`` or, at the latest, when dropped.
-
-    A supervisor job keeps its call's shared file this way until the job is
-    answered or forgotten: a held call requeued after its worker died is
-    sent again, with the same file.
-    """
-
-    __slots__ = ("fd",)
-
-    def __init__(self, fd: int) -> None:
-        self.fd = fd
-
-    def close(self) -> None:
-        fd, self.fd = self.fd, -1
-        if fd >= 0:
-            try:
-                os.close(fd)
-            except OSError:
-                pass
-
-    def __del__(self) -> None:
-        self.close()
-
-
 class FilePool:
     """A client connection's idle shared files, mapped, reused call after call (thread-safe)."""
 
@@ -232,13 +232,15 @@ class FilePool:
         return Mapped(create())
 
     def give(self, m: Mapped) -> None:
-        """Back for reuse (the call it served has its reply), or closed if the pool is full or it grew large."""
+        """Back for reuse (the call it served has its reply), or closed if keeping it would pass the
+        pool's bounds."""
         try:
             size = os.fstat(m.fd).st_size  # the worker may have grown it for a large result
         except OSError:
-            size = POOL_KEEP_BYTES + 1
+            size = KEEP_FILE_BYTES + 1
         with self._lock:
-            if not self.closed and size <= POOL_KEEP_BYTES and len(self._idle) < POOL_IDLE:
+            idle_bytes = sum(f.size for f in self._idle)
+            if not self.closed and size <= KEEP_FILE_BYTES and idle_bytes + size <= KEEP_TOTAL_BYTES and len(self._idle) < POOL_IDLE:
                 self._idle.append(m)
                 return
         m.close()
@@ -256,9 +258,10 @@ class MappingCache:
 
     A client reuses its files, so the same few inodes come back call after
     call with a new descriptor each time; mapping each once saves an ``mmap``
-    and a page fault per 4 KiB on every call. Files over ``POOL_KEEP_BYTES``
-    are not kept (the client does not keep them either), and at most
-    ``KEEP`` mappings are: a kept mapping holds its file's memory.
+    per call. A kept mapping holds its file's memory even after the client
+    closed it, so only files up to ``KEEP_FILE_BYTES`` are kept, at most
+    ``KEEP`` of them and ``KEEP_TOTAL_BYTES`` in all, oldest dropped first;
+    larger ones are mapped for their call only.
     """
 
     KEEP = 4
@@ -276,15 +279,15 @@ class MappingCache:
         m.fd = fd
         m.refresh()
         self._maps[key] = m
-        while len(self._maps) > self.KEEP:
-            self._maps.popitem(last=False)[1].close()
         return m
 
     def done(self, m: Mapped) -> None:
-        """The call is over: forget the descriptor; drop the mapping if the file is large."""
+        """The call is over: forget its descriptor, and keep the mappings within bounds."""
         m.fd = -1
-        if m.size > POOL_KEEP_BYTES:
+        if m.size > KEEP_FILE_BYTES:
             for key, kept in list(self._maps.items()):
                 if kept is m:
                     del self._maps[key]
             m.close()
+        while self._maps and (len(self._maps) > self.KEEP or sum(k.size for k in self._maps.values()) > KEEP_TOTAL_BYTES):
+            self._maps.popitem(last=False)[1].close()

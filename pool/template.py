@@ -8,7 +8,7 @@ CPython's pools deadlocked (see STYLE-ANCHORS §6).
 Data flow::
 
     supervisor --(SOCK_SEQPACKET control, JSON + SCM_RIGHTS)--> template
-        "spawn" + [channel fd, output fd]  -> fork -> worker.run()
+        "spawn" + [channel fd, output fd, descriptor socket fd]  -> fork -> worker.run()
     template --> supervisor: hello (preload result), spawned (pid), exited (pid, status)
 
 The template imports the pool's libraries once (plus ``preload_modules``:
@@ -90,7 +90,7 @@ def recv(ctl: socket.socket) -> tuple[dict[str, Any] | None, list[int]]:
     return json.loads(data), list(fds)
 
 
-def child(spec: worker_mod.WorkerSpec, ctl: socket.socket, wake_r: int, wake_w: int, chan_fd: int, out_fd: int) -> int:
+def child(spec: worker_mod.WorkerSpec, ctl: socket.socket, wake_r: int, wake_w: int, chan_fd: int, out_fd: int, fds_fd: int) -> int:
     """Runs in the forked worker: shed the template's state, become a worker."""
     signal.set_wakeup_fd(-1)
     for sig in (signal.SIGCHLD, signal.SIGTERM, signal.SIGHUP):
@@ -112,7 +112,9 @@ def child(spec: worker_mod.WorkerSpec, ctl: socket.socket, wake_r: int, wake_w: 
     # Those objects are module-level and live as long as the process anyway.
     sock = socket.socket(fileno=chan_fd)
     sock.setblocking(True)
-    return worker_mod.run(spec, sock)
+    fd_sock = socket.socket(fileno=fds_fd)
+    fd_sock.setblocking(False)  # a flagged CALL's file is always there before the CALL (worker._claim_fd)
+    return worker_mod.run(spec, sock, fd_sock)
 
 
 def serve(ctl: socket.socket, config: dict[str, Any]) -> int:
@@ -195,13 +197,13 @@ def serve(ctl: socket.socket, config: dict[str, Any]) -> int:
             return 0
         op = msg.get("op")
         if op == "spawn":
-            chan_fd, out_fd = fds[0], fds[1]
+            chan_fd, out_fd, fds_fd = fds[0], fds[1], fds[2]
             spec = worker_mod.WorkerSpec.from_json(msg["spec"])
             pid = os.fork()
             if pid == 0:
                 code = 70
                 try:
-                    code = child(spec, ctl, wake_r, wake_w, chan_fd, out_fd)
+                    code = child(spec, ctl, wake_r, wake_w, chan_fd, out_fd, fds_fd)
                 finally:
                     try:
                         sys.stdout.flush()
@@ -211,6 +213,7 @@ def serve(ctl: socket.socket, config: dict[str, Any]) -> int:
             children[pid] = spec.worker_id
             os.close(chan_fd)
             os.close(out_fd)
+            os.close(fds_fd)
             send(ctl, {"op": "spawned", "worker": spec.worker_id, "pid": pid})
         elif op == "kill":
             pid = int(msg["pid"])

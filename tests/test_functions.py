@@ -7,14 +7,13 @@ import pickle
 import subprocess
 import sys
 import textwrap
-import threading
 
 import numpy as np
 import pandas as pd
 import pytest
 
 import cruised
-from conftest import Daemon, pool_config
+from conftest import Daemon, in_threads, pool_config
 
 
 def helper_in_this_module(x: int) -> int:
@@ -183,20 +182,11 @@ def test_numpy_pandas_and_pykx_objects_survive(daemon: Daemon) -> None:
 def test_a_session_is_safe_from_many_threads(daemon: Daemon) -> None:
     s = daemon.session()
     results: dict[int, list[int]] = {}
-    errors: list[BaseException] = []
 
     def run(t: int) -> None:
-        try:
-            results[t] = [s.call(lambda x, t=t: x * 100 + t, i) for i in range(30)]
-        except BaseException as exc:  # noqa: BLE001
-            errors.append(exc)
+        results[t] = [s.call(lambda x, t=t: x * 100 + t, i) for i in range(30)]
 
-    threads = [threading.Thread(target=run, args=(t,)) for t in range(6)]
-    for th in threads:
-        th.start()
-    for th in threads:
-        th.join(60)
-    assert not errors
+    assert not in_threads(run, 6)
     for t in range(6):
         assert results[t] == [i * 100 + t for i in range(30)]
     # within the pool's capacity (queue 16 + workers), so no submission can be rejected

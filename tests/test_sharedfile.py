@@ -7,7 +7,6 @@ import json
 import os
 import socket
 import stat
-import threading
 import time
 from typing import Any, Callable
 
@@ -16,7 +15,7 @@ import pandas as pd
 import pytest
 
 import cruised
-from conftest import Daemon, pool_config, wait_for
+from conftest import Daemon, in_threads, pool_config, wait_for
 from cruised import shipping
 from cruised.channel import Channel
 from cruised.pool import bundle, frames, sharedfile, worker
@@ -115,7 +114,7 @@ def test_file_pool_reuses_a_few_files_and_closes_the_rest() -> None:
     kept = pool.take()
     assert kept in files
     huge = pool.take()
-    os.ftruncate(huge.fd, sharedfile.POOL_KEEP_BYTES + 1)  # sparse: no memory used
+    os.ftruncate(huge.fd, sharedfile.KEEP_FILE_BYTES + 1)  # sparse: no memory used
     pool.give(huge)  # grown too large to keep idle: closed
     assert fd_count() == before + sharedfile.POOL_IDLE - 1
     pool.close()
@@ -144,6 +143,15 @@ def test_worker_mappings_are_kept_per_file_and_bounded() -> None:
             os.close(fd)
         assert a.mm is None, "the oldest mapping was dropped"
         assert len(cache._maps) == cache.KEEP
+        big = sharedfile.Mapped(sharedfile.create())
+        files.append(big)
+        big.reserve(sharedfile.KEEP_FILE_BYTES + 1)  # sparse: no memory used
+        fd = os.dup(big.fd)
+        m = cache.open(fd)
+        assert m.size == sharedfile.KEEP_FILE_BYTES + 1
+        cache.done(m)
+        os.close(fd)
+        assert m.mm is None and len(cache._maps) == cache.KEEP, "a large file is mapped for its call only"
     finally:
         for m in files:
             m.close()
@@ -165,10 +173,32 @@ class Collect:
         self.closed.append(error)
 
 
-def _loop_pair() -> tuple[asyncio.AbstractEventLoop, socket.socket, socket.socket]:
-    loop = asyncio.new_event_loop()
-    a, b = socket.socketpair()
-    return loop, a, b
+class Wire:
+    """An event loop and a socketpair: ``peer`` plays the other process, ``ours`` gets a Channel."""
+
+    def __init__(self) -> None:
+        self.loop = asyncio.new_event_loop()
+        self.peer, self.ours = socket.socketpair()
+        self.channels: list[Channel] = []
+
+    def channel(self, sink: Any, **kw: Any) -> Channel:
+        ch = Channel(self.loop, self.ours, sink, 1 << 20, **kw)
+        self.channels.append(ch)
+        return ch
+
+    def close(self) -> None:
+        for ch in self.channels:
+            ch.close()
+        self.peer.close()
+        self.ours.close()
+        self.loop.close()
+
+
+@pytest.fixture
+def wire() -> Any:
+    w = Wire()
+    yield w
+    w.close()
 
 
 def _spin(loop: asyncio.AbstractEventLoop, until: Callable[[], bool], timeout: float = 10.0) -> None:
@@ -184,94 +214,71 @@ def _memfd_with(data: bytes) -> int:
     return fd
 
 
-def test_channel_gives_each_flagged_frame_its_descriptor_in_order() -> None:
-    loop, a, b = _loop_pair()
+def test_channel_gives_each_flagged_frame_its_descriptor_in_order(wire: Wire) -> None:
     sink = Collect()
-    ch = Channel(loop, b, sink, 1 << 20, accept_fds=True)
-    try:
-        fds = [_memfd_with(bytes([i]) * 3) for i in range(3)]
-        batch = [
-            frames.frame(Kind.CALL, 1, b"x", frames.CARRIES_FD),
-            frames.frame(Kind.PING, 2),
-            frames.frame(Kind.CALL, 3, b"y", frames.CARRIES_FD),
-            frames.frame(Kind.CALL, 4, b"z", frames.CARRIES_FD),
-        ]
-        a.sendmsg([b"".join(batch)], sharedfile.rights(fds))
-        for fd in fds:
-            os.close(fd)
-        _spin(loop, lambda: len(sink.frames) == 4)
-        got = [(reqid, fd) for _, _, reqid, fd in sink.frames]
-        assert [r for r, _ in got] == [1, 2, 3, 4] and got[1][1] is None
-        for i, (_, fd) in enumerate(x for x in got if x[1] is not None):
-            assert os.pread(fd, 3, 0) == bytes([i]) * 3  # the right file with the right frame
-            os.close(fd)
-    finally:
-        ch.close()
-        a.close()
-        loop.close()
+    wire.channel(sink, accept_fds=True)
+    fds = [_memfd_with(bytes([i]) * 3) for i in range(3)]
+    batch = [
+        frames.frame(Kind.CALL, 1, b"x", frames.CARRIES_FD),
+        frames.frame(Kind.PING, 2),
+        frames.frame(Kind.CALL, 3, b"y", frames.CARRIES_FD),
+        frames.frame(Kind.CALL, 4, b"z", frames.CARRIES_FD),
+    ]
+    wire.peer.sendmsg([b"".join(batch)], sharedfile.rights(fds))
+    sharedfile.close_all(fds)
+    _spin(wire.loop, lambda: len(sink.frames) == 4)
+    got = [(reqid, fd) for _, _, reqid, fd in sink.frames]
+    assert [r for r, _ in got] == [1, 2, 3, 4] and got[1][1] is None
+    for i, (_, fd) in enumerate(x for x in got if x[1] is not None):
+        assert os.pread(fd, 3, 0) == bytes([i]) * 3  # the right file with the right frame
+        os.close(fd)
 
 
-def test_channel_closes_descriptors_nobody_took() -> None:
-    loop, a, b = _loop_pair()
+def test_channel_closes_descriptors_nobody_took(wire: Wire) -> None:
     sink = Collect()
     sink.take = False
-    ch = Channel(loop, b, sink, 1 << 20, accept_fds=True)
-    try:
-        before = fd_count()
-        fd = _memfd_with(b"abc")
-        a.sendmsg([frames.frame(Kind.CALL, 1, b"", frames.CARRIES_FD)], sharedfile.rights([fd]))
-        os.close(fd)
-        _spin(loop, lambda: len(sink.frames) == 1)
-        assert fd_count() == before  # ours closed, and the received one too (it was never taken)
-    finally:
-        ch.close()
-        a.close()
-        loop.close()
+    wire.channel(sink, accept_fds=True)
+    before = fd_count()
+    fd = _memfd_with(b"abc")
+    wire.peer.sendmsg([frames.frame(Kind.CALL, 1, b"", frames.CARRIES_FD)], sharedfile.rights([fd]))
+    os.close(fd)
+    _spin(wire.loop, lambda: len(sink.frames) == 1)
+    assert fd_count() == before  # ours closed, and the received one too (it was never taken)
 
 
-def test_a_flagged_frame_without_a_descriptor_breaks_the_connection() -> None:
-    loop, a, b = _loop_pair()
+def test_a_flagged_frame_without_a_descriptor_breaks_the_connection(wire: Wire) -> None:
     sink = Collect()
     errors: list[str] = []
-    ch = Channel(loop, b, sink, 1 << 20, accept_fds=True, on_frame_error=lambda c, e: errors.append(str(e)))
-    try:
-        a.sendall(frames.frame(Kind.CALL, 7, b"", frames.CARRIES_FD) + frames.frame(Kind.PING, 8))
-        _spin(loop, lambda: bool(sink.closed))
-        assert errors and "none came with it" in errors[0] and sink.frames == [], "nothing after the bad frame"
-    finally:
-        ch.close()
-        a.close()
-        loop.close()
+    wire.channel(sink, accept_fds=True, on_frame_error=lambda c, e: errors.append(str(e)))
+    wire.peer.sendall(frames.frame(Kind.CALL, 7, b"", frames.CARRIES_FD) + frames.frame(Kind.PING, 8))
+    _spin(wire.loop, lambda: bool(sink.closed))
+    assert errors and "none came with it" in errors[0] and sink.frames == [], "nothing after the bad frame"
 
 
-@pytest.mark.parametrize("count", [3, sharedfile.SCM_MAX_FD + 40])
-def test_channel_writes_each_descriptor_no_later_than_its_frame(count: int) -> None:
-    """More descriptors than one sendmsg can pass: the bytes sent stop before a frame whose
-    descriptor must wait, so a reader that claims in order never runs short."""
-    loop, a, b = _loop_pair()
-    sink = Collect()
-    ch = Channel(loop, a, sink, 1 << 20)
-    fds = [_memfd_with(i.to_bytes(2, "little")) for i in range(count)]
-    before = fd_count()
+def test_a_worker_takes_each_flagged_calls_file_from_its_descriptor_socket() -> None:
+    """What the launcher does (a file on the descriptor socket, then the CALL on the channel),
+    read back by the worker's channel: each flagged CALL gets its own file, in order."""
+    chan_ours, chan_theirs = socket.socketpair()
+    fds_ours, fds_theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    fds_theirs.setblocking(False)
+    rx = worker.Channel(chan_theirs, 1 << 20, fds_theirs)
+    files = [_memfd_with(bytes([i]) * 2) for i in range(3)]
     try:
-        for i, fd in enumerate(fds):
-            ch.write([frames.frame(Kind.CALL, i, b"p" * 50, frames.CARRIES_FD)], fd)
-        assert fd_count() == before + count, "the channel holds a duplicate of each until it is sent"
-        _spin(loop, lambda: not ch._out)  # everything written (the loop flushes what one sendmsg could not)
-        assert fd_count() == before, "sent: the duplicates closed (in flight, the kernel holds them)"
-        rx = worker.Channel(b, 1 << 20)
-        for i in range(count):
-            buf = rx.read()
-            assert buf is not None and rx.frame_fd is not None, f"frame {i} without its descriptor"
-            assert os.pread(rx.frame_fd, 2, 0) == i.to_bytes(2, "little")
+        for i, fd in enumerate(files):
+            fds_ours.sendmsg([b"F"], sharedfile.rights([fd]))
+            chan_ours.sendall(frames.frame(Kind.CALL, i, b"args", frames.CARRIES_FD) + frames.frame(Kind.PING, 100 + i))
+        for i in range(3):
+            assert rx.read() is not None and rx.frame_fd is not None
+            assert os.pread(rx.frame_fd, 2, 0) == bytes([i]) * 2
             os.close(rx.frame_fd)
-        assert fd_count() == before
+            assert rx.read() is not None and rx.frame_fd is None  # the PING behind it has none
+        chan_ours.sendall(frames.frame(Kind.CALL, 9, b"", frames.CARRIES_FD))  # a file that never came
+        with pytest.raises(frames.FrameError, match="none came"):
+            rx.read()
     finally:
-        for fd in fds:
-            os.close(fd)
-        ch.close()
-        b.close()
-        loop.close()
+        sharedfile.close_all(files)
+        for sock in (chan_ours, chan_theirs, fds_ours, fds_theirs):
+            sock.close()
 
 
 # -- through the real daemon ---------------------------------------------------------------------
@@ -376,6 +383,14 @@ def test_hostile_descriptors_fail_only_their_request(start_daemon: Callable[...,
     key = _register(c, echo)
     baseline = fd_count(sup)  # one client, one worker: nothing else opens descriptors meanwhile
 
+    early = sharedfile.create()
+    c.sendmsg([_flagged_call(key, 9)], sharedfile.rights([early]))  # before PASS_FDS: the file is lost
+    kind, status, reqid, body = read_frame(c)
+    assert (status, reqid) == (Status.BAD_REQUEST, 9) and "before PASS_FDS" in json.loads(body)["message"]
+    os.close(early)
+    c.sendall(frames.frame(Kind.PASS_FDS, 20))
+    assert read_frame(c)[1:3] == (Status.OK, 20)
+
     r, w = os.pipe()
     c.sendmsg([_flagged_call(key, 10)], sharedfile.rights([r]))  # not a regular file
     kind, status, reqid, body = read_frame(c)
@@ -414,6 +429,8 @@ def test_a_client_file_is_used_as_given(start_daemon: Callable[..., Daemon], tmp
     d = start_daemon({"pools": {"default": pool_config()}})
     c = raw_connect(d.socket)
     key = _register(c, lambda a: a * 2)
+    c.sendall(frames.frame(Kind.PASS_FDS, 2))
+    assert read_frame(c)[1:3] == (Status.OK, 2)
     arr = np.random.rand(BIG // 8)
     m = sharedfile.Mapped(sharedfile.create())
     parts = bundle.share(bundle.pack(((arr,), {})), m)
@@ -433,20 +450,39 @@ def test_a_client_file_is_used_as_given(start_daemon: Callable[..., Daemon], tmp
 
 def test_concurrent_clients_with_large_arguments(daemon: Daemon) -> None:
     arr = np.random.rand(1 << 17)
-    errors: list[BaseException] = []
 
     def client(k: int) -> None:
-        try:
-            s = daemon.session()
-            for i in range(20):
-                np.testing.assert_array_equal(s.call(lambda a, m: a * m, arr, k + i), arr * (k + i))
-            s.close()
-        except BaseException as exc:  # noqa: BLE001
-            errors.append(exc)
+        s = daemon.session()  # a connection each: their files pass the supervisor side by side
+        for i in range(20):
+            np.testing.assert_array_equal(s.call(lambda a, m: a * m, arr, k + i), arr * (k + i))
+        s.close()
 
-    threads = [threading.Thread(target=client, args=(k,)) for k in range(4)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(120)
+    errors = in_threads(client, 4, timeout=120)
     assert not errors, errors
+
+
+@pytest.mark.parametrize(
+    ("status", "error", "reused"),
+    [
+        (Status.OK, None, True),
+        (Status.ERROR, None, True),
+        (Status.QUEUE_FULL, None, True),
+        (Status.QUEUE_TIMEOUT, None, True),
+        (Status.EXEC_TIMEOUT, None, False),  # its worker may have been copying when it was killed
+        (Status.WORKER_CRASHED, None, False),
+        (Status.INTERNAL, cruised.DaemonUnavailable("gone"), False),
+    ],
+)
+def test_the_client_reuses_a_file_only_when_no_worker_can_touch_it(status: int, error: Any, reused: bool) -> None:
+    from cruised import client
+
+    conn = client._Connection.__new__(client._Connection)  # only its file pool is used here
+    conn.files = sharedfile.FilePool()
+    slot = client._Pending()
+    slot.shared = sharedfile.Mapped(sharedfile.create())
+    slot.resolve(status, None, error)
+    m = slot.shared
+    conn.release(slot)
+    assert slot.shared is None
+    assert (m.fd >= 0) is reused and (conn.files.take() is m) is reused
+    conn.files.close()
