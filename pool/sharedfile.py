@@ -5,8 +5,10 @@ them by the supervisor (in and out, each way), so a design that routes
 payload bytes through a supervisor cannot get near the two-process floor.
 Instead the client puts an argument's large out-of-band buffers (pickle
 protocol 5: numpy arrays, pandas blocks) in a memfd, the *shared file*, and
-passes its descriptor with the CALL frame (``SCM_RIGHTS``). The supervisor
-forwards the descriptor, never the bytes. The worker copies the buffers out
+passes its descriptor with the CALL frame (``SCM_RIGHTS``; once per
+connection it first asks, PASS_FDS, so connections that never pass files are
+read without ``recvmsg``). The supervisor forwards the descriptor on the
+worker's descriptor socket (daemon/launcher.py), never the bytes. The worker copies the buffers out
 and writes the result's large buffers into the same file; the client copies
 them out after the reply. Each side copies each buffer once.
 
