@@ -6,6 +6,7 @@ import asyncio
 import json
 import os
 import socket
+import threading
 import stat
 import time
 from typing import Any, Callable
@@ -486,3 +487,40 @@ def test_the_client_reuses_a_file_only_when_no_worker_can_touch_it(status: int, 
     assert slot.shared is None
     assert (m.fd >= 0) is reused and (conn.files.take() is m) is reused
     conn.files.close()
+
+
+def test_shared_files_survive_workers_killed_mid_call(start_daemon: Callable[..., Daemon]) -> None:
+    """Pipelined 1 MB calls from three clients while busy workers are SIGKILLed: every call gets
+    its own right answer or WorkerCrashed, and afterwards no shared file is left open in the
+    supervisor (held calls requeued after a kill were sent again with their files)."""
+    from invariants import BusyKiller
+
+    d = start_daemon({"pools": {"default": pool_config(min=2, cruise=2, max=2, queue_size=128, prefetch=4)}})
+    sup = d.proc.pid  # type: ignore[union-attr]
+    arr = np.random.rand(1 << 17)
+    outcomes: dict[str, int] = {"ok": 0, "crashed": 0}
+    lock = threading.Lock()
+
+    def client(k: int) -> None:
+        s = d.session()
+        futs = [(i, s.submit(lambda a, m: a[:4] * m, arr, k * 1000 + i)) for i in range(40)]
+        for i, f in futs:
+            try:
+                np.testing.assert_array_equal(f.result(60), arr[:4] * (k * 1000 + i))
+                key = "ok"
+            except cruised.WorkerCrashed:
+                key = "crashed"
+            with lock:
+                outcomes[key] += 1
+        s.close()
+
+    killer = BusyKiller(d.status, every=0.02, seed=7, limit=6)
+    killer.start()
+    try:
+        errors = in_threads(client, 3, timeout=120)
+    finally:
+        kills = killer.stop()
+    assert not errors, errors
+    assert kills >= 1, "the scenario needs workers killed mid-call"
+    assert outcomes["ok"] + outcomes["crashed"] == 120 and outcomes["crashed"] <= kills, (outcomes, kills)
+    wait_for(lambda: memfds(sup) == 0, what="the supervisor holding no shared file")
