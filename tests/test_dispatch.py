@@ -17,9 +17,11 @@ KEY = b"K" * 16
 
 
 class FakeClock:
-    def __init__(self) -> None:
-        self.now = 1000.0
-        self._heap: list[tuple[float, int, "Handle"]] = []
+    """The dispatcher's Clock port: time moves only when a test says so, and timers fire in order."""
+
+    def __init__(self, now: float = 1000.0) -> None:
+        self.now = now
+        self.heap: list[tuple[float, int, "Handle"]] = []
         self._seq = itertools.count()
 
     def time(self) -> float:
@@ -27,17 +29,23 @@ class FakeClock:
 
     def call_at(self, when: float, cb: Callable[..., Any], *args: Any) -> "Handle":
         h = Handle(cb, args)
-        heapq.heappush(self._heap, (when, next(self._seq), h))
+        heapq.heappush(self.heap, (when, next(self._seq), h))
         return h
 
     def advance(self, dt: float) -> None:
-        end = self.now + dt
-        while self._heap and self._heap[0][0] <= end:
-            when, _, h = heapq.heappop(self._heap)
+        self.advance_to(self.now + dt)
+
+    def advance_to(self, end: float) -> None:
+        """Fire every timer due by ``end``, each at its own time, then stop at ``end``."""
+        while self.heap and self.heap[0][0] <= end:
+            when, _, h = heapq.heappop(self.heap)
             self.now = max(self.now, when)
             if not h.cancelled:
                 h.cb(*h.args)
         self.now = end
+
+    def live_timers(self) -> int:
+        return sum(1 for _, _, h in self.heap if not h.cancelled)
 
 
 class Handle:

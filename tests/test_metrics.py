@@ -14,18 +14,19 @@ import re
 import sys
 import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Callable
 
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 import cruised
 from cruised.config import PoolConfig
-from cruised.dispatch import Dispatcher, Job, Worker
+from cruised.dispatch import Dispatcher, Job
 from cruised.metrics import BUCKETS, EXIT_REASONS, MAX_ENDPOINTS, OUTCOMES, Metrics
 from cruised.pool.frames import Kind
 
 from conftest import Daemon, pool_config, wait_for
+from test_dispatch import FakeClock, FakeLauncher
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -216,42 +217,14 @@ def test_metrics_cli_without_daemon_fails_clearly(tmp_path: Path) -> None:
 # -- unit tests: the observer's label rules, under a fake clock ---------------------------
 
 
-class FakeClock:
-    def __init__(self) -> None:
-        self.now = 100.0
-
-    def time(self) -> float:
-        return self.now
-
-    def call_at(self, when: float, callback: Callable[..., Any], *args: Any) -> Any:
-        class Handle:
-            def cancel(self) -> None:
-                pass
-
-        return Handle()
-
-
-class NullLauncher:
-    def spawn(self, worker: Worker) -> None:
-        pass
-
-    def send(self, worker: Worker, parts: list[Any], fd: int | None = None) -> None:
-        pass
-
-    def kill(self, worker: Worker) -> None:
-        pass
-
-    def retire(self, worker: Worker) -> None:
-        pass
-
 
 class Client:
     peer = (1, 2, 3)
 
 
 def _dispatcher() -> tuple[Dispatcher, FakeClock]:
-    clock = FakeClock()
-    return Dispatcher("p", PoolConfig(min=0, cruise=1, max=1, queue_size=1), clock, NullLauncher()), clock
+    clock = FakeClock(now=100.0)  # its timers fire only if a test advances it; these never do
+    return Dispatcher("p", PoolConfig(min=0, cruise=1, max=1, queue_size=1), clock, FakeLauncher()), clock
 
 
 def _job(endpoint: str = "function") -> Job:
