@@ -5,7 +5,10 @@
 Starts its own daemon (in its own session, reaped at the end), drives 8
 pipelining clients with a mix of quick, slow, raising, crashing and hanging
 calls while workers are SIGKILLed at random, samples the daemon's RSS and fd
-count every second, and prints the invariant checker's verdict. Writes
+count every second, and prints the invariant checker's verdict. One more
+client sends 1 MB arrays (shared files, pool/sharedfile.py) through the same
+mix; each of its results is checked, and at the end the supervisor must hold
+no shared file. Writes
 ``soak.json``, ``rss.csv`` and, when matplotlib is installed, ``rss.png``.
 Exit status 1 if any invariant was violated.
 """
@@ -25,7 +28,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent / "tests"))
 
 from conftest import Daemon, pool_config  # noqa: E402
-from invariants import BusyKiller, RawClient, check, drive, resources, settle  # noqa: E402
+from invariants import BusyKiller, RawClient, check, drive, memfds, resources, settle  # noqa: E402
 
 from cruised.pool.frames import Status  # noqa: E402
 
@@ -60,7 +63,8 @@ def main() -> int:
     rng = random.Random(5)
     ledger = work / "ledger"
     killer = BusyKiller(d.status, every=0.5, seed=11)
-    threads = [threading.Thread(target=sample), killer]
+    shared = SharedFileClient(d)
+    threads = [threading.Thread(target=sample), killer, shared]
     for t in threads:
         t.start()
     # fresh connections every minute so client churn is part of the soak
@@ -78,14 +82,23 @@ def main() -> int:
             ledger.unlink(missing_ok=True)
             remaining -= chunk
             print(f"[{seconds - remaining:.0f}s] {reports[-1].summary()}", flush=True)
+        shared.stop.set()
+        shared.join(60)
+        settled = time.monotonic() + 30  # the last answers reach the supervisor's channels first
+        while memfds(pid) and time.monotonic() < settled:
+            time.sleep(0.1)
+        leaked_files = memfds(pid)
     finally:
         stop.set()
+        shared.stop.set()
         kills = killer.stop()
         for t in threads:
             t.join(10)
         d.cleanup()
     total_sent = sum(r.sent for r in reports)
-    violations = [v for r in reports for v in r.violations]
+    violations = [v for r in reports for v in r.violations] + shared.wrong
+    if leaked_files:
+        violations.append(f"the supervisor still holds {leaked_files} shared-file descriptors after the soak")
     by_status: dict[str, int] = {}
     for r in reports:
         for k, v in r.by_status.items():
@@ -97,6 +110,7 @@ def main() -> int:
         "requests": total_sent,
         "outcomes": by_status,
         "worker_kills": kills,
+        "shared_file_calls": shared.outcomes,
         "violations": violations[:100],
         "rss_start_mb": round(samples[0][1] / 2**20, 1) if samples else None,
         "rss_end_mb": round(samples[-1][1] / 2**20, 1) if samples else None,
@@ -127,6 +141,56 @@ def main() -> int:
         print("matplotlib not installed: wrote rss.csv only (pip install -e '.[bench]')")
     print(json.dumps(result, indent=2))
     return 1 if violations else 0
+
+
+class SharedFileClient(threading.Thread):
+    """Calls with a 1 MB argument and result (shared files) through the soak's mix: each answer
+    must be the right value or the error its mode asks for."""
+
+    def __init__(self, d: Daemon) -> None:
+        super().__init__(name="shared-file-client", daemon=True)
+        self.d = d
+        self.stop = threading.Event()
+        self.outcomes: dict[str, int] = {}
+        self.wrong: list[str] = []
+
+    def run(self) -> None:
+        import numpy as np
+
+        import cruised
+
+        s = self.d.session()
+        arr = np.arange(1 << 17, dtype=np.float64)
+        rng = random.Random(3)
+
+        def act(a: object, mode: str, k: int) -> object:
+            import os as _os
+            import time as _t
+
+            if mode == "raise":
+                raise ValueError(k)
+            if mode == "crash":
+                _os._exit(3)
+            if mode == "hang":
+                _t.sleep(5)
+            return a[::-1] * k  # type: ignore[index]
+
+        while not self.stop.is_set():
+            mode = rng.choice(["ok"] * 12 + ["raise", "crash", "hang"])
+            k = rng.randrange(1, 1000)
+            try:
+                out = s.call(act, arr, mode, k)
+                got = "ok" if mode == "ok" and np.array_equal(out, arr[::-1] * k) else f"wrong result for {mode}"
+            except ValueError as exc:
+                got = "raise" if mode == "raise" and exc.args == (k,) else f"wrong error for {mode}: {exc!r}"
+            except (cruised.WorkerCrashed, cruised.ExecutionTimeout, cruised.QueueFull, cruised.QueueTimeout) as exc:
+                got = type(exc).__name__  # any call can meet a SIGKILL, a full queue or a slow queue
+            except cruised.CruisedError as exc:
+                got = f"unexpected {type(exc).__name__}: {exc}"
+            self.outcomes[got] = self.outcomes.get(got, 0) + 1
+            if got.startswith(("wrong", "unexpected")) and len(self.wrong) < 20:
+                self.wrong.append(f"shared-file client: {got}")
+        s.close()
 
 
 if __name__ == "__main__":

@@ -232,6 +232,18 @@ def resources(pid: int) -> tuple[int, int]:
     return rss, len(os.listdir(f"/proc/{pid}/fd"))
 
 
+def memfds(pid: int | str = "self") -> int:
+    """Descriptors of shared files (memfds, pool/sharedfile.py) a process holds open; a mapped
+    file has two (mmap keeps a duplicate of its descriptor)."""
+    n = 0
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        try:
+            n += os.readlink(f"/proc/{pid}/fd/{fd}").startswith("/memfd:")
+        except OSError:
+            pass  # closed meanwhile
+    return n
+
+
 def drive(clients: list[RawClient], seconds: float, max_inflight: int, pick_mode: Callable[[int], tuple[str, float]], stop: threading.Event | None = None) -> None:
     """Each client keeps up to ``max_inflight`` calls outstanding for ``seconds`` (bounded)."""
     deadline = time.monotonic() + seconds

@@ -17,6 +17,7 @@ import pytest
 
 import cruised
 from conftest import Daemon, in_threads, pool_config, wait_for
+from invariants import memfds
 from cruised import shipping
 from cruised.channel import Channel
 from cruised.pool import bundle, frames, sharedfile, worker
@@ -28,18 +29,6 @@ BIG = sharedfile.SHARE_MIN
 
 def fd_count(pid: int | str = "self") -> int:
     return len(os.listdir(f"/proc/{pid}/fd"))
-
-
-def memfds(pid: int | str = "self") -> int:
-    """Descriptors of shared files (memfds) a process holds open; a mapped file has two (mmap
-    keeps a duplicate of its descriptor)."""
-    n = 0
-    for fd in os.listdir(f"/proc/{pid}/fd"):
-        try:
-            n += os.readlink(f"/proc/{pid}/fd/{fd}").startswith("/memfd:")
-        except OSError:
-            pass  # closed meanwhile
-    return n
 
 
 def flat(parts: list[Any]) -> bytearray:
