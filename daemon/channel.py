@@ -40,8 +40,13 @@ log = logging.getLogger("cruised.channel")
 RECV_SIZE = 256 << 10
 HIGH_WATER = 32 << 20
 LOW_WATER = 4 << 20
-#: descriptors a peer may pass ahead of the frames that claim them
+#: descriptors one connection may have passed ahead of the frames that claim them (an honest
+#: client: at most two batches of SCM_MAX_FD), and all connections together: a client that
+#: passes descriptors no frame claims must not use up the daemon's. A connection holding
+#: unclaimed ones with no frame in progress also counts as stalled (daemon.read_timeout).
 MAX_FDS_WAITING = 2 * 253
+MAX_FDS_WAITING_ALL = 4096
+_fds_waiting_all = 0
 try:
     IOV_MAX = min(os.sysconf("SC_IOV_MAX"), 1024)
 except (ValueError, OSError):
@@ -189,11 +194,16 @@ class Channel:
 
     def _recvmsg(self, view: memoryview) -> int:
         """recv_into that also keeps descriptors the peer passed (SCM_RIGHTS), in arrival order."""
-        n, anc, flags, _ = self.sock.recvmsg_into([view], sharedfile.ANCBUF)
+        global _fds_waiting_all
+        n, anc, flags, _ = self.sock.recvmsg_into([view], sharedfile.ANCBUF, socket.MSG_CMSG_CLOEXEC)
         if anc:
-            self._fds_in.extend(sharedfile.fds_from(anc))
+            fds = sharedfile.fds_from(anc)
+            self._fds_in.extend(fds)
+            _fds_waiting_all += len(fds)
             if len(self._fds_in) > MAX_FDS_WAITING:
                 raise frames.FrameError(f"over {MAX_FDS_WAITING} file descriptors passed without frames that claim them")
+            if _fds_waiting_all > MAX_FDS_WAITING_ALL:
+                raise frames.FrameError("too many file descriptors passed to the daemon and not yet claimed; closing this connection")
         if flags & socket.MSG_CTRUNC:
             raise frames.FrameError("file descriptors passed with a frame were lost (more than one recvmsg can hold)")
         return n
@@ -204,7 +214,9 @@ class Channel:
             if not self._fds_in:
                 self._frame_error(frames.FrameError("the frame announces a file descriptor, but none came with it", reqid))
                 return
+            global _fds_waiting_all
             self.frame_fd = self._fds_in.popleft()
+            _fds_waiting_all -= 1
             try:
                 self.sink.on_frame(self, buf, kind, status, reqid)
             finally:
@@ -251,7 +263,10 @@ class Channel:
             break
         if self._start == self._end:
             self._start = self._end = 0
-            self.partial_since = None
+            if not self._fds_in:
+                self.partial_since = None
+            elif self.partial_since is None:  # descriptors no frame has claimed yet: stalled until one does
+                self.partial_since = self.loop.time()
         elif self.partial_since is None:
             self.partial_since = self.loop.time()
 
@@ -365,7 +380,7 @@ class Channel:
         receive queue: deliver that first (a worker's last replies), then close."""
         self._out.clear()
         self.out_bytes = 0
-        self._drop_fds()
+        # received descriptors stay until close(): the frames the drain delivers may claim them
         if self._writing:
             self._writing = False
             self.loop.remove_writer(self.fd)
@@ -378,8 +393,10 @@ class Channel:
     # -- closing ---------------------------------------------------------------
 
     def _drop_fds(self) -> None:
+        global _fds_waiting_all
         fds_in = list(self._fds_in)
         self._fds_in.clear()
+        _fds_waiting_all -= len(fds_in)
         sharedfile.close_all(fds_in)
 
     def close_after_flush(self) -> None:

@@ -112,9 +112,9 @@ class _Connection:
         self._end = 0
         self.last_used = time.monotonic()
         self.files = sharedfile.FilePool()
-        #: None until the first call with large buffers asks the daemon (PASS_FDS); then whether
-        #: this connection passes shared files
-        self.pass_fds: bool | None = None
+        #: whether this connection passes shared files: None until the first call with large
+        #: buffers asks the daemon (PASS_FDS), "asking" until it answers, then True or False
+        self.pass_fds: bool | str | None = None
         self._pass_fds_lock = threading.Lock()
 
     def stale(self) -> bool:
@@ -194,16 +194,25 @@ class _Connection:
         return slots
 
     def _may_pass_fds(self) -> bool:
-        """Whether CALLs may carry shared files; the first time, ask the daemon (PASS_FDS) and
-        wait for its answer, since a descriptor sent before it switches to recvmsg is lost."""
+        """Whether CALLs may carry shared files now.
+
+        A descriptor sent before the daemon reads this connection with recvmsg is lost,
+        so the first call with large buffers asks (PASS_FDS) and goes inline; calls
+        after the answer carry files. Never waits: this may run on the thread that
+        reads replies (a future's callback submitting again), which would deadlock.
+        """
         if self.pass_fds is None:
             with self._pass_fds_lock:
-                if self.pass_fds is None:
-                    slot = self.wait(self.send([(Kind.PASS_FDS, [])])[0])
-                    if slot.error is not None:
-                        raise slot.error
-                    self.pass_fds = slot.status == Status.OK  # a daemon without shared files: inline
-        return self.pass_fds
+                if self.pass_fds is not None:
+                    return self.pass_fds is True
+                self.pass_fds = "asking"
+
+            def answered(slot: _Pending) -> None:
+                # a daemon that does not know PASS_FDS refuses it: this connection stays inline
+                self.pass_fds = slot.error is None and slot.status == Status.OK
+
+            self.send([(Kind.PASS_FDS, [])], answered)
+        return self.pass_fds is True
 
     # -- receiving ---------------------------------------------------------------
 

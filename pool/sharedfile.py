@@ -36,9 +36,16 @@ Rules that make it safe:
   that check and the copy could make the worker fault (SIGBUS); that call is
   answered as crashed and the pool replaces the worker, as for any function
   that kills its worker;
-* the supervisor only checks that the descriptor is a regular file within
-  ``daemon.max_message_bytes``; a worker that cannot map or write the file (a
-  read-only descriptor, a full tmpfs) sends the result inline instead.
+* the supervisor only checks that the descriptor is a memfd (``F_GET_SEALS``,
+  which never reaches a filesystem: a file on FUSE or NFS could block the
+  event loop in ``fstat`` or ``close``) within ``daemon.max_message_bytes``;
+  a worker that cannot map or write the file (a read-only descriptor, a full
+  tmpfs) sends the result inline instead;
+* descriptors are received close-on-exec, a connection holding passed
+  descriptors that no frame claims counts as stalled (``daemon.read_timeout``),
+  and the daemon holds at most a few thousand unclaimed ones in all;
+* a function that forks cannot write the result: its child leaves before the
+  result is packed, as it would before replying.
 
 In a bundle's index (pool/bundle.py) a buffer in the shared file has
 ``IN_FILE`` set in its length; such buffers lie in the file back to back from
@@ -48,6 +55,7 @@ offset 0, in index order.
 from __future__ import annotations
 
 import array
+import fcntl
 import mmap
 import os
 import socket
@@ -183,7 +191,17 @@ class Mapped(Owned):
 
 
 def check(fd: int, limit: int) -> None:
-    """Refuse a descriptor a client passed that is not a regular file within ``limit`` bytes."""
+    """Refuse a descriptor a client passed that is not a memory file within ``limit`` bytes.
+
+    Only memfds (and other tmpfs files) pass: ``F_GET_SEALS`` answers for
+    them alone and never reaches a filesystem. A file on FUSE or a hard NFS
+    mount could block ``fstat`` or ``close`` in the supervisor's event loop,
+    or the worker, for as long as its server likes.
+    """
+    try:
+        fcntl.fcntl(fd, fcntl.F_GET_SEALS)
+    except OSError:
+        raise SharedFileError("the file descriptor passed with the call is not a memfd") from None
     st = os.fstat(fd)
     if not stat.S_ISREG(st.st_mode):
         raise SharedFileError("the file descriptor passed with the call is not a regular file (expected a memfd)")

@@ -155,7 +155,7 @@ class Channel:
             if self.fd_sock is None:
                 raise frames.FrameError("a CALL announced a shared file, but this worker has no descriptor socket")
             try:
-                _, anc, flags, _ = self.fd_sock.recvmsg(1, sharedfile.ANCBUF)
+                _, anc, flags, _ = self.fd_sock.recvmsg(1, sharedfile.ANCBUF, socket.MSG_CMSG_CLOEXEC)
             except BlockingIOError:
                 anc, flags = [], 0
             fds = sharedfile.fds_from(anc)
@@ -336,6 +336,9 @@ class Worker:
             args, kwargs = bundle.unpack(buf, off, shared)
             del buf  # the arguments may view the frame; let it go with them
             result = fn(*args, **kwargs)
+            # a function that forked returns here in the child too: it must leave before it can
+            # write a result into the caller's shared file (reply() would stop it only later)
+            self.channel._only_the_worker()
             parts = bundle.pack(result)
             if shared is not None and bundle.shareable(parts):  # the result's large buffers go back through the file
                 parts = bundle.share(parts, shared, self.spec.max_message_bytes)

@@ -7,7 +7,6 @@ import json
 import os
 import socket
 import threading
-import stat
 import time
 from typing import Any, Callable
 
@@ -382,9 +381,9 @@ def test_hostile_descriptors_fail_only_their_request(start_daemon: Callable[...,
     assert read_frame(c)[1:3] == (Status.OK, 20)
 
     r, w = os.pipe()
-    c.sendmsg([_flagged_call(key, 10)], sharedfile.rights([r]))  # not a regular file
+    c.sendmsg([_flagged_call(key, 10)], sharedfile.rights([r]))  # not a memfd
     kind, status, reqid, body = read_frame(c)
-    assert (status, reqid) == (Status.BAD_REQUEST, 10) and "not a regular file" in json.loads(body)["message"]
+    assert (status, reqid) == (Status.BAD_REQUEST, 10) and "not a memfd" in json.loads(body)["message"]
 
     huge = sharedfile.create()
     os.ftruncate(huge, 16 << 20)  # sparse, but over daemon.max_message_bytes
@@ -413,29 +412,91 @@ def test_hostile_descriptors_fail_only_their_request(start_daemon: Callable[...,
     assert s.call(lambda: "still serving") == "still serving"
 
 
-def test_a_client_file_is_used_as_given(start_daemon: Callable[..., Daemon], tmp_path: Any) -> None:
-    """Any regular file the client could open works as the shared file (the worker copies
-    out of it; nothing is mapped), and a read-only one makes the result come back inline."""
+def test_only_memfds_are_accepted_and_a_read_only_one_gets_its_result_inline(start_daemon: Callable[..., Daemon], tmp_path: Any) -> None:
+    """A file on a real filesystem is refused before anything touches it (on FUSE or a hard NFS
+    mount, fstat or close could block the event loop); a memfd passed read-only still works, its
+    result coming back inline because the worker cannot write into it."""
     d = start_daemon({"pools": {"default": pool_config()}})
     c = raw_connect(d.socket)
     key = _register(c, lambda a: a * 2)
     c.sendall(frames.frame(Kind.PASS_FDS, 2))
     assert read_frame(c)[1:3] == (Status.OK, 2)
+
+    disk = tmp_path / "args"
+    disk.write_bytes(b"x" * 100)
+    fd = os.open(disk, os.O_RDONLY)
+    c.sendmsg([_flagged_call(key, 3)], sharedfile.rights([fd]))
+    os.close(fd)
+    _, status, reqid, body = read_frame(c)
+    assert (status, reqid) == (Status.BAD_REQUEST, 3) and "not a memfd" in json.loads(body)["message"]
+
     arr = np.random.rand(BIG // 8)
     m = sharedfile.Mapped(sharedfile.create())
     parts = bundle.share(bundle.pack(((arr,), {})), m)
-    path = tmp_path / "args"
-    with open(path, "wb") as fh:
-        fh.write(os.pread(m.fd, os.fstat(m.fd).st_size, 0))
-    m.close()
-    ro = os.open(path, os.O_RDONLY)
-    assert stat.S_ISREG(os.fstat(ro).st_mode)
+    ro = os.open(f"/proc/self/fd/{m.fd}", os.O_RDONLY)  # the same memfd, opened read-only
     c.sendmsg([frames.frame(Kind.CALL, 5, frames.call_head("default", 0, key) + bytes(flat(parts)), frames.CARRIES_FD)], sharedfile.rights([ro]))
     os.close(ro)
     _, status, reqid, body = read_frame(c)
     assert (status, reqid) == (Status.OK, 5)
     np.testing.assert_array_equal(bundle.unpack(body), arr * 2)  # inline: no file needed to read it
+    m.close()
     c.close()
+
+
+def test_descriptors_no_frame_claims_end_the_connection(start_daemon: Callable[..., Daemon]) -> None:
+    d = start_daemon({"pools": {"default": pool_config()}, "daemon": {"read_timeout": "1s"}})
+    sup = d.proc.pid  # type: ignore[union-attr]
+    c = raw_connect(d.socket)
+    c.sendall(frames.frame(Kind.PASS_FDS, 1))
+    assert read_frame(c)[1:3] == (Status.OK, 1)
+    baseline = fd_count(sup)
+    files = [sharedfile.create() for _ in range(20)]
+    c.sendmsg([frames.frame(Kind.PING, 2)], sharedfile.rights(files))  # a PING claims none of them
+    sharedfile.close_all(files)
+    assert read_frame(c)[1:3] == (Status.OK, 2)
+    _, status, _, body = read_frame(c)  # then, after daemon.read_timeout, the refusal
+    assert status == Status.BAD_REQUEST
+    with pytest.raises(ConnectionError):
+        read_frame(c)
+    wait_for(lambda: fd_count(sup) <= baseline, what="the unclaimed descriptors closed")
+    c.close()
+
+
+def test_a_large_first_call_from_a_callback_does_not_deadlock(daemon: Daemon) -> None:
+    """The first call with large buffers asks the daemon (PASS_FDS) without waiting: a future's
+    callback runs on the thread reading replies, and a wait there could never end."""
+    s = daemon.session()
+    arr = np.random.rand(1 << 17)
+    done = threading.Event()
+    got: list[Any] = []
+
+    def then(_: Any) -> None:
+        s.submit(echo, arr).add_done_callback(lambda f: (got.append(f.result()), done.set()))
+
+    s.submit(echo, 1).add_done_callback(then)
+    assert done.wait(30), "the callback's call never finished"
+    np.testing.assert_array_equal(got[0], arr)
+    for _ in range(3):  # later calls on the connection pass files
+        np.testing.assert_array_equal(s.call(echo, arr), arr)
+    assert s._connection().pass_fds is True
+    s.close()
+
+
+def test_a_function_that_forks_cannot_write_the_callers_file(daemon: Daemon) -> None:
+    s = daemon.session()
+    arr = np.random.rand(1 << 17)
+
+    def fork_and_return(a: Any) -> Any:
+        import os as _os
+
+        child = _os.fork() == 0
+        return a * (2.0 if child else 3.0)
+
+    for _ in range(2):  # the second one passes a file
+        np.testing.assert_array_equal(s.call(fork_and_return, arr), arr * 3.0)
+    for _ in range(5):  # the children are gone; the files they could have reached hold the right bytes
+        np.testing.assert_array_equal(s.call(echo, arr + 1), arr + 1)
+    s.close()
 
 
 def test_concurrent_clients_with_large_arguments(daemon: Daemon) -> None:
