@@ -208,23 +208,20 @@ class Channel:
             raise frames.FrameError("file descriptors passed with a frame were lost (more than one recvmsg can hold)")
         return n
 
-    def _deliver(self, buf: bytearray, kind: int, status: int, reqid: int) -> None:
-        """Hand a whole frame to the sink, with its descriptor if it announces one."""
-        if status & frames.CARRIES_FD and self.accept_fds:
-            if not self._fds_in:
-                self._frame_error(frames.FrameError("the frame announces a file descriptor, but none came with it", reqid))
-                return
-            global _fds_waiting_all
-            self.frame_fd = self._fds_in.popleft()
-            _fds_waiting_all -= 1
-            try:
-                self.sink.on_frame(self, buf, kind, status, reqid)
-            finally:
-                if self.frame_fd is not None:  # not taken: nobody will use it
-                    os.close(self.frame_fd)
-                    self.frame_fd = None
+    def _deliver_with_fd(self, buf: bytearray, kind: int, status: int, reqid: int) -> None:
+        """Hand the sink a frame that announces a descriptor, with the next one received."""
+        global _fds_waiting_all
+        if not self._fds_in:
+            self._frame_error(frames.FrameError("the frame announces a file descriptor, but none came with it", reqid))
             return
-        self.sink.on_frame(self, buf, kind, status, reqid)
+        self.frame_fd = self._fds_in.popleft()
+        _fds_waiting_all -= 1
+        try:
+            self.sink.on_frame(self, buf, kind, status, reqid)
+        finally:
+            if self.frame_fd is not None:  # not taken: nobody will use it
+                os.close(self.frame_fd)
+                self.frame_fd = None
 
     def take_fd(self) -> int | None:
         """The descriptor that came with the frame being delivered; the caller now owns it."""
@@ -238,7 +235,7 @@ class Channel:
 
     def _parse(self) -> None:
         view = self._view
-        # after a frame error (_deliver's too) nothing that follows the bad frame is delivered
+        # after a frame error (_deliver_with_fd's too) nothing that follows the bad frame is delivered
         while not self.closed and not self._broken and self._end - self._start >= frames.HEADER_SIZE:
             start = self._start
             try:
@@ -249,7 +246,10 @@ class Channel:
             if self._end - start >= total:
                 buf = bytearray(view[start : start + total])
                 self._start = start + total
-                self._deliver(buf, kind, status, reqid)
+                if status & frames.CARRIES_FD and self.accept_fds:
+                    self._deliver_with_fd(buf, kind, status, reqid)
+                else:  # the hot path: straight to the sink
+                    self.sink.on_frame(self, buf, kind, status, reqid)
                 continue
             if total > len(self._buf):
                 have = self._end - start
@@ -292,7 +292,10 @@ class Channel:
             self._big = None
             self.partial_since = None
             _, kind, status, reqid = frames.parse_header(big, self.limit)
-            self._deliver(big, kind, status, reqid)
+            if status & frames.CARRIES_FD and self.accept_fds:
+                self._deliver_with_fd(big, kind, status, reqid)
+            else:
+                self.sink.on_frame(self, big, kind, status, reqid)
         return True
 
     def _frame_error(self, exc: frames.FrameError) -> None:

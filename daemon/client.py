@@ -621,32 +621,29 @@ class Session:
         force_register: bool,
         callback: Callable[[_Pending], None] | None = None,
     ) -> _Pending:
+        return self._send_calls(conn, shipped, [(args, kwargs)], force_register, callback)[0]
+
+    def _send_calls(
+        self,
+        conn: _Connection,
+        shipped: _Shipped,
+        calls: list[tuple[tuple[Any, ...], dict[str, Any]]],
+        force_register: bool = False,
+        callback: Callable[[_Pending], None] | None = None,
+    ) -> list[_Pending]:
+        """Calls of one function, (args, kwargs) each, in one ``sendmsg`` (and its code first when
+        this connection has not registered it); their slots, ``callback`` on the last."""
         timeout_ms = int(self.timeout * 1000) if self.timeout else 0
-        requests: list[tuple[int, list[Any]]] = []
         reg_key = (self.pool, shipped.key)
         register = force_register or reg_key not in conn.registered
-        if register:
-            meta = json.dumps({"python": shipping.PYTHON, "libraries": self._libraries, "name": shipped.name}).encode()
-            requests.append((Kind.REGISTER, [frames.register_head(self.pool, shipped.key, meta), shipped.blob]))
-        requests.append((Kind.CALL, [shipped.call_head(self.pool, timeout_ms), *bundle.pack((args, kwargs))]))
-        slots = conn.send(requests, callback)
-        if register:
-            conn.registered[reg_key] = slots[0]
-        return slots[-1]
-
-    def _send_calls(self, conn: _Connection, shipped: _Shipped, arglist: list[tuple[Any, ...]]) -> list[_Pending]:
-        """Several calls of one function in one ``sendmsg`` (``map``'s refills)."""
-        timeout_ms = int(self.timeout * 1000) if self.timeout else 0
-        reg_key = (self.pool, shipped.key)
-        register = reg_key not in conn.registered
         requests: list[tuple[int, list[Any]]] = []
         if register:
             meta = json.dumps({"python": shipping.PYTHON, "libraries": self._libraries, "name": shipped.name}).encode()
             requests.append((Kind.REGISTER, [frames.register_head(self.pool, shipped.key, meta), shipped.blob]))
         head = shipped.call_head(self.pool, timeout_ms)
-        for args in arglist:
-            requests.append((Kind.CALL, [head, *bundle.pack((args, {}))]))
-        slots = conn.send(requests)
+        for args, kwargs in calls:
+            requests.append((Kind.CALL, [head, *bundle.pack((args, kwargs))]))
+        slots = conn.send(requests, callback)
         if register:
             conn.registered[reg_key] = slots[0]
             return slots[1:]
@@ -654,8 +651,12 @@ class Session:
 
     def _outcome(self, conn: _Connection, shipped: _Shipped, slot: _Pending, retried: bool) -> tuple[bool, Any]:
         """(final, value-or-exception) of a resolved call; not final means: register again and retry."""
-        if slot.status != Status.OK or slot.error is not None:
-            conn.release(slot)  # an OK result is read out of the file first
+        try:
+            return self._read_outcome(conn, shipped, slot, retried)
+        finally:
+            conn.release(slot)  # after an OK result was read out of the call's shared file
+
+    def _read_outcome(self, conn: _Connection, shipped: _Shipped, slot: _Pending, retried: bool) -> tuple[bool, Any]:
         if slot.error is not None:
             return True, slot.error
         assert slot.frame is not None
@@ -671,8 +672,6 @@ class Session:
                 return True, _Value(bundle.unpack(slot.frame, frames.HEADER_SIZE, slot.shared))
             except Exception as exc:  # a result this process cannot unpickle
                 return True, exc
-            finally:
-                conn.release(slot)
         return True, _error_for(slot.status, slot.frame)
 
     def call(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
@@ -755,7 +754,7 @@ class Session:
         def refill() -> None:
             batch = list(itertools.islice(items, window - len(inflight)))
             if batch:
-                inflight.extend(zip(batch, self._send_calls(conn, shipped, batch)))
+                inflight.extend(zip(batch, self._send_calls(conn, shipped, [(args, {}) for args in batch])))
 
         refill()
         while inflight:

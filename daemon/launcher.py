@@ -290,11 +290,8 @@ class PoolLauncher:
             # endpoint specs can be large: they go first on the worker's own channel, not in the spawn message
             setup = json.dumps({"endpoints": self.endpoints}).encode()
             link.channel.write([frames.frame(Kind.SETUP, 0, setup)])
-        fd = os.dup(theirs.fileno())
-        theirs.close()
-        fds_fd = os.dup(fd_theirs.fileno())
-        fd_theirs.close()
-        self._queue_msg(json.dumps({"op": "spawn", "spec": spec}).encode(), [fd, out_w, fds_fd])
+        # the template gets (and _flush_ctl closes) the raw descriptors of the worker's ends
+        self._queue_msg(json.dumps({"op": "spawn", "spec": spec}).encode(), [theirs.detach(), out_w, fd_theirs.detach()])
 
     def send(self, worker: Worker, parts: list[Any], fd: int | None = None) -> None:
         link: WorkerLink = worker.handle

@@ -59,7 +59,6 @@ import fcntl
 import mmap
 import os
 import socket
-import stat
 import threading
 from collections import OrderedDict
 from typing import Final
@@ -202,9 +201,7 @@ def check(fd: int, limit: int) -> None:
         fcntl.fcntl(fd, fcntl.F_GET_SEALS)
     except OSError:
         raise SharedFileError("the file descriptor passed with the call is not a memfd") from None
-    st = os.fstat(fd)
-    if not stat.S_ISREG(st.st_mode):
-        raise SharedFileError("the file descriptor passed with the call is not a regular file (expected a memfd)")
+    st = os.fstat(fd)  # a memory file: never blocks
     if st.st_size > limit:
         raise SharedFileError(f"the shared file holds {st.st_size} bytes, over the limit of {limit} (daemon.max_message_bytes)")
 
@@ -305,9 +302,8 @@ class MappingCache:
         """The call is over: forget its descriptor, and keep the mappings within bounds."""
         m.fd = -1
         if m.size > KEEP_FILE_BYTES:
-            for key, kept in list(self._maps.items()):
-                if kept is m:
-                    del self._maps[key]
+            if self._maps and next(reversed(self._maps.values())) is m:  # open() made it the newest
+                self._maps.popitem(last=True)
             m.close()
         while self._maps and (len(self._maps) > self.KEEP or sum(k.size for k in self._maps.values()) > KEEP_TOTAL_BYTES):
             self._maps.popitem(last=False)[1].close()

@@ -145,7 +145,7 @@ class Channel:
     def _claim_fd(self, buf: bytearray) -> bytearray:
         """Give a CALL flagged CARRIES_FD its shared file: the next one on the descriptor socket.
 
-        The supervisor sends a flagged CALL's file there, one datagram each, before it
+        The supervisor sends a flagged CALL's file there, one message each, before it
         writes the CALL on the channel, so it is always waiting by the time the CALL is
         read, and the two arrive in the same order. Keeping descriptors off the channel
         lets it use plain ``recv_into``: ``recvmsg`` cost about 10 µs a call.
