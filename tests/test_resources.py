@@ -117,3 +117,24 @@ def test_the_open_file_limit_is_raised_to_the_hard_one(monkeypatch: pytest.Monke
     monkeypatch.setattr(supervisor.resource, "setrlimit", setrlimit)
     assert supervisor.raise_fd_limit() == expected
     assert current[0] == expected[1]
+
+
+def test_the_daemon_raises_its_open_file_limit(start_daemon: Callable[..., Daemon]) -> None:
+    """Started from a shell with a low soft limit (inherited here), the daemon lifts it to the hard one."""
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    low = min(soft, 256)
+    if hard != resource.RLIM_INFINITY and hard <= low:
+        pytest.skip(f"the hard limit ({hard}) leaves nothing to raise")
+    resource.setrlimit(resource.RLIMIT_NOFILE, (low, hard))
+    try:
+        d = start_daemon({"pools": {"default": pool_config()}})
+    finally:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+    pid = d.status()["pid"]
+    with open(f"/proc/{pid}/limits") as fh:
+        line = next(ln for ln in fh if ln.startswith("Max open files"))
+    daemon_soft = line.split()[3]
+    assert daemon_soft == (str(hard) if hard != resource.RLIM_INFINITY else "unlimited") or int(daemon_soft) >= 1 << 20
+    assert f"open-file limit raised from {low}" in d.log()
