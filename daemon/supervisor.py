@@ -53,6 +53,8 @@ import sys
 import time
 from typing import TYPE_CHECKING, Any, Callable, Coroutine
 
+from cruised.pool import heap
+
 from . import __version__, paths, services, systemd
 from .config import Config
 from .dispatch import Dispatcher
@@ -70,41 +72,6 @@ log = logging.getLogger("cruised.supervisor")
 
 #: seconds between returns of freed heap to the kernel (see Supervisor._trim_heap)
 TRIM_EVERY = 30.0
-
-
-def _libc() -> Any:
-    import ctypes
-
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-        libc.malloc_trim  # glibc only
-        return libc
-    except (OSError, AttributeError):
-        return None
-
-
-_LIBC = _libc()
-
-#: glibc mallopt parameters: below this size frames come from the heap, not a fresh mmap
-M_TRIM_THRESHOLD = -1
-M_MMAP_THRESHOLD = -3
-HEAP_FRAMES_UP_TO = 32 << 20  # glibc's largest allowed mmap threshold on 64-bit
-TRIM_ABOVE = 256 << 20
-
-
-def keep_frame_buffers_warm() -> bool:
-    """Let large frame buffers reuse heap pages instead of a fresh ``mmap`` each.
-
-    A forwarded 1 MB argument is received into a buffer of its own. glibc
-    serves that from a new mmap, so the kernel's copy into it takes a page
-    fault per 4 KiB: 544 faults and ~1 ms of supervisor CPU per 1 MB round
-    trip (perf stat). From the heap, freed pages are reused warm; the periodic
-    ``malloc_trim`` (``_trim_heap``) still hands idle ones back, so memory stays
-    bounded. Frames above 32 MiB are mmapped as before.
-    """
-    if _LIBC is None:
-        return False
-    return bool(_LIBC.mallopt(M_MMAP_THRESHOLD, HEAP_FRAMES_UP_TO)) and bool(_LIBC.mallopt(M_TRIM_THRESHOLD, TRIM_ABOVE))
 
 
 def raise_fd_limit() -> tuple[int, int]:
@@ -275,7 +242,7 @@ class Supervisor:
             from .devwatch import watch
 
             watcher = asyncio.create_task(watch(self))
-        keep_frame_buffers_warm()
+        heap.keep_large_buffers_warm()
         before, after = raise_fd_limit()
         if after != before:
             log.info("open-file limit raised from %d to %d (queued calls with shared files hold descriptors)", before, after)
@@ -376,8 +343,7 @@ class Supervisor:
         (bench/soak.py), which read as RSS growth although the live objects
         were flat (SIGUSR1's counts). A trim costs well under a millisecond.
         """
-        if _LIBC is not None:
-            _LIBC.malloc_trim(0)
+        heap.trim()
         self._trimmer = self.loop.call_later(TRIM_EVERY, self._trim_heap)
 
     async def _shutdown(self) -> None:
@@ -462,14 +428,9 @@ def log_memory(top: int = 15) -> None:
 
     counts = Counter(type(o).__name__ for o in gc.get_objects())
     log.info("memory: %d objects; top types: %s", sum(counts.values()), ", ".join(f"{n}={c}" for n, c in counts.most_common(top)))
-    try:  # glibc keeps freed heap pages; trimming shows how much RSS is retained rather than live
-        import ctypes
-
-        before = _rss_kib()
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-        log.info("memory: rss %d KiB, %d KiB after malloc_trim", before, _rss_kib())
-    except (OSError, AttributeError):
-        pass
+    before = _rss_kib()  # glibc keeps freed heap pages; trimming shows how much RSS is retained rather than live
+    heap.trim()
+    log.info("memory: rss %d KiB, %d KiB after malloc_trim", before, _rss_kib())
     if tracemalloc.is_tracing():
         stats = tracemalloc.take_snapshot().statistics("lineno")[:top]
         log.info("memory: top allocation sites: %s", "; ".join(f"{s.traceback[0].filename.rsplit('/', 1)[-1]}:{s.traceback[0].lineno}={s.size // 1024}KiB" for s in stats))

@@ -36,6 +36,7 @@ import importlib
 import json
 import os
 import pickle
+import select
 import socket
 import sys
 import time
@@ -45,7 +46,7 @@ from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
-from . import bundle, frames, qconn, rawbuf, sharedfile, sockopt
+from . import bundle, frames, heap, qconn, rawbuf, sharedfile, sockopt
 from . import endpoint as endpoint_mod
 from . import qcall
 from .frames import Kind, Status
@@ -58,6 +59,10 @@ PYTHON = f"{sys.version_info[0]}.{sys.version_info[1]}"
 RECV_SIZE = 256 << 10
 #: replies up to this size are joined and sent as one buffer; larger ones go out as a scatter list
 SMALL_REPLY = 64 << 10
+#: after this many payload bytes since the last trim, an idle worker trims its heap (pool/heap.py)
+TRIM_AFTER_BYTES = 4 << 20
+#: seconds without a frame that count as idle for that
+IDLE_TRIM_AFTER = 1.0
 
 
 @dataclass
@@ -120,6 +125,8 @@ class Channel:
         #: where the supervisor sends each flagged CALL's shared file, in CALL order (see _claim_fd)
         self.fd_sock = fd_sock
         self.limit = limit
+        #: payload bytes moved since the heap was last trimmed (Worker.serve)
+        self.churn = 0
         sockopt.size_buffers(sock)
         self._buf = bytearray(RECV_SIZE)
         self._view = memoryview(self._buf)
@@ -174,7 +181,10 @@ class Channel:
         that came with it is in ``frame_fd``."""
         self.frame_fd = None
         buf = self._read()
-        return buf if buf is None else self._claim_fd(buf)
+        if buf is None:
+            return None
+        self.churn += len(buf)
+        return self._claim_fd(buf)
 
     def _read(self) -> bytearray | None:
         hs = frames.HEADER_SIZE
@@ -229,6 +239,7 @@ class Channel:
     def reply(self, reqid: int, status: int, parts: list[bytes | memoryview]) -> None:
         self._only_the_worker()  # every write path checks: reply has a fast path of its own
         size = bundle.packed_size(parts)
+        self.churn += size
         head = frames.header(Kind.REPLY, reqid, size, status)
         if size <= SMALL_REPLY:
             # one contiguous buffer and plain send(): cheaper than building a scatter list
@@ -322,6 +333,7 @@ class Worker:
         try:
             self._call(reqid, buf, shared)
         finally:
+            self.channel.churn += shared.size  # what was copied out of and into it
             self.mappings.done(shared)
             os.close(fd)
 
@@ -366,6 +378,8 @@ class Worker:
         ch = self.channel
         held_reqid, held_until = 0, 0  # the call the last HELD frame announced, and its deadline
         while True:
+            if ch.churn >= TRIM_AFTER_BYTES and not ch.buffered():
+                self._trim_when_idle()
             if self.q is not None and not ch.buffered():
                 # only when no frame already sits in our receive buffer: idle() waits for the
                 # socket, and a frame read ahead (DEFINE arrives with its CALL) would never wake it
@@ -406,6 +420,19 @@ class Worker:
             else:
                 ch.reply(reqid, Status.BAD_REQUEST, [json.dumps({"message": f"worker: unknown kind {kind}"}).encode()])
 
+    def _trim_when_idle(self) -> None:
+        """After large payloads, hand the freed heap back once no frame came for a while.
+
+        Large buffers come from the heap (pool/heap.py), whose freed pages glibc
+        keeps for the next call. A worker that stays busy reuses them; one that
+        goes idle returns them, so an idle pool does not hold its last burst.
+        Meanwhile a q connection is not watched: a drop is noticed up to a second later.
+        """
+        ready, _, _ = select.select([self.channel.sock], [], [], IDLE_TRIM_AFTER)
+        if not ready:
+            heap.trim()
+            self.channel.churn = 0
+
 
 def _raiser(exc: BaseException) -> Callable[..., Any]:
     def fail(*_a: Any, **_k: Any) -> Any:
@@ -416,6 +443,7 @@ def _raiser(exc: BaseException) -> Callable[..., Any]:
 
 def run(spec: WorkerSpec, sock: socket.socket, fd_sock: socket.socket | None = None) -> int:
     """Preload, say READY, serve. Returns the process exit code."""
+    heap.keep_large_buffers_warm()
     channel = Channel(sock, spec.max_message_bytes + frames.ENVELOPE_SLACK, fd_sock)
     worker = Worker(spec, channel)
     setup: dict[str, Any] = {}

@@ -138,3 +138,28 @@ def test_the_daemon_raises_its_open_file_limit(start_daemon: Callable[..., Daemo
     daemon_soft = line.split()[3]
     assert daemon_soft == (str(hard) if hard != resource.RLIM_INFINITY else "unlimited") or int(daemon_soft) >= 1 << 20
     assert f"open-file limit raised from {low}" in d.log()
+
+
+def _rss_kib(pid: int) -> int:
+    with open(f"/proc/{pid}/status") as fh:
+        for line in fh:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1])
+    raise AssertionError(f"no VmRSS for pid {pid}")
+
+
+def test_an_idle_worker_hands_back_the_heap_of_its_last_large_calls(start_daemon: Callable[..., Daemon]) -> None:
+    """Large buffers come from the heap and stay warm between calls (pool/heap.py); a worker
+    that then goes idle returns them, so a pool does not keep holding its last burst."""
+    d = start_daemon({"pools": {"default": pool_config(min=1, cruise=1, max=1)}})
+    with d.session() as s:
+        pid = s.call(os.getpid)
+        base = _rss_kib(pid)
+        blob = os.urandom(24 << 20)
+        for _ in range(3):
+            assert s.call(lambda b: b[::-1], blob) == blob[::-1]
+        assert s.call(os.getpid) == pid
+        grown = _rss_kib(pid)
+        assert grown > base + (40 << 10), (base, grown)  # the freed buffers are still held...
+        wait_for(lambda: _rss_kib(pid) < base + (12 << 10), timeout=15, what=f"worker RSS back near {base} KiB (was {grown})")
+        assert s.call(lambda b: len(b), blob) == len(blob)  # ...and it still serves large calls after
