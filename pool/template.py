@@ -42,6 +42,7 @@ import signal
 import socket
 import sys
 import time
+import traceback
 from typing import Any
 
 from . import worker as worker_mod
@@ -204,6 +205,8 @@ def serve(ctl: socket.socket, config: dict[str, Any]) -> int:
                 code = 70
                 try:
                     code = child(spec, ctl, wake_r, wake_w, chan_fd, out_fd, fds_fd)
+                except BaseException:  # noqa: BLE001 - say why on stderr, which the supervisor logs
+                    traceback.print_exc()
                 finally:
                     try:
                         sys.stdout.flush()

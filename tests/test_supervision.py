@@ -160,6 +160,22 @@ def test_a_crash_fails_only_that_call_and_the_pool_heals(start_daemon, body: str
     assert c.get("crashed") == 1
 
 
+def test_a_worker_killed_by_an_escaping_exception_logs_its_traceback(daemon: Daemon) -> None:
+    """KeyboardInterrupt is the one exception a call does not catch: the worker dies of it, and
+    the daemon's log says why, tagged with the worker, not just its exit code."""
+    s = daemon.session()
+
+    def interrupted() -> None:
+        raise KeyboardInterrupt("stop-7f3a")
+
+    with pytest.raises(cruised.WorkerCrashed, match="exit code 70"):
+        s.call(interrupted)
+    wait_for(lambda: "KeyboardInterrupt: stop-7f3a" in daemon.log(), what="the traceback in the daemon's log")
+    line = next(ln for ln in daemon.log().splitlines() if "KeyboardInterrupt: stop-7f3a" in ln)
+    assert "worker=default-" in line and "output:" in line
+    assert s.call(lambda: 3) == 3
+
+
 def test_sys_exit_in_a_function_is_an_error_not_a_crash(daemon: Daemon) -> None:
     s = daemon.session()
 
