@@ -51,6 +51,7 @@ def payload_objects() -> dict[str, Callable[[], Any]]:
     return {
         "1KB bytes": lambda: b"x" * 1024,
         "1MB ndarray": lambda: np.arange(1 << 17, dtype="float64"),
+        "1MB bytes": lambda: bytes(range(256)) * 4096,  # pickled in-band: no out-of-band buffer
         "64MB ndarray": lambda: np.arange(8 << 20, dtype="float64"),
         "100k-row DataFrame": frame,
     }
@@ -192,9 +193,9 @@ def probe(system: str, sections: list[str], sockets: dict[str, str], quick: bool
                 elif section == "threads8":
                     result[section] = run_threads8(sys_, 2000 if quick else 16000)
                 elif section == "payloads":
-                    counts = {"1KB bytes": 100, "1MB ndarray": 30, "64MB ndarray": 2, "100k-row DataFrame": 10}
+                    counts = {"1KB bytes": 100, "1MB ndarray": 30, "1MB bytes": 30, "64MB ndarray": 2, "100k-row DataFrame": 10}
                     if not quick:
-                        counts = {"1KB bytes": 1000, "1MB ndarray": 200, "64MB ndarray": 10, "100k-row DataFrame": 100}
+                        counts = {"1KB bytes": 1000, "1MB ndarray": 200, "1MB bytes": 200, "64MB ndarray": 10, "100k-row DataFrame": 100}
                     result[section] = run_payloads(sys_, counts)
                 elif section == "pids":
                     pids = sys_.worker_pids()

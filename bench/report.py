@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Any
 
 ORDER = ["floor-1hop", "floor-2hop", "cruised", "cruised-http", "cruised-http-stdlib", "ppe", "multiprocess", "pebble", "ray"]
-PAYLOADS = ["1KB bytes", "1MB ndarray", "64MB ndarray", "100k-row DataFrame"]
+PAYLOADS = ["1KB bytes", "1MB ndarray", "1MB bytes", "64MB ndarray", "100k-row DataFrame"]
 
 
 def _rows(results: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:

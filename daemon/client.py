@@ -115,6 +115,8 @@ class _Connection:
         #: whether this connection passes shared files: None until the first call with large
         #: buffers asks the daemon (PASS_FDS), "asking" until it answers, then True or False
         self.pass_fds: bool | str | None = None
+        #: the daemon announced FILE_PICKLE: large pickle streams may travel in shared files
+        self.file_pickle = False
         self._pass_fds_lock = threading.Lock()
 
     def stale(self) -> bool:
@@ -146,8 +148,9 @@ class _Connection:
     def send(self, requests: list[tuple[int, list[Any]]], callback: Callable[[_Pending], None] | None = None) -> list[_Pending]:
         """Register a pending slot per (kind, payload parts) request and send them all in one sendmsg.
 
-        A CALL whose arguments have large buffers puts them in a shared file
-        (pool/sharedfile.py) passed with the frame. ``callback`` is attached to
+        A CALL whose arguments are large (out-of-band buffers, or a pickle
+        stream) puts them in a shared file (pool/sharedfile.py) passed with the
+        frame. ``callback`` is attached to
         the last slot before anything is sent, so it can never miss a reply
         that another thread reads first.
         """
@@ -163,15 +166,21 @@ class _Connection:
             rid = next(self.ids)
             slot = _Pending()
             status = 0
-            # parts: the call head, then the args bundle (index, pickle, then out-of-band buffers)
-            if kind == Kind.CALL and len(parts) > 3 and bundle.shareable(parts[1:]) and self._may_pass_fds():
+            # parts: the call head, then the args bundle (index, pickle, then out-of-band buffers);
+            # the cheap tests first: a small call passes them all in a few nanoseconds
+            if (
+                kind == Kind.CALL
+                and (len(parts) > 3 or len(parts[2]) >= sharedfile.SHARE_MIN)
+                and bundle.shareable(parts[1:], with_pickle=True)
+                and self._may_pass_fds()
+            ):
                 shared = self.files.take()
                 bundled = parts[1:]
-                shared_parts = bundle.share(bundled, shared, grow=sharedfile.FilePool.GROW)
+                shared_parts = bundle.share(bundled, shared, grow=sharedfile.FilePool.GROW, with_pickle=self.file_pickle)
                 if shared_parts is not bundled:
                     parts = [parts[0], *shared_parts]
                     slot.shared = shared
-                    status = frames.CARRIES_FD
+                    status = frames.CARRIES_FD | (frames.PICKLE_IN_FILE if self.file_pickle else 0)
                     if len(fds) == sharedfile.SCM_MAX_FD:
                         out, fds = [], []
                         batches.append((out, fds))
@@ -209,7 +218,10 @@ class _Connection:
 
             def answered(slot: _Pending) -> None:
                 # a daemon that does not know PASS_FDS refuses it: this connection stays inline
-                self.pass_fds = slot.error is None and slot.status == Status.OK
+                ok = slot.error is None and slot.status == Status.OK
+                if ok and slot.frame is not None and len(slot.frame) >= frames.HEADER_SIZE + frames.FEATURES.size:
+                    self.file_pickle = bool(frames.FEATURES.unpack_from(slot.frame, frames.HEADER_SIZE)[0] & frames.FILE_PICKLE)
+                self.pass_fds = ok
 
             self.send([(Kind.PASS_FDS, [])], answered)
         return self.pass_fds is True

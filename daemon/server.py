@@ -220,7 +220,7 @@ class ClientConnection:
             elif kind == Kind.PASS_FDS:
                 # before the reply goes out: whatever the client sends after reading it is read with recvmsg
                 self.channel.accept_fds = True
-                self.channel.write([frames.frame(Kind.REPLY, reqid)])
+                self.channel.write([frames.frame(Kind.REPLY, reqid, frames.FEATURES.pack(frames.FILE_PICKLE))])
             elif kind == Kind.REGISTER:
                 self._register(buf, reqid)
             elif kind == Kind.CHECK:

@@ -8,7 +8,10 @@ into the frame's memory.
 
 With a call's shared file (pool/sharedfile.py), buffers of ``SHARE_MIN``
 bytes or more go into that file instead of the frame: the index flags their
-lengths with ``IN_FILE``, and ``unpack`` copies them out of the file.
+lengths with ``IN_FILE``, and ``unpack`` copies them out of the file. So may
+the pickle stream itself (``with_pickle``) when it is that large: ``bytes``,
+``str``, lists and object columns pickle in-band, not as buffers. It is then
+the first thing in the file.
 
 Objects plain pickle refuses (lambdas, closures, classes defined in
 ``__main__``) fall back to dill, whose output loads with plain ``pickle`` as
@@ -30,10 +33,54 @@ _PLAIN = struct.Struct("<HQ")
 PROTOCOL = 5
 
 
+class _Chunks(list):  # type: ignore[type-arg]
+    """A pickler's output, as the pieces it wrote: a large ``bytes`` comes by reference, uncopied."""
+
+    write = list.append
+
+
+_INBAND = frozenset({bytes, bytearray, str})
+
+
+def _big_inband(obj: Any, depth: int = 2) -> bool:
+    """True if ``obj`` is, or holds near its top, a ``bytes``, ``bytearray`` or ``str`` of ``SHARE_MIN`` or more.
+
+    Those pickle in-band, and ``pickle.dumps`` grows its output by reallocating: 460 µs
+    for 1 MB of ``bytes`` on the reference VM, against 45 µs through a ``Pickler`` that
+    writes pieces (``_Chunks``) and one join. The pieces cost 3 µs more for a small
+    object, so only values found here, two levels down (an argument, or an item of a
+    returned tuple), take that way; a deeper one still pickles right, just slower.
+    """
+    t = type(obj)
+    if t in _INBAND:
+        return len(obj) >= sharedfile.SHARE_MIN
+    if t is tuple or t is list:
+        items = obj
+    elif t is dict:
+        items = obj.values()
+    else:
+        return False
+    if len(items) > 16:
+        return False
+    for x in items:  # written out, not any(...): this runs for every call and every result
+        tx = type(x)
+        if tx in _INBAND:
+            if len(x) >= sharedfile.SHARE_MIN:
+                return True
+        elif depth > 1 and (tx is tuple or tx is list or tx is dict) and x and _big_inband(x, depth - 1):
+            return True
+    return False
+
+
 def pack(obj: Any) -> list[bytes | memoryview]:
     buffers: list[pickle.PickleBuffer] = []
     try:
-        data = pickle.dumps(obj, protocol=PROTOCOL, buffer_callback=buffers.append)
+        if _big_inband(obj):
+            chunks = _Chunks()
+            pickle.Pickler(chunks, PROTOCOL, buffer_callback=buffers.append).dump(obj)
+            data = b"".join(chunks)
+        else:
+            data = pickle.dumps(obj, protocol=PROTOCOL, buffer_callback=buffers.append)
     except (pickle.PicklingError, TypeError, AttributeError):
         import dill
 
@@ -46,34 +93,47 @@ def pack(obj: Any) -> list[bytes | memoryview]:
     return [index, data, *views]
 
 
-def shareable(parts: list[bytes | memoryview]) -> bool:
-    """True if a packed bundle has buffers large enough for a shared file."""
+def shareable(parts: list[bytes | memoryview], with_pickle: bool = False) -> bool:
+    """True if a packed bundle has buffers (or, ``with_pickle``, a pickle stream) large enough for a
+    shared file."""
+    if with_pickle and len(parts[1]) >= sharedfile.SHARE_MIN:
+        return True
     return len(parts) > 2 and any(isinstance(p, memoryview) and p.nbytes >= sharedfile.SHARE_MIN for p in parts[2:])
 
 
-def share(parts: list[bytes | memoryview], shared: sharedfile.Mapped, limit: int = 1 << 62, grow: int = 1) -> list[bytes | memoryview]:
+def share(
+    parts: list[bytes | memoryview], shared: sharedfile.Mapped, limit: int = 1 << 62, grow: int = 1, with_pickle: bool = False
+) -> list[bytes | memoryview]:
     """The bundle with its buffers of ``SHARE_MIN`` bytes or more copied into the shared file
-    (back to back from offset 0, lengths flagged ``IN_FILE``), the rest still inline. The file
-    grows in steps of ``grow`` if it is too small. Unchanged if they would exceed ``limit``
-    bytes or the file cannot take them (a read-only descriptor, a full tmpfs): the socket path
-    always works."""
-    views = parts[2:]
-    lengths = [len(v) if isinstance(v, bytes) else v.nbytes for v in views]
-    total = sum(n for n in lengths if n >= sharedfile.SHARE_MIN)
+    (back to back from offset 0, lengths flagged ``IN_FILE``), the rest still inline; with
+    ``with_pickle`` a pickle stream that large goes first. The file grows in steps of ``grow``
+    if it is too small. Unchanged if they would exceed ``limit`` bytes or the file cannot take
+    them (a read-only descriptor, a full tmpfs): the socket path always works."""
+    lengths = [len(v) if isinstance(v, bytes) else v.nbytes for v in parts[1:]]
+    moved = [n >= sharedfile.SHARE_MIN and (i or with_pickle) for i, n in enumerate(lengths)]
+    total = sum(n for n, m in zip(lengths, moved) if m)
     if not total or total > limit:
         return parts
     try:
         shared.reserve(total, grow)
         offset = 0
-        for v, n in zip(views, lengths):
-            if n >= sharedfile.SHARE_MIN:
+        for v, n, m in zip(parts[1:], lengths, moved):
+            if m:
                 shared.write(offset, memoryview(v))
                 offset += n
     except (OSError, ValueError):  # ValueError: SharedFileError, or mmap refusing the file
         return parts
-    flagged = [n | sharedfile.IN_FILE if n >= sharedfile.SHARE_MIN else n for n in lengths]
-    index = struct.pack(f"<H{len(views) + 1}Q", len(views), len(parts[1]), *flagged)
-    return [index, parts[1], *(v for v, n in zip(views, lengths) if n < sharedfile.SHARE_MIN)]
+    flagged = [n | sharedfile.IN_FILE if m else n for n, m in zip(lengths, moved)]
+    index = struct.pack(f"<H{len(lengths)}Q", len(lengths) - 1, *flagged)
+    return [index, *(v for v, m in zip(parts[1:], moved) if not m)]
+
+
+def in_file(buf: bytes | bytearray | memoryview, offset: int = 0) -> bool:
+    """True if the bundle at ``offset`` keeps anything in a shared file (a well-formed index assumed)."""
+    n = _COUNT.unpack_from(buf, offset)[0]
+    if len(buf) < offset + 2 + 8 * (n + 1):
+        return False
+    return any(ln & sharedfile.IN_FILE for ln in struct.unpack_from(f"<{n + 1}Q", buf, offset + 2))
 
 
 def packed_size(parts: list[bytes | memoryview]) -> int:
@@ -81,13 +141,13 @@ def packed_size(parts: list[bytes | memoryview]) -> int:
 
 
 def unpack(buf: bytes | bytearray | memoryview, offset: int = 0, shared: sharedfile.Mapped | None = None) -> Any:
-    """The object in a bundle; buffers flagged as in the shared file are copied out of ``shared``."""
+    """The object in a bundle; what is flagged as in the shared file is copied out of ``shared``."""
     mv = memoryview(buf)
     size = mv.nbytes
     if offset + _PLAIN.size > size:  # every bundle has at least a count and the pickle's length
         raise ValueError("truncated bundle")
     n, ln = _PLAIN.unpack_from(mv, offset)
-    if n == 0:  # no out-of-band buffers: the pickle follows the index
+    if n == 0 and not ln & sharedfile.IN_FILE:  # no out-of-band buffers: the pickle follows the index
         pos = offset + _PLAIN.size
         if pos + ln > size:
             raise ValueError("truncated bundle")
@@ -99,18 +159,22 @@ def unpack(buf: bytes | bytearray | memoryview, offset: int = 0, shared: sharedf
     pos += 8 * (n + 1)
     if pos + sum(ln for ln in lengths if not ln & sharedfile.IN_FILE) > len(mv):
         raise ValueError("truncated bundle")
-    data = mv[pos : pos + lengths[0]]
-    pos += lengths[0]
-    oob: list[memoryview | bytearray] = []
+    pieces: list[memoryview | bytearray] = []  # the pickle, then each buffer
     file_pos = 0
-    for ln in lengths[1:]:
+    for i, ln in enumerate(lengths):
         if ln & sharedfile.IN_FILE:
             if shared is None:
                 raise ValueError("the bundle has buffers in a shared file, but none came with it")
             ln &= ~sharedfile.IN_FILE
-            oob.append(shared.read(file_pos, ln))
+            # a buffer becomes an object's memory: a copy. The pickle stream is only read by
+            # loads, which copies what it keeps, so it is read in place.
+            pieces.append(shared.read(file_pos, ln) if i else shared.view(file_pos, ln))
             file_pos += ln
             continue
-        oob.append(mv[pos : pos + ln])
+        pieces.append(mv[pos : pos + ln])
         pos += ln
-    return pickle.loads(data, buffers=oob)
+    try:
+        return pickle.loads(pieces[0], buffers=pieces[1:])
+    finally:
+        if lengths[0] & sharedfile.IN_FILE:
+            pieces[0].release()  # type: ignore[union-attr]  # the mapping may be remapped or closed next

@@ -49,8 +49,10 @@ SETUP      sup -> worker          JSON ``{"endpoints": {"svc/ep": {"code": path,
 READY      worker -> sup          JSON ``{"pid":..., "python": "3.11", "endpoints":
                                   {"svc/ep": {"ok": true} | {"ok": false,
                                   "error": ..., "traceback": ...}}, ...}``
-PASS_FDS   client -> sup          empty; reply empty. From the reply on, CALLs on
-                                  this connection may carry a shared file (see
+PASS_FDS   client -> sup          empty; reply: ``u32`` feature bits (``FEATURES``;
+                                  an empty reply, from an older daemon, means
+                                  none). From the reply on, CALLs on this
+                                  connection may carry a shared file (see
                                   "Shared file" below); the daemon reads a
                                   connection with recvmsg only after this
 METRICS    client -> sup          empty; reply is the Prometheus text exposition
@@ -92,6 +94,11 @@ the daemon keeps received descriptors in arrival order and gives the next
 one to each flagged CALL), and only after PASS_FDS was answered. To a
 worker, the supervisor sends it on the worker's descriptor socket just
 before the CALL (daemon/launcher.py). The supervisor never reads the file.
+A client may pass a file with a call whose arguments are small, for a
+result it expects to be large. With the ``FILE_PICKLE`` feature a large
+pickle stream travels in the file too: a client's arguments whenever the
+daemon announced it, a worker's result when the CALL is flagged
+``PICKLE_IN_FILE`` (so an older client never gets one it cannot read).
 
 REPLY status: OK (payload = result bundle, or empty/JSON for control calls),
 ERROR (the function raised: ``u32 len + JSON {type, module, message,
@@ -170,6 +177,14 @@ class Status(IntEnum):
 
 #: in a CALL's ``status``: a file descriptor (the call's shared file) comes with the frame
 CARRIES_FD: Final = 0x8000
+#: in a CALL's ``status``: the client reads a result's pickle stream from the shared file, when
+#: the worker puts it there (it is large); set only after PASS_FDS announced ``FILE_PICKLE``
+PICKLE_IN_FILE: Final = 0x4000
+STATUS = struct.Struct("<H")
+#: the PASS_FDS answer's payload: a u32 of feature bits (an empty payload: none)
+FEATURES = struct.Struct("<I")
+#: feature: pickle streams may travel in the shared file, both ways
+FILE_PICKLE: Final = 1
 
 
 class FrameError(ValueError):

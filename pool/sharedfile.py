@@ -12,6 +12,15 @@ worker's descriptor socket (daemon/launcher.py), never the bytes. The worker cop
 and writes the result's large buffers into the same file; the client copies
 them out after the reply. Each side copies each buffer once.
 
+What else takes a file:
+
+* a large pickle stream (``bytes``, ``str``, lists, object columns pickle
+  in-band, not as buffers), once the daemon announced ``FILE_PICKLE``; a
+  worker puts its result's stream there only for a CALL flagged
+  ``PICKLE_IN_FILE``, so an older client never gets one it cannot read. A
+  stream is read in place (``Mapped.view``): ``pickle.loads`` copies what it
+  keeps.
+
 Both sides copy through a ``MAP_SHARED`` mapping of the file (``Mapped``):
 measured between two processes on the reference VM, four 1 MB copies took
 220-350 µs as ``memcpy`` against 800-980 µs as ``pwrite``/``pread``, whose
@@ -178,6 +187,17 @@ class Mapped(Owned):
             with memoryview(self.mm) as mv:  # type: ignore[arg-type]
                 memoryview(out)[:] = mv[offset : offset + length]
         return out
+
+    def view(self, offset: int, length: int) -> memoryview:
+        """A view of ``length`` bytes at ``offset``, for a reader that copies what it keeps
+        (``pickle.loads`` of a stream); release it before the file is used again."""
+        self.refresh()  # its size now: a mapping read past the end of its file faults
+        if offset + length > self.size:
+            raise SharedFileError(f"shared file ends at {self.size} bytes; the call announced {offset + length}")
+        if not length:
+            return memoryview(b"")
+        with memoryview(self.mm) as mv:  # type: ignore[arg-type]
+            return mv[offset : offset + length]
 
     def close(self) -> None:
         if self.mm is not None:

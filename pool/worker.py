@@ -339,6 +339,7 @@ class Worker:
 
     def _call(self, reqid: int, buf: bytearray, shared: sharedfile.Mapped | None) -> None:
         _, _, key, off = frames.parse_call(buf)
+        buf_status = frames.STATUS.unpack_from(buf, frames.STATUS_OFFSET)[0]
         fn = self.functions.get(key)
         if fn is None:
             self.channel.reply(reqid, Status.UNKNOWN_FUNCTION, [b'{"message": "function not defined in worker"}'])
@@ -352,8 +353,11 @@ class Worker:
             # write a result into the caller's shared file (reply() would stop it only later)
             self.channel._only_the_worker()
             parts = bundle.pack(result)
-            if shared is not None and bundle.shareable(parts):  # the result's large buffers go back through the file
-                parts = bundle.share(parts, shared, self.spec.max_message_bytes)
+            if shared is not None:  # the result's large buffers go back through the file
+                # and its pickle stream too, if the client said it reads one from there
+                with_pickle = bool(buf_status & frames.PICKLE_IN_FILE)
+                if bundle.shareable(parts, with_pickle):
+                    parts = bundle.share(parts, shared, self.spec.max_message_bytes, with_pickle=with_pickle)
         except BaseException as exc:  # noqa: BLE001 - every failure of user code goes back to its caller
             if isinstance(exc, (KeyboardInterrupt,)):
                 raise

@@ -93,6 +93,61 @@ def test_a_file_shorter_than_announced_is_an_error_not_a_fault() -> None:
         reader.close()
 
 
+def test_a_large_pickle_stream_goes_to_the_file_only_when_asked() -> None:
+    """``bytes``, ``str`` and lists pickle in-band, not as buffers: the stream itself moves."""
+    blob, text = os.urandom(BIG + 3), "é" * BIG
+    writer = sharedfile.Mapped(sharedfile.create())
+    reader = sharedfile.Mapped(os.dup(writer.fd))
+    try:
+        for obj in ([blob], ((blob,), {"t": text}), {"arr": np.arange(BIG // 4), "b": blob}):
+            parts = bundle.pack(obj)
+            assert bundle.shareable(parts, with_pickle=True)
+            assert bundle.share(parts, writer) is parts or "arr" in obj, "without with_pickle the stream stays inline"
+            moved = bundle.share(parts, writer, with_pickle=True)
+            assert bundle.packed_size(moved) < 4096 and bundle.in_file(flat(moved))
+            out = bundle.unpack(flat(moved), 0, reader)
+            assert repr(out) == repr(obj) if "arr" not in obj else (out["b"] == blob and np.array_equal(out["arr"], obj["arr"]))
+        reader.close()  # the stream was read in place: nothing may still view the mapping
+        reader = sharedfile.Mapped(os.dup(writer.fd))
+        small = bundle.pack(((1, "x"), {}))
+        assert not bundle.shareable(small, with_pickle=True) and not bundle.in_file(flat(small))
+        assert bundle.share(small, writer, with_pickle=True) is small
+        moved = bundle.share(bundle.pack(blob), writer, with_pickle=True)
+        os.ftruncate(writer.fd, 100)  # the stream's file shrank: an error, never a fault
+        with pytest.raises(sharedfile.SharedFileError, match="ends at 100 bytes"):
+            bundle.unpack(flat(moved), 0, reader)
+        with pytest.raises(ValueError, match="none came with it"):
+            bundle.unpack(flat(moved))
+    finally:
+        writer.close()
+        reader.close()
+
+
+@pytest.mark.parametrize(
+    "obj, big",
+    [
+        (b"x" * BIG, True),
+        (bytearray(BIG), True),
+        ("y" * BIG, True),
+        (b"x" * (BIG - 1), False),
+        (((b"x" * BIG,), {}), True),  # an argument
+        (((1,), {"k": "y" * BIG}), True),  # a keyword argument
+        (((1,), {"k": [b"x" * BIG]}), False),  # deeper: pickled right, through pickle.dumps
+        ([None] * 17 + [b"x" * BIG], False),  # long containers are not scanned
+        (((5,), {}), False),
+        (np.ones(BIG), False),  # arrays are out-of-band buffers already
+    ],
+)
+def test_large_in_band_values_pickle_in_pieces_and_load_the_same(obj: Any, big: bool) -> None:
+    assert bundle._big_inband(obj) is big
+    parts = bundle.pack(obj)
+    out = bundle.unpack(flat(parts))
+    if isinstance(obj, np.ndarray):
+        np.testing.assert_array_equal(out, obj)
+    else:
+        assert out == obj and type(out) is type(obj)
+
+
 def test_file_pool_reuses_a_few_files_and_closes_the_rest() -> None:
     pool = sharedfile.FilePool()
     before = fd_count()
@@ -304,6 +359,78 @@ def test_large_arguments_and_results_round_trip_through_the_daemon(daemon: Daemo
     wait_for(lambda: memfds(sup) == 0, what="the supervisor holding no shared file")
     s.close()
     assert memfds() == mine, "closing the session closes its files"
+
+
+class ReplySizes:
+    """Records the size of every non-empty reply frame a session's connection reads."""
+
+    def __init__(self, session: Any) -> None:
+        self.conn = session._connection()
+        self.sizes: list[int] = []
+        deliver = self.conn._deliver
+
+        def recording(frame: bytearray, status: int, reqid: int) -> None:
+            if len(frame) > frames.HEADER_SIZE:  # not the empty answer to a REGISTER
+                self.sizes.append(len(frame))
+            deliver(frame, status, reqid)
+
+        self.conn._deliver = recording
+
+    def take(self) -> list[int]:
+        out, self.sizes = self.sizes, []
+        return out
+
+
+def test_large_in_band_values_travel_in_the_file_both_ways(daemon: Daemon) -> None:
+    s = daemon.session()
+    s.call(echo, np.ones(BIG))  # PASS_FDS answered: files from the next call on
+    replies = ReplySizes(s)
+    blob = os.urandom(1 << 20)
+    for obj in (blob, "é" * (1 << 19), (blob, np.arange(BIG)), [blob, 1, "x"]):
+        out = s.call(echo, obj)
+        if isinstance(obj, tuple):
+            assert out[0] == blob and np.array_equal(out[1], obj[1])
+        else:
+            assert out == obj
+    assert all(n < 4096 for n in replies.take()), "every result came through the file"
+    assert s.call(lambda b: len(b), blob) == len(blob)
+    with pytest.raises(ValueError, match="1048576"):
+        s.call(lambda b: (_ for _ in ()).throw(ValueError(len(b))), blob)
+    s.close()
+
+
+def test_a_client_that_does_not_say_it_reads_pickles_from_files_gets_them_inline(daemon: Daemon) -> None:
+    """An older client never flags PICKLE_IN_FILE: its results' pickle streams stay in the frame,
+    only their buffers use the file, as before the flag existed."""
+    s = daemon.session()
+    s.call(echo, np.ones(BIG))
+    conn = s._connection()
+    assert conn.file_pickle, "this daemon announced FILE_PICKLE in its PASS_FDS answer"
+    conn.file_pickle = False
+    replies = ReplySizes(s)
+    blob, arr = os.urandom(1 << 20), np.random.rand(BIG)
+    out = s.call(echo, (blob, arr))
+    assert out[0] == blob and np.array_equal(out[1], arr)
+    (size,) = replies.take()
+    assert len(blob) < size < len(blob) + 4096, "the pickle inline, the array in the file"
+    s.close()
+
+
+def test_a_daemon_that_announces_no_features_gets_no_pickle_in_files() -> None:
+    from cruised import client
+
+    conn = client._Connection.__new__(client._Connection)
+    conn.pass_fds, conn.file_pickle = None, False
+    conn._pass_fds_lock = threading.Lock()
+    sent: list[Any] = []
+    conn.send = lambda requests, callback=None, result_file=False: sent.append(callback)  # type: ignore[method-assign]
+    for payload, expect in ((b"", False), (frames.FEATURES.pack(0), False), (frames.FEATURES.pack(frames.FILE_PICKLE), True)):
+        conn.pass_fds, sent[:] = None, []
+        assert conn._may_pass_fds() is False  # the first large call goes inline while asking
+        slot = client._Pending()
+        slot.resolve(Status.OK, bytearray(frames.frame(Kind.REPLY, 1, payload)))
+        sent[0](slot)
+        assert conn.pass_fds is True and conn.file_pickle is expect
 
 
 def test_shared_files_are_released_on_every_kind_of_answer(start_daemon: Callable[..., Daemon]) -> None:
