@@ -145,14 +145,17 @@ class _Connection:
 
     # -- sending -----------------------------------------------------------------
 
-    def send(self, requests: list[tuple[int, list[Any]]], callback: Callable[[_Pending], None] | None = None) -> list[_Pending]:
+    def send(
+        self, requests: list[tuple[int, list[Any]]], callback: Callable[[_Pending], None] | None = None, result_file: bool = False
+    ) -> list[_Pending]:
         """Register a pending slot per (kind, payload parts) request and send them all in one sendmsg.
 
         A CALL whose arguments are large (out-of-band buffers, or a pickle
         stream) puts them in a shared file (pool/sharedfile.py) passed with the
-        frame. ``callback`` is attached to
-        the last slot before anything is sent, so it can never miss a reply
-        that another thread reads first.
+        frame; with ``result_file`` every CALL gets a file, for a result
+        expected to be large. ``callback`` is attached to the last slot before
+        anything is sent, so it can never miss a reply that another thread
+        reads first.
         """
         if self.broken is not None:
             raise self.broken
@@ -170,14 +173,14 @@ class _Connection:
             # the cheap tests first: a small call passes them all in a few nanoseconds
             if (
                 kind == Kind.CALL
-                and (len(parts) > 3 or len(parts[2]) >= sharedfile.SHARE_MIN)
-                and bundle.shareable(parts[1:], with_pickle=True)
+                and (result_file or len(parts) > 3 or len(parts[2]) >= sharedfile.SHARE_MIN)
+                and (result_file or bundle.shareable(parts[1:], with_pickle=True))
                 and self._may_pass_fds()
             ):
                 shared = self.files.take()
                 bundled = parts[1:]
                 shared_parts = bundle.share(bundled, shared, grow=sharedfile.FilePool.GROW, with_pickle=self.file_pickle)
-                if shared_parts is not bundled:
+                if shared_parts is not bundled or result_file:
                     parts = [parts[0], *shared_parts]
                     slot.shared = shared
                     status = frames.CARRIES_FD | (frames.PICKLE_IN_FILE if self.file_pickle else 0)
@@ -459,12 +462,19 @@ def decode_result(status: int, frame: bytearray) -> Any:
 
 
 class _Shipped:
-    __slots__ = ("key", "blob", "name", "captured", "heads")
+    __slots__ = ("key", "blob", "name", "captured", "heads", "big_results")
 
     def __init__(self, key: bytes, blob: bytes, name: str, captured: list[shipping.Capture]) -> None:
         self.key, self.blob, self.name, self.captured = key, blob, name, captured
         #: CALL heads already built, by (pool, timeout_ms): the same bytes every call
         self.heads: dict[tuple[str, int], bytes] = {}
+        #: its last result was large: its calls take a shared file for the next one (a query
+        #: returning a table), so that result does not pass through the daemon
+        self.big_results = False
+
+    def saw_result(self, frame: bytearray, shared: sharedfile.Mapped | None) -> None:
+        """Learn from an OK reply whether this function's results are large (``big_results``)."""
+        self.big_results = len(frame) >= sharedfile.SHARE_MIN or (shared is not None and bundle.in_file(frame, frames.HEADER_SIZE))
 
     def call_head(self, pool: str, timeout_ms: int) -> bytes:
         head = self.heads.get((pool, timeout_ms))
@@ -655,7 +665,7 @@ class Session:
         head = shipped.call_head(self.pool, timeout_ms)
         for args, kwargs in calls:
             requests.append((Kind.CALL, [head, *bundle.pack((args, kwargs))]))
-        slots = conn.send(requests, callback)
+        slots = conn.send(requests, callback, shipped.big_results)
         if register:
             conn.registered[reg_key] = slots[0]
             return slots[1:]
@@ -680,6 +690,7 @@ class Session:
             if not retried:
                 return False, None
         if slot.status == Status.OK:
+            shipped.saw_result(slot.frame, slot.shared)
             try:
                 return True, _Value(bundle.unpack(slot.frame, frames.HEADER_SIZE, slot.shared))
             except Exception as exc:  # a result this process cannot unpickle

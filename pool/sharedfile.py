@@ -19,7 +19,10 @@ What else takes a file:
   worker puts its result's stream there only for a CALL flagged
   ``PICKLE_IN_FILE``, so an older client never gets one it cannot read. A
   stream is read in place (``Mapped.view``): ``pickle.loads`` copies what it
-  keeps.
+  keeps;
+* a call with small arguments whose function returned a large result last
+  time (the client learns it per function, daemon/client.py ``_Shipped``):
+  a query that returns a table. Its file starts empty and the worker grows it.
 
 Both sides copy through a ``MAP_SHARED`` mapping of the file (``Mapped``):
 measured between two processes on the reference VM, four 1 MB copies took
@@ -83,8 +86,10 @@ SCM_MAX_FD: Final = 253
 ANCBUF: Final = socket.CMSG_SPACE(SCM_MAX_FD * 4)
 #: a kept file holds its memory, so what stays idle is bounded. A client connection keeps at
 #: most POOL_IDLE files for reuse, none over KEEP_FILE_BYTES and KEEP_TOTAL_BYTES in all; a
-#: worker keeps the mappings of at most MappingCache.KEEP files within the same bounds.
-POOL_IDLE: Final = 8
+#: worker keeps the mappings of at most MappingCache.KEEP files within the same bounds. The
+#: counts cover a pipelined map's window (32): with 8 files and 4 mappings, a map of calls
+#: returning 1 MB made a new memfd and mapping per call and ran 25-35% slower.
+POOL_IDLE: Final = 32
 KEEP_FILE_BYTES: Final = 16 << 20
 KEEP_TOTAL_BYTES: Final = 64 << 20
 #: map the whole file at once (page tables filled in one call, not a fault per 4 KiB)
@@ -301,7 +306,7 @@ class MappingCache:
     larger ones are mapped for their call only.
     """
 
-    KEEP = 4
+    KEEP = 16
 
     def __init__(self) -> None:
         self._maps: OrderedDict[tuple[int, int], Mapped] = OrderedDict()

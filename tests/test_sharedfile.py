@@ -381,6 +381,38 @@ class ReplySizes:
         return out
 
 
+def test_a_function_with_large_results_gets_a_file_for_them(daemon: Daemon) -> None:
+    """A query returning a table has small arguments: its first large result comes inline, and
+    from then on its calls carry a file, so the result does not pass through the daemon. A
+    function whose results turn small stops taking files."""
+    s = daemon.session()
+    sup = daemon.proc.pid  # type: ignore[union-attr]
+    s.call(echo, np.ones(BIG))  # the connection asks PASS_FDS once
+    s.call(echo, np.ones(BIG))
+    replies = ReplySizes(s)
+
+    def table(n: int) -> Any:
+        import numpy as np
+
+        return {"price": np.arange(n, dtype=float), "sym": "s" * n}
+
+    shipped = s._ship(table)
+    for i in range(4):
+        out = s.call(table, BIG)
+        np.testing.assert_array_equal(out["price"], np.arange(BIG, dtype=float))
+        assert out["sym"] == "s" * BIG
+    sizes = replies.take()
+    assert sizes[0] > 2 * BIG and all(n < 4096 for n in sizes[1:]), sizes
+    assert shipped.big_results
+    results = list(s.map(table, [BIG] * 20, window=8))
+    assert all(r["sym"] == "s" * BIG for r in results) and all(n < 4096 for n in replies.take())
+    assert s.call(table, 3)["sym"] == "sss"
+    assert not shipped.big_results, "small results: the next calls go without a file"
+    assert s.call(table, 3)["sym"] == "sss"
+    wait_for(lambda: memfds(sup) == 0, what="the supervisor holding no shared file")
+    s.close()
+
+
 def test_large_in_band_values_travel_in_the_file_both_ways(daemon: Daemon) -> None:
     s = daemon.session()
     s.call(echo, np.ones(BIG))  # PASS_FDS answered: files from the next call on
