@@ -59,10 +59,17 @@ PYTHON = f"{sys.version_info[0]}.{sys.version_info[1]}"
 RECV_SIZE = 256 << 10
 #: replies up to this size are joined and sent as one buffer; larger ones go out as a scatter list
 SMALL_REPLY = 64 << 10
-#: after this many payload bytes since the last trim, an idle worker trims its heap (pool/heap.py)
+#: payloads this large get heap blocks of their own (glibc's default mmap threshold), and count
+#: towards a trim; smaller frames live in the channel's reused buffer
+LARGE_PAYLOAD = 128 << 10
+#: after this many large-payload bytes since the last trim, the worker trims its heap (pool/heap.py)
+#: once it is idle
 TRIM_AFTER_BYTES = 4 << 20
 #: seconds without a frame that count as idle for that
 IDLE_TRIM_AFTER = 1.0
+#: waits that a frame interrupted before it trims anyway: a steady stream of calls after a burst
+#: of large ones must neither keep that heap forever nor pay a select() per call for long
+TRIM_BUSY_WAITS = 64
 
 
 @dataclass
@@ -125,8 +132,10 @@ class Channel:
         #: where the supervisor sends each flagged CALL's shared file, in CALL order (see _claim_fd)
         self.fd_sock = fd_sock
         self.limit = limit
-        #: payload bytes moved since the heap was last trimmed (Worker.serve)
+        #: large-payload bytes moved since the heap was last trimmed (Worker.serve)
         self.churn = 0
+        #: waits for an idle moment that a frame cut short since then
+        self.busy_waits = 0
         sockopt.size_buffers(sock)
         self._buf = bytearray(RECV_SIZE)
         self._view = memoryview(self._buf)
@@ -183,7 +192,8 @@ class Channel:
         buf = self._read()
         if buf is None:
             return None
-        self.churn += len(buf)
+        if len(buf) >= LARGE_PAYLOAD:
+            self.churn += len(buf)
         return self._claim_fd(buf)
 
     def _read(self) -> bytearray | None:
@@ -239,7 +249,8 @@ class Channel:
     def reply(self, reqid: int, status: int, parts: list[bytes | memoryview]) -> None:
         self._only_the_worker()  # every write path checks: reply has a fast path of its own
         size = bundle.packed_size(parts)
-        self.churn += size
+        if size >= LARGE_PAYLOAD:
+            self.churn += size
         head = frames.header(Kind.REPLY, reqid, size, status)
         if size <= SMALL_REPLY:
             # one contiguous buffer and plain send(): cheaper than building a scatter list
@@ -430,12 +441,17 @@ class Worker:
         Large buffers come from the heap (pool/heap.py), whose freed pages glibc
         keeps for the next call. A worker that stays busy reuses them; one that
         goes idle returns them, so an idle pool does not hold its last burst.
-        Meanwhile a q connection is not watched: a drop is noticed up to a second later.
+        A worker that never idles for that long trims after ``TRIM_BUSY_WAITS``
+        calls. Meanwhile a q connection is not watched: a drop is noticed up to
+        a second later.
         """
-        ready, _, _ = select.select([self.channel.sock], [], [], IDLE_TRIM_AFTER)
-        if not ready:
-            heap.trim()
-            self.channel.churn = 0
+        ch = self.channel
+        ready, _, _ = select.select([ch.sock], [], [], IDLE_TRIM_AFTER)
+        if ready and ch.busy_waits < TRIM_BUSY_WAITS:
+            ch.busy_waits += 1
+            return
+        heap.trim()
+        ch.churn = ch.busy_waits = 0
 
 
 def _raiser(exc: BaseException) -> Callable[..., Any]:

@@ -163,3 +163,28 @@ def test_an_idle_worker_hands_back_the_heap_of_its_last_large_calls(start_daemon
         assert grown > base + (40 << 10), (base, grown)  # the freed buffers are still held...
         wait_for(lambda: _rss_kib(pid) < base + (12 << 10), timeout=15, what=f"worker RSS back near {base} KiB (was {grown})")
         assert s.call(lambda b: len(b), blob) == len(blob)  # ...and it still serves large calls after
+
+
+def test_a_worker_that_never_idles_still_trims_after_a_bounded_number_of_calls(monkeypatch: pytest.MonkeyPatch) -> None:
+    """While a trim is due the worker waits for each frame with a timeout (a select() per call),
+    so a steady stream of calls cannot keep it due for ever: after TRIM_BUSY_WAITS it trims."""
+    import socket
+
+    from cruised.pool import heap, worker
+
+    trims: list[int] = []
+    monkeypatch.setattr(heap, "trim", lambda: trims.append(1))
+    a, b = socket.socketpair()
+    try:
+        w = worker.Worker.__new__(worker.Worker)  # only its channel is used
+        w.channel = worker.Channel(b, 1 << 20)
+        w.channel.churn = worker.TRIM_AFTER_BYTES
+        a.send(b"x")  # a frame is always waiting: the worker is never idle
+        for _ in range(worker.TRIM_BUSY_WAITS):
+            w._trim_when_idle()
+        assert trims == [] and w.channel.busy_waits == worker.TRIM_BUSY_WAITS
+        w._trim_when_idle()
+        assert trims == [1] and w.channel.churn == 0 and w.channel.busy_waits == 0
+    finally:
+        a.close()
+        b.close()
