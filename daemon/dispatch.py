@@ -14,7 +14,7 @@ Request states::
                                                               \--> worker died: WorkerCrashed
 
 Invariants:
-* every accepted job is answered exactly once (``Job.answer`` is idempotent);
+* every accepted job is answered exactly once (``Job.settle`` is idempotent);
 * a job that timed out in the queue, or whose client left, never runs;
 * a job is never re-run (at-most-once): a crash answers it, it does not
   requeue it;
@@ -195,8 +195,23 @@ class Job:
     cancelled: bool = False  # client went away: do not run, do not reply
     exec_limit: float = 0.0  # the execution timeout in force once it started (0 = not started)
     #: the call's shared file (pool/sharedfile.py), sent with the frame to whichever worker runs it;
-    #: closed when the job is answered, or when it is dropped
+    #: closed by ``settle``, or when the job is dropped
     shared: Any = None
+
+    def settle(self) -> bool:
+        """Mark the job answered; True the first time only, when its answer is to be sent.
+
+        Its shared file is closed here, the one place every answer passes: no worker
+        will be sent the job again (a held job requeued after its worker died is not
+        answered yet, so it is resent with its file).
+        """
+        if self.answered:
+            return False
+        self.answered = True
+        if self.shared is not None:
+            self.shared.close()
+            self.shared = None
+        return True
 
 
 @dataclass(eq=False)
@@ -283,7 +298,7 @@ class Dispatcher:
             return
         if job.key is not None and job.key not in self.code:
             # the daemon restarted or evicted it: the client registers again and retries
-            job.answered = True
+            job.settle()
             job.sink.refuse(job, Status.UNKNOWN_FUNCTION, "function not registered with this daemon")
             return
         if self.idle and not self.queue:
@@ -313,7 +328,8 @@ class Dispatcher:
             kept = deque(j for j in self.queue if j.client is not client)
             for j in self.queue:
                 if j.client is client:
-                    j.cancelled = j.answered = True
+                    j.cancelled = True
+                    j.settle()
             self.queue = kept
         for w in self.workers.values():
             if w.job is not None and w.job.client is client:
@@ -334,7 +350,7 @@ class Dispatcher:
             return []
         code = self.code.get(job.key)
         if code is None:
-            job.answered = True
+            job.settle()
             job.sink.refuse(job, Status.UNKNOWN_FUNCTION, "function not registered with this daemon")
             return None
         worker.known[job.key] = None
@@ -440,8 +456,7 @@ class Dispatcher:
                 self.exec_avg += EWMA_WEIGHT * (now - job.started - self.exec_avg)
             if status == Status.UNKNOWN_FUNCTION and job.key is not None:
                 worker.known.pop(job.key, None)
-            if not job.answered:
-                job.answered = True
+            if job.settle():
                 outcome = _OUTCOMES.get(status, "error")
                 self._observe(job, outcome)
                 if not job.cancelled:
@@ -568,9 +583,8 @@ class Dispatcher:
         self._queue_timer = self.clock.call_at(at, self._expire_queue)
 
     def _finish(self, job: Job, status: int, message: str, outcome: str) -> None:
-        if job.answered:
+        if not job.settle():
             return
-        job.answered = True
         self._observe(job, outcome)
         if not job.cancelled:
             job.sink.refuse(job, status, message)
@@ -684,6 +698,8 @@ class Dispatcher:
             for j in worker.held:
                 j.held = False
                 j.worker = None
+                if j.cancelled:
+                    j.settle()  # its client left: nobody is answered, but its file is released
             worker.held.clear()
             if self._aborted is not None:  # shutting down: the queue was already answered
                 for j in requeue:

@@ -279,13 +279,9 @@ class ClientConnection:
     def forward(self, job: Job, buf: bytearray, status: int) -> None:
         frames.set_reqid(buf, job.client_reqid)
         self.channel.write([buf])
-        if job.shared is not None:
-            job.shared.close()  # the call is over: no worker will be sent it again
 
     def refuse(self, job: Job, status: int, message: str) -> None:
         self._refuse(job.client_reqid, status, message)
-        if job.shared is not None:
-            job.shared.close()
 
     def _refuse(self, reqid: int, status: int, message: str) -> None:
         self.channel.write([frames.frame(Kind.REPLY, reqid, json.dumps({"message": message}).encode(), status)])

@@ -373,12 +373,17 @@ def test_a_requeued_held_job_is_sent_again_with_its_shared_file() -> None:
         assert all(fd == j.shared.fd for j in jobs for _, fd, ids in sent if j.id in ids), "each CALL goes with its own file"
         held = next(j for j in jobs if j.held)
         w = held.worker
-        assert w is not None
+        assert w is not None and w.job is not None
+        running, running_fd = w.job, w.job.shared.fd
         d.on_worker_exit(w, -9)
         assert held in d.queue and held.shared.fd >= 0, "requeued, its file still open"
+        assert running.answered and running.shared is None, "answered (crashed): its file released at once"
+        with pytest.raises(OSError):
+            os.fstat(running_fd)
         ready_all(d)  # the replacement worker takes the queue
         again = [(wk, fd) for wk, fd, ids in sent if held.id in ids]
         assert len(again) == 2 and again[1][0] is not w and again[1][1] == held.shared.fd
     finally:
         for j in jobs:
-            j.shared.close()
+            if j.shared is not None:
+                j.shared.close()
