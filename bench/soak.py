@@ -144,8 +144,10 @@ def main() -> int:
 
 
 class SharedFileClient(threading.Thread):
-    """Calls with a 1 MB argument and result (shared files) through the soak's mix: each answer
-    must be the right value or the error its mode asks for."""
+    """Calls that use shared files through the soak's mix: a 1 MB array argument and result, a
+    1 MB ``bytes`` one (its pickle stream in the file), and a small query returning 1.5 MB (a
+    file for the result only, once the client learned it). Each answer must be the right value
+    or the error its mode asks for."""
 
     def __init__(self, d: Daemon) -> None:
         super().__init__(name="shared-file-client", daemon=True)
@@ -161,11 +163,14 @@ class SharedFileClient(threading.Thread):
 
         s = self.d.session()
         arr = np.arange(1 << 17, dtype=np.float64)
+        blob = bytes(range(256)) * 4096
         rng = random.Random(3)
 
         def act(a: object, mode: str, k: int) -> object:
             import os as _os
             import time as _t
+
+            import numpy as _np
 
             if mode == "raise":
                 raise ValueError(k)
@@ -173,14 +178,26 @@ class SharedFileClient(threading.Thread):
                 _os._exit(3)
             if mode == "hang":
                 _t.sleep(5)
+            if isinstance(a, int):  # a small query returning a table
+                return _np.full(1 << 17, float(a * k)), bytes([k % 256]) * (1 << 19)
+            if isinstance(a, bytes):
+                return a[::-1] + bytes([k % 256])
             return a[::-1] * k  # type: ignore[index]
+
+        def right(a: object, k: int, out: object) -> bool:
+            if isinstance(a, int):
+                return np.array_equal(out[0], np.full(1 << 17, float(a * k))) and out[1] == bytes([k % 256]) * (1 << 19)  # type: ignore[index]
+            if isinstance(a, bytes):
+                return out == a[::-1] + bytes([k % 256])
+            return np.array_equal(out, arr[::-1] * k)
 
         while not self.stop.is_set():
             mode = rng.choice(["ok"] * 12 + ["raise", "crash", "hang"])
             k = rng.randrange(1, 1000)
+            a = rng.choice([arr, blob, 7])
             try:
-                out = s.call(act, arr, mode, k)
-                got = "ok" if mode == "ok" and np.array_equal(out, arr[::-1] * k) else f"wrong result for {mode}"
+                out = s.call(act, a, mode, k)
+                got = "ok" if mode == "ok" and right(a, k, out) else f"wrong result for {mode}"
             except ValueError as exc:
                 got = "raise" if mode == "raise" and exc.args == (k,) else f"wrong error for {mode}: {exc!r}"
             except (cruised.WorkerCrashed, cruised.ExecutionTimeout, cruised.QueueFull, cruised.QueueTimeout) as exc:
