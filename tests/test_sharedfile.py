@@ -111,6 +111,7 @@ def test_a_large_pickle_stream_goes_to_the_file_only_when_asked() -> None:
         reader = sharedfile.Mapped(os.dup(writer.fd))
         small = bundle.pack(((1, "x"), {}))
         assert not bundle.shareable(small, with_pickle=True) and not bundle.in_file(flat(small))
+        assert not bundle.in_file(b"") and not bundle.in_file(b"\x05\x00\x01"), "truncated: no claim, unpack says why"
         assert bundle.share(small, writer, with_pickle=True) is small
         moved = bundle.share(bundle.pack(blob), writer, with_pickle=True)
         os.ftruncate(writer.fd, 100)  # the stream's file shrank: an error, never a fault
