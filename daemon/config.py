@@ -179,7 +179,7 @@ class PoolConfig:
     idle_timeout: Duration = doc("a worker above cruise idle this long retires", Duration(30))
     start_timeout: Duration = doc("a new worker must be ready (preload done) within this", Duration(60))
     max_requests: int = doc("recycle a worker after this many calls (0 = never)", 0)
-    max_rss: Size = doc("recycle a worker whose resident memory exceeds this after a call (0 = no limit)", Size(0))
+    max_rss: Size = doc("recycle a worker whose private resident memory (RssAnon: not mapped files) exceeds this after a call (0 = no limit)", Size(0))
     prefetch: int = doc(
         "calls a busy worker may hold behind its running one, saving a round trip per call under pipelined load; "
         "only while the pool is at max and its calls average under 2 ms (0 = never)",

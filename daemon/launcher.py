@@ -31,7 +31,7 @@ import subprocess
 import sys
 from typing import Any
 
-from cruised.pool import frames, qconn, sharedfile
+from cruised.pool import frames, heap, qconn, sharedfile
 from cruised.pool.frames import Kind, Status
 
 from . import codeenv
@@ -283,6 +283,7 @@ class PoolLauncher:
             "init": self.pool.init,
             "max_message_bytes": self.daemon.max_message_bytes,
             "setup": bool(self.endpoints),
+            "max_rss": int(self.pool.max_rss),
             # private channel to our own child: the only place a literal q password travels
             "q": self.pool.q.worker_spec(self.pool.exec_timeout) if self.pool.q is not None else None,
         }
@@ -334,11 +335,13 @@ class PoolLauncher:
             link.channel.close_after_flush()
 
     def rss(self, worker: Worker) -> int | None:
+        """The worker's private resident memory (RssAnon: its heap and objects), what ``max_rss``
+        limits. Mapped files do not count: a call's shared file is the client's memory too, and
+        a worker keeps the last few mapped (pool/sharedfile.py)."""
         if worker.pid is None:
             return None
         try:
-            with open(f"/proc/{worker.pid}/statm", "rb") as fh:
-                return int(fh.read().split()[1]) * _PAGE
+            return heap.private_rss(worker.pid)
         except (OSError, ValueError, IndexError):
             return None
 

@@ -17,6 +17,7 @@ Without glibc (musl, or no ``libc.so.6``) both are no-ops.
 from __future__ import annotations
 
 import ctypes
+import mmap
 from typing import Any, Final
 
 #: glibc mallopt parameters
@@ -51,3 +52,11 @@ def trim() -> None:
     """Return freed heap pages to the kernel (well under a millisecond)."""
     if _LIBC is not None:
         _LIBC.malloc_trim(0)
+
+
+def private_rss(pid: int | str = "self") -> int:
+    """Bytes of a process's private resident memory (``RssAnon``): statm's resident pages less its
+    shared ones (mapped files and shmem, such as a call's shared file)."""
+    with open(f"/proc/{pid}/statm", "rb") as fh:
+        fields = fh.read().split()
+    return (int(fields[1]) - int(fields[2])) * mmap.PAGESIZE

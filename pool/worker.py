@@ -82,6 +82,9 @@ class WorkerSpec:
     #: a SETUP frame (this worker's endpoints) comes first on the channel
     setup: bool = False
     q: dict[str, Any] | None = None  # QConfig.worker_spec(): the pool's kdb+ connection, if any
+    #: the pool's max_rss (0: none). With a limit the worker leaves glibc's heap defaults alone:
+    #: warm free pages (pool/heap.py) would count against it right after a large call
+    max_rss: int = 0
 
     @classmethod
     def from_json(cls, raw: dict[str, Any]) -> "WorkerSpec":
@@ -463,7 +466,10 @@ def _raiser(exc: BaseException) -> Callable[..., Any]:
 
 def run(spec: WorkerSpec, sock: socket.socket, fd_sock: socket.socket | None = None) -> int:
     """Preload, say READY, serve. Returns the process exit code."""
-    heap.keep_large_buffers_warm()
+    if not spec.max_rss:
+        # with a limit, freed large buffers must leave at once: the supervisor reads the
+        # worker's memory right after each reply, before an idle trim could run
+        heap.keep_large_buffers_warm()
     channel = Channel(sock, spec.max_message_bytes + frames.ENVELOPE_SLACK, fd_sock)
     worker = Worker(spec, channel)
     setup: dict[str, Any] = {}

@@ -83,6 +83,32 @@ def test_memory_hog_is_recycled_by_max_rss(start_daemon) -> None:
     assert s.call(os.getpid) != first
 
 
+def test_with_max_rss_a_worker_keeps_no_warm_heap_between_calls(start_daemon) -> None:
+    """Without a limit, a worker keeps freed large buffers warm for its next call (pool/heap.py).
+    max_rss is checked right after every call, so with a limit freed buffers leave at once:
+    otherwise a small call after a large one could get the worker recycled for memory it
+    no longer uses."""
+    from cruised.pool import heap
+
+    blob = os.urandom(24 << 20)
+
+    def private_after_large_calls(d) -> tuple[int, int, int]:
+        with d.session() as s:
+            pid = s.call(os.getpid)
+            base = heap.private_rss(pid)
+            for _ in range(3):  # inline first, then through shared files
+                assert s.call(lambda b: b[::-1], blob) == blob[::-1]
+            assert s.call(os.getpid) == pid
+            return pid, base, heap.private_rss(pid)
+
+    _, base, warm = private_after_large_calls(start_daemon({"pools": {"default": pool_config(cruise=1, max=1)}}))
+    assert warm > base + (40 << 20), "without a limit the freed buffers stay warm"
+    d = start_daemon({"pools": {"default": pool_config(cruise=1, max=1, max_rss=base + (400 << 20))}})
+    _, base, after = private_after_large_calls(d)
+    assert after < base + (20 << 20), (base, after)
+    assert not d.status()["pools"]["default"]["exits"].get("recycled")
+
+
 def test_a_pickle_that_kills_the_worker_at_load_never_touches_the_supervisor(daemon: Daemon) -> None:
     class Bomb:
         def __reduce__(self):
