@@ -43,7 +43,7 @@ def test_trivial_and_payload_rows(tmp_path: Path) -> None:
         assert "error" not in row, row
         assert row["latency"]["p50_us"] > 0
         assert row["throughput"]["calls_per_s"] > 0
-        assert set(row["payloads"]) == {"1KB bytes", "1MB ndarray", "64MB ndarray", "100k-row DataFrame"}
+        assert set(row["payloads"]) == {"1KB bytes", "1MB ndarray", "1MB bytes", "64MB ndarray", "100k-row DataFrame"}
         assert all(v["p50_us"] > 0 for v in row["payloads"].values())
     assert res["systems"]["cruised"]["multi8"]["n"] > 0
     for png in ("latency_cdf.png", "throughput.png", "payloads.png"):
