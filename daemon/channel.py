@@ -171,26 +171,33 @@ class Channel:
 
     def _read(self) -> bool:
         """One ``recv`` and the frames it completes; False when nothing was there (or the end)."""
-        try:
-            if self._big is not None:
-                return self._read_big()
-            if self._end == len(self._buf):
-                self._compact()
-            n = self._recvmsg(self._view[self._end :]) if self.accept_fds else self.sock.recv_into(self._view[self._end :])
-        except (BlockingIOError, InterruptedError):
-            return False
-        except frames.FrameError as exc:
-            self._frame_error(exc)
-            return False
-        except OSError as exc:
-            self.close(exc)
-            return False
-        if n == 0:
-            self.close(None)
+        if self._big is not None:
+            return self._read_big()
+        if self._end == len(self._buf):
+            self._compact()
+        n = self._recv(self._view[self._end :])
+        if not n:
             return False
         self._end += n
         self._parse()
         return True
+
+    def _recv(self, view: memoryview) -> int:
+        """Bytes received into ``view``; 0 if none were waiting, or the channel closed (at its end,
+        on an error, or on a descriptor that breaks the framing)."""
+        try:
+            n = self._recvmsg(view) if self.accept_fds else self.sock.recv_into(view)
+        except (BlockingIOError, InterruptedError):
+            return 0
+        except frames.FrameError as exc:
+            self._frame_error(exc)
+            return 0
+        except OSError as exc:
+            self.close(exc)
+            return 0
+        if n == 0:
+            self.close(None)
+        return n
 
     def _recvmsg(self, view: memoryview) -> int:
         """recv_into that also keeps descriptors the peer passed (SCM_RIGHTS), in arrival order."""
@@ -273,19 +280,8 @@ class Channel:
     def _read_big(self) -> bool:
         big = self._big
         assert big is not None
-        try:
-            view = memoryview(big)[self._big_got :]
-            n = self._recvmsg(view) if self.accept_fds else self.sock.recv_into(view)
-        except (BlockingIOError, InterruptedError):
-            return False
-        except frames.FrameError as exc:
-            self._frame_error(exc)
-            return False
-        except OSError as exc:
-            self.close(exc)
-            return False
-        if n == 0:
-            self.close(None)
+        n = self._recv(memoryview(big)[self._big_got :])
+        if not n:
             return False
         self._big_got += n
         if self._big_got == len(big):

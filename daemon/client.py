@@ -239,10 +239,7 @@ class _Connection:
                     if not slot.done:
                         self._read_batch()
                 finally:
-                    self.read_lock.release()
-                    if self.waiters:
-                        with self.cond:
-                            self.cond.notify_all()
+                    self._hand_over_reading()
             else:
                 with self.cond:
                     self.waiters += 1
@@ -264,10 +261,14 @@ class _Connection:
                     if self.async_outstanding and self.broken is None:
                         self._read_batch()
                 finally:
-                    self.read_lock.release()
-                    if self.waiters:
-                        with self.cond:
-                            self.cond.notify_all()
+                    self._hand_over_reading()
+
+    def _hand_over_reading(self) -> None:
+        """Release the reader's lock and wake the threads waiting for it: one of them reads next."""
+        self.read_lock.release()
+        if self.waiters:
+            with self.cond:
+                self.cond.notify_all()
 
     def track_async(self) -> Callable[[], None]:
         """Count one future handed to the user; returns the callback that uncounts it."""
