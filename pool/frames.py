@@ -180,7 +180,6 @@ CARRIES_FD: Final = 0x8000
 #: in a CALL's ``status``: the client reads a result's pickle stream from the shared file, when
 #: the worker puts it there (it is large); set only after PASS_FDS announced ``FILE_PICKLE``
 PICKLE_IN_FILE: Final = 0x4000
-STATUS = struct.Struct("<H")
 #: the PASS_FDS answer's payload: a u32 of feature bits (an empty payload: none)
 FEATURES = struct.Struct("<I")
 #: feature: pickle streams may travel in the shared file, both ways

@@ -8,7 +8,9 @@ copy into warm memory (perf stat: 544 faults and ~1 ms of supervisor CPU per
 1 MB round trip). ``keep_large_buffers_warm`` serves them from the heap
 instead, whose freed pages are reused; ``trim`` hands freed pages back to the
 kernel, which the owner does when idle (the supervisor every 30 s, a worker
-after a second without calls), so memory stays bounded. Blocks above 32 MiB
+after a second without calls), so memory stays bounded. Workers in a pool
+with ``max_rss`` keep glibc's defaults: that limit is checked right after
+each call, when warm pages would still count. Blocks above 32 MiB
 are mmapped as before.
 
 Without glibc (musl, or no ``libc.so.6``) both are no-ops.

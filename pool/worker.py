@@ -283,6 +283,9 @@ class Worker:
     def __init__(self, spec: WorkerSpec, channel: Channel) -> None:
         self.spec = spec
         self.channel = channel
+        #: large-payload bytes after which an idle moment trims the heap; never when the heap is
+        #: left at glibc's defaults (a pool with max_rss, see run()), which keep nothing warm
+        self.trim_after = float("inf") if spec.max_rss else TRIM_AFTER_BYTES
         self.base: dict[str, Any] = {}
         self.functions: OrderedDict[bytes, Callable[..., Any]] = OrderedDict()
         self.endpoints: dict[str, endpoint_mod.Endpoint] = {}
@@ -344,16 +347,19 @@ class Worker:
             shared = self.mappings.open(fd)
         except (OSError, ValueError):  # not mappable: reading it raises the reason, as the call's error
             shared = sharedfile.Mapped(fd, owns_fd=False)
+        # the status's high byte read directly, as _claim_fd does: only a call with a file needs it
+        pickle_in_file = bool(buf[frames.STATUS_OFFSET + 1] & (frames.PICKLE_IN_FILE >> 8))
         try:
-            self._call(reqid, buf, shared)
+            self._call(reqid, buf, shared, pickle_in_file)
         finally:
             self.channel.churn += shared.size  # what was copied out of and into it
             self.mappings.done(shared)
             os.close(fd)
 
-    def _call(self, reqid: int, buf: bytearray, shared: sharedfile.Mapped | None) -> None:
+    def _call(self, reqid: int, buf: bytearray, shared: sharedfile.Mapped | None, pickle_in_file: bool = False) -> None:
+        """Run a CALL; a large result goes back through ``shared``, its pickle stream too if
+        ``pickle_in_file`` (the client said it reads one from there)."""
         _, _, key, off = frames.parse_call(buf)
-        buf_status = frames.STATUS.unpack_from(buf, frames.STATUS_OFFSET)[0]
         fn = self.functions.get(key)
         if fn is None:
             self.channel.reply(reqid, Status.UNKNOWN_FUNCTION, [b'{"message": "function not defined in worker"}'])
@@ -367,11 +373,8 @@ class Worker:
             # write a result into the caller's shared file (reply() would stop it only later)
             self.channel._only_the_worker()
             parts = bundle.pack(result)
-            if shared is not None:  # the result's large buffers go back through the file
-                # and its pickle stream too, if the client said it reads one from there
-                with_pickle = bool(buf_status & frames.PICKLE_IN_FILE)
-                if bundle.shareable(parts, with_pickle):
-                    parts = bundle.share(parts, shared, self.spec.max_message_bytes, with_pickle=with_pickle)
+            if shared is not None and bundle.shareable(parts, pickle_in_file):  # large results go back through the file
+                parts = bundle.share(parts, shared, self.spec.max_message_bytes, with_pickle=pickle_in_file)
         except BaseException as exc:  # noqa: BLE001 - every failure of user code goes back to its caller
             if isinstance(exc, (KeyboardInterrupt,)):
                 raise
@@ -396,7 +399,7 @@ class Worker:
         ch = self.channel
         held_reqid, held_until = 0, 0  # the call the last HELD frame announced, and its deadline
         while True:
-            if ch.churn >= TRIM_AFTER_BYTES and not ch.buffered():
+            if ch.churn >= self.trim_after and not ch.buffered():
                 self._trim_when_idle()
             if self.q is not None and not ch.buffered():
                 # only when no frame already sits in our receive buffer: idle() waits for the
