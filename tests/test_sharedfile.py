@@ -525,6 +525,27 @@ def _flagged_call(key: bytes, reqid: int, obj: Any = ((np.ones(10),), {}), pool:
     return frames.frame(Kind.CALL, reqid, frames.call_head(pool, 0, key) + bytes(body), frames.CARRIES_FD)
 
 
+def test_a_bundle_claiming_a_stream_in_a_file_it_lacks_fails_only_its_call(daemon: Daemon) -> None:
+    """A CALL without a file whose bundle says its pickle stream is in one: that call gets the
+    reason as its error, and the connection and the worker go on."""
+    sock = raw_connect(daemon.socket)
+    try:
+        key = _register(sock, echo)
+        import struct
+
+        body = flat(bundle.pack(((1,), {})))
+        n, ln = struct.unpack_from("<HQ", body)
+        struct.pack_into("<HQ", body, 0, n, ln | sharedfile.IN_FILE)  # claims the stream is in a file
+        sock.sendall(frames.frame(Kind.CALL, 2, frames.call_head("default", 0, key) + bytes(body), frames.PICKLE_IN_FILE))
+        _, status, reqid, reply = read_frame(sock)
+        assert (status, reqid) == (Status.ERROR, 2) and b"none came with it" in reply
+        sock.sendall(frames.frame(Kind.CALL, 3, frames.call_head("default", 0, key) + bytes(flat(bundle.pack(((5,), {}))))))
+        _, status, reqid, reply = read_frame(sock)
+        assert (status, reqid) == (Status.OK, 3) and bundle.unpack(reply) == 5
+    finally:
+        sock.close()
+
+
 def test_hostile_descriptors_fail_only_their_request(start_daemon: Callable[..., Daemon]) -> None:
     d = start_daemon({"pools": {"default": pool_config()}, "daemon": {"max_message_bytes": "8MiB"}})
     sup = d.proc.pid  # type: ignore[union-attr]
