@@ -205,6 +205,26 @@ class _Connection:
             raise self.broken or exc from None
         return slots
 
+    def send_small(self, head: bytes, index: bytes, data: bytes, callback: Callable[[_Pending], None] | None = None) -> _Pending:
+        """``send`` for the commonest request: one CALL whose bundle (``index``, ``data``) is
+        small and has no out-of-band buffers, with no file for its result. The frame is one
+        joined buffer and one ``send``: what ``send`` would write, for fewer steps."""
+        if self.broken is not None:
+            raise self.broken
+        rid = next(self.ids)
+        slot = _Pending()
+        slot.callback = callback
+        self.pending[rid] = slot
+        frame = b"".join((frames.header(Kind.CALL, rid, len(head) + len(index) + len(data)), head, index, data))
+        self.last_used = time.monotonic()
+        try:
+            with self.send_lock:
+                self.sock.sendall(frame)
+        except OSError as exc:
+            self._fail(errors.DaemonUnavailable(f"connection to cruised at {self.path} lost while sending: {exc}"))
+            raise self.broken or exc from None
+        return slot
+
     def _may_pass_fds(self) -> bool:
         """Whether CALLs may carry shared files now.
 
@@ -664,6 +684,11 @@ class Session:
             meta = json.dumps({"python": shipping.PYTHON, "libraries": self._libraries, "name": shipped.name}).encode()
             requests.append((Kind.REGISTER, [frames.register_head(self.pool, shipped.key, meta), shipped.blob]))
         head = shipped.call_head(self.pool, timeout_ms)
+        if not register and len(calls) == 1 and not shipped.big_results:
+            parts = bundle.pack(calls[0])
+            if len(parts) == 2 and len(parts[1]) < sharedfile.SHARE_MIN:  # no buffers, a small stream: no file
+                return [conn.send_small(head, parts[0], parts[1], callback)]  # type: ignore[arg-type]
+            return conn.send([(Kind.CALL, [head, *parts])], callback)
         for args, kwargs in calls:
             requests.append((Kind.CALL, [head, *bundle.pack((args, kwargs))]))
         slots = conn.send(requests, callback, shipped.big_results)
@@ -705,6 +730,12 @@ class Session:
         retried = False
         while True:
             slot = conn.wait(self._send_call(conn, shipped, args, kwargs, retried))
+            if slot.status == Status.OK and slot.shared is None and slot.error is None:
+                # the commonest answer, read here: what _outcome would do with it, in fewer steps
+                frame = slot.frame
+                assert frame is not None
+                shipped.saw_result(frame, None)
+                return bundle.unpack(frame, frames.HEADER_SIZE)  # type: ignore[no-any-return]
             final, value = self._outcome(conn, shipped, slot, retried)
             if final:
                 if isinstance(value, _Value):
