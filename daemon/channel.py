@@ -54,13 +54,21 @@ except (ValueError, OSError):
 
 
 class WriteBatch:
-    """Channels with queued output, flushed once the current read callback is done."""
+    """Channels with queued output, flushed once the current read callback is done.
+
+    Except while the last whole frame a read brought is being handled (``eager``):
+    what that frame makes us write is sent at once. Nothing could join it any more
+    (no frame after it in this read), and a lone call's reply then reaches its
+    client before the dispatcher's bookkeeping for it, not after. Same sends, sooner.
+    """
 
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
         self.loop = loop
         self.dirty: list[Channel] = []
         self.depth = 0  # >0 while a read callback runs: it flushes on the way out
         self.scheduled = False
+        #: set by Channel._parse for the last whole frame of a read; cleared when the read is done
+        self.eager = False
 
     def mark(self, channel: "Channel") -> None:
         self.dirty.append(channel)
@@ -148,6 +156,7 @@ class Channel:
         try:
             self._read()
         finally:
+            batch.eager = False
             batch.depth -= 1
             if batch.depth == 0 and batch.dirty:
                 batch.flush()
@@ -161,10 +170,12 @@ class Channel:
         """
         batch = self._batch
         batch.depth += 1
+        eager = batch.eager  # a drain runs inside another channel's read
         try:
             while self._reading and not self.closed and self._read():
                 pass
         finally:
+            batch.eager = eager
             batch.depth -= 1
             if batch.depth == 0 and batch.dirty:
                 batch.flush()
@@ -253,6 +264,7 @@ class Channel:
             if self._end - start >= total:
                 buf = bytearray(view[start : start + total])
                 self._start = start + total
+                self._batch.eager = self._end - self._start < frames.HEADER_SIZE  # the read's last frame
                 if status & frames.CARRIES_FD and self.accept_fds:
                     self._deliver_with_fd(buf, kind, status, reqid)
                 else:  # the hot path: straight to the sink
@@ -287,6 +299,7 @@ class Channel:
         if self._big_got == len(big):
             self._big = None
             self.partial_since = None
+            self._batch.eager = True  # the buffer was emptied when the big frame began
             _, kind, status, reqid = frames.parse_header(big, self.limit)
             if status & frames.CARRIES_FD and self.accept_fds:
                 self._deliver_with_fd(big, kind, status, reqid)
@@ -328,26 +341,28 @@ class Channel:
                 out.append(p)
                 added += n
         self.out_bytes += added
-        if not self._flush_scheduled and not self._writing:
-            self._flush_scheduled = True
-            self._batch.mark(self)
+        if not self._writing:  # else the writer callback sends it, after what is already waiting
+            if self._batch.eager and not self._closing:
+                self._send_queued()  # see WriteBatch; what it could not send, or its error, is the flush's
+            if out and not self._flush_scheduled:
+                self._flush_scheduled = True
+                self._batch.mark(self)
         if self.out_bytes > HIGH_WATER and self._reading:
             self.pause_reading()
 
-    def _flush(self) -> None:
-        self._flush_scheduled = False
-        if self.closed:
-            return
+    def _send_queued(self) -> OSError | None:
+        """Send what the kernel takes of the queue now; the error that stopped it (a full socket
+        is none). Failures are handled by ``_flush`` only, so an eager send inside a sink's
+        callback never closes a channel under it: the batch's flush meets the error again."""
         out = self._out
         while out:
             try:
                 # one buffer (the usual forwarded frame): send() skips building an iovec list
                 sent = self.sock.send(out[0]) if len(out) == 1 else self.sock.sendmsg(out[:IOV_MAX])
             except (BlockingIOError, InterruptedError):
-                break
+                return None
             except OSError as exc:
-                self._write_failed(exc)
-                return
+                return exc
             self.out_bytes -= sent
             i = 0
             while i < len(out) and sent >= len(out[i]):
@@ -356,7 +371,18 @@ class Channel:
             del out[:i]
             if sent:
                 out[0] = memoryview(out[0])[sent:]  # a view: the rest is not copied
-                break  # the kernel is full
+                return None  # the kernel is full
+        return None
+
+    def _flush(self) -> None:
+        self._flush_scheduled = False
+        if self.closed:
+            return
+        exc = self._send_queued()
+        if exc is not None:
+            self._write_failed(exc)
+            return
+        out = self._out
         if out:
             if not self._writing:
                 self._writing = True
