@@ -457,10 +457,11 @@ class Dispatcher:
             if status == Status.UNKNOWN_FUNCTION and job.key is not None:
                 worker.known.pop(job.key, None)
             if job.settle():
-                outcome = _OUTCOMES.get(status, "error")
-                self._observe(job, outcome)
+                # the answer first: the native door sends it at once (channel.WriteBatch), and
+                # everything after it here overlaps with the client's wake-up
                 if not job.cancelled:
                     job.sink.forward(job, buf, status)
+                self._observe(job, _OUTCOMES.get(status, "error"))
             if self.config.max_rss and not worker.recycle_due and (self.launcher.rss(worker) or 0) > self.config.max_rss:
                 log.info("worker=%s pool=%s over max_rss (%d bytes); recycling it", worker.id, self.name, self.config.max_rss)
                 worker.recycle_due = True
