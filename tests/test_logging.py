@@ -124,7 +124,7 @@ def test_access_log_line() -> None:
     finally:
         logger.removeHandler(handler)
     first, second = (json.loads(line) for line in stream.getvalue().splitlines())
-    assert first["msg"] == "pool=p endpoint=svc/e outcome=rejected queue_ms=0.0 exec_ms=- peer=pid:11,uid:22,gid:33"
+    assert first["msg"] == "pool=p endpoint=svc/e outcome=rejected queue_ms=0.000 exec_ms=- peer=pid:11,uid:22,gid:33"
     assert first["exec_ms"] is None and first["peer"] == {"pid": 11, "uid": 22, "gid": 33}
     assert second["outcome"] == "ok" and second["queue_ms"] == 1.2 and second["exec_ms"] == 500.0
 
