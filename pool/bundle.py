@@ -144,7 +144,10 @@ def in_file(buf: bytes | bytearray | memoryview, offset: int = 0) -> bool:
 
 
 def packed_size(parts: list[bytes | memoryview]) -> int:
-    return sum(len(p) if isinstance(p, bytes) else p.nbytes for p in parts)
+    n = 0
+    for p in parts:  # a loop, not sum() over a generator: this runs for every frame sent
+        n += p.nbytes if type(p) is memoryview else len(p)
+    return n
 
 
 def unpack(buf: bytes | bytearray | memoryview, offset: int = 0, shared: sharedfile.Mapped | None = None) -> Any:

@@ -265,6 +265,18 @@ def parse_call(buf: bytes | bytearray | memoryview) -> tuple[str, int, bytes, in
     return pool, timeout_ms, key, off + CALL_FIXED.size
 
 
+def call_key(buf: bytes | bytearray | memoryview) -> tuple[bytes, int]:
+    """(key, offset of the args bundle) of a CALL frame: what a worker needs of ``parse_call``,
+    without decoding the pool's name."""
+    if len(buf) <= HEADER_SIZE:
+        raise FrameError("truncated name field")
+    off = HEADER_SIZE + 1 + buf[HEADER_SIZE] + _U32.size  # the name, then the timeout
+    end = off + KEY_SIZE
+    if end > len(buf):
+        raise FrameError("truncated call header")
+    return bytes(buf[off:end]), end
+
+
 def register_head(pool: str, key: bytes, meta_json: bytes) -> bytes:
     return pack_name(pool) + key + _U16.pack(len(meta_json)) + meta_json
 

@@ -72,6 +72,18 @@ IDLE_TRIM_AFTER = 1.0
 TRIM_BUSY_WAITS = 64
 
 
+#: forks this process's line has gone through since this module was imported (see Channel.owner)
+_forks = 0
+
+
+def _count_fork() -> None:
+    global _forks
+    _forks += 1
+
+
+os.register_at_fork(after_in_child=_count_fork)
+
+
 @dataclass
 class WorkerSpec:
     worker_id: str
@@ -146,8 +158,11 @@ class Channel:
         self._end = 0
         #: the shared file that came with the frame ``read`` returned last (the caller closes it)
         self.frame_fd: int | None = None
-        #: a function may call os.fork(); only the real worker may use the channel
-        self.owner = os.getpid()
+        #: (total length, kind, status, reqid) of that frame
+        self.header: tuple[int, int, int, int] = (0, 0, 0, 0)
+        #: a function may call os.fork(); only the real worker may use the channel. A fork count
+        #: rather than os.getpid(), which is a system call, and this is checked on every reply
+        self.owner = _forks
 
     def _fill(self) -> bool:
         """One ``recv`` into the free end of the buffer (compacting first if needed); False at EOF."""
@@ -189,8 +204,8 @@ class Channel:
         return self._end > self._start
 
     def read(self) -> bytearray | None:
-        """Next whole frame, or None at EOF (the supervisor closed the channel). A shared file
-        that came with it is in ``frame_fd``."""
+        """Next whole frame, or None at EOF (the supervisor closed the channel). Its parsed header
+        is in ``header``, and a shared file that came with it in ``frame_fd``."""
         self.frame_fd = None
         buf = self._read()
         if buf is None:
@@ -207,7 +222,8 @@ class Channel:
             if not self._fill():
                 return None
         start = self._start
-        total, _, _, _ = frames.parse_header(self._view[start : start + hs], self.limit)
+        self.header = head = frames.parse_header(self._view[start : start + hs], self.limit)
+        total = head[0]
         have = self._end - start
         if have >= total:
             buf = bytearray(self._view[start : start + total])
@@ -233,7 +249,7 @@ class Channel:
         return buf
 
     def _only_the_worker(self) -> None:
-        if os.getpid() != self.owner:
+        if _forks != self.owner:
             # the forked child of a user function returned into our loop: a second reply
             # for the same request would be a duplicate, so it leaves silently
             os._exit(0)
@@ -359,7 +375,7 @@ class Worker:
     def _call(self, reqid: int, buf: bytearray, shared: sharedfile.Mapped | None, pickle_in_file: bool = False) -> None:
         """Run a CALL; a large result goes back through ``shared``, its pickle stream too if
         ``pickle_in_file`` (the client said it reads one from there)."""
-        _, _, key, off = frames.parse_call(buf)
+        key, off = frames.call_key(buf)
         fn = self.functions.get(key)
         if fn is None:
             self.channel.reply(reqid, Status.UNKNOWN_FUNCTION, [b'{"message": "function not defined in worker"}'])
@@ -409,7 +425,7 @@ class Worker:
             if buf is None:
                 return 0
             shared = ch.frame_fd  # only a CALL has one
-            _, kind, _, reqid = frames.parse_header(buf, ch.limit)
+            _, kind, _, reqid = ch.header
             if kind == Kind.HELD:
                 held_reqid, held_until = reqid, frames.HELD_DEADLINE.unpack_from(buf, frames.HEADER_SIZE)[0]
                 continue
@@ -480,7 +496,7 @@ def run(spec: WorkerSpec, sock: socket.socket, fd_sock: socket.socket | None = N
         buf = channel.read()
         if buf is None:
             return 0  # retired before it started
-        _, kind, _, _ = frames.parse_header(buf, channel.limit)
+        kind = channel.header[1]
         if kind != Kind.SETUP:
             print(f"worker={spec.worker_id} expected a SETUP frame first, got kind {kind}", file=sys.stderr, flush=True)
             return PRELOAD_FAILED_EXIT
