@@ -43,6 +43,7 @@ def test_call_head_round_trip_and_reqid_patch() -> None:
     buf = bytearray(frames.frame(Kind.CALL, 5, frames.call_head("pool-ä", 1500, key) + b"ARGS"))
     pool, timeout_ms, k, off = frames.parse_call(buf)
     assert (pool, timeout_ms, k, bytes(buf[off:])) == ("pool-ä", 1500, key, b"ARGS")
+    assert frames.call_key(buf) == (key, off)  # the worker's shortcut agrees
     frames.set_reqid(buf, 99)
     assert frames.parse_header(buf, 1 << 20)[3] == 99
 
@@ -51,6 +52,9 @@ def test_truncated_call_is_a_frame_error() -> None:
     buf = bytearray(frames.frame(Kind.CALL, 5, frames.pack_name("p") + b"\x01"))
     with pytest.raises(frames.FrameError):
         frames.parse_call(buf)
+    for short in (buf, bytearray(frames.frame(Kind.CALL, 5))):  # a key cut short; no name at all
+        with pytest.raises(frames.FrameError):
+            frames.call_key(short)
 
 
 def test_register_round_trip() -> None:
