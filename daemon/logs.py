@@ -22,14 +22,18 @@ Access log
     same values appear as fields of the record, not only in its text.
     It is on the hot path, so under the daemon's own handler it skips the
     ``logging`` machinery (a LogRecord, a lock and a write per line cost
-    ~45 µs, a third of the supervisor's CPU per call): ``StderrHandler``
-    queues the line's values and writes the queue in one ``write`` at most
-    every ``ACCESS_FLUSH_S`` (a write per request was still a tenth of a sync
-    call's supervisor CPU), rendering each line with the formatter then, so
-    a request's own path only appends a tuple. Any other record written
-    through the handler first writes the queued lines, so the stream's order
-    is the order of events; ``flush`` (logging.shutdown, a clean exit) writes
-    them too, so only a killed daemon can lose the last few.
+    ~45 µs, a third of the supervisor's CPU per call): the dispatcher hands
+    it answered requests in batches (``Dispatcher.flush_answered``: 64, or
+    20 ms), ``StderrHandler`` queues each batch's values and writes the queue
+    in one ``write`` at most every ``ACCESS_FLUSH_S`` (a write per request was
+    still a tenth of a sync call's supervisor CPU), rendering the lines with
+    the formatter then, so a request's own path only appends a tuple. Any
+    other record written through the handler first writes the queued lines,
+    so the stream keeps the order of events, except that an access line can
+    follow a line logged up to 20 ms after its answer; ``flush``
+    (logging.shutdown, a clean exit) writes them too, and the daemon hands
+    over its last batches before it stops, so only a killed daemon can lose
+    the last few.
 
 Worker output is captured per worker by the launcher and logged line by line
 with a ``worker=`` tag (daemon/launcher.py).
@@ -47,7 +51,7 @@ import time
 from typing import TYPE_CHECKING, Any, TextIO
 
 if TYPE_CHECKING:
-    from .dispatch import Job
+    from .dispatch import Answered, Job
 
 FORMATS = ("text", "json")
 ACCESS_LOGGER = "cruised.access"
@@ -139,10 +143,10 @@ class JsonFormatter(logging.Formatter):
 class StderrHandler(logging.StreamHandler):  # type: ignore[type-arg]
     """The daemon's one handler: a StreamHandler that can also take pre-rendered lines in batches.
 
-    ``queue_line`` is called from the event loop only. Queued lines are written
-    by ``write_queued``: ``ACCESS_FLUSH_S`` after the first of them, when 256
-    are waiting, before any other record, and on ``flush`` (so
-    ``logging.shutdown`` loses nothing).
+    ``queue_line`` is called from the event loop only. Queued lines (or batches
+    of access lines) are written by ``write_queued``: ``ACCESS_FLUSH_S`` after
+    the first of them, when 256 are waiting, before any other record, and on
+    ``flush`` (so ``logging.shutdown`` loses nothing).
     """
 
     MAX_QUEUED = 256
@@ -283,25 +287,36 @@ class AccessLog:
         if call_later is not None and logger is None:
             self._direct = _direct_handler(self.log)
 
-    def request_done(self, pool: str, job: "Job", outcome: str, queue_s: float, exec_s: float | None) -> None:
+    def requests_done(self, pool: str, batch: list["Answered"]) -> None:
         if not self.log.isEnabledFor(logging.INFO):
             return
         direct = self._direct
         if direct is not None and self.call_later is not None:
-            # the values now, the text when the queue is written: off the request's path
-            direct[0].queue_line((self._render, time.time(), pool, job.endpoint, outcome, queue_s, exec_s, job.client), self.call_later)
+            # the values now, the text when the queue is written: off the requests' path
+            direct[0].queue_line((self._render, pool, batch), self.call_later)
             return
-        msg = _access_message(pool, job.endpoint, outcome, queue_s, exec_s, job.client)
-        self.log.info("%s", msg, extra={"fields": _access_fields(pool, job.endpoint, outcome, queue_s, exec_s, job.client)})
+        for endpoint, _, client, _, outcome, queue_s, exec_s, _ in batch:
+            msg = _access_message(pool, endpoint, outcome, queue_s, exec_s, client)
+            self.log.info("%s", msg, extra={"fields": _access_fields(pool, endpoint, outcome, queue_s, exec_s, client)})
+
+    def request_done(self, pool: str, job: "Job", outcome: str, queue_s: float, exec_s: float | None) -> None:
+        """One request, now (tests; the dispatcher sends batches)."""
+        from .dispatch import answered
+
+        self.requests_done(pool, [answered(job, outcome, queue_s, exec_s)])
 
     def _render(self, item: tuple[Any, ...]) -> str:
-        """A queued access line's text, as the ``logging`` path above would have written it."""
+        """A queued batch's lines, as the ``logging`` path above would have written them."""
         assert self._direct is not None
-        _, now, pool, endpoint, outcome, queue_s, exec_s, client = item
-        msg = _access_message(pool, endpoint, outcome, queue_s, exec_s, client)
+        _, pool, batch = item
         fmt = self._direct[1]
-        fields = None if isinstance(fmt, TextFormatter) else _access_fields(pool, endpoint, outcome, queue_s, exec_s, client)
-        return fmt.access_line(msg, fields, now)
+        text = isinstance(fmt, TextFormatter)
+        lines = []
+        for endpoint, _, client, _, outcome, queue_s, exec_s, at in batch:
+            msg = _access_message(pool, endpoint, outcome, queue_s, exec_s, client)
+            fields = None if text else _access_fields(pool, endpoint, outcome, queue_s, exec_s, client)
+            lines.append(fmt.access_line(msg, fields, at))
+        return "\n".join(lines)
 
     def worker_exit(self, pool: str, reason: str) -> None:
         pass  # exits are logged by the dispatcher itself, with the worker tag

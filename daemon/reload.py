@@ -220,6 +220,7 @@ async def retire_pool(sup: "Supervisor", pool: "Pool", drain: bool) -> None:
         await asyncio.sleep(POLL)
     pool.launcher.close()
     await pool.launcher.wait_template(2.0)
+    disp.flush_answered()  # its last answers reach metrics and the access log before it goes
     if pool in sup.retiring:
         sup.retiring.remove(pool)
     log.info("pool=%s old generation retired", pool.name)

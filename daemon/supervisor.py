@@ -306,7 +306,10 @@ class Supervisor:
             self.notifier.ready()
 
     def render_metrics(self) -> bytes:
-        """Prometheus text exposition (GET /metrics and the METRICS frame)."""
+        """Prometheus text exposition (GET /metrics and the METRICS frame): every request answered
+        before the scrape is counted."""
+        for d in self.all_dispatchers():
+            d.flush_answered()
         return self.metrics.render()
 
     def _check_ready(self) -> None:
@@ -383,6 +386,8 @@ class Supervisor:
             end = self.loop.time() + 1.0
             while self.native.connections and self.loop.time() < end:
                 await asyncio.sleep(0.01)
+        for d in self.all_dispatchers():
+            d.flush_answered()  # the last access lines, before the loop (and its timers) goes
         log.info("stopped")
 
     # -- reporting ---------------------------------------------------------------

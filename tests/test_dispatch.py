@@ -416,3 +416,47 @@ def test_pool_without_q_reports_none() -> None:
     d, _, _ = make()
     ready_all(d)
     assert d.status()["q"] is None and d.q_connected() == 0 and d.ready()
+
+
+class BatchRecorder:
+    """An Observer that keeps the batches it is shown."""
+
+    def __init__(self) -> None:
+        self.batches: list[list[Any]] = []
+
+    def requests_done(self, pool: str, batch: list[Any]) -> None:
+        self.batches.append(list(batch))
+
+    def worker_exit(self, pool: str, reason: str) -> None:
+        pass
+
+
+def test_observers_see_answered_requests_in_batches() -> None:
+    """Counts for `status` are kept at once; observers get a batch of 64, or after 20 ms, or on a
+    flush (a scrape, shutdown), with every field the record promises."""
+    from cruised.dispatch import ANSWERED_BATCH, ANSWERED_EVERY
+
+    d, clock, launcher = make(queue_size=ANSWERED_BATCH + 8)
+    rec = BatchRecorder()
+    d.observers.append(rec)
+    ready_all(d)
+    sink = Sink()
+    d.submit(job(sink))
+    clock.advance(0.004)
+    reply(d, launcher.sent[-1][0])
+    assert d.counters.requests == {"ok": 1} and rec.batches == []  # counted, not yet shown
+    clock.advance(ANSWERED_EVERY)
+    (first,), = rec.batches
+    endpoint, door, client, waited, outcome, queue_s, exec_s, at = first
+    assert (endpoint, door, client, waited, outcome) == ("function", "native", sink, True, "ok")
+    assert queue_s == 0.0 and exec_s == pytest.approx(0.004) and at > 0
+    for _ in range(ANSWERED_BATCH):  # a full batch goes at once, without the timer
+        d.submit(job(sink))
+        reply(d, launcher.sent[-1][0])
+    assert [len(b) for b in rec.batches] == [1, ANSWERED_BATCH]
+    d.submit(job(sink))
+    reply(d, launcher.sent[-1][0])
+    d.flush_answered()  # what a scrape does first
+    assert [len(b) for b in rec.batches] == [1, ANSWERED_BATCH, 1]
+    clock.advance(1.0)
+    assert len(rec.batches) == 3  # nothing left, and no empty batch shown
