@@ -47,6 +47,7 @@ LOW_WATER = 4 << 20
 MAX_FDS_WAITING = 2 * 253
 MAX_FDS_WAITING_ALL = 4096
 _fds_waiting_all = 0
+_unpack_header = frames.HEADER.unpack_from
 try:
     IOV_MAX = min(os.sysconf("SC_IOV_MAX"), 1024)
 except (ValueError, OSError):
@@ -256,11 +257,15 @@ class Channel:
         # after a frame error (_deliver_with_fd's too) nothing that follows the bad frame is delivered
         while not self.closed and not self._broken and self._end - self._start >= frames.HEADER_SIZE:
             start = self._start
-            try:
-                total, kind, status, reqid = frames.parse_header(view[start : start + frames.HEADER_SIZE], self.limit)
-            except frames.FrameError as exc:
-                self._frame_error(exc)
-                return
+            # frames.parse_header inline (it runs twice per call here); it still words the errors
+            size, version, kind, status, reqid = _unpack_header(view, start)
+            total = size + frames.SIZE_FIELD
+            if version != frames.VERSION or not frames.HEADER_SIZE <= total <= self.limit:
+                try:
+                    frames.parse_header(view[start : start + frames.HEADER_SIZE], self.limit)
+                except frames.FrameError as exc:
+                    self._frame_error(exc)
+                    return
             if self._end - start >= total:
                 buf = bytearray(view[start : start + total])
                 self._start = start + total

@@ -43,6 +43,9 @@ from typing import Any, Callable, Iterable, Iterator, TypeVar
 from cruised.pool import bundle, frames, rawbuf, sharedfile, sockopt
 from cruised.pool.frames import Kind, Status
 
+# per-call comparisons against plain globals, not Enum class attributes (see pool/frames.py)
+_CALL, _OK = Kind.CALL, Status.OK
+
 from . import errors, paths, shipping
 
 T = TypeVar("T")
@@ -215,7 +218,7 @@ class _Connection:
         slot = _Pending()
         slot.callback = callback
         self.pending[rid] = slot
-        frame = b"".join((frames.header(Kind.CALL, rid, len(head) + len(index) + len(data)), head, index, data))
+        frame = b"".join((frames.header(_CALL, rid, len(head) + len(index) + len(data)), head, index, data))
         self.last_used = time.monotonic()
         try:
             with self.send_lock:
@@ -341,7 +344,7 @@ class _Connection:
             self._start = self._end = 0
 
     def _deliver(self, frame: bytearray, status: int, reqid: int) -> None:
-        if reqid == 0 and status != Status.OK:
+        if reqid == 0 and status != _OK:
             # a connection-level refusal (access, limits, a frame the daemon could not parse)
             self._fail(_error_for(status, frame))
             return
@@ -730,7 +733,7 @@ class Session:
         retried = False
         while True:
             slot = conn.wait(self._send_call(conn, shipped, args, kwargs, retried))
-            if slot.status == Status.OK and slot.shared is None and slot.error is None:
+            if slot.status == _OK and slot.shared is None and slot.error is None:
                 # the commonest answer, read here: what _outcome would do with it, in fewer steps
                 frame = slot.frame
                 assert frame is not None

@@ -34,6 +34,9 @@ from typing import Any
 from cruised.pool import frames, heap, qconn, sharedfile
 from cruised.pool.frames import Kind, Status
 
+# per-call comparisons against plain globals, not Enum class attributes (see pool/frames.py)
+_REPLY, _PRELOAD_FAILED = Kind.REPLY, Status.PRELOAD_FAILED
+
 from . import codeenv
 from .channel import Channel
 from .config import DaemonConfig, PoolConfig
@@ -487,8 +490,8 @@ class _WorkerSink:
         self.worker = worker
 
     def on_frame(self, channel: Channel, buf: bytearray, kind: int, status: int, reqid: int) -> None:
-        if kind == Kind.REPLY:
-            if status == Status.PRELOAD_FAILED:
+        if kind == _REPLY:
+            if status == _PRELOAD_FAILED:
                 info, _ = frames.parse_error(buf)
                 err = json.loads(info)
                 self.dispatcher.on_worker_preload_failed(self.worker, f"{err['type']}: {err['message']}")

@@ -22,6 +22,9 @@ from typing import TYPE_CHECKING, Any
 from cruised.pool import frames, sharedfile
 from cruised.pool.frames import Kind, Status
 
+# per-call comparisons against plain globals, not Enum class attributes (see pool/frames.py)
+_CALL = Kind.CALL
+
 from .channel import Channel
 from .dispatch import Job
 
@@ -194,7 +197,7 @@ class ClientConnection:
 
     def on_frame(self, channel: Channel, buf: bytearray, kind: int, status: int, reqid: int) -> None:
         try:
-            if kind == Kind.CALL:
+            if kind == _CALL:
                 pool, timeout_ms, key, _ = frames.parse_call(buf)
                 shared = None
                 if status & frames.CARRIES_FD:

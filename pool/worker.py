@@ -51,6 +51,9 @@ from . import endpoint as endpoint_mod
 from . import qcall
 from .frames import Kind, Status
 
+# per-call comparisons against plain globals, not Enum class attributes (see pool/frames.py)
+_CALL, _HELD, _REPLY, _OK = Kind.CALL, Kind.HELD, Kind.REPLY, Status.OK
+
 PRELOAD_FAILED_EXIT = 3
 #: loaded functions kept per worker; a miss only costs a DEFINE from the supervisor
 FUNCTION_CACHE = 4096
@@ -185,7 +188,7 @@ class Channel:
         lets it use plain ``recv_into``: ``recvmsg`` cost about 10 µs a call.
         """
         # kind and the status's high byte read directly: this runs for every frame
-        if buf[frames.KIND_OFFSET] == Kind.CALL and buf[frames.STATUS_OFFSET + 1] & (frames.CARRIES_FD >> 8):
+        if buf[frames.KIND_OFFSET] == _CALL and buf[frames.STATUS_OFFSET + 1] & (frames.CARRIES_FD >> 8):
             if self.fd_sock is None:
                 raise frames.FrameError("a CALL announced a shared file, but this worker has no descriptor socket")
             try:
@@ -270,7 +273,7 @@ class Channel:
         size = bundle.packed_size(parts)
         if size >= LARGE_PAYLOAD:
             self.churn += size
-        head = frames.header(Kind.REPLY, reqid, size, status)
+        head = frames.header(_REPLY, reqid, size, status)
         if size <= SMALL_REPLY:
             # one contiguous buffer and plain send(): cheaper than building a scatter list
             self.sock.sendall(b"".join((head, *parts)))
@@ -399,7 +402,7 @@ class Worker:
                 return
             self.channel.reply(reqid, Status.ERROR, error_parts(exc))
             return
-        self.channel.reply(reqid, Status.OK, parts)
+        self.channel.reply(reqid, _OK, parts)
 
     def check(self, reqid: int, buf: bytearray) -> None:
         _, off = frames.unpack_name(buf, frames.HEADER_SIZE)
@@ -426,7 +429,7 @@ class Worker:
                 return 0
             shared = ch.frame_fd  # only a CALL has one
             _, kind, _, reqid = ch.header
-            if kind == Kind.HELD:
+            if kind == _HELD:
                 held_reqid, held_until = reqid, frames.HELD_DEADLINE.unpack_from(buf, frames.HEADER_SIZE)[0]
                 continue
             if held_reqid:
@@ -440,7 +443,7 @@ class Worker:
                         os.close(shared)  # never read: the call did not run
                     ch.reply(reqid, Status.NOT_RUN, [])
                     continue
-            if kind == Kind.CALL:
+            if kind == _CALL:
                 self.call(reqid, buf, shared)
             elif kind == Kind.DEFINE:
                 self.define(buf)
