@@ -44,7 +44,7 @@ from cruised.pool import bundle, frames, rawbuf, sharedfile, sockopt
 from cruised.pool.frames import Kind, Status
 
 # per-call comparisons against plain globals, not Enum class attributes (see pool/frames.py)
-_CALL, _OK = Kind.CALL, Status.OK
+_CALL, _OK, _UNKNOWN_FUNCTION = Kind.CALL, Status.OK, Status.UNKNOWN_FUNCTION
 
 from . import errors, paths, shipping
 
@@ -175,7 +175,7 @@ class _Connection:
             # parts: the call head, then the args bundle (index, pickle, then out-of-band buffers);
             # the cheap tests first: a small call passes them all in a few nanoseconds
             if (
-                kind == Kind.CALL
+                kind == _CALL
                 and (result_file or len(parts) > 3 or len(parts[2]) >= sharedfile.SHARE_MIN)
                 and (result_file or bundle.shareable(parts[1:], with_pickle=True))
                 and self._may_pass_fds()
@@ -691,9 +691,9 @@ class Session:
             parts = bundle.pack(calls[0])
             if len(parts) == 2 and len(parts[1]) < sharedfile.SHARE_MIN:  # no buffers, a small stream: no file
                 return [conn.send_small(head, parts[0], parts[1], callback)]  # type: ignore[arg-type]
-            return conn.send([(Kind.CALL, [head, *parts])], callback)
+            return conn.send([(_CALL, [head, *parts])], callback)
         for args, kwargs in calls:
-            requests.append((Kind.CALL, [head, *bundle.pack((args, kwargs))]))
+            requests.append((_CALL, [head, *bundle.pack((args, kwargs))]))
         slots = conn.send(requests, callback, shipped.big_results)
         if register:
             conn.registered[reg_key] = slots[0]
@@ -711,14 +711,14 @@ class Session:
         if slot.error is not None:
             return True, slot.error
         assert slot.frame is not None
-        if slot.status == Status.UNKNOWN_FUNCTION:
+        if slot.status == _UNKNOWN_FUNCTION:
             reg = conn.registered.pop((self.pool, shipped.key), None)
             if reg is not None and reg.done and reg.error is None and reg.status != Status.OK:
                 assert reg.frame is not None
                 return True, _error_for(reg.status, reg.frame)  # registration was refused: say why
             if not retried:
                 return False, None
-        if slot.status == Status.OK:
+        if slot.status == _OK:
             shipped.saw_result(slot.frame, slot.shared)
             try:
                 return True, _Value(bundle.unpack(slot.frame, frames.HEADER_SIZE, slot.shared))

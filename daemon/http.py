@@ -86,6 +86,9 @@ from multidict import CIMultiDict
 from cruised.pool import frames
 from cruised.pool.frames import Kind, Status
 
+# per-call comparisons against plain globals, not Enum class attributes (see pool/frames.py)
+_ENDPOINT = Kind.ENDPOINT
+
 from . import services
 from .config import Config
 from .dispatch import Dispatcher, FutureReply, Job, ReplySink
@@ -438,7 +441,7 @@ class HttpDoor:
     @staticmethod
     def submit(disp: Dispatcher, name: str, frame: bytearray, sink: ReplySink) -> Job:
         """Queue the ENDPOINT frame; ``sink`` (also the job's client, for drop_client) gets the answer."""
-        job = Job(next_job_id(), Kind.ENDPOINT, frame, sink, sink, 0, endpoint=name, door="http")
+        job = Job(next_job_id(), _ENDPOINT, frame, sink, sink, 0, endpoint=name, door="http")
         disp.submit(job)
         return job
 

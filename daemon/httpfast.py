@@ -50,6 +50,9 @@ from aiohttp.tcp_helpers import tcp_nodelay
 from cruised.pool import frames
 from cruised.pool.frames import Kind, Status
 
+# per-call comparisons against plain globals, not Enum class attributes (see pool/frames.py)
+_ENDPOINT, _OK = Kind.ENDPOINT, Status.OK
+
 from .dispatch import Dispatcher
 from .http import KEEPALIVE_TIMEOUT, Caller
 
@@ -322,7 +325,7 @@ class FastConnection(asyncio.Protocol):
         with memoryview(self.buf) as view:
             frame += view[req.body_start : req.end]
         del self.buf[: req.end]
-        frames.seal(frame, Kind.ENDPOINT)
+        frames.seal(frame, _ENDPOINT)
         disp = self.door.admit(name, pool)
         if not isinstance(disp, Dispatcher):  # a refusal
             self._send(disp, req.close)
@@ -339,7 +342,7 @@ class FastConnection(asyncio.Protocol):
         door = self.door
         try:
             timing = door.timing(job, sink.t0)
-            if buf is not None and status == Status.OK:
+            if buf is not None and status == _OK:
                 self._write(render_ok(door.ok_body(buf, timing), door.server_timing(timing), sink.close), sink.close)
             else:
                 self._send(door.other_answer(sink.name, status, buf, message, timing), sink.close)
