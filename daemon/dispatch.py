@@ -444,11 +444,18 @@ class Dispatcher:
         ):
             return
         limit = self.config.max_requests
-        if only is not None:  # after a reply (pump): only that worker's list has room
-            takers = [only] if self._may_hold(only, limit) else []
-        else:
-            takers = [w for w in self.workers.values() if self._may_hold(w, limit)]
         armed = self._queue_timer is not None
+        if only is not None:  # after a reply (pump): only that worker's list has room; fill it
+            if self._may_hold(only, limit):
+                queue = self.queue
+                while queue and len(only.held) < k:
+                    job = queue.popleft()
+                    if not (job.cancelled or job.answered):
+                        self._hold(only, job)
+            if not armed:
+                self._arm_queue_timer()
+            return
+        takers = [w for w in self.workers.values() if self._may_hold(w, limit)]
         for depth in range(k):  # round robin: every worker holds one before any holds two
             for w in takers:
                 if len(w.held) != depth:
