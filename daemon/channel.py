@@ -214,7 +214,7 @@ class Channel:
     def _recvmsg(self, view: memoryview) -> int:
         """recv_into that also keeps descriptors the peer passed (SCM_RIGHTS), in arrival order."""
         global _fds_waiting_all
-        n, anc, flags, _ = self.sock.recvmsg_into([view], sharedfile.ANCBUF, socket.MSG_CMSG_CLOEXEC)
+        n, anc, flags, _ = self.sock.recvmsg_into([view], sharedfile.ANCBUF, sharedfile.MSG_CMSG_CLOEXEC)
         if anc:
             fds = sharedfile.fds_from(anc)
             self._fds_in.extend(fds)
@@ -223,7 +223,7 @@ class Channel:
                 raise frames.FrameError(f"over {MAX_FDS_WAITING} file descriptors passed without frames that claim them")
             if _fds_waiting_all > MAX_FDS_WAITING_ALL:
                 raise frames.FrameError("too many file descriptors passed to the daemon and not yet claimed; closing this connection")
-        if flags & socket.MSG_CTRUNC:
+        if flags & sharedfile.MSG_CTRUNC:
             raise frames.FrameError("file descriptors passed with a frame were lost (more than one recvmsg can hold)")
         return n
 

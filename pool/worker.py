@@ -192,11 +192,11 @@ class Channel:
             if self.fd_sock is None:
                 raise frames.FrameError("a CALL announced a shared file, but this worker has no descriptor socket")
             try:
-                _, anc, flags, _ = self.fd_sock.recvmsg(1, sharedfile.ANCBUF, socket.MSG_CMSG_CLOEXEC)
+                _, anc, flags, _ = self.fd_sock.recvmsg(1, sharedfile.ANCBUF, sharedfile.MSG_CMSG_CLOEXEC)
             except BlockingIOError:
                 anc, flags = [], 0
             fds = sharedfile.fds_from(anc)
-            if len(fds) != 1 or flags & socket.MSG_CTRUNC:
+            if len(fds) != 1 or flags & sharedfile.MSG_CTRUNC:
                 sharedfile.close_all(fds)
                 raise frames.FrameError("a CALL announced a shared file, but none came on the descriptor socket")
             self.frame_fd = fds[0]
