@@ -43,10 +43,10 @@ from typing import Any, Callable, Iterable, Iterator, TypeVar
 from cruised.pool import bundle, frames, rawbuf, sharedfile, sockopt
 from cruised.pool.frames import Kind, Status
 
+from . import errors, paths, shipping
+
 # per-call comparisons against plain globals, not Enum class attributes (see pool/frames.py)
 _CALL, _OK, _UNKNOWN_FUNCTION = Kind.CALL, Status.OK, Status.UNKNOWN_FUNCTION
-
-from . import errors, paths, shipping
 
 T = TypeVar("T")
 

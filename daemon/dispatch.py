@@ -67,10 +67,10 @@ from typing import Any, Callable, Protocol
 from cruised.pool import frames
 from cruised.pool.frames import Status
 
+from .config import PoolConfig
+
 # per-call comparisons against plain globals, not Enum class attributes (see pool/frames.py)
 _NOT_RUN, _UNKNOWN_FUNCTION = Status.NOT_RUN, Status.UNKNOWN_FUNCTION
-
-from .config import PoolConfig
 
 log = logging.getLogger("cruised.dispatch")
 

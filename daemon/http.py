@@ -86,9 +86,6 @@ from multidict import CIMultiDict
 from cruised.pool import frames
 from cruised.pool.frames import Kind, Status
 
-# per-call comparisons against plain globals, not Enum class attributes (see pool/frames.py)
-_ENDPOINT = Kind.ENDPOINT
-
 from . import services
 from .config import Config
 from .dispatch import Dispatcher, FutureReply, Job, ReplySink
@@ -97,6 +94,9 @@ from .server import SocketInUse, bind_tcp, bind_unix, next_job_id, peer_credenti
 if TYPE_CHECKING:
     from .httpfast import FastConnection
     from .supervisor import Supervisor
+
+# per-call comparisons against plain globals, not Enum class attributes (see pool/frames.py)
+_ENDPOINT = Kind.ENDPOINT
 
 log = logging.getLogger("cruised.http")
 

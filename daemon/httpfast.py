@@ -50,15 +50,15 @@ from aiohttp.tcp_helpers import tcp_nodelay
 from cruised.pool import frames
 from cruised.pool.frames import Kind, Status
 
-# per-call comparisons against plain globals, not Enum class attributes (see pool/frames.py)
-_ENDPOINT, _OK = Kind.ENDPOINT, Status.OK
-
 from .dispatch import Dispatcher
 from .http import KEEPALIVE_TIMEOUT, Caller
 
 if TYPE_CHECKING:
     from .dispatch import Job
     from .http import HttpDoor
+
+# per-call comparisons against plain globals, not Enum class attributes (see pool/frames.py)
+_ENDPOINT, _OK = Kind.ENDPOINT, Status.OK
 
 log = logging.getLogger("cruised.http")
 

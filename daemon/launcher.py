@@ -34,13 +34,13 @@ from typing import Any
 from cruised.pool import frames, heap, qconn, sharedfile
 from cruised.pool.frames import Kind, Status
 
-# per-call comparisons against plain globals, not Enum class attributes (see pool/frames.py)
-_REPLY, _PRELOAD_FAILED = Kind.REPLY, Status.PRELOAD_FAILED
-
 from . import codeenv
 from .channel import Channel
 from .config import DaemonConfig, PoolConfig
 from .dispatch import BACKOFF_FIRST, BACKOFF_MAX, Dispatcher, Worker, WorkerState
+
+# per-call comparisons against plain globals, not Enum class attributes (see pool/frames.py)
+_REPLY, _PRELOAD_FAILED = Kind.REPLY, Status.PRELOAD_FAILED
 
 log = logging.getLogger("cruised.launcher")
 

@@ -22,14 +22,14 @@ from typing import TYPE_CHECKING, Any
 from cruised.pool import frames, sharedfile
 from cruised.pool.frames import Kind, Status
 
-# per-call comparisons against plain globals, not Enum class attributes (see pool/frames.py)
-_CALL = Kind.CALL
-
 from .channel import Channel
 from .dispatch import Job
 
 if TYPE_CHECKING:
     from .supervisor import Supervisor
+
+# per-call comparisons against plain globals, not Enum class attributes (see pool/frames.py)
+_CALL = Kind.CALL
 
 log = logging.getLogger("cruised.server")
 
