@@ -667,7 +667,18 @@ class Session:
         force_register: bool,
         callback: Callable[[_Pending], None] | None = None,
     ) -> _Pending:
-        return self._send_calls(conn, shipped, [(args, kwargs)], force_register, callback)[0]
+        """One call; a registered one (the commonest) is packed and sent here, without the batch
+        machinery of ``_send_calls``: with a small bundle and no file, by ``send_small``."""
+        if force_register or (self.pool, shipped.key) not in conn.registered:
+            return self._send_calls(conn, shipped, [(args, kwargs)], force_register, callback)[0]
+        head = shipped.call_head(self.pool, self._timeout_ms())
+        parts = bundle.pack((args, kwargs))
+        if len(parts) == 2 and len(parts[1]) < sharedfile.SHARE_MIN and not shipped.big_results:
+            return conn.send_small(head, parts[0], parts[1], callback)  # type: ignore[arg-type]
+        return conn.send([(_CALL, [head, *parts])], callback, shipped.big_results)[0]
+
+    def _timeout_ms(self) -> int:
+        return int(self.timeout * 1000) if self.timeout else 0
 
     def _send_calls(
         self,
@@ -679,7 +690,7 @@ class Session:
     ) -> list[_Pending]:
         """Calls of one function, (args, kwargs) each, in one ``sendmsg`` (and its code first when
         this connection has not registered it); their slots, ``callback`` on the last."""
-        timeout_ms = int(self.timeout * 1000) if self.timeout else 0
+        timeout_ms = self._timeout_ms()
         reg_key = (self.pool, shipped.key)
         register = force_register or reg_key not in conn.registered
         requests: list[tuple[int, list[Any]]] = []
@@ -687,11 +698,6 @@ class Session:
             meta = json.dumps({"python": shipping.PYTHON, "libraries": self._libraries, "name": shipped.name}).encode()
             requests.append((Kind.REGISTER, [frames.register_head(self.pool, shipped.key, meta), shipped.blob]))
         head = shipped.call_head(self.pool, timeout_ms)
-        if not register and len(calls) == 1 and not shipped.big_results:
-            parts = bundle.pack(calls[0])
-            if len(parts) == 2 and len(parts[1]) < sharedfile.SHARE_MIN:  # no buffers, a small stream: no file
-                return [conn.send_small(head, parts[0], parts[1], callback)]  # type: ignore[arg-type]
-            return conn.send([(_CALL, [head, *parts])], callback)
         for args, kwargs in calls:
             requests.append((_CALL, [head, *bundle.pack((args, kwargs))]))
         slots = conn.send(requests, callback, shipped.big_results)
