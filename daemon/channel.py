@@ -77,6 +77,20 @@ class WriteBatch:
             self.scheduled = True
             self.loop.call_soon(self.flush)
 
+    def run_eager(self, handle: Callable[[], None]) -> None:
+        """Run ``handle``, a read callback of another kind of connection that handles one request
+        at a time (the HTTP door's), as a Channel handles the last frame of a read: what it
+        writes is sent at once instead of a loop iteration later."""
+        self.depth += 1
+        eager, self.eager = self.eager, True
+        try:
+            handle()
+        finally:
+            self.eager = eager
+            self.depth -= 1
+            if self.depth == 0 and self.dirty:
+                self.flush()
+
     def flush(self) -> None:
         self.scheduled = False
         while self.dirty:

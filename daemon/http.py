@@ -165,15 +165,19 @@ class Caller:
     method: str
     path: str
     authorization: str | None
-
-    @property
-    def over_unix(self) -> bool:
-        return self.sock is not None and self.sock.family == socket.AF_UNIX
+    #: it came over a Unix socket: peer credentials apply, not API keys (``on_unix(sock)``)
+    over_unix: bool
 
     @classmethod
     def of(cls, request: web.Request) -> "Caller":
         sock = request.transport.get_extra_info("socket") if request.transport is not None else None
-        return cls(sock, request.remote, request.method, request.path, request.headers.get("Authorization"))
+        return cls(sock, request.remote, request.method, request.path, request.headers.get("Authorization"), on_unix(sock))
+
+
+def on_unix(sock: socket.socket | None) -> bool:
+    """Whether ``sock`` is a Unix socket. ``sock.family`` builds an AddressFamily enum in Python
+    (1.3 us with the comparison): the HTTP fast path asks once per connection."""
+    return sock is not None and sock.family == socket.AF_UNIX
 
 
 class HttpDoor:

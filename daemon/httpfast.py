@@ -50,8 +50,9 @@ from aiohttp.tcp_helpers import tcp_nodelay
 from cruised.pool import frames
 from cruised.pool.frames import Kind, Status
 
+from .channel import batch_for
 from .dispatch import Dispatcher
-from .http import KEEPALIVE_TIMEOUT, Caller
+from .http import KEEPALIVE_TIMEOUT, Caller, on_unix
 
 if TYPE_CHECKING:
     from .dispatch import Job
@@ -217,9 +218,12 @@ class FastConnection(asyncio.Protocol):
     def __init__(self, door: "HttpDoor") -> None:
         self.door = door
         self.loop = door.loop
+        #: the supervisor channels' write batch: a call started here reaches its worker at once
+        self.batch = batch_for(door.loop)
         self.transport: asyncio.Transport | None = None
         self.sock: socket.socket | None = None
         self.remote: str | None = None
+        self.unix = False  # the connection came over a Unix socket (connection_made)
         self.buf = bytearray()
         self.request: _Request | None = None  # head parsed, body still arriving
         self.call: FastReply | None = None  # the call in flight
@@ -236,7 +240,8 @@ class FastConnection(asyncio.Protocol):
         self.sock = transport.get_extra_info("socket")
         peer = transport.get_extra_info("peername")
         self.remote = peer[0] if isinstance(peer, (tuple, list)) and peer else (str(peer) if peer else None)
-        if self.sock is not None and self.sock.family != socket.AF_UNIX:
+        self.unix = on_unix(self.sock)
+        if self.sock is not None and not self.unix:
             tcp_nodelay(transport, True)  # as aiohttp does: an answer is one write, never held back
         self.door.fast.add(self)
         self.last_active = self.loop.time()
@@ -249,7 +254,7 @@ class FastConnection(asyncio.Protocol):
                 self.read_paused = True
                 self.transport.pause_reading()  # type: ignore[union-attr]
             return
-        self._process()
+        self.batch.run_eager(self._process)  # one call at a time: its CALL need not wait for company
 
     def eof_received(self) -> bool | None:
         return None  # a half-close is a hang-up, as in aiohttp: close (connection_lost drops the call)
@@ -314,7 +319,7 @@ class FastConnection(asyncio.Protocol):
     def _start_call(self, req: _Request) -> None:
         t0 = self.loop.time()
         path = f"/public/api/v1/{req.service}/{req.endpoint}/run"
-        route = self.door.route(req.service, req.endpoint, Caller(self.sock, self.remote, "POST", path, req.authorization))
+        route = self.door.route(req.service, req.endpoint, Caller(self.sock, self.remote, "POST", path, req.authorization, self.unix))
         if type(route) is not tuple:  # a refusal (web.Response: an ABC, so isinstance is slow)
             del self.buf[: req.end]
             self._send(route, req.close)
