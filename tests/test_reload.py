@@ -39,7 +39,11 @@ def endpoint_config(root: Path, version: str = "v1", extra: dict[str, Any] | Non
 def set_code(root: Path, source: str) -> None:
     path = root / "ep" / "version.py"
     before = path.stat().st_mtime_ns if path.exists() else 0
-    path.write_text(source)
+    # written aside and renamed into place, as a deploy does: a worker the old generation
+    # spawns meanwhile (it scales up under this load) must never read a half-written file
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(source)
+    os.replace(tmp, path)
     # a change within the file system's timestamp granularity must still be seen
     os.utime(path, ns=(time.time_ns(), max(time.time_ns(), before + 1_000_000_000)))
 
