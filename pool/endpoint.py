@@ -45,6 +45,9 @@ from . import api, frames, qconn
 from .frames import Status
 from .jsonify import NotSerializable, to_json
 
+# per-call comparisons against plain globals, not Enum class attributes (see pool/frames.py)
+_OK = Status.OK
+
 
 @dataclass
 class Endpoint:
@@ -57,6 +60,7 @@ class Endpoint:
     traceback: str | None = None
     params: frozenset[str] = frozenset()  # names a JSON attribute may fill
     required: tuple[str, ...] = ()
+    required_set: frozenset[str] = frozenset()  # the same names, for a set test per call
     var_keyword: bool = False
     signature: str = ""
     load_s: float = 0.0
@@ -136,6 +140,7 @@ def _bind_plan(ep: Endpoint, fn: Callable[..., Any]) -> None:
                 required.append(p.name)
     ep.params = frozenset(names)
     ep.required = tuple(required)
+    ep.required_set = frozenset(required)
     ep.signature = f"{ep.function}{sig}"
 
 
@@ -167,11 +172,13 @@ _DECODER = json.JSONDecoder(parse_constant=_reject_constant)
 
 def parse_body(body: bytes) -> dict[str, Any]:
     """The request body as the attributes object; ValueError says what is wrong with it."""
-    if not body.strip():
+    # "{" then no NUL is what json.detect_encoding calls UTF-8: the usual body skips the detection
+    usual = body[:1] == b"{" and body[1:2] != b"\x00"
+    if not usual and not body.strip():
         return {}
     try:
         # what json.loads does with bytes (UTF-8, -16 or -32, detected), on the cached decoder
-        data = _DECODER.decode(body.decode(json.detect_encoding(body), "surrogatepass"))
+        data = _DECODER.decode(body.decode("utf-8" if usual else json.detect_encoding(body), "surrogatepass"))
     except UnicodeDecodeError:
         raise ValueError("request body is not UTF-8 text") from None
     except ValueError as exc:
@@ -198,9 +205,10 @@ def handle(endpoints: dict[str, Endpoint], buf: bytearray, limit: int) -> tuple[
         data = parse_body(bytes(memoryview(buf)[off:]))
     except ValueError as exc:
         return Status.BAD_REQUEST, _json_parts({"message": str(exc)})
-    missing = [n for n in ep.required if n not in data]
-    unexpected = [] if ep.var_keyword else [k for k in data if k not in ep.params]
-    if missing or unexpected:
+    keys = data.keys()
+    if not (keys >= ep.required_set and (ep.var_keyword or keys <= ep.params)):  # set tests in C first
+        missing = [n for n in ep.required if n not in data]
+        unexpected = [] if ep.var_keyword else [k for k in data if k not in ep.params]
         problems = []
         if missing:
             problems.append(f"missing required parameter{'s' if len(missing) > 1 else ''} {_quoted(missing)}")
@@ -229,7 +237,7 @@ def handle(endpoints: dict[str, Endpoint], buf: bytearray, limit: int) -> tuple[
         return _error("ResultNotSerializable", exc)
     if len(payload) + frames.HEADER_SIZE > limit:
         return _too_large(len(payload), limit)
-    return Status.OK, [payload]
+    return _OK, [payload]
 
 
 def _too_large(size: int, limit: int) -> tuple[int, list[bytes | memoryview]]:

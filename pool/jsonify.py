@@ -75,6 +75,8 @@ class NotSerializable(TypeError):
 
 def to_json(obj: Any) -> bytes:
     """``obj`` as compact UTF-8 JSON bytes under the module's rule; raises NotSerializable."""
+    if type(obj) is int:  # a scalar answer (a score, a count): the encoder would build a scanner for it
+        return b"%d" % obj
     try:
         # fast path: plain data and finite numbers go straight through the C encoder
         text = _FAST.encode(obj)

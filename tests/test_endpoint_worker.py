@@ -159,3 +159,15 @@ def test_parse_body(body: bytes, fragment: str | None) -> None:
     else:
         with pytest.raises(ValueError, match=fragment):
             endpoint.parse_body(body)
+
+
+def test_bodies_in_every_json_encoding_parse_the_same() -> None:
+    """The usual body ("{" then no NUL) skips json.detect_encoding; UTF-8 with a BOM, UTF-16 and
+    UTF-32 (what json.loads accepts) still parse, and empty ones are {}."""
+    text = '{"name": "Zoë", "n": 1}'
+    want = {"name": "Zoë", "n": 1}
+    for enc in ("utf-8", "utf-8-sig", "utf-16-le", "utf-16-be", "utf-16", "utf-32-le", "utf-32"):
+        assert endpoint.parse_body(text.encode(enc)) == want, enc
+    assert endpoint.parse_body(b"") == {} and endpoint.parse_body(b" \n") == {}
+    with pytest.raises(ValueError, match="not valid JSON"):
+        endpoint.parse_body(b"{")

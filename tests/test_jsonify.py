@@ -22,6 +22,9 @@ def j(obj: object) -> object:
 
 def test_plain_values_pass_through() -> None:
     assert to_json({"a": [1, 2.5, "x", None, True]}) == b'{"a":[1,2.5,"x",null,true]}'
+    # a bare int takes a shortcut past the encoder; bools (an int subclass) must not
+    for v in (0, -7, 10**40, True, False):
+        assert to_json(v) == json.dumps(v).encode()
     assert j("héllo") == "héllo"
 
 
