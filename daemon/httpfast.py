@@ -97,16 +97,26 @@ class _Date:
         return cls.value
 
 
-def render_ok(body: bytes, server_timing: str, close: bool) -> bytes:
-    """A 200 JSON answer, byte for byte the header order aiohttp writes for HttpDoor.answer's Response."""
-    return b"HTTP/1.1 200 OK\r\nServer-Timing: %s\r\nContent-Type: application/json\r\nContent-Length: %d\r\nDate: %s\r\nServer: %s\r\n%s\r\n%s" % (
-        server_timing.encode(),
-        len(body),
+#: the bytes of an OK body besides the worker's payload and the three timing figures
+_OK_BODY_FIXED = len(b'{"response":,"timing":{"queue_ms":,"exec_ms":,"total_ms":}}')
+
+
+def render_ok(payload: bytes | memoryview, timing: tuple[float, float, float], close: bool) -> bytes:
+    """A 200 answer around a worker's OK payload (JSON): byte for byte what aiohttp writes for
+    HttpDoor.answer's Response (HttpDoor.ok_body, HttpDoor.server_timing), in one format
+    with each timing figure formatted once."""
+    q, e, t = b"%.3f" % timing[0], b"%.3f" % timing[1], b"%.3f" % timing[2]
+    return (
+        b"HTTP/1.1 200 OK\r\nServer-Timing: queue;dur=%b, exec;dur=%b, total;dur=%b\r\nContent-Type: application/json\r\n"
+        b'Content-Length: %d\r\nDate: %b\r\nServer: %b\r\n%b\r\n{"response":%b,"timing":{"queue_ms":%b,"exec_ms":%b,"total_ms":%b}}'
+    ) % (
+        q, e, t,
+        len(payload) + _OK_BODY_FIXED + len(q) + len(e) + len(t),
         _Date.now(),
         _SERVER,
         b"Connection: close\r\n" if close else b"",
-        body,
-    )
+        payload, q, e, t,
+    )  # fmt: skip
 
 
 def render(resp: web.Response, close: bool) -> bytes:
@@ -348,7 +358,7 @@ class FastConnection(asyncio.Protocol):
         try:
             timing = door.timing(job, sink.t0)
             if buf is not None and status == _OK:
-                self._write(render_ok(door.ok_body(buf, timing), door.server_timing(timing), sink.close), sink.close)
+                self._write(render_ok(memoryview(buf)[frames.HEADER_SIZE :], timing, sink.close), sink.close)
             else:
                 self._send(door.other_answer(sink.name, status, buf, message, timing), sink.close)
         except Exception as exc:  # noqa: BLE001 - never into the dispatcher: answer in the documented shape
