@@ -177,7 +177,8 @@ class Launcher(Protocol):
 Answered = tuple[str, str, Any, bool, str, float, float | None, float]
 
 
-def answered(job: "Job", outcome: str, queue_s: float, exec_s: float | None) -> Answered:
+def answer_record(job: "Job", outcome: str, queue_s: float, exec_s: float | None) -> Answered:
+    """What observers are told of ``job``, answered with ``outcome`` now."""
     return (job.endpoint, job.door, job.client, job.started is not None or bool(job.deadline), outcome, queue_s, exec_s, time.time())
 
 
@@ -283,7 +284,7 @@ class Dispatcher:
         self.counters = Counters()
         self.observers: list[Observer] = [observer] if observer else []
         #: answered requests the observers have not seen yet (see flush_answered)
-        self.answered: list[Answered] = []
+        self.to_observe: list[Answered] = []
         self._answered_timer: Any = None
         self.queue: deque[Job] = deque()
         #: every held job in the order it left the queue (= deadline order); started ones are skipped lazily
@@ -638,8 +639,8 @@ class Dispatcher:
         requests[outcome] = requests.get(outcome, 0) + 1
         if not self.observers:
             return
-        batch = self.answered
-        batch.append(answered(job, outcome, start - job.admitted, end - job.started if job.started is not None else None))
+        batch = self.to_observe
+        batch.append(answer_record(job, outcome, start - job.admitted, end - job.started if job.started is not None else None))
         if len(batch) >= ANSWERED_BATCH:
             self.flush_answered()
         elif self._answered_timer is None:
@@ -656,9 +657,9 @@ class Dispatcher:
         """
         _cancel(self._answered_timer)
         self._answered_timer = None
-        if not self.answered:
+        if not self.to_observe:
             return
-        batch, self.answered = self.answered, []
+        batch, self.to_observe = self.to_observe, []
         for o in self.observers:
             o.requests_done(self.name, batch)
 

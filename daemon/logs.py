@@ -301,9 +301,9 @@ class AccessLog:
 
     def request_done(self, pool: str, job: "Job", outcome: str, queue_s: float, exec_s: float | None) -> None:
         """One request, now (tests; the dispatcher sends batches)."""
-        from .dispatch import answered
+        from .dispatch import answer_record
 
-        self.requests_done(pool, [answered(job, outcome, queue_s, exec_s)])
+        self.requests_done(pool, [answer_record(job, outcome, queue_s, exec_s)])
 
     def _render(self, item: tuple[Any, ...]) -> str:
         """A queued batch's lines, as the ``logging`` path above would have written them."""

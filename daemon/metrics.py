@@ -62,7 +62,7 @@ from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from prometheus_client.utils import floatToGoString
 
 from . import __version__
-from .dispatch import Answered, WorkerState, answered
+from .dispatch import Answered, WorkerState, answer_record
 
 if TYPE_CHECKING:
     from .dispatch import Dispatcher, Job
@@ -237,7 +237,7 @@ class Metrics:
 
     def request_done(self, pool: str, job: "Job", outcome: str, queue_s: float, exec_s: float | None) -> None:
         """One request, now (tests; the dispatcher sends batches)."""
-        self.requests_done(pool, [answered(job, outcome, queue_s, exec_s)])
+        self.requests_done(pool, [answer_record(job, outcome, queue_s, exec_s)])
 
     def worker_exit(self, pool: str, reason: str) -> None:
         self.exits.labels(pool, reason).inc()
