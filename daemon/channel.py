@@ -77,16 +77,17 @@ class WriteBatch:
             self.scheduled = True
             self.loop.call_soon(self.flush)
 
-    def run_eager(self, handle: Callable[[], None]) -> None:
-        """Run ``handle``, a read callback of another kind of connection that handles one request
-        at a time (the HTTP door's), as a Channel handles the last frame of a read: what it
-        writes is sent at once instead of a loop iteration later."""
+    def run(self, handle: Callable[[], None], eager: bool) -> None:
+        """Run ``handle`` as a read callback: writes made meanwhile are flushed when the outermost
+        one returns, or sent at once while ``eager``. The HTTP door's connections pass True: they
+        handle one request at a time, as a Channel handles the last frame of a read. The state
+        it replaces is restored after, so a nested run (a drain) leaves its caller's as it was."""
         self.depth += 1
-        eager, self.eager = self.eager, True
+        outer, self.eager = self.eager, eager
         try:
             handle()
         finally:
-            self.eager = eager
+            self.eager = outer
             self.depth -= 1
             if self.depth == 0 and self.dirty:
                 self.flush()
@@ -166,6 +167,7 @@ class Channel:
     # -- reading ---------------------------------------------------------------
 
     def _on_readable(self) -> None:
+        # WriteBatch.run(self._read, False), inline: this runs for every read
         batch = self._batch
         batch.depth += 1
         try:
@@ -183,17 +185,12 @@ class Channel:
         peer's ``send`` completed before the call has reached the sink (a Unix
         socket's send puts the bytes in our receive queue before it returns).
         """
-        batch = self._batch
-        batch.depth += 1
-        eager = batch.eager  # a drain runs inside another channel's read
-        try:
-            while self._reading and not self.closed and self._read():
-                pass
-        finally:
-            batch.eager = eager
-            batch.depth -= 1
-            if batch.depth == 0 and batch.dirty:
-                batch.flush()
+        # a drain runs inside another channel's read: it keeps that read's eager state
+        self._batch.run(self._read_all, self._batch.eager)
+
+    def _read_all(self) -> None:
+        while self._reading and not self.closed and self._read():
+            pass
 
     def _read(self) -> bool:
         """One ``recv`` and the frames it completes; False when nothing was there (or the end)."""

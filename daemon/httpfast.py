@@ -264,7 +264,7 @@ class FastConnection(asyncio.Protocol):
                 self.read_paused = True
                 self.transport.pause_reading()  # type: ignore[union-attr]
             return
-        self.batch.run_eager(self._process)  # one call at a time: its CALL need not wait for company
+        self.batch.run(self._process, eager=True)  # one call at a time: its CALL need not wait for company
 
     def eof_received(self) -> bool | None:
         return None  # a half-close is a hang-up, as in aiohttp: close (connection_lost drops the call)
