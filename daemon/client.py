@@ -204,8 +204,7 @@ class _Connection:
                 for batch_out, batch_fds in batches:
                     _sendall(self.sock, batch_out, batch_fds)
         except OSError as exc:
-            self._fail(errors.DaemonUnavailable(f"connection to cruised at {self.path} lost while sending: {exc}"))
-            raise self.broken or exc from None
+            raise self._lost_while_sending(exc) from None
         return slots
 
     def send_small(self, head: bytes, index: bytes, data: bytes, callback: Callable[[_Pending], None] | None = None) -> _Pending:
@@ -224,9 +223,13 @@ class _Connection:
             with self.send_lock:
                 self.sock.sendall(frame)
         except OSError as exc:
-            self._fail(errors.DaemonUnavailable(f"connection to cruised at {self.path} lost while sending: {exc}"))
-            raise self.broken or exc from None
+            raise self._lost_while_sending(exc) from None
         return slot
+
+    def _lost_while_sending(self, exc: OSError) -> BaseException:
+        """Fail the connection (every waiting call gets the error); the error to raise."""
+        self._fail(errors.DaemonUnavailable(f"connection to cruised at {self.path} lost while sending: {exc}"))
+        return self.broken or exc
 
     def _may_pass_fds(self) -> bool:
         """Whether CALLs may carry shared files now.
