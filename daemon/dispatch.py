@@ -182,6 +182,11 @@ def answer_record(job: "Job", outcome: str, queue_s: float, exec_s: float | None
     return (job.endpoint, job.door, job.client, job.started is not None or bool(job.deadline), outcome, queue_s, exec_s, time.time())
 
 
+def observe_one(observer: "Observer", pool: str, job: "Job", outcome: str, queue_s: float, exec_s: float | None) -> None:
+    """Show ``observer`` one answered request now (tests; the dispatcher sends batches)."""
+    observer.requests_done(pool, [answer_record(job, outcome, queue_s, exec_s)])
+
+
 class Observer(Protocol):
     def requests_done(self, pool: str, batch: list[Answered]) -> None:
         """Requests answered since the last batch, in answer order (see Dispatcher.flush_answered)."""

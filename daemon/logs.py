@@ -51,7 +51,7 @@ import time
 from typing import TYPE_CHECKING, Any, TextIO
 
 if TYPE_CHECKING:
-    from .dispatch import Answered, Job
+    from .dispatch import Answered
 
 FORMATS = ("text", "json")
 ACCESS_LOGGER = "cruised.access"
@@ -298,12 +298,6 @@ class AccessLog:
         for endpoint, _, client, _, outcome, queue_s, exec_s, _ in batch:
             msg = _access_message(pool, endpoint, outcome, queue_s, exec_s, client)
             self.log.info("%s", msg, extra={"fields": _access_fields(pool, endpoint, outcome, queue_s, exec_s, client)})
-
-    def request_done(self, pool: str, job: "Job", outcome: str, queue_s: float, exec_s: float | None) -> None:
-        """One request, now (tests; the dispatcher sends batches)."""
-        from .dispatch import answer_record
-
-        self.requests_done(pool, [answer_record(job, outcome, queue_s, exec_s)])
 
     def _render(self, item: tuple[Any, ...]) -> str:
         """A queued batch's lines, as the ``logging`` path above would have written them."""

@@ -62,10 +62,10 @@ from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from prometheus_client.utils import floatToGoString
 
 from . import __version__
-from .dispatch import Answered, WorkerState, answer_record
+from .dispatch import Answered, WorkerState
 
 if TYPE_CHECKING:
-    from .dispatch import Dispatcher, Job
+    from .dispatch import Dispatcher
 
 log = logging.getLogger("cruised.metrics")
 
@@ -234,10 +234,6 @@ class Metrics:
                 h = c.exec
                 h.counts[bisect_left(BUCKETS, exec_s)] += 1
                 h.sum += exec_s
-
-    def request_done(self, pool: str, job: "Job", outcome: str, queue_s: float, exec_s: float | None) -> None:
-        """One request, now (tests; the dispatcher sends batches)."""
-        self.requests_done(pool, [answer_record(job, outcome, queue_s, exec_s)])
 
     def worker_exit(self, pool: str, reason: str) -> None:
         self.exits.labels(pool, reason).inc()

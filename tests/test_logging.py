@@ -104,7 +104,7 @@ def test_setup_rejects_unknown_format() -> None:
 
 
 def test_access_log_line() -> None:
-    from cruised.dispatch import Job
+    from cruised.dispatch import Job, observe_one
 
     class Client:
         peer = (11, 22, 33)
@@ -119,8 +119,8 @@ def test_access_log_line() -> None:
     try:
         access = logs.AccessLog(logger)
         job = Job(1, 1, bytearray(), None, Client(), 1, endpoint="svc/e")  # type: ignore[arg-type]
-        access.request_done("p", job, "rejected", 0.0, None)
-        access.request_done("p", job, "ok", 0.0012, 0.5)
+        observe_one(access, "p", job, "rejected", 0.0, None)
+        observe_one(access, "p", job, "ok", 0.0012, 0.5)
     finally:
         logger.removeHandler(handler)
     first, second = (json.loads(line) for line in stream.getvalue().splitlines())
@@ -132,7 +132,7 @@ def test_access_log_line() -> None:
 @pytest.mark.parametrize("fmt", ["text", "json"])
 def test_direct_access_lines_match_the_logging_path_and_keep_order(fmt: str) -> None:
     """The hot-path access log renders the same line as a logging record would, batched per loop turn."""
-    from cruised.dispatch import Job
+    from cruised.dispatch import Job, observe_one
 
     class Client:
         peer = (11, 22, 33)
@@ -149,14 +149,14 @@ def test_direct_access_lines_match_the_logging_path_and_keep_order(fmt: str) -> 
     job = Job(1, 1, bytearray(), None, Client(), 1, endpoint="svc/e")  # type: ignore[arg-type]
     try:
         logs.setup("info", fmt, slow_out)
-        logs.AccessLog().request_done("p", job, "ok", 0.0012, 0.5)  # no call_soon: an ordinary record
+        observe_one(logs.AccessLog(), "p", job, "ok", 0.0012, 0.5)  # no call_soon: an ordinary record
         handler = logs.setup("info", fmt, direct_out)
         access = logs.AccessLog(call_later=call_later)
-        access.request_done("p", job, "ok", 0.0012, 0.5)
-        access.request_done("p", job, "rejected", 0.0, None)
+        observe_one(access, "p", job, "ok", 0.0012, 0.5)
+        observe_one(access, "p", job, "rejected", 0.0, None)
         assert direct_out.getvalue() == "" and len(scheduled) == 1  # queued, one write scheduled
         logging.getLogger("cruised.test").warning("something else")  # another record writes the queue first
-        access.request_done("p", job, "ok", 0.0, 0.1)
+        observe_one(access, "p", job, "ok", 0.0, 0.1)
         scheduled[-1]()
         assert isinstance(handler, logs.StderrHandler) and not handler.queued
     finally:

@@ -21,7 +21,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 import cruised
 from cruised.config import PoolConfig
-from cruised.dispatch import Dispatcher, Job
+from cruised.dispatch import Dispatcher, Job, observe_one
 from cruised.metrics import BUCKETS, EXIT_REASONS, MAX_ENDPOINTS, OUTCOMES, Metrics
 from cruised.pool.frames import Kind
 
@@ -238,15 +238,15 @@ def test_outcome_aliases_and_histogram_membership() -> None:
 
     refused = _job()  # refused at the door: no queue wait observed
     refused.admitted = clock.now
-    metrics.request_done("p", refused, "rejected", 0.0, None)
+    observe_one(metrics, "p", refused, "rejected", 0.0, None)
 
     ran = _job("svc/predict")
     ran.admitted, ran.deadline, ran.started = 100.0, 110.0, 100.5
-    metrics.request_done("p", ran, "ok", 0.5, 0.25)
+    observe_one(metrics, "p", ran, "ok", 0.5, 0.25)
 
     resent = _job()  # the worker lacked the code: not run, counted as rejected
     resent.admitted, resent.started = 100.0, 100.0
-    metrics.request_done("p", resent, "unknown_function", 0.0, 0.001)
+    observe_one(metrics, "p", resent, "unknown_function", 0.0, 0.001)
 
     m = parse(metrics.render().decode())
     assert value(m, "cruised_requests_total", pool="p", endpoint="function", outcome="rejected", door="native") == 2
@@ -272,7 +272,7 @@ def test_histograms_expose_what_prometheus_client_would() -> None:
     rng = random.Random(7)
     values = list(BUCKETS) + [0.0, 1e-7, 3600.0] + [rng.uniform(0, 2) ** 6 for _ in range(500)]  # every bound exactly, too
     for v in values:
-        metrics.request_done("p", _job("svc/e"), "ok", 0.0, v)
+        observe_one(metrics, "p", _job("svc/e"), "ok", 0.0, v)
         reference.labels("p", "svc/e").observe(v)
     ours = {k: v for k, v in parse(metrics.render().decode()).items() if k[0].startswith("cruised_exec_seconds")}
     theirs = {k: v for k, v in parse(generate_latest(registry).decode()).items() if k[0].startswith("cruised_exec_seconds")}
@@ -288,7 +288,7 @@ def test_endpoint_label_is_bounded(monkeypatch: pytest.MonkeyPatch, caplog: pyte
     disp, _ = _dispatcher()
     metrics = Metrics(lambda: {"p": disp}, process=False)
     for i in range(cap + 50):
-        metrics.request_done("p", _job(f"svc/e{i}"), "ok", 0.0, 0.001)
+        observe_one(metrics, "p", _job(f"svc/e{i}"), "ok", 0.0, 0.001)
     m = parse(metrics.render().decode())
     endpoints = {dict(k[1])["endpoint"] for k in m if k[0] == "cruised_requests_total"}
     assert len(endpoints) == cap + 1
@@ -328,7 +328,7 @@ def test_docs_and_dashboard_reference_real_metrics() -> None:
     disp, _ = _dispatcher()
     metrics = Metrics(lambda: {"p": disp}, process=True)
     metrics.attach(disp)
-    metrics.request_done("p", _job(), "ok", 0.0, 0.001)
+    observe_one(metrics, "p", _job(), "ok", 0.0, 0.001)
     text = metrics.render().decode()
     exposed = {name for name, _ in parse(text)} | {f.name for f in text_string_to_metric_families(text)}
 
