@@ -81,7 +81,7 @@ class BenchDaemon:
         self.log_path = self.dir / "daemon.log"
         self.proc: subprocess.Popen[bytes] | None = None
 
-    def start(self, timeout: float = 60.0) -> "BenchDaemon":
+    def start(self, timeout: float = 60.0) -> BenchDaemon:
         env = dict(os.environ, PYTHONUNBUFFERED="1")
         env.pop("CRUISED_SOCKET", None)
         self._log = open(self.log_path, "ab")

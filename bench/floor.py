@@ -1,6 +1,6 @@
 """The floor: what a perfect daemon could not beat, measured with the same framing.
 
-``echo`` is a second process that reads cruised frames (pool/frames.py: a
+``echo`` is a second process that reads cruised frames (pool/wire/frames.py: a
 16-byte header, then the payload) from a socketpair and writes each one back
 unchanged: one hop, client -> worker -> client. ``pump`` sits between the
 client and an ``echo`` process and forwards bytes both ways without looking at
@@ -16,7 +16,6 @@ Run as ``python -m bench.floor echo FD`` or ``python -m bench.floor pump FD FD``
 
 from __future__ import annotations
 
-import os
 import selectors
 import socket
 import struct
@@ -25,7 +24,7 @@ import sys
 from collections import deque
 from typing import Any
 
-from cruised.pool import frames, sockopt
+from cruised.pool.wire import frames, sockopt
 
 RECV_SIZE = 256 << 10
 _SIZE = struct.Struct("<I")

@@ -1,6 +1,6 @@
 """The workload functions, importable by every peer (pickled by reference).
 
-cruised ships these by value (see daemon/shipping.py), the peers by module
+cruised ships these by value (see daemon/client/shipping.py), the peers by module
 reference; the bodies are identical, so every row runs the same code.
 Time stamps use ``time.monotonic()``: CLOCK_MONOTONIC is system-wide on
 Linux, so a worker's stamps compare directly with the caller's.

@@ -21,8 +21,8 @@ import os
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 from . import funcs, stats
 from .daemon import BenchDaemon
@@ -62,7 +62,7 @@ class Spy:
         self.targets = targets
         self.procs: list[tuple[str, Path, subprocess.Popen[bytes]]] = []
 
-    def __enter__(self) -> "Spy":
+    def __enter__(self) -> Spy:
         stamp = time.strftime("%H%M%S")
         py_spy = str(Path(sys.executable).with_name("py-spy"))
         for label, pid in self.targets.items():

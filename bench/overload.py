@@ -1,6 +1,6 @@
 """The overload row: an open-loop load at twice a pool's capacity, every reply accounted for.
 
-cruised is driven over the raw native protocol (pool/frames.py), not the
+cruised is driven over the raw native protocol (pool/wire/frames.py), not the
 client library, so the count of requests without exactly one reply is
 observed directly: every CALL gets a unique request id, a reader thread
 counts replies per id, and after the run (plus the longest a reply may
@@ -20,9 +20,9 @@ import threading
 import time
 from typing import Any
 
-from cruised import shipping
-from cruised.pool import bundle, frames
-from cruised.pool.frames import Kind, Status
+from cruised.client import shipping
+from cruised.pool.wire import bundle, frames
+from cruised.pool.wire.frames import Kind, Status
 
 from . import funcs, stats
 from .floor import FrameReader
@@ -63,7 +63,7 @@ def cruised_overload(sock_path: str, pool: str, rate: float, duration: float, se
         while True:
             try:
                 fr = reader.read()
-            except (OSError, socket.timeout):
+            except (TimeoutError, OSError):
                 return
             if fr is None:
                 return
@@ -96,7 +96,9 @@ def cruised_overload(sock_path: str, pool: str, rate: float, duration: float, se
     return summarise(n, rate, duration, send_end - t0, sent_at, done_at, status, replies)
 
 
-def summarise(n: int, rate: float, duration: float, send_s: float, sent_at: list[float], done_at: list[float], status: list[int], replies: list[int]) -> dict[str, Any]:
+def summarise(
+    n: int, rate: float, duration: float, send_s: float, sent_at: list[float], done_at: list[float], status: list[int], replies: list[int]
+) -> dict[str, Any]:
     ok = [done_at[i] - sent_at[i] for i in range(n) if replies[i] >= 1 and status[i] == Status.OK]
     rejected = sum(1 for i in range(n) if replies[i] >= 1 and status[i] in (Status.QUEUE_FULL, Status.QUEUE_TIMEOUT))
     other = sum(1 for i in range(n) if replies[i] >= 1 and status[i] not in (Status.OK, Status.QUEUE_FULL, Status.QUEUE_TIMEOUT))

@@ -23,7 +23,8 @@ import sys
 import threading
 import time
 import traceback
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 from . import daemon, memory, overload, stats
 from .systems import WORKERS, Unavailable, make

@@ -96,7 +96,14 @@ def targets(results: dict[str, Any]) -> list[dict[str, Any]]:
         med = _median(ready)
         assert med is not None
         what = "one new worker alone" if _single(cr) else "burst spawns"
-        out.append({"target": "new worker ready (numpy+pandas preloaded)", "figure": f"median {med:.1f} ms, max {max(ready):.1f} ms ({len(ready)} × {what})", "limit": "≤ 50 ms", "met": med <= 50})
+        out.append(
+            {
+                "target": "new worker ready (numpy+pandas preloaded)",
+                "figure": f"median {med:.1f} ms, max {max(ready):.1f} ms ({len(ready)} × {what})",
+                "limit": "≤ 50 ms",
+                "met": med <= 50,
+            }
+        )
     else:
         out.append({"target": "new worker ready (numpy+pandas preloaded)", "figure": "not measured", "limit": "≤ 50 ms", "met": None})
     pss = _pss_mb(cr)
@@ -132,7 +139,9 @@ def markdown(results: dict[str, Any]) -> str:
         many = _cell(row, "multi8", "calls_per_s") if "multi8" in row else _cell(row, "threads8", "calls_per_s")
         if "multi8" not in row and isinstance(_get(row, "threads8", "calls_per_s"), float):
             many += " (threads)"
-        lines.append(f"| {_label(name, row)} | {_cell(row, 'latency', 'p50_us')} | {_cell(row, 'latency', 'p99_us')} | {_cell(row, 'throughput', 'calls_per_s')} | {many} |")
+        lines.append(
+            f"| {_label(name, row)} | {_cell(row, 'latency', 'p50_us')} | {_cell(row, 'latency', 'p99_us')} | {_cell(row, 'throughput', 'calls_per_s')} | {many} |"
+        )
     lines += [
         "",
         "8 clients: separate processes, each with its own connection, for cruised; 8 threads sharing one pool for the in-process peers (a process pool cannot be shared between processes).",
@@ -179,7 +188,12 @@ def markdown(results: dict[str, Any]) -> str:
     fresh = results.get("fresh_interpreter_pss_kb")
     mem_rows = [(n, r) for n, r in _rows(results) if _pss_mb(r) is not None]
     if fresh or mem_rows:
-        lines += ["## Memory: PSS per idle worker (numpy and pandas imported)", "", "| system | workers | PSS per worker MB | vs fresh interpreter |", "|---|---:|---:|---:|"]
+        lines += [
+            "## Memory: PSS per idle worker (numpy and pandas imported)",
+            "",
+            "| system | workers | PSS per worker MB | vs fresh interpreter |",
+            "|---|---:|---:|---:|",
+        ]
         if fresh:
             lines.append(f"| fresh `python -c 'import numpy, pandas'` | 1 | {fresh / 1024:.1f} | 1.00 |")
         for name, row in mem_rows:
@@ -296,7 +310,9 @@ def plots(results: dict[str, Any], out: Path) -> list[str]:
             for i, p in enumerate(PAYLOADS):
                 v = _get(row, "payloads", p, "p50_us")
                 if isinstance(v, float):
-                    ax.bar(i - 0.4 + width * (j + 0.5), v / 1e3, width, color=COLORS.get(name), label=name if i == 0 else None, edgecolor="black", linewidth=0.3)
+                    ax.bar(
+                        i - 0.4 + width * (j + 0.5), v / 1e3, width, color=COLORS.get(name), label=name if i == 0 else None, edgecolor="black", linewidth=0.3
+                    )
         ax.set_yscale("log")
         ax.set_xticks(range(len(PAYLOADS)))
         ax.set_xticklabels(PAYLOADS)

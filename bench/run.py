@@ -59,7 +59,9 @@ def run_probe(system: str, sections: list[str], d: daemon_mod.BenchDaemon, quick
 def multi_client(system: str, d: daemon_mod.BenchDaemon, clients: int, per_client: int) -> dict[str, Any]:
     """``clients`` processes, each its own connection, started together; aggregate calls/s."""
     cmd = [sys.executable, "-m", "bench.probe", system, "--client", "--n", str(per_client), "--socket", d.socket, "--http-socket", d.http_socket]
-    procs = [subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, cwd=Path(__file__).resolve().parent.parent) for _ in range(clients)]
+    procs = [
+        subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, cwd=Path(__file__).resolve().parent.parent) for _ in range(clients)
+    ]
     try:
         for p in procs:
             assert p.stdout is not None
@@ -265,9 +267,7 @@ def main(argv: list[str] | None = None) -> int:
             results["fresh_interpreter_pss_kb"] = memory.fresh_interpreter_kb()
         if "overload" in sections and "cruised" in systems:
             log("cruised: overload")
-            cr["overload"] = overload.cruised_overload(
-                d.socket, "over", probe.OVER_RATE, 2.0 if quick else 10.0, daemon_mod.OVER_MS, queue_timeout=1.0
-            )
+            cr["overload"] = overload.cruised_overload(d.socket, "over", probe.OVER_RATE, 2.0 if quick else 10.0, daemon_mod.OVER_MS, queue_timeout=1.0)
     finally:
         d.cleanup()
     results["meta"]["seconds"] = round(time.monotonic() - started, 1)

@@ -6,7 +6,7 @@ Starts its own daemon (in its own session, reaped at the end), drives 8
 pipelining clients with a mix of quick, slow, raising, crashing and hanging
 calls while workers are SIGKILLed at random, samples the daemon's RSS and fd
 count every second, and prints the invariant checker's verdict. One more
-client sends 1 MB arrays (shared files, pool/sharedfile.py) through the same
+client sends 1 MB arrays (shared files, pool/wire/sharedfile.py) through the same
 mix; each of its results is checked, and at the end the supervisor must hold
 no shared file. Writes
 ``soak.json``, ``rss.csv`` and, when matplotlib is installed, ``rss.png``.
@@ -30,7 +30,7 @@ sys.path.insert(0, str(HERE.parent / "tests"))
 from conftest import Daemon, pool_config  # noqa: E402
 from invariants import BusyKiller, RawClient, check, drive, memfds, resources, settle  # noqa: E402
 
-from cruised.pool.frames import Status  # noqa: E402
+from cruised.pool.wire.frames import Status  # noqa: E402
 
 
 def main() -> int:

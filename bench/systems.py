@@ -17,7 +17,8 @@ import http.client
 import json
 import os
 import socket
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 from . import funcs
 from .floor import FloorSystem
@@ -70,7 +71,7 @@ class Floor(System):
 
     def prepare(self, obj: Any) -> Any:
         # exactly the bytes cruised puts on the wire for this argument (call head + bundle)
-        from cruised.pool import bundle, frames
+        from cruised.pool.wire import bundle, frames
 
         n = len(frames.call_head("fast", 0, b"\0" * 16)) + bundle.packed_size(bundle.pack(((obj,), {})))
         return self.f.prepare(n)
@@ -248,7 +249,11 @@ class LeanHTTPConnection:
         """(status, headers with lower-case names, body)."""
         sock = self.sock or self._connect()
         head = b"%s %s HTTP/1.1\r\nHost: %s\r\nContent-Type: %s\r\nContent-Length: %d\r\n\r\n" % (
-            method.encode(), target.encode(), self.host, content_type.encode(), len(body)
+            method.encode(),
+            target.encode(),
+            self.host,
+            content_type.encode(),
+            len(body),
         )
         sock.sendall(head + body)
         buf = self.buf

@@ -13,10 +13,7 @@ or return ``cruised.CustomResponse(status, body, headers)``.
 
 __version__ = "0.1.0"
 
-from cruised.pool.api import ApiError, CustomResponse  # noqa: E402
-
-from .client import Session, function, session  # noqa: E402
-from .errors import (  # noqa: E402
+from cruised.client.errors import (
     CruisedError,
     DaemonUnavailable,
     ExecutionTimeout,
@@ -26,19 +23,21 @@ from .errors import (  # noqa: E402
     RemoteError,
     WorkerCrashed,
 )
+from cruised.client.session import Session, function, session
+from cruised.pool.api import ApiError, CustomResponse
 
 __all__ = [
-    "session",
-    "function",
-    "Session",
+    "ApiError",
     "CruisedError",
+    "CustomResponse",
+    "DaemonUnavailable",
+    "ExecutionTimeout",
+    "QConnectionError",
     "QueueFull",
     "QueueTimeout",
-    "ExecutionTimeout",
-    "WorkerCrashed",
     "RemoteError",
-    "DaemonUnavailable",
-    "QConnectionError",
-    "ApiError",
-    "CustomResponse",
+    "Session",
+    "WorkerCrashed",
+    "function",
+    "session",
 ]

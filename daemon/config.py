@@ -36,7 +36,7 @@ from typing import Any, Union
 
 import yaml
 
-from .errors import ConfigError
+from cruised.client.errors import ConfigError
 
 
 class Duration(float):
@@ -64,8 +64,17 @@ _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h)?\s*$")
 _DURATION_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, None: 1.0}
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(B|KB|MB|GB|KiB|MiB|GiB|K|M|G)?\s*$")
 _SIZE_UNITS = {
-    None: 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9,
-    "KiB": 1 << 10, "MiB": 1 << 20, "GiB": 1 << 30, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30,
+    None: 1,
+    "B": 1,
+    "KB": 10**3,
+    "MB": 10**6,
+    "GB": 10**9,
+    "KiB": 1 << 10,
+    "MiB": 1 << 20,
+    "GiB": 1 << 30,
+    "K": 1 << 10,
+    "M": 1 << 20,
+    "G": 1 << 30,
 }
 
 
@@ -386,7 +395,7 @@ class QipcConfig:
     )
     tls_cert: str | None = doc("PEM certificate: the TCP listener then speaks TLS only (q's hopen`:tcps://); the Unix socket stays plain", None)
     tls_key: str | None = doc("PEM private key for tls_cert", None)
-    endpoint_users: dict[str, list[str]] = doc("\"service/endpoint\" -> the handshake users allowed to call it; unlisted endpoints are open", factory=dict)
+    endpoint_users: dict[str, list[str]] = doc('"service/endpoint" -> the handshake users allowed to call it; unlisted endpoints are open', factory=dict)
     remote_pool: str = doc("the pool that runs unmodified pykx.remote sessions' functions", "default")
     callback_concurrency: int = doc("deferred-sync (callback) calls of one handle that may run at once; 1 runs them in order", 64)
     max_pending: int = doc("messages read ahead on one handle while earlier ones run; more wait in the socket", 256)
@@ -410,7 +419,7 @@ class QipcConfig:
             if value is not None and not os.path.isfile(value):
                 errors.append(ConfigError(f"{path}.{name}", f"no such file: {value}"))
         if self.users_file is not None:
-            from .qauth import UsersFileError, read_users_file
+            from cruised.doors.qipc.auth import UsersFileError, read_users_file
 
             try:
                 read_users_file(self.users_file)
@@ -422,7 +431,7 @@ class QipcConfig:
             if getattr(self, name) < 1:
                 errors.append(ConfigError(f"{path}.{name}", f"must be positive, got {getattr(self, name)}"))
 
-    def check_references(self, config: "Config", errors: list[ConfigError]) -> None:
+    def check_references(self, config: Config, errors: list[ConfigError]) -> None:
         """Names that must exist elsewhere in the config: the remote pool, the endpoints of endpoint_users."""
         if self.listen is None:
             return

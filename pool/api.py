@@ -22,7 +22,8 @@ runs unchanged:
 from __future__ import annotations
 
 import re
-from typing import Any, Iterable
+from collections.abc import Iterable
+from typing import Any
 from wsgiref.headers import Headers
 
 #: header names are RFC 9110 tokens
@@ -61,7 +62,9 @@ class CustomResponse:
     ``resp.add_header("Set-Cookie", "a=1")`` adds another.
     """
 
-    def __init__(self, status: int = 200, body: str | bytes | bytearray | memoryview = b"", headers: dict[str, str] | Iterable[tuple[str, str]] | None = None) -> None:
+    def __init__(
+        self, status: int = 200, body: str | bytes | bytearray | memoryview = b"", headers: dict[str, str] | Iterable[tuple[str, str]] | None = None
+    ) -> None:
         self.status = status
         self.body = body
         pairs = list(headers.items()) if isinstance(headers, dict) else list(headers or [])
@@ -71,17 +74,19 @@ class CustomResponse:
         self.headers.add_header(name, value)
 
     @classmethod
-    def create_text_response(cls, text: str, content_type: str = "text/plain; charset=utf-8", status: int = 200) -> "CustomResponse":
+    def create_text_response(cls, text: str, content_type: str = "text/plain; charset=utf-8", status: int = 200) -> CustomResponse:
         return cls(status, text, {"Content-Type": content_type})
 
     @classmethod
-    def create_json_response(cls, obj: Any, content_type: str = "application/json", status: int = 200) -> "CustomResponse":
-        from .jsonify import to_json
+    def create_json_response(cls, obj: Any, content_type: str = "application/json", status: int = 200) -> CustomResponse:
+        from cruised.pool.jsonify import to_json
 
         return cls(status, to_json(obj), {"Content-Type": content_type})
 
     @classmethod
-    def create_binary_response(cls, data: bytes | bytearray | memoryview, content_type: str = "application/octet-stream", status: int = 200) -> "CustomResponse":
+    def create_binary_response(
+        cls, data: bytes | bytearray | memoryview, content_type: str = "application/octet-stream", status: int = 200
+    ) -> CustomResponse:
         return cls(status, bytes(data), {"Content-Type": content_type})
 
     def encode(self) -> tuple[dict[str, Any], bytes]:

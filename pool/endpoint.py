@@ -38,14 +38,16 @@ import sys
 import time
 import traceback
 import types
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
-from . import api, frames, qconn
-from .frames import Status
-from .jsonify import NotSerializable, to_json
+from cruised.pool import api, qconn
+from cruised.pool.jsonify import NotSerializable, to_json
+from cruised.pool.wire import frames
+from cruised.pool.wire.frames import Status
 
-# per-call comparisons against plain globals, not Enum class attributes (see pool/frames.py)
+# per-call comparisons against plain globals, not Enum class attributes (see pool/wire/frames.py)
 _OK = Status.OK
 
 
@@ -107,7 +109,7 @@ def _load(ep: Endpoint, index: int, base: dict[str, Any]) -> None:
         sys.path.append(here)  # appended: helpers beside the code import, but never shadow installed modules
     with open(path, encoding="utf-8") as fh:
         source = fh.read()
-    exec(compile(source, path, "exec"), g)  # noqa: S102 - running the endpoint's code is the point
+    exec(compile(source, path, "exec"), g)
     fn = g.get(ep.function)
     if fn is None:
         defined = sorted(k for k, v in g.items() if callable(v) and not k.startswith("_") and getattr(v, "__module__", None) == modname)

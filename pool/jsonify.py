@@ -50,7 +50,7 @@ import datetime as _dt
 import json
 import math
 import sys
-from typing import Any, Optional, Tuple
+from typing import Any, Optional
 
 #: the walk (taken when the C encoder's fast path cannot finish) refuses deeper
 #: nesting; it recurses, so this stays well inside the interpreter's limit
@@ -100,7 +100,7 @@ _PLAIN = json.JSONEncoder(ensure_ascii=False, allow_nan=False, separators=(",", 
 
 
 #: where a value sits, built only when an error needs it: (parent, key) links, None = root
-_Path = Optional[Tuple[Any, Any]]
+_Path = Optional[tuple[Any, Any]]
 
 
 def _format(path: _Path) -> str:
@@ -196,7 +196,7 @@ def _convert_other(o: Any, path: _Path) -> Any:
     if kx is not None and isinstance(o, kx.K):
         # pykx: tables -> records, vectors -> lists, atoms -> scalars, temporal -> ISO (pool/qjson.py;
         # imported only now: it needs numpy, which this module must not require)
-        from . import qjson
+        from cruised.pool import qjson
 
         return qjson.to_jsonable(o)
     return o

@@ -1,6 +1,6 @@
 """Calls that came in over kdb+ IPC, run in the worker: q bytes in, q bytes out.
 
-The kdb+ IPC door (daemon/qipc.py) never converts q data. It routes each
+The kdb+ IPC door (daemon/doors/qipc/door.py) never converts q data. It routes each
 message by its head (an endpoint name, or one of the messages pykx.remote
 sends) and forwards the argument bytes in a QCALL frame. Here they are
 deserialized with pykx, converted to Python, the function runs, and its
@@ -8,7 +8,7 @@ result is converted back and serialized as the *complete* kdb+ IPC message
 the q client receives: a response, an error, or a deferred-sync callback.
 The supervisor writes those bytes to the client unchanged.
 
-QCALL payload (pool/frames.py)::
+QCALL payload (pool/wire/frames.py)::
 
     u16 head length | head JSON (may end in padding spaces) | one kdb+ IPC message
 
@@ -72,10 +72,11 @@ import os
 import struct
 import sys
 import traceback
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
-from . import frames
-from .frames import Status
+from cruised.pool.wire import frames
+from cruised.pool.wire.frames import Status
 
 #: longest error text sent to q; q's own C API truncates error strings at 255
 ERROR_TEXT_MAX = 200
@@ -307,7 +308,7 @@ def _np() -> Any:
 def _toq(obj: Any, **kw: Any) -> Any:
     try:
         return pykx().toq(obj, **kw)
-    except Exception as exc:  # noqa: BLE001 - pykx raises TypeError, ValueError, its own errors
+    except Exception as exc:
         raise NotConvertible(_type_name(obj)) from exc
 
 
@@ -319,7 +320,9 @@ def _type_name(obj: Any) -> str:
 # -- pykx.remote source functions -------------------------------------------------------
 
 
-def load_source(meta: dict[str, Any], blob: bytes | memoryview, base: dict[str, Any], import_libraries: Callable[[dict[str, str]], dict[str, Any]]) -> Callable[..., Any]:
+def load_source(
+    meta: dict[str, Any], blob: bytes | memoryview, base: dict[str, Any], import_libraries: Callable[[dict[str, str]], dict[str, Any]]
+) -> Callable[..., Any]:
     """Compile a pykx.remote function from the source its client sent; called once per key.
 
     pykx.q runs ``trim "\\n" sv 1_"\\n" vs code``: the first line (the
@@ -336,7 +339,7 @@ def load_source(meta: dict[str, Any], blob: bytes | memoryview, base: dict[str, 
     g.update(import_libraries(meta.get("libraries") or {}))
     g["__name__"] = "__main__"
     g["__builtins__"] = builtins
-    exec(compile(code, f"<pykx.remote {name}>", "exec"), g)  # noqa: S102 - running the client's function is the point
+    exec(compile(code, f"<pykx.remote {name}>", "exec"), g)
     fn = g.get(name)
     if not callable(fn):
         raise NameError(f"the source sent for {name!r} does not define a function of that name")
@@ -469,7 +472,7 @@ def _toq_default(obj: Any) -> Any:
 def _invoke(worker: Any, call: Call, fn: Callable[..., Any], args: list[Any], kwargs: dict[str, Any], convert: Callable[[Any], Any], limit: int) -> None:
     try:
         result = fn(*args, **kwargs)
-    except BaseException as exc:  # noqa: BLE001 - every failure of user code goes back to its caller
+    except BaseException as exc:
         if isinstance(exc, KeyboardInterrupt):
             raise
         text = error_line(f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__, call.reqid)
@@ -485,7 +488,13 @@ def _invoke(worker: Any, call: Call, fn: Callable[..., Any], args: list[Any], kw
         return
     except Exception as exc:  # noqa: BLE001 - serialization refused it (e.g. a GUID at capability < 3)
         what = type(value).__name__ if "value" in locals() else _type_name(result)
-        _reply(worker, call, Status.ERROR, {"error": error_line(f"cruised: cannot convert {what} to q ({one_line(str(exc))})", call.reqid), "type": "NotConvertible"}, limit)
+        _reply(
+            worker,
+            call,
+            Status.ERROR,
+            {"error": error_line(f"cruised: cannot convert {what} to q ({one_line(str(exc))})", call.reqid), "type": "NotConvertible"},
+            limit,
+        )
         return
     _reply(worker, call, Status.OK, {}, limit, message)
 

@@ -48,7 +48,7 @@ At-most-once
 Why ``no_ctx=True``
     Without it pykx sends q-specific context probes on connect (it evaluates
     q code to learn the server's namespaces). A peer that is not a full q,
-    such as a gateway, a proxy, or ``tests/qserver.py``, answers them with an
+    such as a gateway, a proxy, or ``tests/support/qserver.py``, answers them with an
     error and the constructor fails. The probes only serve pykx's
     ``conn.namespace.function`` attribute syntax, which the ``q`` global does
     not offer; ``q('query', *args)`` needs none of it.
@@ -77,8 +77,9 @@ import os
 import select
 import socket
 import time
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Any, Callable, Mapping
+from typing import Any
 
 #: pykx's message for a reply timeout (pykx.ipc._ipc_err_warning['timeout'])
 _PYKX_TIMEOUT = "Query timed out"
@@ -119,7 +120,7 @@ class QSettings:
     required: bool = False
 
     @classmethod
-    def from_spec(cls, raw: Mapping[str, Any]) -> "QSettings":
+    def from_spec(cls, raw: Mapping[str, Any]) -> QSettings:
         return cls(**{k: raw[k] for k in cls.__dataclass_fields__ if k in raw})
 
     def __repr__(self) -> str:  # the password must not reach a log line through a repr
@@ -304,9 +305,7 @@ class QHandle:
 
     def _check_owner(self) -> None:
         if os.getpid() != self._owner:
-            raise QConnectionError(
-                "the q connection belongs to the worker process; a forked child cannot use it (open its own pykx connection)"
-            )
+            raise QConnectionError("the q connection belongs to the worker process; a forked child cannot use it (open its own pykx connection)")
 
     def _ensure(self) -> Any:
         self._check_owner()
@@ -401,10 +400,7 @@ class QHandle:
         text = str(exc)
         if type(exc).__name__ == "QError":
             if text == _PYKX_TIMEOUT:
-                return (
-                    f"no reply from q at {ep} within {self.settings.timeout:g}s (q.timeout); the connection "
-                    "was dropped and the query may still run on q"
-                )
+                return f"no reply from q at {ep} within {self.settings.timeout:g}s (q.timeout); the connection was dropped and the query may still run on q"
             dead = any(marker in text for marker in _DEAD_HANDLE)  # else: q's own error reply
         else:
             # pykx reports a broken socket as RuntimeError (its send/recv wrappers) or OSError;

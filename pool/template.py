@@ -45,7 +45,7 @@ import time
 import traceback
 from typing import Any
 
-from . import worker as worker_mod
+from cruised.pool import worker as worker_mod
 
 PR_SET_PDEATHSIG = 1
 MAX_FDS = 4

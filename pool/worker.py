@@ -43,15 +43,16 @@ import time
 import traceback
 import types
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
-from . import bundle, frames, heap, qconn, rawbuf, sharedfile, sockopt
-from . import endpoint as endpoint_mod
-from . import qcall
-from .frames import Kind, Status
+from cruised.pool import endpoint as endpoint_mod
+from cruised.pool import heap, qcall, qconn
+from cruised.pool.wire import bundle, frames, rawbuf, sharedfile, sockopt
+from cruised.pool.wire.frames import Kind, Status
 
-# per-call comparisons against plain globals, not Enum class attributes (see pool/frames.py)
+# per-call comparisons against plain globals, not Enum class attributes (see pool/wire/frames.py)
 _CALL, _HELD, _REPLY, _OK = Kind.CALL, Kind.HELD, Kind.REPLY, Status.OK
 
 PRELOAD_FAILED_EXIT = 3
@@ -102,7 +103,7 @@ class WorkerSpec:
     max_rss: int = 0
 
     @classmethod
-    def from_json(cls, raw: dict[str, Any]) -> "WorkerSpec":
+    def from_json(cls, raw: dict[str, Any]) -> WorkerSpec:
         return cls(**{k: raw[k] for k in cls.__dataclass_fields__ if k in raw})
 
 
@@ -131,7 +132,7 @@ def preload(spec: WorkerSpec) -> dict[str, Any]:
         with open(path, encoding="utf-8") as fh:
             source = fh.read()
         base["__file__"] = path
-        exec(compile(source, path, "exec"), base)  # noqa: S102 - running the operator's init file is the point
+        exec(compile(source, path, "exec"), base)
     return base
 
 
@@ -338,8 +339,7 @@ class Worker:
         client_py = meta.get("python")
         if client_py and client_py != PYTHON:
             raise RuntimeError(
-                f"function {meta.get('name')!r} was shipped from Python {client_py} but this pool runs "
-                f"Python {PYTHON}; bytecode does not cross minor versions"
+                f"function {meta.get('name')!r} was shipped from Python {client_py} but this pool runs Python {PYTHON}; bytecode does not cross minor versions"
             )
         libs = import_libraries(meta.get("libraries") or {})
         shipped = pickle.loads(blob)
@@ -394,7 +394,7 @@ class Worker:
             parts = bundle.pack(result)
             if shared is not None and bundle.shareable(parts, pickle_in_file):  # large results go back through the file
                 parts = bundle.share(parts, shared, self.spec.max_message_bytes, with_pickle=pickle_in_file)
-        except BaseException as exc:  # noqa: BLE001 - every failure of user code goes back to its caller
+        except BaseException as exc:
             if isinstance(exc, (KeyboardInterrupt,)):
                 raise
             if isinstance(exc, qconn.QConnectionError):  # q is unreachable: not the function's fault

@@ -1,0 +1,867 @@
+"""The Python client: ``session``, ``function``, ``call``/``submit``/``map``.
+
+In the style of PyKX's ``kx.remote``::
+
+    s = cruised.session()                # or session(socket=..., pool=..., libraries=..., timeout=...)
+    s.add_library('numpy')               # checked in a worker at once
+    @cruised.function(s)
+    def f(x, y=1): return numpy.add(x, y)
+    f(10, y=20)                          # 30, computed in a warm worker
+
+Threading model
+    One socket per session, shared by every thread. Senders serialise on a
+    lock; replies are matched to requests by id, so calls from many threads
+    (and ``map``) pipeline on the one connection. There is no reader thread
+    on the synchronous path: a thread waiting for its reply reads the socket
+    itself and hands other threads' replies to their futures (leader /
+    follower), which saves two thread switches per call. A background reader
+    runs only while futures from ``submit`` are outstanding, since nobody else
+    is guaranteed to read for them.
+
+Registration
+    A function is dill-pickled once per session and sent once per connection
+    (REGISTER, pipelined in front of its first CALL). Later calls carry only
+    the 16-byte content key and the arguments. If the daemon no longer knows
+    the key (it restarted), the call is answered UNKNOWN_FUNCTION without
+    running, and the client registers again and retries once.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import pickle
+import select
+import socket
+import threading
+import time
+import weakref
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import Future
+from typing import Any, TypeVar
+
+from cruised.client import errors, paths, shipping
+from cruised.pool.wire import bundle, frames, rawbuf, sharedfile, sockopt
+from cruised.pool.wire.frames import Kind, Status
+
+# per-call comparisons against plain globals, not Enum class attributes (see pool/wire/frames.py)
+_CALL, _OK, _UNKNOWN_FUNCTION = Kind.CALL, Status.OK, Status.UNKNOWN_FUNCTION
+
+T = TypeVar("T")
+
+RECV_SIZE = 256 << 10
+#: a connection idle this long is checked for a daemon hang-up before reuse
+IDLE_CHECK_AFTER = 0.25
+#: requests up to this size are joined into one buffer before sending; larger ones go out as a scatter list
+SMALL_SEND = 64 << 10
+CONNECT_TIMEOUT = 5.0
+#: calls ``map`` keeps in flight; the shipped pool's queue (16) holds them all without rejections
+DEFAULT_WINDOW = 16
+
+
+def _start_hint(path: str) -> str:
+    return f"start one with `cruised serve --config config.yaml`, or point the client at a running one with socket=... or CRUISED_SOCKET (tried {path})"
+
+
+class _Pending:
+    """One outstanding request: filled by whichever thread reads its reply."""
+
+    __slots__ = ("callback", "done", "error", "frame", "shared", "status")
+
+    def __init__(self) -> None:
+        self.status = 0
+        self.frame: bytearray | None = None
+        self.error: BaseException | None = None
+        self.done = False
+        self.callback: Callable[[_Pending], None] | None = None
+        #: the call's shared file (pool/wire/sharedfile.py): its large arguments, then its result's
+        self.shared: sharedfile.Mapped | None = None
+
+    def resolve(self, status: int, frame: bytearray | None, error: BaseException | None = None) -> None:
+        self.status, self.frame, self.error = status, frame, error
+        self.done = True
+        if self.callback is not None:
+            self.callback(self)
+
+
+class _Connection:
+    def __init__(self, path: str) -> None:
+        self.path = path
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.settimeout(CONNECT_TIMEOUT)
+        try:
+            sock.connect(path)
+        except OSError as exc:
+            sock.close()
+            reason = exc.strerror or str(exc)
+            raise errors.DaemonUnavailable(f"no cruised daemon answers at {path} ({reason}); {_start_hint(path)}") from None
+        sock.settimeout(None)
+        sockopt.size_buffers(sock)
+        self.sock = sock
+        self.send_lock = threading.Lock()
+        #: held by the thread currently reading the socket (leader/follower)
+        self.read_lock = threading.Lock()
+        self.cond = threading.Condition()
+        self.waiters = 0
+        self.pending: dict[int, _Pending] = {}
+        self.broken: BaseException | None = None
+        self.ids = itertools.count(1)
+        self.registered: dict[tuple[str, bytes], _Pending] = {}
+        self.async_outstanding = 0
+        self.bg: threading.Thread | None = None
+        self._buf = bytearray(RECV_SIZE)
+        self._start = 0
+        self._end = 0
+        self.last_used = time.monotonic()
+        self.files = sharedfile.FilePool()
+        #: whether this connection passes shared files: None until the first call with large
+        #: buffers asks the daemon (PASS_FDS), "asking" until it answers, then True or False
+        self.pass_fds: bool | str | None = None
+        #: the daemon announced FILE_PICKLE: large pickle streams may travel in shared files
+        self.file_pickle = False
+        self._pass_fds_lock = threading.Lock()
+
+    def stale(self) -> bool:
+        """True if the daemon hung up while we were idle (e.g. it restarted).
+
+        Only checked on a connection idle for a while with nothing in flight,
+        so a reconnect there can never lose or repeat a request.
+        """
+        if self.broken is not None:
+            return True
+        if self.pending or time.monotonic() - self.last_used < IDLE_CHECK_AFTER:
+            return False
+        readable, _, _ = select.select([self.sock], [], [], 0)
+        if not readable:
+            return False
+        try:
+            if self.sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT) == b"":
+                self._fail(errors.DaemonUnavailable(f"connection to cruised at {self.path} was closed by the daemon"))
+                return True
+        except BlockingIOError:
+            return False
+        except OSError:
+            self._fail(errors.DaemonUnavailable(f"connection to cruised at {self.path} lost"))
+            return True
+        return False
+
+    # -- sending -----------------------------------------------------------------
+
+    def send(self, requests: list[tuple[int, list[Any]]], callback: Callable[[_Pending], None] | None = None, result_file: bool = False) -> list[_Pending]:
+        """Register a pending slot per (kind, payload parts) request and send them all in one sendmsg.
+
+        A CALL whose arguments are large (out-of-band buffers, or a pickle
+        stream) puts them in a shared file (pool/wire/sharedfile.py) passed with the
+        frame; with ``result_file`` every CALL gets a file, for a result
+        expected to be large. ``callback`` is attached to the last slot before
+        anything is sent, so it can never miss a reply that another thread
+        reads first.
+        """
+        if self.broken is not None:
+            raise self.broken
+        slots: list[_Pending] = []
+        out: list[Any] = []
+        fds: list[int] = []
+        #: (out, fds) per sendmsg: one can pass at most SCM_MAX_FD descriptors
+        batches: list[tuple[list[Any], list[int]]] = [(out, fds)]
+        pending = self.pending
+        for kind, parts in requests:
+            rid = next(self.ids)
+            slot = _Pending()
+            status = 0
+            # parts: the call head, then the args bundle (index, pickle, then out-of-band buffers);
+            # the cheap tests first: a small call passes them all in a few nanoseconds
+            if (
+                kind == _CALL
+                and (result_file or len(parts) > 3 or len(parts[2]) >= sharedfile.SHARE_MIN)
+                and (result_file or bundle.shareable(parts[1:], with_pickle=True))
+                and self._may_pass_fds()
+            ):
+                shared = self.files.take()
+                bundled = parts[1:]
+                shared_parts = bundle.share(bundled, shared, grow=sharedfile.FilePool.GROW, with_pickle=self.file_pickle)
+                if shared_parts is not bundled or result_file:
+                    parts = [parts[0], *shared_parts]
+                    slot.shared = shared
+                    status = frames.CARRIES_FD | (frames.PICKLE_IN_FILE if self.file_pickle else 0)
+                    if len(fds) == sharedfile.SCM_MAX_FD:
+                        out, fds = [], []
+                        batches.append((out, fds))
+                    fds.append(shared.fd)
+                else:
+                    self.files.give(shared)
+            pending[rid] = slot
+            slots.append(slot)
+            out.append(frames.header(kind, rid, bundle.packed_size(parts), status))
+            out.extend(parts)
+        slot.callback = callback
+        self.last_used = time.monotonic()
+        try:
+            with self.send_lock:
+                for batch_out, batch_fds in batches:
+                    _sendall(self.sock, batch_out, batch_fds)
+        except OSError as exc:
+            raise self._lost_while_sending(exc) from None
+        return slots
+
+    def send_small(self, head: bytes, index: bytes, data: bytes, callback: Callable[[_Pending], None] | None = None) -> _Pending:
+        """``send`` for the commonest request: one CALL whose bundle (``index``, ``data``) is
+        small and has no out-of-band buffers, with no file for its result. The frame is one
+        joined buffer and one ``send``: what ``send`` would write, for fewer steps."""
+        if self.broken is not None:
+            raise self.broken
+        rid = next(self.ids)
+        slot = _Pending()
+        slot.callback = callback
+        self.pending[rid] = slot
+        frame = b"".join((frames.header(_CALL, rid, len(head) + len(index) + len(data)), head, index, data))
+        self.last_used = time.monotonic()
+        try:
+            with self.send_lock:
+                self.sock.sendall(frame)
+        except OSError as exc:
+            raise self._lost_while_sending(exc) from None
+        return slot
+
+    def _lost_while_sending(self, exc: OSError) -> BaseException:
+        """Fail the connection (every waiting call gets the error); the error to raise."""
+        self._fail(errors.DaemonUnavailable(f"connection to cruised at {self.path} lost while sending: {exc}"))
+        return self.broken or exc
+
+    def _may_pass_fds(self) -> bool:
+        """Whether CALLs may carry shared files now.
+
+        A descriptor sent before the daemon reads this connection with recvmsg is lost,
+        so the first call with large buffers asks (PASS_FDS) and goes inline; calls
+        after the answer carry files. Never waits: this may run on the thread that
+        reads replies (a future's callback submitting again), which would deadlock.
+        """
+        if self.pass_fds is None:
+            with self._pass_fds_lock:
+                if self.pass_fds is not None:
+                    return self.pass_fds is True
+                self.pass_fds = "asking"
+
+            def answered(slot: _Pending) -> None:
+                # a daemon that does not know PASS_FDS refuses it: this connection stays inline
+                ok = slot.error is None and slot.status == Status.OK
+                if ok and slot.frame is not None and len(slot.frame) >= frames.HEADER_SIZE + frames.FEATURES.size:
+                    self.file_pickle = bool(frames.FEATURES.unpack_from(slot.frame, frames.HEADER_SIZE)[0] & frames.FILE_PICKLE)
+                self.pass_fds = ok
+
+            self.send([(Kind.PASS_FDS, [])], answered)
+        return self.pass_fds is True
+
+    # -- receiving ---------------------------------------------------------------
+
+    def wait(self, slot: _Pending) -> _Pending:
+        """Block until ``slot`` is resolved, reading the socket ourselves when nobody else is."""
+        while not slot.done:
+            if self.read_lock.acquire(blocking=False):
+                try:
+                    if not slot.done:
+                        self._read_batch()
+                finally:
+                    self._hand_over_reading()
+            else:
+                with self.cond:
+                    self.waiters += 1
+                    try:
+                        while not slot.done and self.read_lock.locked():
+                            self.cond.wait(0.5)
+                    finally:
+                        self.waiters -= 1
+        return slot
+
+    def _background(self) -> None:
+        while True:
+            with self.cond:
+                if not self.async_outstanding or self.broken is not None:
+                    self.bg = None
+                    return
+            if self.read_lock.acquire(timeout=0.05):
+                try:
+                    if self.async_outstanding and self.broken is None:
+                        self._read_batch()
+                finally:
+                    self._hand_over_reading()
+
+    def _hand_over_reading(self) -> None:
+        """Release the reader's lock and wake the threads waiting for it: one of them reads next."""
+        self.read_lock.release()
+        if self.waiters:
+            with self.cond:
+                self.cond.notify_all()
+
+    def track_async(self) -> Callable[[], None]:
+        """Count one future handed to the user; returns the callback that uncounts it."""
+        with self.cond:
+            self.async_outstanding += 1
+            if self.bg is None:
+                self.bg = threading.Thread(target=self._background, name="cruised-reader", daemon=True)
+                self.bg.start()
+
+        def done() -> None:
+            with self.cond:
+                self.async_outstanding -= 1
+
+        return done
+
+    def _read_batch(self) -> None:
+        if self.broken is not None:
+            raise self.broken
+        buf = self._buf
+        if self._end == len(buf):
+            pending = self._end - self._start
+            buf[:pending] = buf[self._start : self._end]
+            self._start, self._end = 0, pending
+        try:
+            n = self.sock.recv_into(memoryview(buf)[self._end :])
+        except OSError as exc:
+            n, err = 0, exc
+        else:
+            err = None
+        if n == 0:
+            self._fail(errors.DaemonUnavailable(f"connection to cruised at {self.path} lost ({err or 'closed by the daemon'})"))
+            return
+        self._end += n
+        view = memoryview(buf)
+        while self._end - self._start >= frames.HEADER_SIZE:
+            total, kind, status, reqid = frames.parse_header(view[self._start :], 1 << 62)
+            if self._end - self._start >= total:
+                frame = bytearray(view[self._start : self._start + total])
+                self._start += total
+            elif total > len(buf):
+                frame = rawbuf.uninitialized(total)  # filled whole by the copy and _recv_exact below
+                have = self._end - self._start
+                frame[:have] = view[self._start : self._end]
+                self._start = self._end = 0
+                _recv_exact(self.sock, memoryview(frame)[have:])
+            else:
+                break
+            self._deliver(frame, status, reqid)
+        if self._start == self._end:
+            self._start = self._end = 0
+
+    def _deliver(self, frame: bytearray, status: int, reqid: int) -> None:
+        if reqid == 0 and status != _OK:
+            # a connection-level refusal (access, limits, a frame the daemon could not parse)
+            self._fail(_error_for(status, frame))
+            return
+        slot = self.pending.pop(reqid, None)
+        if slot is not None:
+            slot.resolve(status, frame)
+
+    def _fail(self, exc: BaseException) -> None:
+        with self.cond:
+            if self.broken is None:
+                self.broken = exc
+            pending, self.pending = self.pending, {}
+        for slot in pending.values():
+            if not slot.done:
+                slot.resolve(Status.INTERNAL, None, self.broken)
+        try:
+            # close() alone neither wakes a thread blocked in recv() on this socket nor
+            # tells the daemon we left (the blocked call keeps the file open); shutdown does both
+            self.sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+        try:
+            self.sock.close()
+        except OSError:
+            pass
+
+    def close(self) -> None:
+        self._fail(errors.DaemonUnavailable("session closed"))
+        self.files.close()
+
+    def release(self, slot: _Pending) -> None:
+        """The call is over: its shared file goes back to the pool if no worker can touch it any
+        more, else it is closed (pool/wire/sharedfile.py says why)."""
+        shared, slot.shared = slot.shared, None
+        if shared is None:
+            return
+        if slot.error is None and slot.status in _FILE_DONE:
+            self.files.give(shared)
+        else:
+            shared.close()
+
+
+#: answers after which no worker touches the call's shared file again: the worker's own replies
+#: (it wrote the result before replying), and refusals of calls that never started (QueueFull,
+#: QueueTimeout: a held call's worker answers NOT_RUN without reading it). Not ExecutionTimeout:
+#: the killed worker may have been copying at that moment.
+_FILE_DONE = frozenset(
+    {
+        Status.OK,
+        Status.ERROR,
+        Status.Q_UNAVAILABLE,
+        Status.UNKNOWN_FUNCTION,
+        Status.QUEUE_FULL,
+        Status.QUEUE_TIMEOUT,
+        Status.SHUTTING_DOWN,
+        Status.NO_SUCH_POOL,
+        Status.BAD_REQUEST,
+        Status.VERSION_MISMATCH,
+    }
+)
+
+
+def _sendall(sock: socket.socket, parts: list[Any], fds: list[int] | None = None) -> None:
+    sent = 0
+    if fds:
+        # the descriptors (at most SCM_MAX_FD) go with the first bytes, so each arrives before the
+        # frame that claims it; once sendmsg returns they are in flight, and the rest goes as usual
+        views = [memoryview(p).cast("B") for p in parts if len(p)]
+        _send_rest(sock, views, sock.sendmsg(views[:512], sharedfile.rights(fds)))
+        return
+    if len(parts) <= 512:
+        total = 0
+        for p in parts:
+            total += p.nbytes if isinstance(p, memoryview) else len(p)
+        if total <= SMALL_SEND:
+            sock.sendall(b"".join(parts))  # small: one copy is cheaper than a scatter list
+            return
+        sent = sock.sendmsg(parts)  # the common case: everything in one call
+        if sent == total:
+            return
+    _send_rest(sock, [memoryview(p).cast("B") for p in parts if len(p)], sent)
+
+
+def _send_rest(sock: socket.socket, views: list[memoryview], sent: int) -> None:
+    """Send ``views`` after the first ``sent`` bytes of them."""
+    while True:
+        while views and sent >= views[0].nbytes:
+            sent -= views[0].nbytes
+            views.pop(0)
+        if not views:
+            return
+        if sent:
+            views[0] = views[0][sent:]
+        sent = sock.sendmsg(views[:512])
+
+
+def _recv_exact(sock: socket.socket, view: memoryview) -> None:
+    while view.nbytes:
+        n = sock.recv_into(view)
+        if n == 0:
+            raise ConnectionResetError("connection closed mid-frame")
+        view = view[n:]
+
+
+def _message(frame: bytearray) -> str:
+    raw = bytes(frame[frames.HEADER_SIZE :])
+    try:
+        return str(json.loads(raw).get("message", raw.decode(errors="replace")))
+    except (ValueError, AttributeError):
+        return raw.decode(errors="replace")
+
+
+def _error_for(status: int, frame: bytearray) -> BaseException:
+    if status == Status.ERROR:
+        return _remote_exception(frame)
+    cls = errors.BY_STATUS.get(status, errors.CruisedError)
+    return cls(_message(frame))
+
+
+def _remote_exception(frame: bytearray) -> BaseException:
+    info_raw, pickled = frames.parse_error(frame)
+    info = json.loads(info_raw)
+    exc: BaseException | None = None
+    if pickled.nbytes:
+        try:
+            exc = pickle.loads(pickled)
+        except Exception:
+            exc = None
+    if not isinstance(exc, BaseException):
+        exc = errors.RemoteError(f"{info['type']}: {info['message']}", info["type"], info["traceback"])
+    exc.__cause__ = errors.RemoteTraceback(info["traceback"])
+    return exc
+
+
+def decode_result(status: int, frame: bytearray) -> Any:
+    if status == Status.OK:
+        return bundle.unpack(frame, frames.HEADER_SIZE)
+    raise _error_for(status, frame)
+
+
+class _Shipped:
+    __slots__ = ("big_results", "blob", "captured", "heads", "key", "name")
+
+    def __init__(self, key: bytes, blob: bytes, name: str, captured: list[shipping.Capture]) -> None:
+        self.key, self.blob, self.name, self.captured = key, blob, name, captured
+        #: CALL heads already built, by (pool, timeout_ms): the same bytes every call
+        self.heads: dict[tuple[str, int], bytes] = {}
+        #: its last result was large: its calls take a shared file for the next one (a query
+        #: returning a table), so that result does not pass through the daemon
+        self.big_results = False
+
+    def saw_result(self, frame: bytearray, shared: sharedfile.Mapped | None) -> None:
+        """Learn from an OK reply whether this function's results are large (``big_results``)."""
+        self.big_results = len(frame) >= sharedfile.SHARE_MIN or (shared is not None and bundle.in_file(frame, frames.HEADER_SIZE))
+
+    def call_head(self, pool: str, timeout_ms: int) -> bytes:
+        head = self.heads.get((pool, timeout_ms))
+        if head is None:
+            if len(self.heads) > 64:  # a caller cycling through timeouts: keep it bounded
+                self.heads.clear()
+            head = self.heads[(pool, timeout_ms)] = frames.call_head(pool, timeout_ms, self.key)
+        return head
+
+
+class Session:
+    """A connection to a cruised pool, in the style of ``pykx.remote.session``.
+
+    ``session()`` connects lazily; ``session(...).create(socket=...)`` (the
+    PyKX 2.x two-step form) connects at once and reports a missing daemon
+    immediately.
+    """
+
+    def __init__(
+        self,
+        socket: str | None = None,
+        pool: str = "default",
+        libraries: dict[str, str] | None = None,
+        timeout: float | None = None,
+    ) -> None:
+        if libraries is not None and not isinstance(libraries, dict):
+            raise TypeError("libraries must be a dict of alias -> module name, e.g. {'np': 'numpy'}")
+        self.socket_path = socket
+        self.pool = pool
+        self.timeout = timeout
+        self._libraries: dict[str, str] = dict(libraries or {})
+        self._lock = threading.Lock()
+        self._conn: _Connection | None = None
+        self._shipped: weakref.WeakKeyDictionary[Any, _Shipped] = weakref.WeakKeyDictionary()
+        self._libs_checked = not self._libraries
+
+    # -- setup -----------------------------------------------------------------------
+
+    def create(self, socket: str | None = None, pool: str | None = None, libraries: dict[str, str] | None = None, timeout: float | None = None) -> Session:
+        with self._lock:
+            if socket is not None:
+                self.socket_path = socket
+            if pool is not None:
+                self.pool = pool
+            if timeout is not None:
+                self.timeout = timeout
+            if self._conn is not None:
+                self._conn.close()
+                self._conn = None
+        if libraries:
+            self.libraries(libraries)
+        self.ping()
+        return self
+
+    @property
+    def path(self) -> str:
+        return self.socket_path or paths.default_socket()
+
+    def add_library(self, *names: str) -> None:
+        """Import these modules (under their own names) for this session's functions; checked now."""
+        self.libraries({n.split(".")[0]: n.split(".")[0] for n in names})
+
+    def libraries(self, libraries: dict[str, str]) -> None:
+        """Add ``{alias: module}`` imports for this session's functions; checked in a worker now."""
+        if not isinstance(libraries, dict):
+            raise TypeError("libraries must be a dict of alias -> module name, e.g. {'np': 'numpy'}")
+        merged = dict(self._libraries)
+        merged.update(libraries)
+        self._check_libraries(libraries)
+        self._libraries = merged
+        self._shipped = weakref.WeakKeyDictionary()  # keys include the libraries
+
+    def _check_libraries(self, libraries: dict[str, str]) -> None:
+        for alias in libraries:
+            if not str(alias).isidentifier():
+                raise ValueError(f"library alias {alias!r} is not a Python identifier")
+        payload = frames.pack_name(self.pool) + json.dumps({"libraries": libraries}).encode()
+        status, frame = self._request(Kind.CHECK, [payload])
+        if status != Status.OK:
+            raise _error_for(status, frame)
+
+    # -- connection ---------------------------------------------------------------------
+
+    def _connection(self) -> _Connection:
+        conn = self._conn
+        if conn is not None and not conn.stale():
+            return conn
+        with self._lock:
+            if self._conn is None or self._conn.broken is not None:
+                self._conn = _Connection(self.path)
+            return self._conn
+
+    def _request(self, kind: int, parts: list[Any]) -> tuple[int, bytearray]:
+        conn = self._connection()
+        (slot,) = conn.send([(kind, parts)])
+        conn.wait(slot)
+        if slot.error is not None:
+            raise slot.error
+        assert slot.frame is not None
+        return slot.status, slot.frame
+
+    def ping(self) -> None:
+        status, frame = self._request(Kind.PING, [])
+        if status != Status.OK:
+            raise _error_for(status, frame)
+
+    def status(self) -> dict[str, Any]:
+        status, frame = self._request(Kind.STATUS, [])
+        if status != Status.OK:
+            raise _error_for(status, frame)
+        return json.loads(bytes(frame[frames.HEADER_SIZE :]))
+
+    def reload(self) -> tuple[bool, str]:
+        """Have the daemon re-read its config and endpoint code (as SIGHUP does): (ok, message) once done."""
+        status, frame = self._request(Kind.RELOAD, [])
+        try:
+            info = json.loads(bytes(frame[frames.HEADER_SIZE :]))
+        except ValueError:
+            info = None
+        if not isinstance(info, dict) or "ok" not in info:
+            raise _error_for(status, frame)
+        return bool(info["ok"]), str(info.get("message", ""))
+
+    def metrics(self) -> str:
+        """The daemon's Prometheus metrics, as text (what ``GET /metrics`` serves)."""
+        status, frame = self._request(Kind.METRICS, [])
+        if status != Status.OK:
+            raise _error_for(status, frame)
+        return bytes(frame[frames.HEADER_SIZE :]).decode()
+
+    def close(self) -> None:
+        with self._lock:
+            if self._conn is not None:
+                self._conn.close()
+                self._conn = None
+
+    def __enter__(self) -> Session:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    # -- calls ----------------------------------------------------------------------------
+
+    def _ship(self, fn: Callable[..., Any]) -> _Shipped:
+        fn = getattr(fn, "__cruised_function__", fn)
+        try:
+            shipped = self._shipped.get(fn)
+        except TypeError:  # not weak-referenceable: ship it every time
+            shipped = None
+        if shipped is None or not shipping.still_current(shipped.captured):
+            captured: list[shipping.Capture] = []
+            blob = shipping.dump_function(fn, captured)
+            shipped = _Shipped(shipping.function_key(blob, self._libraries), blob, getattr(fn, "__qualname__", repr(fn)), captured)
+            try:
+                self._shipped[fn] = shipped
+            except TypeError:
+                pass
+        return shipped
+
+    def _send_call(
+        self,
+        conn: _Connection,
+        shipped: _Shipped,
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+        force_register: bool,
+        callback: Callable[[_Pending], None] | None = None,
+    ) -> _Pending:
+        """One call; a registered one (the commonest) is packed and sent here, without the batch
+        machinery of ``_send_calls``: with a small bundle and no file, by ``send_small``."""
+        if force_register or (self.pool, shipped.key) not in conn.registered:
+            return self._send_calls(conn, shipped, [(args, kwargs)], force_register, callback)[0]
+        head = shipped.call_head(self.pool, self._timeout_ms())
+        parts = bundle.pack((args, kwargs))
+        if len(parts) == 2 and len(parts[1]) < sharedfile.SHARE_MIN and not shipped.big_results:
+            return conn.send_small(head, parts[0], parts[1], callback)  # type: ignore[arg-type]
+        return conn.send([(_CALL, [head, *parts])], callback, shipped.big_results)[0]
+
+    def _timeout_ms(self) -> int:
+        return int(self.timeout * 1000) if self.timeout else 0
+
+    def _send_calls(
+        self,
+        conn: _Connection,
+        shipped: _Shipped,
+        calls: list[tuple[tuple[Any, ...], dict[str, Any]]],
+        force_register: bool = False,
+        callback: Callable[[_Pending], None] | None = None,
+    ) -> list[_Pending]:
+        """Calls of one function, (args, kwargs) each, in one ``sendmsg`` (and its code first when
+        this connection has not registered it); their slots, ``callback`` on the last."""
+        timeout_ms = self._timeout_ms()
+        reg_key = (self.pool, shipped.key)
+        register = force_register or reg_key not in conn.registered
+        requests: list[tuple[int, list[Any]]] = []
+        if register:
+            meta = json.dumps({"python": shipping.PYTHON, "libraries": self._libraries, "name": shipped.name}).encode()
+            requests.append((Kind.REGISTER, [frames.register_head(self.pool, shipped.key, meta), shipped.blob]))
+        head = shipped.call_head(self.pool, timeout_ms)
+        for args, kwargs in calls:
+            requests.append((_CALL, [head, *bundle.pack((args, kwargs))]))
+        slots = conn.send(requests, callback, shipped.big_results)
+        if register:
+            conn.registered[reg_key] = slots[0]
+            return slots[1:]
+        return slots
+
+    def _outcome(self, conn: _Connection, shipped: _Shipped, slot: _Pending, retried: bool) -> tuple[bool, Any]:
+        """(final, value-or-exception) of a resolved call; not final means: register again and retry."""
+        try:
+            return self._read_outcome(conn, shipped, slot, retried)
+        finally:
+            conn.release(slot)  # after an OK result was read out of the call's shared file
+
+    def _read_outcome(self, conn: _Connection, shipped: _Shipped, slot: _Pending, retried: bool) -> tuple[bool, Any]:
+        if slot.error is not None:
+            return True, slot.error
+        assert slot.frame is not None
+        if slot.status == _UNKNOWN_FUNCTION:
+            reg = conn.registered.pop((self.pool, shipped.key), None)
+            if reg is not None and reg.done and reg.error is None and reg.status != Status.OK:
+                assert reg.frame is not None
+                return True, _error_for(reg.status, reg.frame)  # registration was refused: say why
+            if not retried:
+                return False, None
+        if slot.status == _OK:
+            shipped.saw_result(slot.frame, slot.shared)
+            try:
+                return True, _Value(bundle.unpack(slot.frame, frames.HEADER_SIZE, slot.shared))
+            except Exception as exc:  # a result this process cannot unpickle
+                return True, exc
+        return True, _error_for(slot.status, slot.frame)
+
+    def call(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+        """Run ``fn(*args, **kwargs)`` in a worker and return its result."""
+        shipped = self._ship(fn)
+        conn = self._connection()
+        retried = False
+        while True:
+            slot = conn.wait(self._send_call(conn, shipped, args, kwargs, retried))
+            if slot.status == _OK and slot.shared is None and slot.error is None:
+                # the commonest answer, read here: what _outcome would do with it, in fewer steps
+                frame = slot.frame
+                assert frame is not None
+                shipped.saw_result(frame, None)
+                return bundle.unpack(frame, frames.HEADER_SIZE)  # type: ignore[no-any-return]
+            final, value = self._outcome(conn, shipped, slot, retried)
+            if final:
+                if isinstance(value, _Value):
+                    return value.value  # type: ignore[no-any-return]
+                raise value
+            retried = True
+
+    def submit(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> Future[T]:
+        """Start ``fn(*args, **kwargs)`` and return a ``concurrent.futures.Future``."""
+        shipped = self._ship(fn)
+        conn = self._connection()
+        fut: Future[T] = Future()
+        fut.set_running_or_notify_cancel()
+        uncount = conn.track_async()
+
+        def attempt(retried: bool) -> None:
+            def resolved(slot: _Pending) -> None:
+                try:
+                    final, value = self._outcome(conn, shipped, slot, retried)
+                    if not final:
+                        attempt(True)
+                        return
+                except BaseException as exc:  # noqa: BLE001
+                    final, value = True, exc
+                uncount()
+                if isinstance(value, _Value):
+                    fut.set_result(value.value)
+                else:
+                    fut.set_exception(value)
+
+            self._send_call(conn, shipped, args, kwargs, retried, resolved)
+
+        try:
+            attempt(False)
+        except BaseException:
+            uncount()
+            raise
+        return fut
+
+    def map(self, fn: Callable[..., T], *iterables: Iterable[Any], window: int = DEFAULT_WINDOW) -> Iterator[T]:
+        """Like ``map(fn, *iterables)``, pipelined: up to ``window`` calls in flight, results in order.
+
+        A call the pool rejects as full is resubmitted once an earlier call has
+        finished, so ``map`` over more items than the queue holds still completes.
+        """
+        shipped = self._ship(fn)
+        conn = self._connection()
+        inflight: deque[tuple[tuple[Any, ...], _Pending]] = deque()
+
+        def result(args: tuple[Any, ...], slot: _Pending) -> Any:
+            retried = False
+            for tries in itertools.count():
+                final, value = self._outcome(conn, shipped, conn.wait(slot), retried)
+                if not final:
+                    retried = True
+                elif isinstance(value, errors.QueueFull) and tries < 50:
+                    time.sleep(min(0.2, 0.001 * 2**tries))  # the pool is saturated: back off, then resubmit
+                elif isinstance(value, _Value):
+                    return value.value
+                else:
+                    raise value
+                slot = self._send_call(conn, shipped, args, {}, retried)
+
+        # Refills go out in batches: once half the window has been consumed, the other half is
+        # sent in one sendmsg, so the daemon reads many calls per recv (and we make one syscall
+        # per batch, not per call). At least window/2 calls stay in flight.
+        window = max(1, window)
+        low = window // 2
+        items = zip(*iterables)
+
+        def refill() -> None:
+            batch = list(itertools.islice(items, window - len(inflight)))
+            if batch:
+                inflight.extend(zip(batch, self._send_calls(conn, shipped, [(args, {}) for args in batch])))
+
+        refill()
+        while inflight:
+            yield result(*inflight.popleft())
+            if len(inflight) <= low:
+                refill()
+
+
+class _Value:
+    """A successful result (distinguishes a returned exception object from a raised one)."""
+
+    __slots__ = ("value",)
+
+    def __init__(self, value: Any) -> None:
+        self.value = value
+
+
+def session(
+    socket: str | None = None,
+    pool: str = "default",
+    libraries: dict[str, str] | None = None,
+    timeout: float | None = None,
+) -> Session:
+    return Session(socket=socket, pool=pool, libraries=libraries, timeout=timeout)
+
+
+def function(session: Session) -> Callable[[Callable[..., T]], Callable[..., T]]:
+    """Decorator: calls of the decorated function run in ``session``'s pool."""
+    if not isinstance(session, Session):
+        raise TypeError(f"cruised.function expects a cruised.session(), got {type(session).__name__}")
+
+    def decorate(fn: Callable[..., T]) -> Callable[..., T]:
+        import functools
+
+        @functools.wraps(fn)
+        def remote(*args: Any, **kwargs: Any) -> T:
+            return session.call(fn, *args, **kwargs)
+
+        remote.__cruised_function__ = fn  # type: ignore[attr-defined]
+        remote.submit = lambda *a, **k: session.submit(fn, *a, **k)  # type: ignore[attr-defined]
+        remote.session = session  # type: ignore[attr-defined]
+        return remote
+
+    return decorate

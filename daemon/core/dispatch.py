@@ -1,0 +1,988 @@
+r"""One pool's request flow: admission, the bounded FIFO queue, dispatch, deadlines, sizing.
+
+The dispatcher is the single owner of its pool's queue, worker table and
+every deadline. It does no I/O itself: workers are reached through a
+``Launcher`` port (spawn, kill, retire) and time through a ``Clock`` port, so
+the whole policy runs under a fake clock in unit tests.
+
+Request states::
+
+    submit --> [idle worker] --------------------------> RUNNING --> reply
+          \--> [queue has room] --> QUEUED --(worker)--> RUNNING --> reply
+          \--> [queue full] --> QueueFull                     \--> exec deadline: ExecutionTimeout,
+                         QUEUED --(queue deadline)--> QueueTimeout    worker killed and replaced
+                                                              \--> worker died: WorkerCrashed
+
+Invariants:
+* every accepted job is answered exactly once (``Job.settle`` is idempotent);
+* a job that timed out in the queue, or whose client left, never runs;
+* a job is never re-run (at-most-once): a crash answers it, it does not
+  requeue it;
+* the queue and the workers' hold lists never hold more than ``queue_size``
+  jobs together.
+
+Holding (prefetch)
+    Under pipelined load a worker idles for one supervisor round trip between
+    calls. So when every worker is busy, the pool is at ``max`` and its calls
+    are short (moving average under ``PREFETCH_BELOW``), a busy worker is sent
+    up to ``prefetch`` queued jobs to hold behind its running one, each behind
+    a HELD frame carrying the job's queue deadline. A worker runs its channel
+    strictly in order, and writes each reply before reading the next call, so
+    the supervisor always knows which held jobs cannot have started: all but
+    the first after the running one, and that one too until the running
+    one's reply is read. That keeps every guarantee above:
+
+    * a reply makes the next held job the running one (its exec deadline runs
+      from then);
+    * when a worker dies, its channel is read to the end first; then the
+      running job is answered as crashed, and its held jobs, which never
+      started, go back to the front of the queue in order;
+    * at a held job's queue deadline the worker's channel is read first; if
+      the job is still held, its worker has not sent the reply before it and
+      will see the deadline passed (same CLOCK_MONOTONIC) and answer NOT_RUN
+      instead of starting it, so it is answered QueueTimeout at once;
+    * a held job whose client left still runs; its reply is dropped.
+
+q connection (pools with ``q:``): each worker reports its q state in READY
+and in STATE frames when it changes; ``worker.q`` keeps the latest. With
+``q.required`` the pool is ready only while its warm workers are connected.
+
+Worker states::
+
+    STARTING --READY--> IDLE <--> BUSY --> DRAINING (recycle/retire) --> gone
+        |                          \--> KILLING (exec timeout, shutdown) --> gone
+        \-- preload failed / start timeout --> gone, pool backs off before the next spawn
+"""
+
+from __future__ import annotations
+
+import enum
+import logging
+import signal
+import time
+from collections import OrderedDict, deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from cruised.config import PoolConfig
+from cruised.pool.wire import frames
+from cruised.pool.wire.frames import Status
+
+# per-call comparisons against plain globals, not Enum class attributes (see pool/wire/frames.py)
+_NOT_RUN, _UNKNOWN_FUNCTION = Status.NOT_RUN, Status.UNKNOWN_FUNCTION
+
+log = logging.getLogger("cruised.dispatch")
+
+#: supervisor-side mirror of the worker's function cache (pool/worker.py FUNCTION_CACHE)
+KNOWN_PER_WORKER = 4096
+#: hold jobs on busy workers only while the pool's calls average less than this (seconds): a
+#: held job waits for the call ahead of it even if another worker frees up first
+PREFETCH_BELOW = 0.002
+#: weight of the newest call in that moving average
+EWMA_WEIGHT = 0.2
+#: registered code kept per pool; a miss only makes the client register again
+CODE_CACHE_BYTES = 256 << 20
+#: answered requests reach the observers in batches (Dispatcher.flush_answered): of this many,
+ANSWERED_BATCH = 64
+#: or this long (seconds) after the first of a batch, whichever comes first
+ANSWERED_EVERY = 0.02
+BACKOFF_FIRST = 0.5
+BACKOFF_MAX = 30.0
+
+
+class Clock(Protocol):
+    def time(self) -> float: ...
+
+    def call_at(self, when: float, callback: Callable[..., Any], *args: Any) -> Any: ...
+
+
+class ReplySink(Protocol):
+    """Where a job's answer goes (a native client connection, an HTTP request, ...)."""
+
+    def forward(self, job: Job, buf: bytearray, status: int) -> None:
+        """A worker's REPLY frame for this job (reqid still the job id)."""
+
+    def refuse(self, job: Job, status: int, message: str) -> None:
+        """The daemon's own answer (rejections, timeouts, crashes)."""
+
+
+class FutureReply:
+    """A ReplySink that resolves an asyncio future: (status, worker frame or None, refusal message).
+
+    Used by the doors that await their job (HTTP, kdb+ IPC); the native door
+    writes replies straight to its connection instead.
+    """
+
+    __slots__ = ("future",)
+
+    def __init__(self, loop: Any) -> None:
+        self.future = loop.create_future()
+
+    def forward(self, job: Job, buf: bytearray, status: int) -> None:
+        if not self.future.done():
+            self.future.set_result((status, buf, ""))
+
+    def refuse(self, job: Job, status: int, message: str) -> None:
+        if not self.future.done():
+            self.future.set_result((status, None, message))
+
+
+class WorkerState(enum.Enum):
+    STARTING = "starting"
+    IDLE = "idle"
+    BUSY = "busy"
+    DRAINING = "draining"
+    KILLING = "killing"
+    GONE = "gone"
+
+    # Members are singletons, so identity hashing is exact; Enum's own __hash__ is a Python-level
+    # call, and ``counts[state]`` runs about 14 times per request.
+    __hash__ = object.__hash__
+
+
+# The states as module constants. In Python 3.11 every attribute read on an Enum class goes
+# through EnumType's __getattr__ hook, ~0.2 us (ten times a global), and the dispatcher reads
+# states about fifteen times per call.
+STARTING = WorkerState.STARTING
+IDLE = WorkerState.IDLE
+BUSY = WorkerState.BUSY
+DRAINING = WorkerState.DRAINING
+KILLING = WorkerState.KILLING
+GONE = WorkerState.GONE
+
+
+class Launcher(Protocol):
+    def spawn(self, worker: Worker) -> None: ...
+
+    def send(self, worker: Worker, parts: list[Any], fd: int | None = None) -> None:
+        """Queue ``parts`` on the worker's channel; ``fd`` (the caller keeps it) goes with them."""
+
+    def kill(self, worker: Worker) -> None:
+        """SIGTERM now, SIGKILL after the grace period; report the exit via ``on_worker_exit``."""
+
+    def retire(self, worker: Worker) -> None:
+        """Close the channel: the worker finishes its loop and exits 0."""
+
+    def rss(self, worker: Worker) -> int | None:
+        """Resident memory of the worker in bytes, if known."""
+
+    def drain(self, worker: Worker) -> None:
+        """Read and deliver, now, every frame the worker has already sent (its replies first)."""
+
+
+#: One answered request, as observers see it: (endpoint, door, client, waited: it got a worker or
+#: a place in the queue, outcome, queue_s, exec_s: None if it never ran, at: wall-clock time of
+#: the answer, for log lines). A plain tuple: one is built for every request.
+Answered = tuple[str, str, Any, bool, str, float, float | None, float]
+
+
+def answer_record(job: Job, outcome: str, queue_s: float, exec_s: float | None) -> Answered:
+    """What observers are told of ``job``, answered with ``outcome`` now."""
+    return (job.endpoint, job.door, job.client, job.started is not None or bool(job.deadline), outcome, queue_s, exec_s, time.time())
+
+
+def observe_one(observer: Observer, pool: str, job: Job, outcome: str, queue_s: float, exec_s: float | None) -> None:
+    """Show ``observer`` one answered request now (tests; the dispatcher sends batches)."""
+    observer.requests_done(pool, [answer_record(job, outcome, queue_s, exec_s)])
+
+
+class Observer(Protocol):
+    def requests_done(self, pool: str, batch: list[Answered]) -> None:
+        """Requests answered since the last batch, in answer order (see Dispatcher.flush_answered)."""
+
+    def worker_exit(self, pool: str, reason: str) -> None: ...
+
+
+class Counters:
+    """Plain counts for ``cruised status``, kept as events happen; the metrics module observes the same events."""
+
+    def __init__(self) -> None:
+        self.requests: dict[str, int] = {}
+        self.exits: dict[str, int] = {}
+        self.held = 0  # jobs handed to a busy worker to hold (see "Holding")
+
+    def worker_exit(self, pool: str, reason: str) -> None:
+        self.exits[reason] = self.exits.get(reason, 0) + 1
+
+
+@dataclass(eq=False, slots=True)
+class Job:
+    id: int
+    kind: int
+    frame: bytearray
+    sink: ReplySink
+    client: Any  # whoever owns the job; drop_client() matches on identity
+    client_reqid: int
+    key: bytes | None = None
+    timeout: float | None = None  # per-call execution timeout, if the caller set one
+    endpoint: str = "function"
+    door: str = "native"  # which front door admitted it (native, http, qipc): a metrics label
+    admitted: float = 0.0
+    deadline: float = 0.0  # queue deadline
+    started: float | None = None
+    finished: float | None = None
+    worker: Worker | None = None
+    held: bool = False  # sent to a busy worker, waiting behind its running job (not started)
+    answered: bool = False
+    cancelled: bool = False  # client went away: do not run, do not reply
+    exec_limit: float = 0.0  # the execution timeout in force once it started (0 = not started)
+    #: the call's shared file (pool/wire/sharedfile.py), sent with the frame to whichever worker runs it;
+    #: closed by ``settle``, or when the job is dropped
+    shared: Any = None
+
+    def settle(self) -> bool:
+        """Mark the job answered; True the first time only, when its answer is to be sent.
+
+        Its shared file is closed here, the one place every answer passes: no worker
+        will be sent the job again (a held job requeued after its worker died is not
+        answered yet, so it is resent with its file).
+        """
+        if self.answered:
+            return False
+        self.answered = True
+        if self.shared is not None:
+            self.shared.close()
+            self.shared = None
+        return True
+
+
+@dataclass(eq=False)
+class Worker:
+    id: str
+    state: WorkerState = STARTING
+    pid: int | None = None
+    python: str | None = None
+    job: Job | None = None
+    known: OrderedDict[bytes, None] = field(default_factory=OrderedDict)
+    requests: int = 0
+    spawned_at: float = 0.0
+    ready_at: float | None = None
+    idle_since: float = 0.0
+    error: str | None = None  # preload failure text, if any
+    exit_reason: str | None = None  # set when we decide it must go
+    timer: Any = None  # start deadline handle
+    handle: Any = None  # the launcher's own per-worker state
+    q: dict[str, Any] | None = None  # {"connected": bool, "error": str | None}, as the worker reported it
+    #: the exec-deadline timer, re-armed lazily (see Dispatcher._arm_exec); fires at or before the job's deadline
+    exec_timer: Any = None
+    exec_timer_at: float = 0.0
+    #: jobs sent to wait behind ``job``, in channel order (see "Holding" above)
+    held: deque[Job] = field(default_factory=deque)
+    recycle_due: bool = False  # over max_rss: take nothing more, retire once done
+    dead: bool = False  # the process is gone; its last frames are being delivered before the exit report
+
+
+class Dispatcher:
+    def __init__(
+        self,
+        name: str,
+        config: PoolConfig,
+        clock: Clock,
+        launcher: Launcher,
+        observer: Observer | None = None,
+    ) -> None:
+        self.name = name
+        self.config = config
+        self.clock = clock
+        self.launcher = launcher
+        self.counters = Counters()
+        self.observers: list[Observer] = [observer] if observer else []
+        #: answered requests the observers have not seen yet (see flush_answered)
+        self.to_observe: list[Answered] = []
+        self._answered_timer: Any = None
+        self.queue: deque[Job] = deque()
+        #: every held job in the order it left the queue (= deadline order); started ones are skipped lazily
+        self.held: deque[Job] = deque()
+        self.held_count = 0  # jobs in all workers' hold lists (admission counts them as queued)
+        self.exec_avg = 1.0  # moving average of exec time (s): pessimistic until calls show otherwise
+        self.workers: dict[str, Worker] = {}
+        self.idle: list[Worker] = []  # LIFO: hot workers stay hot, surplus ones age out
+        self.code: OrderedDict[bytes, bytearray] = OrderedDict()
+        self.code_bytes = 0
+        self.accepting = True
+        self.python: str | None = None  # the pool's interpreter version, once a worker said it
+        #: the latest READY report of a worker (its endpoints' load results: daemon/core/services.py)
+        self.ready_info: dict[str, Any] = {}
+        self.failures = 0
+        self.last_error: str | None = None
+        self.q_last_error: str | None = None  # the latest q connection error any worker reported
+        self.next_spawn_at = 0.0
+        self._seq = 0
+        self._queue_timer: Any = None
+        self._queue_timer_at: float | None = None
+        self._idle_timer: Any = None
+        self._manage_timer: Any = None
+        self._aborted: str | None = None  # abort_queue's message, once the queue was given up
+        #: workers per state, kept by ``_set_state`` so sizing decisions are O(1) per request
+        self.counts: dict[WorkerState, int] = {s: 0 for s in WorkerState}
+        self.on_change: Callable[[], None] = lambda: None  # readiness/status watchers
+
+    def _set_state(self, worker: Worker, state: WorkerState) -> None:
+        """The only place a worker changes state (the counts depend on it)."""
+        self.counts[worker.state] -= 1
+        self.counts[state] += 1
+        worker.state = state
+
+    # -- admission -----------------------------------------------------------------
+
+    def submit(self, job: Job) -> None:
+        now = self.clock.time()
+        job.admitted = now
+        if not self.accepting:
+            self._finish(job, Status.SHUTTING_DOWN, "cruised is shutting down; not accepting new requests", "rejected")
+            return
+        if job.key is not None and job.key not in self.code:
+            # the daemon restarted or evicted it: the client registers again and retries
+            job.settle()
+            job.sink.refuse(job, Status.UNKNOWN_FUNCTION, "function not registered with this daemon")
+            return
+        if self.idle and not self.queue:
+            self._start(self.idle.pop(), job)
+            return
+        waiting = len(self.queue) + self.held_count
+        if waiting >= self.config.queue_size:
+            busy = self.counts[BUSY]
+            self._finish(
+                job,
+                Status.QUEUE_FULL,
+                f"pool {self.name!r} is full: queue {waiting}/{self.config.queue_size}, {busy} busy workers",
+                "rejected",
+            )
+            return
+        job.deadline = now + self.config.queue_timeout
+        self.queue.append(job)
+        if self._queue_timer is None:  # an armed one fires no later than this newest deadline
+            self._arm_queue_timer()
+        if not self.idle:
+            self._prefetch()
+        self.manage()
+
+    def drop_client(self, client: Any) -> None:
+        """The client left: forget its queued jobs; a running one finishes, its reply is dropped."""
+        if any(j.client is client for j in self.queue):
+            kept = deque(j for j in self.queue if j.client is not client)
+            for j in self.queue:
+                if j.client is client:
+                    j.cancelled = True
+                    j.settle()
+            self.queue = kept
+        for w in self.workers.values():
+            if w.job is not None and w.job.client is client:
+                w.job.cancelled = True
+            for j in w.held:  # already on the worker's channel: they run, their replies are dropped
+                if j.client is client:
+                    j.cancelled = True
+
+    # -- running ---------------------------------------------------------------------
+
+    def _code_parts(self, worker: Worker, job: Job) -> list[Any] | None:
+        """The DEFINE the worker needs before this job (or nothing); None if the code is gone."""
+        if job.key is None:
+            return []
+        # a registered function (CALL, or a pykx.remote QCALL): its code first, once per worker
+        if job.key in worker.known:
+            worker.known.move_to_end(job.key)
+            return []
+        code = self.code.get(job.key)
+        if code is None:
+            job.settle()
+            job.sink.refuse(job, Status.UNKNOWN_FUNCTION, "function not registered with this daemon")
+            return None
+        worker.known[job.key] = None
+        if len(worker.known) > KNOWN_PER_WORKER:
+            worker.known.popitem(last=False)
+        return [code]
+
+    def _start(self, worker: Worker, job: Job) -> None:
+        parts = self._code_parts(worker, job)
+        if parts is None:
+            self._become_idle(worker)
+            return
+        frames.set_reqid(job.frame, job.id)
+        parts.append(job.frame)
+        job.worker = worker
+        worker.job = job
+        self._set_state(worker, BUSY)
+        self._begin(worker, job, self.clock.time())
+        self.launcher.send(worker, parts, None if job.shared is None else job.shared.fd)
+
+    def _begin(self, worker: Worker, job: Job, now: float) -> None:
+        """``job`` is running on ``worker`` from ``now``: its execution deadline starts."""
+        job.started = now
+        limit = self.config.exec_timeout
+        if job.timeout is not None and 0 < job.timeout < limit:
+            limit = job.timeout
+        job.exec_limit = limit
+        self._arm_exec(worker, now + limit)
+
+    def _hold(self, worker: Worker, job: Job) -> bool:
+        """Send ``job`` to wait behind ``worker``'s running job (see "Holding")."""
+        parts = self._code_parts(worker, job)
+        if parts is None:
+            return False
+        frames.set_reqid(job.frame, job.id)
+        # the deadline in CLOCK_MONOTONIC ns: the clock is time.monotonic (LoopClock), as in the worker
+        parts.append(frames.held_frame(job.id, int(job.deadline * 1e9)))
+        parts.append(job.frame)
+        job.worker = worker
+        job.held = True
+        worker.held.append(job)
+        self.held.append(job)
+        self.held_count += 1
+        self.counters.held += 1
+        self.launcher.send(worker, parts, None if job.shared is None else job.shared.fd)
+        return True
+
+    def _prefetch(self, only: Worker | None = None) -> None:
+        """Give busy workers (or just ``only``, whose hold list shrank) queued jobs to hold, when
+        that cannot make anyone wait longer."""
+        if not self.queue or self.idle:
+            return
+        k = self.config.prefetch
+        counts = self.counts
+        busy = counts[BUSY]
+        if (
+            self.held_count >= k * busy  # every busy worker holds its share (or prefetch is 0)
+            or self.exec_avg >= PREFETCH_BELOW
+            or counts[STARTING]
+            or busy < self.config.max  # below max a new worker would take them sooner
+        ):
+            return
+        limit = self.config.max_requests
+        armed = self._queue_timer is not None
+        if only is not None:  # after a reply (pump): only that worker's list has room; fill it
+            if self._may_hold(only, limit):
+                queue = self.queue
+                while queue and len(only.held) < k:
+                    job = queue.popleft()
+                    if not (job.cancelled or job.answered):
+                        self._hold(only, job)
+            if not armed:
+                self._arm_queue_timer()
+            return
+        takers = [w for w in self.workers.values() if self._may_hold(w, limit)]
+        for depth in range(k):  # round robin: every worker holds one before any holds two
+            for w in takers:
+                if len(w.held) != depth:
+                    continue
+                while self.queue:
+                    job = self.queue.popleft()
+                    if not (job.cancelled or job.answered) and self._hold(w, job):
+                        break
+                if not self.queue:
+                    break
+            if not self.queue:
+                break
+        if not armed:
+            self._arm_queue_timer()
+
+    @staticmethod
+    def _may_hold(w: Worker, limit: int) -> bool:
+        """Whether ``w`` may be sent jobs to hold now (``limit``: max_requests, 0 for none)."""
+        return w.state is BUSY and not w.recycle_due and not w.dead and (not limit or w.requests + 1 + len(w.held) < limit)
+
+    def on_worker_reply(self, worker: Worker, buf: bytearray, status: int, reqid: int) -> None:
+        job = worker.job
+        if job is None or reqid != job.id or worker.state not in (BUSY, KILLING):
+            if worker.state is KILLING:
+                return  # a late answer from a worker we already gave up on
+            log.error("worker=%s pool=%s protocol violation: reply %s without a matching call; killing it", worker.id, self.name, reqid)
+            self._kill(worker, "crash")
+            return
+        now = self.clock.time()
+        self._next_held(worker, now)  # the worker starts its next held job (if any) right after this reply
+        if worker.state is KILLING:
+            return  # a late answer from a worker we already gave up on (its job was answered then)
+        job.finished = now
+        if status == _NOT_RUN:  # a held job whose queue deadline passed in the worker
+            self._finish(job, Status.QUEUE_TIMEOUT, self._queue_timeout_message(job, now), "queue_timeout")
+        else:
+            worker.requests += 1
+            if job.started is not None:
+                self.exec_avg += EWMA_WEIGHT * (now - job.started - self.exec_avg)
+            if status == _UNKNOWN_FUNCTION and job.key is not None:
+                worker.known.pop(job.key, None)
+            if job.settle():
+                # the answer first: the native door sends it at once (channel.WriteBatch), and
+                # everything after it here overlaps with the client's wake-up
+                if not job.cancelled:
+                    job.sink.forward(job, buf, status)
+                self._observe(job, _OUTCOMES.get(status, "error"))
+            if self.config.max_rss and not worker.recycle_due and (self.launcher.rss(worker) or 0) > self.config.max_rss:
+                log.info("worker=%s pool=%s over max_rss (%d bytes); recycling it", worker.id, self.name, self.config.max_rss)
+                worker.recycle_due = True
+        if worker.job is None and not worker.dead:
+            if worker.recycle_due or (self.config.max_requests and worker.requests >= self.config.max_requests):
+                self._retire(worker, "recycled")
+            else:
+                self._become_idle(worker)
+        self.pump(worker if worker.job is not None else None)
+
+    def _next_held(self, worker: Worker, now: float) -> None:
+        """The running job replied: the first held job, if any, is running from now."""
+        if not worker.held:
+            worker.job = None
+            return
+        nxt = worker.held.popleft()
+        self.held_count -= 1
+        nxt.held = False
+        worker.job = nxt
+        if not nxt.answered and worker.state is BUSY:
+            self._begin(worker, nxt, now)
+
+    def _arm_exec(self, worker: Worker, deadline: float) -> None:
+        """Make sure a timer fires at or before ``deadline``.
+
+        One timer per worker, not one per call: a timer armed for an earlier
+        call's deadline is kept (replies do not cancel it) and, when it fires,
+        re-arms itself for the running call's deadline (``_exec_check``).
+        Calls are usually far shorter than exec_timeout, so most calls create
+        and cancel no timer at all, yet a call is still killed exactly at its
+        deadline.
+        """
+        if worker.exec_timer is not None:
+            if worker.exec_timer_at <= deadline:
+                return
+            worker.exec_timer.cancel()  # a shorter per-call timeout than the armed one
+        worker.exec_timer_at = deadline
+        worker.exec_timer = self.clock.call_at(deadline, self._exec_check, worker)
+
+    def _exec_check(self, worker: Worker) -> None:
+        worker.exec_timer = None
+        job = worker.job
+        if job is None or job.started is None or worker.state is not BUSY:
+            return  # idle (or already being killed): nothing to time; the next call re-arms
+        deadline = job.started + (job.exec_limit or self.config.exec_timeout)
+        if deadline > worker.exec_timer_at:
+            self._arm_exec(worker, deadline)  # armed for an earlier call: wait for this one's deadline
+            return
+        self._exec_timeout(worker, job)  # this call's own deadline (the loop's resolution, as before)
+
+    def _exec_timeout(self, worker: Worker, job: Job) -> None:
+        if worker.job is not job or job.answered:
+            return
+        worker.timer = None
+        limit = job.exec_limit or self.config.exec_timeout
+        log.warning("worker=%s pool=%s call %s ran past %.3gs; killing the worker", worker.id, self.name, job.id, limit)
+        job.finished = self.clock.time()
+        self._finish(job, Status.EXEC_TIMEOUT, f"call ran past its execution timeout of {limit:g}s; its worker was killed", "exec_timeout")
+        self._kill(worker, "exec_timeout")
+        self.manage()
+
+    def pump(self, replied: Worker | None = None) -> None:
+        """Hand queued jobs to idle workers, oldest job first; then maybe to busy ones to hold
+        (after a reply only ``replied`` has room that was not offered before)."""
+        while self.queue and self.idle:
+            job = self.queue.popleft()
+            if job.cancelled or job.answered:
+                continue
+            self._start(self.idle.pop(), job)
+        if self.queue:
+            self._prefetch(replied)
+        self.manage()
+
+    def _queue_timeout_message(self, job: Job, now: float) -> str:
+        return f"waited {now - job.admitted:.3g}s in pool {self.name!r}'s queue (queue_timeout {self.config.queue_timeout:g}s); not run"
+
+    def _first_held(self) -> Job | None:
+        """The oldest job still held (not started, not answered), dropping the others from the front."""
+        held = self.held
+        while held and (not held[0].held or held[0].answered):
+            held.popleft()
+        return held[0] if held else None
+
+    def _expire_queue(self) -> None:
+        self._queue_timer = self._queue_timer_at = None
+        now = self.clock.time()
+        drained: set[str] = set()
+        while (job := self._first_held()) is not None and job.deadline <= now:
+            worker = job.worker
+            assert worker is not None
+            if worker.id not in drained:
+                # a reply already sent would mean the job started in time: read it first
+                drained.add(worker.id)
+                self.launcher.drain(worker)
+                continue
+            # Still held after reading everything its worker sent: the worker will find the
+            # deadline passed and answer NOT_RUN. It stays in the hold list to pair that reply.
+            job.finished = now
+            self._finish(job, Status.QUEUE_TIMEOUT, self._queue_timeout_message(job, now), "queue_timeout")
+        while self.queue and (self.queue[0].deadline <= now or self.queue[0].cancelled):
+            job = self.queue.popleft()
+            if job.cancelled:
+                continue
+            job.finished = now
+            self._finish(job, Status.QUEUE_TIMEOUT, self._queue_timeout_message(job, now), "queue_timeout")
+        self._arm_queue_timer()
+
+    def _arm_queue_timer(self) -> None:
+        # Deadlines are admission order plus one queue_timeout, so the oldest queued job (and the
+        # oldest held one) always expires first: one timer per pool suffices.
+        first = self._first_held() if self.held else None
+        deadlines = [j.deadline for j in (self.queue[0] if self.queue else None, first) if j is not None]
+        if not deadlines:
+            return
+        at = min(deadlines)
+        if self._queue_timer is not None and self._queue_timer_at is not None and self._queue_timer_at <= at:
+            return  # an earlier timer will fire and re-arm
+        _cancel(self._queue_timer)
+        self._queue_timer_at = at
+        self._queue_timer = self.clock.call_at(at, self._expire_queue)
+
+    def _finish(self, job: Job, status: int, message: str, outcome: str) -> None:
+        if not job.settle():
+            return
+        self._observe(job, outcome)
+        if not job.cancelled:
+            job.sink.refuse(job, status, message)
+
+    def _observe(self, job: Job, outcome: str) -> None:
+        end = job.finished if job.finished is not None else self.clock.time()
+        start = job.started if job.started is not None else end
+        requests = self.counters.requests
+        requests[outcome] = requests.get(outcome, 0) + 1
+        if not self.observers:
+            return
+        batch = self.to_observe
+        batch.append(answer_record(job, outcome, start - job.admitted, end - job.started if job.started is not None else None))
+        if len(batch) >= ANSWERED_BATCH:
+            self.flush_answered()
+        elif self._answered_timer is None:
+            self._answered_timer = self.clock.call_at(end + ANSWERED_EVERY, self.flush_answered)
+
+    def flush_answered(self) -> None:
+        """Show the observers every request answered since the last flush.
+
+        Batches, not a call per observer per request: metrics and the access log
+        cost the supervisor 10-14 us of CPU per call that way. Readers of what
+        observers keep call this first (Supervisor.render_metrics, shutdown,
+        a retired pool's last step), so a scrape still counts every request
+        answered before it; the access log writes its lines later anyway.
+        """
+        _cancel(self._answered_timer)
+        self._answered_timer = None
+        if not self.to_observe:
+            return
+        batch, self.to_observe = self.to_observe, []
+        for o in self.observers:
+            o.requests_done(self.name, batch)
+
+    # -- worker lifecycle ----------------------------------------------------------------
+
+    def _spawn(self) -> Worker:
+        self._seq += 1
+        w = Worker(id=f"{self.name}-{self._seq}", spawned_at=self.clock.time())
+        self.workers[w.id] = w
+        self.counts[STARTING] += 1
+        w.timer = self.clock.call_at(w.spawned_at + self.config.start_timeout, self._start_timeout, w)
+        self.launcher.spawn(w)
+        return w
+
+    def _start_timeout(self, worker: Worker) -> None:
+        if worker.state is not STARTING:
+            return
+        worker.timer = None
+        worker.error = f"not ready within start_timeout ({self.config.start_timeout:g}s)"
+        log.error("worker=%s pool=%s %s", worker.id, self.name, worker.error)
+        self._kill(worker, "preload_failed")
+
+    def on_worker_ready(self, worker: Worker, info: dict[str, Any]) -> None:
+        if worker.state is not STARTING:
+            return
+        _cancel(worker.timer)
+        worker.timer = None
+        now = self.clock.time()
+        worker.pid = info.get("pid", worker.pid)
+        worker.python = info.get("python")
+        self.python = worker.python or self.python
+        self.ready_info = info
+        worker.ready_at = now
+        self._note_q(worker, info.get("q"))
+        self.failures = 0
+        self.last_error = None
+        log.info("worker=%s pool=%s ready pid=%s in %.1fms", worker.id, self.name, worker.pid, (now - worker.spawned_at) * 1e3)
+        self._become_idle(worker)
+        self.pump()
+        self.on_change()
+
+    def on_worker_state(self, worker: Worker, info: dict[str, Any]) -> None:
+        """An unsolicited STATE frame: the worker's q connection came up or went down."""
+        if worker.state in (GONE, KILLING):
+            return
+        if self._note_q(worker, info.get("q")):
+            self.on_change()
+
+    def _note_q(self, worker: Worker, q: Any) -> bool:
+        if not isinstance(q, dict):
+            return False
+        before = worker.q
+        worker.q = {"connected": bool(q.get("connected")), "error": q.get("error")}
+        if worker.q["error"]:
+            self.q_last_error = str(worker.q["error"])
+        was = bool(before and before["connected"])
+        if worker.q["connected"] and not was:
+            log.info("worker=%s pool=%s q connected", worker.id, self.name)
+        elif not worker.q["connected"] and (was or before is None):
+            log.warning("worker=%s pool=%s q not connected: %s", worker.id, self.name, worker.q["error"])
+        return worker.q != before
+
+    def q_connected(self) -> int:
+        """Ready workers (idle or busy) whose q connection is up; 0 in a pool without q."""
+        return sum(1 for w in self.workers.values() if w.state in (IDLE, BUSY) and w.q is not None and w.q["connected"])
+
+    def on_worker_preload_failed(self, worker: Worker, message: str) -> None:
+        worker.error = message
+        worker.exit_reason = "preload_failed"
+
+    def on_worker_lost(self, worker: Worker) -> None:
+        """Its channel is gone (end of stream, a failed write, or the process reported dead): it can
+        take nothing more. Frames it sent before may still be delivered; its exit report follows."""
+        worker.dead = True
+        if worker in self.idle:
+            self.idle.remove(worker)
+
+    def on_worker_exit(self, worker: Worker, code: int | None) -> None:
+        """The process is gone (reaped). Answers its job, if any, and refills the pool."""
+        if worker.state is GONE:
+            return
+        was_starting = worker.state is STARTING
+        _cancel(worker.timer)
+        worker.timer = None
+        _cancel(worker.exec_timer)
+        worker.exec_timer = None
+        how = _describe_exit(code)
+        job = worker.job
+        if job is not None and not job.answered:
+            job.finished = self.clock.time()
+            self._finish(job, Status.WORKER_CRASHED, f"worker {worker.id} died during the call ({how}); the call was not retried", "crashed")
+        worker.job = None
+        if worker.held:
+            # Its channel was read to the end before this report (Launcher.drain), and no reply
+            # for the running job came, so none of these started: back to the front, in order.
+            requeue = [j for j in worker.held if not (j.answered or j.cancelled)]
+            self.held_count -= len(worker.held)
+            for j in worker.held:
+                j.held = False
+                j.worker = None
+                if j.cancelled:
+                    j.settle()  # its client left: nobody is answered, but its file is released
+            worker.held.clear()
+            if self._aborted is not None:  # shutting down: the queue was already answered
+                for j in requeue:
+                    self._finish(j, Status.SHUTTING_DOWN, self._aborted, "rejected")
+            else:
+                self.queue.extendleft(reversed(requeue))
+                self._arm_queue_timer()
+            log.info(
+                "worker=%s pool=%s died holding %d calls that had not started: requeued %s head=%s",
+                worker.id,
+                self.name,
+                len(requeue),
+                [(j.id, j.client_reqid) for j in requeue],
+                (job.id, job.client_reqid) if job else None,
+            )
+        reason = worker.exit_reason
+        if reason is None:
+            reason = "preload_failed" if was_starting else ("shutdown" if not self.accepting else "crash")
+        if reason == "preload_failed":
+            self.failures += 1
+            delay = min(BACKOFF_MAX, BACKOFF_FIRST * 2 ** (self.failures - 1))
+            self.next_spawn_at = self.clock.time() + delay
+            self.last_error = worker.error or f"worker exited before it was ready ({how})"
+            log.error("worker=%s pool=%s failed to start: %s; next attempt in %.1fs", worker.id, self.name, self.last_error, delay)
+        elif reason == "crash":
+            log.error("worker=%s pool=%s died: %s", worker.id, self.name, how)
+        else:
+            log.info("worker=%s pool=%s exited (%s, %s)", worker.id, self.name, reason, how)
+        self._set_state(worker, GONE)
+        if worker in self.idle:
+            self.idle.remove(worker)
+        self.workers.pop(worker.id, None)
+        self.counters.worker_exit(self.name, reason)
+        for o in self.observers:
+            o.worker_exit(self.name, reason)
+        if self.queue and self.idle:
+            self.pump()
+        else:
+            self.manage()
+        self.on_change()
+
+    def _become_idle(self, worker: Worker) -> None:
+        self._set_state(worker, IDLE)
+        worker.idle_since = self.clock.time()
+        self.idle.append(worker)
+        self._arm_idle_timer()
+
+    def _kill(self, worker: Worker, reason: str) -> None:
+        if worker.state in (KILLING, GONE):
+            return
+        if worker in self.idle:
+            self.idle.remove(worker)
+        self._set_state(worker, KILLING)
+        worker.exit_reason = worker.exit_reason or reason
+        self.launcher.kill(worker)
+
+    def _retire(self, worker: Worker, reason: str) -> None:
+        if worker in self.idle:
+            self.idle.remove(worker)
+        self._set_state(worker, DRAINING)
+        worker.exit_reason = reason
+        self.launcher.retire(worker)
+
+    # -- sizing ----------------------------------------------------------------------------
+
+    def live(self) -> int:
+        c = self.counts
+        return c[STARTING] + c[IDLE] + c[BUSY]
+
+    def manage(self) -> None:
+        """Keep ``cruise`` workers alive; grow toward ``max`` while requests wait."""
+        if not self.accepting and not self.queue:
+            return  # draining for shutdown: replace a worker only while queued requests still need one
+        cfg = self.config
+        c = self.counts
+        live = c[STARTING] + c[IDLE] + c[BUSY]  # self.live(), inline: every call
+        waiting = len(self.queue)  # cancelled jobs leave the queue at once (drop_client)
+        if live >= cfg.max or (live >= cfg.cruise and not waiting):
+            return  # the steady states: nothing to decide
+        starting = self.counts[STARTING]
+        want = max(cfg.cruise - live, min(waiting - starting, cfg.max - live))
+        if want <= 0:
+            return
+        now = self.clock.time()
+        if now < self.next_spawn_at:
+            if self._manage_timer is None:
+                self._manage_timer = self.clock.call_at(self.next_spawn_at, self._manage_later)
+            return
+        # after a failure, probe with one worker at a time instead of a burst of doomed ones
+        if self.failures:
+            want = 1 if starting == 0 else 0
+        for _ in range(want):
+            self._spawn()
+
+    def _manage_later(self) -> None:
+        self._manage_timer = None
+        self.manage()
+
+    def _arm_idle_timer(self) -> None:
+        if self._idle_timer is not None or self.live() <= self.config.cruise or not self.idle:
+            return
+        oldest = min(w.idle_since for w in self.idle)
+        self._idle_timer = self.clock.call_at(oldest + self.config.idle_timeout, self._retire_idle)
+
+    def _retire_idle(self) -> None:
+        self._idle_timer = None
+        now = self.clock.time()
+        # idle[0] has been idle longest (LIFO stack)
+        while self.live() > self.config.cruise and self.idle and now - self.idle[0].idle_since >= self.config.idle_timeout:
+            self._retire(self.idle[0], "idle")
+        self._arm_idle_timer()
+
+    # -- code -------------------------------------------------------------------------------
+
+    def register(self, key: bytes, define_frame: bytearray) -> None:
+        """Keep a function's DEFINE frame (immutable from here on) for workers that lack it."""
+        if key in self.code:
+            self.code.move_to_end(key)
+            return
+        self.code[key] = define_frame
+        self.code_bytes += len(define_frame)
+        while self.code_bytes > CODE_CACHE_BYTES and len(self.code) > 1:
+            _, old = self.code.popitem(last=False)
+            self.code_bytes -= len(old)
+
+    # -- shutdown and status -------------------------------------------------------------------
+
+    def stop_accepting(self) -> None:
+        self.accepting = False
+        _cancel(self._manage_timer)
+        self._manage_timer = None
+
+    def idle_now(self) -> bool:
+        return not self.queue and all(w.job is None for w in self.workers.values())
+
+    def abort_queue(self, message: str) -> None:
+        self._aborted = message  # held jobs of workers that end from now on get the same answer
+        while self.queue:
+            job = self.queue.popleft()
+            if not job.cancelled:
+                self._finish(job, Status.SHUTTING_DOWN, message, "rejected")
+
+    def terminate_all(self, reason: str = "shutdown") -> None:
+        """End every worker: idle ones retire, busy or starting ones are killed (``reason`` for metrics)."""
+        for w in list(self.workers.values()):
+            if w.state is IDLE:
+                self._retire(w, reason)
+            elif w.state in (STARTING, BUSY):
+                self._kill(w, reason)
+
+    def ready(self) -> bool:
+        warm = self.counts[IDLE] + self.counts[BUSY]
+        if self.config.q is not None and self.config.q.required:
+            # every warm worker connected, and at least min of them
+            return warm >= self.config.min and self.q_connected() == warm
+        return warm >= self.config.min
+
+    def status(self) -> dict[str, Any]:
+        states = {s.value: n for s, n in self.counts.items() if s is not GONE}
+        now = self.clock.time()
+        oldest = now - self.queue[0].admitted if self.queue else 0.0
+        return {
+            "workers": states,
+            "queue": {"depth": len(self.queue) + self.held_count, "held": self.held_count, "capacity": self.config.queue_size, "oldest_s": round(oldest, 6)},
+            "limits": {"min": self.config.min, "cruise": self.config.cruise, "max": self.config.max},
+            "ready": self.ready(),
+            "python": self.python,
+            "last_error": self.last_error,
+            "requests": dict(self.counters.requests),
+            "held_total": self.counters.held,
+            "exits": dict(self.counters.exits),
+            "q": self._q_status(),
+            "worker_list": [
+                {"id": w.id, "pid": w.pid, "state": w.state.value, "requests": w.requests, "error": w.error, "q": w.q} for w in self.workers.values()
+            ],
+        }
+
+    def _q_status(self) -> dict[str, Any] | None:
+        q = self.config.q
+        if q is None:
+            return None
+        return {
+            "endpoint": q.endpoint,
+            "user": q.username,
+            "required": q.required,
+            "connected": self.q_connected(),
+            "workers": self.counts[IDLE] + self.counts[BUSY],
+            "last_error": self.q_last_error,
+        }
+
+
+#: a worker's reply status -> the outcome counted for it
+_OUTCOMES = {
+    Status.OK: "ok",
+    Status.CUSTOM_RESPONSE: "ok",
+    Status.ERROR: "error",
+    Status.API_ERROR: "error",
+    Status.UNKNOWN_FUNCTION: "unknown_function",
+    Status.BAD_REQUEST: "bad_request",
+    Status.BAD_ARGUMENTS: "bad_request",
+    Status.ENDPOINT_UNAVAILABLE: "unavailable",
+    Status.Q_UNAVAILABLE: "q_unavailable",
+}
+
+
+def _cancel(handle: Any) -> None:
+    if handle is not None:
+        handle.cancel()
+
+
+def _describe_exit(code: int | None) -> str:
+    if code is None:
+        return "exit status unknown"
+    if code < 0:
+        try:
+            return f"killed by signal {signal.Signals(-code).name}"
+        except ValueError:
+            return f"killed by signal {-code}"
+    return f"exit code {code}"

@@ -1,0 +1,460 @@
+"""The supervisor: one process, one event loop, the single owner of all request state.
+
+Data flow::
+
+    client ──frames──> NativeServer/ClientConnection ─┐
+    HTTP ──requests──> HttpDoor (daemon/doors/http/app.py) ─────┤ Job
+    (kdb+ IPC door: same path)                        │
+                                                      v
+                               Dispatcher (per pool): admission ─> bounded FIFO queue
+                                                      │  idle worker (LIFO)
+                                                      v
+                               PoolLauncher ──socketpair──> worker process (forked by
+                                                      ^        the pool's template)
+                                                      │ REPLY frame
+    client <──same frame, reqid patched── ClientConnection <┘
+
+Ownership and invariants
+    Only this process holds the queues, the worker tables and every deadline
+    (monotonic ``loop.time()``). Workers never see clients. Payload bytes
+    (pickled functions and arguments) are opaque here: they are forwarded,
+    never unpickled, so a hostile pickle can at worst kill a worker.
+
+Signals
+    Handlers only record the signal; ``_signal_loop`` acts on it. SIGTERM or
+    SIGINT: graceful stop (stop listening, refuse new work with "shutting
+    down", let queued and running calls finish up to ``shutdown_grace``, stop
+    the workers, reap everything, remove the socket). A second one: fast path.
+    SIGHUP: reload (daemon/core/reload.py: a new generation of pools is warmed and
+    swapped in; the old one finishes what it holds, then exits).
+
+Operations
+    Metrics (daemon/ops/metrics.py) and the access log (daemon/ops/logs.py) are
+    dispatcher observers attached to every pool; ``render_metrics`` serves
+    /metrics and the METRICS frame. systemd (daemon/ops/systemd.py): the native
+    socket may be inherited (LISTEN_FDS) instead of bound; READY=1 once every
+    pool is ready, STATUS= on changes, WATCHDOG=1 from this loop, STOPPING=1
+    when shutdown starts, RELOADING=1/READY=1 through ``notify_reloading`` and
+    ``notify_ready``.
+
+Workers are started by a per-pool template process (a fresh interpreter
+acting as a preloaded forkserver), never by forking this process.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import gc
+import logging
+import os
+import resource
+import signal
+import socket
+import sys
+import time
+from collections.abc import Callable, Coroutine
+from typing import TYPE_CHECKING, Any
+
+from cruised import __version__
+from cruised.client import paths
+from cruised.config import Config
+from cruised.core import services
+from cruised.core.dispatch import Dispatcher
+from cruised.core.launcher import PoolLauncher
+from cruised.core.reload import Reloader
+from cruised.doors.native import NativeServer
+from cruised.doors.sockets import bind_unix
+from cruised.ops import systemd
+from cruised.ops.logs import AccessLog
+from cruised.ops.metrics import Metrics
+from cruised.pool import heap
+
+if TYPE_CHECKING:
+    from cruised.doors.http.app import HttpDoor
+    from cruised.doors.qipc.door import QipcDoor
+
+log = logging.getLogger("cruised.supervisor")
+
+#: seconds between returns of freed heap to the kernel (see Supervisor._trim_heap)
+TRIM_EVERY = 30.0
+
+
+def raise_fd_limit() -> tuple[int, int]:
+    """(before, after): the soft open-file limit raised to the hard one.
+
+    Every call waiting in a queue with a shared file (pool/wire/sharedfile.py)
+    holds one descriptor here, on top of one per client and three per worker;
+    a soft limit of 1024 (a shell's default) would cap the daemon well below
+    what ``queue_size`` and ``max_connections`` allow. The systemd unit sets
+    ``LimitNOFILE`` too. Should descriptors still run out, the kernel drops
+    passed ones and the client's connection is closed with that reason.
+    """
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    want = hard if hard != resource.RLIM_INFINITY else max(soft, 1 << 20)
+    if soft != resource.RLIM_INFINITY and soft < want:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (want, hard))
+            return soft, want
+        except (ValueError, OSError):
+            pass
+    return soft, soft
+
+
+def run_loop(main: Coroutine[Any, Any, int]) -> int:
+    """Run the supervisor on uvloop when it is importable, else on asyncio's own loop.
+
+    uvloop runs the loop machinery (epoll, ready queue, timers) in C: on the
+    2-core reference VM it cut the supervisor's CPU per call by 44% (sync)
+    and 30% (pipelined) and sync p50 by 26% (bench/hotpath.py, interleaved
+    A/B). ``CRUISED_LOOP=asyncio`` forces the standard loop (debugging).
+    """
+    if os.environ.get("CRUISED_LOOP", "auto") != "asyncio":
+        try:
+            import uvloop
+        except ImportError:
+            pass
+        else:
+            return uvloop.run(main)
+    return asyncio.run(main)
+
+
+class LoopClock:
+    """The dispatcher's Clock port on the running loop (monotonic).
+
+    ``time()`` reads CLOCK_MONOTONIC directly, the clock both asyncio's and
+    uvloop's timers are based on: uvloop's ``loop.time()`` only has
+    millisecond resolution, which would quantise queue and execution times.
+    """
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.loop = loop
+
+    #: the C function itself, no Python frame around it: the dispatcher reads it ~4 times a call
+    time = staticmethod(time.monotonic)
+
+    def call_at(self, when: float, callback: Callable[..., Any], *args: Any) -> asyncio.TimerHandle:
+        return self.loop.call_at(when, callback, *args)
+
+
+class Pool:
+    """A dispatcher and its launcher, wired together."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, name: str, config: Config) -> None:
+        pool_cfg = config.pools[name]
+        self.name = name
+        self.launcher = PoolLauncher(loop, name, pool_cfg, config.daemon)
+        self.dispatcher = Dispatcher(name, pool_cfg, LoopClock(loop), self.launcher)
+        self.launcher.dispatcher = self.dispatcher
+        self.launcher.endpoints = services.worker_specs(config, name)
+        self.failed_endpoints: set[str] = set()  # already logged as failing to load
+        if config.qipc.listen:
+            self.launcher.warm_modules = ["pykx"]  # q calls need it: import it once, in the template
+
+
+class Supervisor:
+    def __init__(self, config: Config, socket_path: str, config_path: str | None = None, dev: bool = False) -> None:
+        self.config = config
+        self.socket_path = socket_path
+        self.config_path = config_path  # re-read by a reload
+        self.dev = dev  # `serve --dev`: reload when the config or endpoint code changes
+        self.loop = asyncio.get_running_loop()
+        self.pools: dict[str, Pool] = {}
+        #: pools of a reload: still warming (not serving yet), or replaced and finishing what they hold
+        self.warming: list[Pool] = []
+        self.retiring: list[Pool] = []
+        self.generation = 1
+        self.reloader = Reloader(self)
+        self.native: NativeServer | None = None
+        self.http: HttpDoor | None = None  # imported only when enabled
+        self.qipc: QipcDoor | None = None  # the kdb+ IPC door, only when qipc.listen is set
+        self.started = time.time()
+        self.state = "starting"
+        self._signals: asyncio.Queue[int] = asyncio.Queue()
+        self._stop = asyncio.Event()
+        self._fast = False
+        self.ready = asyncio.Event()
+        self.metrics = Metrics(lambda: {name: p.dispatcher for name, p in self.pools.items()})
+        self.access_log = AccessLog(call_later=self.loop.call_later) if config.daemon.access_log else None
+        self.notifier: systemd.Notifier | None = None
+        #: sockets passed by systemd that the native door did not take, by name (for the other doors)
+        self.activated: dict[str, socket.socket] = {}
+        self._signal_task: asyncio.Task[None] | None = None
+
+    # -- lookups used by the front doors ---------------------------------------
+
+    def dispatcher(self, pool: str) -> Dispatcher | None:
+        p = self.pools.get(pool)
+        return p.dispatcher if p is not None else None
+
+    def all_pools(self) -> list[Pool]:
+        """Serving, warming and retiring pools: everything that has processes."""
+        return [*self.pools.values(), *self.warming, *self.retiring]
+
+    def all_dispatchers(self) -> list[Dispatcher]:
+        return [p.dispatcher for p in self.all_pools()]
+
+    def no_such_pool(self, pool: str) -> str:
+        return f"no pool named {pool!r} (configured: {', '.join(sorted(self.pools))})"
+
+    def request_reload(self, done: Callable[[bool, str], None]) -> None:
+        self.reloader.request(done)
+
+    # -- lifecycle ---------------------------------------------------------------
+
+    async def run(self) -> int:
+        self.notifier = systemd.Notifier.from_environment(self._status_line, self._healthy)
+        sock, owned_path = self._native_listener()
+        systemd.clear_environment()  # before any template starts: children must not inherit them
+        for name in self.config.pools:
+            pool = Pool(self.loop, name, self.config)
+            pool.dispatcher.on_change = self._check_ready
+            self._attach_observers(pool)
+            self.pools[name] = pool
+        self.native = NativeServer(self, sock, owned_path)
+        if self.config.http.enabled:
+            from cruised.doors.http.app import HttpDoor
+
+            self.http = HttpDoor(self, paths.default_http_socket(self.socket_path, self.config.http.socket))
+            try:
+                await self.http.start()
+            except BaseException:
+                self.native.stop_listening()
+                raise
+        if self.config.qipc.listen:
+            from cruised.doors.qipc.door import QipcDoor
+
+            self.qipc = QipcDoor(self)
+            try:
+                await self.qipc.start()
+            except BaseException:
+                self.native.stop_listening()
+                if self.http is not None:
+                    await self.http.close()
+                raise
+        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR1):
+            self.loop.add_signal_handler(sig, self._signals.put_nowait, sig)
+        log.info("cruised %s listening on %s (pid %s, python %s)", __version__, self.socket_path, _pid(), sys.version.split()[0])
+        log.info("event loop: %s", type(self.loop).__module__)
+        for pool in self.pools.values():
+            pool.launcher.start_template()
+            pool.dispatcher.manage()
+        self._check_ready()
+        signals = self._signal_task = asyncio.create_task(self._signal_loop())
+        self.notifier.start(self.loop)
+        ready = asyncio.create_task(self._notify_when_ready())
+        watcher = None
+        if self.dev:
+            from cruised.core.devwatch import watch
+
+            watcher = asyncio.create_task(watch(self))
+        heap.keep_large_buffers_warm()
+        before, after = raise_fd_limit()
+        if after != before:
+            log.info("open-file limit raised from %d to %d (queued calls with shared files hold descriptors)", before, after)
+        self._trimmer = self.loop.call_later(TRIM_EVERY, self._trim_heap)
+        try:
+            await self._stop.wait()
+            await self._shutdown()
+        finally:
+            signals.cancel()
+            if watcher is not None:
+                watcher.cancel()
+            ready.cancel()
+            self._trimmer.cancel()
+            self.notifier.close()
+            for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR1):
+                self.loop.remove_signal_handler(sig)
+        return 0
+
+    def _native_listener(self) -> tuple[socket.socket, str | None]:
+        """The native door's listening socket and the path to remove at exit.
+
+        Socket activation (systemd's LISTEN_FDS) wins over binding: the socket
+        unit owns that file, so it is neither replaced nor removed here, and
+        connections made while the daemon restarts wait in its backlog.
+        """
+        inherited = systemd.activated_sockets()
+        if inherited is None:
+            return bind_unix(self.socket_path, self.config.daemon.socket_mode), self.socket_path
+        sock, self.socket_path, self.activated = inherited
+        return sock, None
+
+    def _attach_observers(self, pool: Pool) -> None:
+        """Metrics and the access log watch this pool's requests and worker exits (call for every new pool)."""
+        self.metrics.attach(pool.dispatcher)
+        if self.access_log is not None:
+            pool.dispatcher.observers.append(self.access_log)
+
+    async def _notify_when_ready(self) -> None:
+        await self.ready.wait()
+        if self.notifier is not None and not self._stop.is_set():
+            self.notifier.ready()
+
+    def _status_line(self) -> str:
+        """systemd's STATUS=: the pool summary, plus why a pool cannot start (what `systemctl status` should show)."""
+        errors = [f"{name}: {p.dispatcher.last_error}" for name, p in self.pools.items() if p.dispatcher.last_error]
+        return self.summary() + (f"; last error {'; '.join(errors)}" if errors else "")
+
+    def _healthy(self) -> bool:
+        """Worth a watchdog ping: the loop runs (we are in it) and still reacts to signals."""
+        task = self._signal_task
+        return task is not None and not task.done()
+
+    def notify_reloading(self) -> None:
+        """A reload starts: systemd shows the unit as reloading until ``notify_ready``."""
+        if self.notifier is not None:
+            self.notifier.reloading()
+
+    def notify_ready(self) -> None:
+        """A reload finished (or failed and the old pools keep serving): READY=1 again."""
+        if self.notifier is not None:
+            self.notifier.ready()
+
+    def render_metrics(self) -> bytes:
+        """Prometheus text exposition (GET /metrics and the METRICS frame): every request answered
+        before the scrape is counted."""
+        for d in self.all_dispatchers():
+            d.flush_answered()
+        return self.metrics.render()
+
+    def _check_ready(self) -> None:
+        for pool in self.pools.values():
+            services.log_new_failures(pool)
+        if not self.ready.is_set() and all(p.dispatcher.ready() for p in self.pools.values()):
+            self.ready.set()
+            self.state = "ready"
+            # Everything built so far (imports, config, pools, doors) lives as long as the daemon:
+            # out of the collector's sight, a full collection walks only what requests create.
+            gc.freeze()
+            log.info("ready: %s", self.summary())
+
+    async def _signal_loop(self) -> None:
+        while True:
+            sig = await self._signals.get()
+            if sig in (signal.SIGTERM, signal.SIGINT):
+                if self._stop.is_set():
+                    log.warning("second %s: fast shutdown", signal.Signals(sig).name)
+                    self._fast = True
+                else:
+                    log.info("%s: shutting down gracefully (grace %ss)", signal.Signals(sig).name, self.config.daemon.shutdown_grace)
+                    self._stop.set()
+            elif sig == signal.SIGHUP:
+                self.request_reload(lambda ok, msg: log.log(logging.INFO if ok else logging.ERROR, "reload: %s", msg))
+            elif sig == signal.SIGUSR1:
+                log_memory()
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    def _trim_heap(self) -> None:
+        """Hand freed heap pages back to the kernel (glibc keeps them otherwise).
+
+        Every request allocates and frees frame buffers of very different sizes;
+        under churn glibc retained ~25 MB of freed heap in a few minutes of soak
+        (bench/soak.py), which read as RSS growth although the live objects
+        were flat (SIGUSR1's counts). A trim costs well under a millisecond.
+        """
+        heap.trim()
+        self._trimmer = self.loop.call_later(TRIM_EVERY, self._trim_heap)
+
+    async def _shutdown(self) -> None:
+        self.state = "stopping"
+        self.reloader.cancel()
+        if self.notifier is not None:
+            self.notifier.stopping_now()
+        if self.native is not None:
+            self.native.stop_listening()
+        if self.http is not None:
+            await self.http.stop_listening()
+        if self.qipc is not None:
+            self.qipc.stop_listening()
+        dispatchers = self.all_dispatchers()
+        for d in dispatchers:
+            d.stop_accepting()
+        deadline = self.loop.time() + self.config.daemon.shutdown_grace
+        while not self._fast and self.loop.time() < deadline and not all(d.idle_now() for d in dispatchers):
+            await asyncio.sleep(0.02)
+        for d in dispatchers:
+            d.abort_queue("cruised is shutting down; the request was not run")
+            d.terminate_all()
+        kill_deadline = self.loop.time() + self.config.daemon.kill_grace + 1.0
+        while self.loop.time() < kill_deadline and any(p.launcher.worker_count() for p in self.all_pools()):
+            await asyncio.sleep(0.02)
+        for p in self.all_pools():
+            p.launcher.close()
+        for p in self.all_pools():
+            await p.launcher.wait_template(2.0)
+        if self.http is not None:
+            await self.http.close()
+        if self.qipc is not None:
+            await self.qipc.close()
+        if self.native is not None:
+            self.native.close_all()
+            # let the last replies leave before the loop goes away
+            end = self.loop.time() + 1.0
+            while self.native.connections and self.loop.time() < end:
+                await asyncio.sleep(0.01)
+        for d in self.all_dispatchers():
+            d.flush_answered()  # the last access lines, before the loop (and its timers) goes
+        log.info("stopped")
+
+    # -- reporting ---------------------------------------------------------------
+
+    def status(self) -> dict[str, Any]:
+        return {
+            "version": __version__,
+            "pid": _pid(),
+            "state": self.state,
+            "uptime_s": round(time.time() - self.started, 3),
+            "socket": self.socket_path,
+            "generation": self.generation,
+            "http": self.http.describe() if self.http is not None else None,
+            "qipc": self.qipc.describe() if self.qipc is not None else None,
+            "pools": {name: p.dispatcher.status() for name, p in self.pools.items()},
+            "retiring_pools": len(self.retiring),
+            "services": services.describe(self),
+        }
+
+    def summary(self) -> str:
+        parts = []
+        for name, p in self.pools.items():
+            st = p.dispatcher.status()
+            w = st["workers"]
+            parts.append(f"{name}: {w['idle']} idle {w['busy']} busy {w['starting']} starting, queue {st['queue']['depth']}/{st['queue']['capacity']}")
+        return "; ".join(parts)
+
+
+def _pid() -> int:
+    import os
+
+    return os.getpid()
+
+
+def log_memory(top: int = 15) -> None:
+    """SIGUSR1: one log line with the supervisor's most numerous object types (leak hunting).
+
+    With ``python -X tracemalloc``, a second line gives the top allocation sites too.
+    """
+    import gc
+    import tracemalloc
+    from collections import Counter
+
+    counts = Counter(type(o).__name__ for o in gc.get_objects())
+    log.info("memory: %d objects; top types: %s", sum(counts.values()), ", ".join(f"{n}={c}" for n, c in counts.most_common(top)))
+    before = _rss_kib()  # glibc keeps freed heap pages; trimming shows how much RSS is retained rather than live
+    heap.trim()
+    log.info("memory: rss %d KiB, %d KiB after malloc_trim", before, _rss_kib())
+    if tracemalloc.is_tracing():
+        stats = tracemalloc.take_snapshot().statistics("lineno")[:top]
+        log.info(
+            "memory: top allocation sites: %s",
+            "; ".join(f"{s.traceback[0].filename.rsplit('/', 1)[-1]}:{s.traceback[0].lineno}={s.size // 1024}KiB" for s in stats),
+        )
+
+
+def _rss_kib() -> int:
+    with open("/proc/self/status") as fh:
+        for line in fh:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1])
+    return 0

@@ -1,0 +1,226 @@
+"""The native front door: framed requests over a Unix socket.
+
+Each connection turns frames into jobs and hands them to the pool's
+dispatcher; replies come back through the same connection object (it is the
+jobs' ``ReplySink``). Function and argument bytes are never unpickled here:
+the CALL frame that arrived is the frame the worker receives, with only the
+request id patched in place, and the worker's REPLY frame goes back to the
+client the same way.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import socket
+import stat
+import struct
+from typing import TYPE_CHECKING, Any
+
+from cruised.core.channel import Channel
+from cruised.core.dispatch import Job
+from cruised.doors.sockets import next_job_id, peer_credentials
+from cruised.pool.wire import frames, sharedfile
+from cruised.pool.wire.frames import Kind, Status
+
+if TYPE_CHECKING:
+    from cruised.core.supervisor import Supervisor
+
+# per-call comparisons against plain globals, not Enum class attributes (see pool/wire/frames.py)
+_CALL = Kind.CALL
+
+log = logging.getLogger("cruised.server")
+
+
+class NativeServer:
+    def __init__(self, supervisor: Supervisor, sock: socket.socket, path: str | None) -> None:
+        self.sup = supervisor
+        self.sock = sock
+        self.path = path
+        self.loop = supervisor.loop
+        self.connections: set[ClientConnection] = set()
+        self.loop.add_reader(sock.fileno(), self._accept)
+        self.listening = True
+        self._sweeper = self.loop.call_later(1.0, self._sweep_stalled)
+
+    def _sweep_stalled(self) -> None:
+        """Close connections that started a frame and stopped sending (daemon.read_timeout)."""
+        limit = self.sup.config.daemon.read_timeout
+        now = self.loop.time()
+        for c in list(self.connections):
+            since = c.channel.partial_since
+            if since is not None and now - since > limit:
+                log.warning("closing client pid=%s: a frame has been incomplete for over %gs (daemon.read_timeout)", c.peer[0], limit)
+                c._refuse(0, Status.BAD_REQUEST, f"incomplete frame for over {limit:g}s (daemon.read_timeout); closing")
+                c.channel.close_after_flush()
+        self._sweeper = self.loop.call_later(min(1.0, limit / 2), self._sweep_stalled)
+
+    def _accept(self) -> None:
+        for _ in range(64):  # bounded per wakeup: keep the loop fair to established clients
+            try:
+                conn, _ = self.sock.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as exc:
+                log.error("accept failed: %s", exc)
+                return
+            self._admit(conn)
+
+    def _admit(self, conn: socket.socket) -> None:
+        cfg = self.sup.config.daemon
+        try:
+            pid, uid, gid = peer_credentials(conn)
+        except OSError:
+            pid = uid = gid = -1
+        refusal = None
+        if len(self.connections) >= cfg.max_connections:
+            refusal = (Status.QUEUE_FULL, f"too many connections ({cfg.max_connections}, daemon.max_connections)")
+        elif (cfg.allow_uids or cfg.allow_gids) and uid not in cfg.allow_uids and gid not in cfg.allow_gids:
+            log.warning("refused connection from pid=%s uid=%s gid=%s: not in daemon.allow_uids/allow_gids", pid, uid, gid)
+            self.sup.metrics.auth_failed("native")
+            refusal = (Status.ACCESS_DENIED, f"uid {uid} / gid {gid} may not use this daemon (daemon.allow_uids, daemon.allow_gids)")
+        if refusal is not None:
+            try:
+                conn.setblocking(False)
+                conn.send(frames.frame(Kind.REPLY, 0, json.dumps({"message": refusal[1]}).encode(), refusal[0]))
+            except OSError:
+                pass
+            conn.close()
+            return
+        self.connections.add(ClientConnection(self, conn, (pid, uid, gid)))
+
+    def stop_listening(self) -> None:
+        if not self.listening:
+            return
+        self.listening = False
+        self._sweeper.cancel()
+        self.loop.remove_reader(self.sock.fileno())
+        self.sock.close()
+        if self.path:
+            try:
+                if stat.S_ISSOCK(os.lstat(self.path).st_mode):
+                    os.unlink(self.path)
+            except FileNotFoundError:
+                pass
+
+    def close_all(self) -> None:
+        for c in list(self.connections):
+            c.channel.close_after_flush()
+
+
+class ClientConnection:
+    """One client: its frames in, its replies out. Also the ReplySink of its jobs."""
+
+    def __init__(self, server: NativeServer, sock: socket.socket, peer: tuple[int, int, int]) -> None:
+        self.server = server
+        self.sup = server.sup
+        self.peer = peer
+        self.peer_text = f"pid:{peer[0]},uid:{peer[1]},gid:{peer[2]}"  # the access log's peer= field
+        self.channel = Channel(
+            server.loop,
+            sock,
+            self,
+            self.sup.config.daemon.max_message_bytes,
+            name=f"client-pid{peer[0]}",
+            on_frame_error=self._frame_error,
+        )
+
+    # -- FrameSink -------------------------------------------------------------
+
+    def on_frame(self, channel: Channel, buf: bytearray, kind: int, status: int, reqid: int) -> None:
+        try:
+            if kind == _CALL:
+                pool, timeout_ms, key, _ = frames.parse_call(buf)
+                shared = None
+                if status & frames.CARRIES_FD:
+                    fd = channel.take_fd()
+                    if fd is None:  # the kernel dropped it: we were not reading with recvmsg
+                        self._refuse(reqid, Status.BAD_REQUEST, "a CALL carried a file descriptor before PASS_FDS was answered")
+                        return
+                    shared = sharedfile.Owned(fd)
+                    try:
+                        sharedfile.check(shared.fd, self.sup.config.daemon.max_message_bytes)
+                    except (sharedfile.SharedFileError, OSError) as exc:
+                        shared.close()
+                        self._refuse(reqid, Status.BAD_REQUEST, str(exc))
+                        return
+                disp = self.sup.dispatcher(pool)
+                if disp is None:
+                    self._refuse(reqid, Status.NO_SUCH_POOL, self.sup.no_such_pool(pool))
+                    return
+                job = Job(next_job_id(), Kind.CALL, buf, self, self, reqid, key=key, timeout=timeout_ms / 1000 if timeout_ms else None, shared=shared)
+                disp.submit(job)
+            elif status & frames.CARRIES_FD:
+                self._refuse(reqid, Status.BAD_REQUEST, f"only a CALL may carry a file descriptor (frame kind {kind})")
+            elif kind == Kind.PASS_FDS:
+                # before the reply goes out: whatever the client sends after reading it is read with recvmsg
+                self.channel.accept_fds = True
+                self.channel.write([frames.frame(Kind.REPLY, reqid, frames.FEATURES.pack(frames.FILE_PICKLE))])
+            elif kind == Kind.REGISTER:
+                self._register(buf, reqid)
+            elif kind == Kind.CHECK:
+                pool, _ = frames.unpack_name(buf, frames.HEADER_SIZE)
+                disp = self.sup.dispatcher(pool)
+                if disp is None:
+                    self._refuse(reqid, Status.NO_SUCH_POOL, self.sup.no_such_pool(pool))
+                    return
+                disp.submit(Job(next_job_id(), Kind.CHECK, buf, self, self, reqid, endpoint="check"))
+            elif kind == Kind.STATUS:
+                self._reply_json(reqid, self.sup.status())
+            elif kind == Kind.PING:
+                self.channel.write([frames.frame(Kind.REPLY, reqid)])
+            elif kind == Kind.METRICS:
+                self.channel.write([frames.frame(Kind.REPLY, reqid, self.sup.render_metrics())])
+            elif kind == Kind.RELOAD:
+                self.sup.request_reload(lambda ok, msg: self._reply_json(reqid, {"ok": ok, "message": msg}, Status.OK if ok else Status.BAD_REQUEST))
+            else:
+                self._refuse(reqid, Status.BAD_REQUEST, f"unknown frame kind {kind}")
+        except (frames.FrameError, ValueError, UnicodeDecodeError, struct.error) as exc:
+            # the frame boundary is intact, so only this request fails
+            self._refuse(reqid, Status.BAD_REQUEST, f"malformed request: {exc}")
+
+    def _register(self, buf: bytearray, reqid: int) -> None:
+        pool, key, meta_raw, _ = frames.parse_register(buf)
+        disp = self.sup.dispatcher(pool)
+        if disp is None:
+            self._refuse(reqid, Status.NO_SUCH_POOL, self.sup.no_such_pool(pool))
+            return
+        meta = json.loads(meta_raw)
+        client_py = meta.get("python")
+        if disp.python and client_py and client_py != disp.python:
+            self._refuse(
+                reqid,
+                Status.VERSION_MISMATCH,
+                f"function {meta.get('name')!r} comes from Python {client_py}, but pool {pool!r} runs Python "
+                f"{disp.python}: shipped bytecode cannot cross minor versions; use a pool whose python matches",
+            )
+            return
+        buf[frames.KIND_OFFSET] = Kind.DEFINE
+        frames.set_reqid(buf, 0)
+        disp.register(key, buf)
+        self.channel.write([frames.frame(Kind.REPLY, reqid)])
+
+    def on_close(self, channel: Channel, error: BaseException | None) -> None:
+        self.server.connections.discard(self)
+        for disp in self.sup.all_dispatchers():
+            disp.drop_client(self)
+
+    def _frame_error(self, channel: Channel, exc: frames.FrameError) -> None:
+        log.warning("closing client pid=%s: %s", self.peer[0], exc)
+        self._refuse(exc.reqid, Status.BAD_REQUEST, str(exc))
+
+    # -- ReplySink -------------------------------------------------------------
+
+    def forward(self, job: Job, buf: bytearray, status: int) -> None:
+        frames.set_reqid(buf, job.client_reqid)
+        self.channel.write([buf])
+
+    def refuse(self, job: Job, status: int, message: str) -> None:
+        self._refuse(job.client_reqid, status, message)
+
+    def _refuse(self, reqid: int, status: int, message: str) -> None:
+        self.channel.write([frames.frame(Kind.REPLY, reqid, json.dumps({"message": message}).encode(), status)])
+
+    def _reply_json(self, reqid: int, obj: Any, status: int = Status.OK) -> None:
+        self.channel.write([frames.frame(Kind.REPLY, reqid, json.dumps(obj).encode(), status)])

@@ -1,0 +1,141 @@
+"""Who may use the kdb+ IPC door: q's ``-U`` password file, loopback trust, endpoint user lists.
+
+The handshake carries ``user:password`` (or just ``user``, as q's own
+``hopen`` sends when there is no password). The decision, made once per
+connection before the capability byte is answered::
+
+    peer on loopback or the Unix socket, no password sent,
+    qipc.allow_loopback_without_password            -> in, as the user it names
+    users_file set                                  -> in if user:password matches a line
+    no users_file                                   -> in only from loopback / the Unix socket
+
+A rejected login is closed without a byte, which is what q does when
+``.z.pw`` says no: q clients see ``'access``, pykx ``Authentication error``.
+
+The file is q's ``-U`` format (code.kx.com/q/basics/cmdline/#-u-usr-pwd): one
+``user:password`` per line; the password is plain text, or the MD5 (32 hex
+digits) or SHA-1 (40 hex digits) of the password, so a plain password that
+looks like such a digest cannot be written plain. Blank lines and lines
+starting with ``#`` are skipped. The file is re-read when its modification
+time or size changes, so adding a user needs no restart; a file that became
+unreadable keeps the last good table (and says so in the log).
+
+Per-endpoint lists (``qipc.endpoint_users``) are checked per call and answer
+``'access: <endpoint>``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import ipaddress
+import logging
+import os
+import re
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from cruised.config import QipcConfig
+
+log = logging.getLogger("cruised.qipc")
+
+_MD5 = re.compile(r"[0-9a-fA-F]{32}")
+_SHA1 = re.compile(r"[0-9a-fA-F]{40}")
+
+
+class UsersFileError(ValueError):
+    """The password file cannot be read or has a malformed line (message names the line)."""
+
+
+def read_users_file(path: str) -> dict[str, str]:
+    """``user -> stored password`` from a ``-U`` file."""
+    try:
+        with open(path, encoding="utf-8") as fh:
+            lines = fh.read().splitlines()
+    except OSError as exc:
+        raise UsersFileError(f"cannot read {path}: {exc.strerror}") from None
+    except UnicodeDecodeError:
+        raise UsersFileError(f"{path} is not UTF-8 text") from None
+    users: dict[str, str] = {}
+    for number, line in enumerate(lines, 1):
+        text = line.strip()
+        if not text or text.startswith("#"):
+            continue
+        user, sep, stored = text.partition(":")
+        if not sep or not user:
+            # never echo the line: it may hold a password
+            raise UsersFileError(f"{path} line {number}: expected user:password")
+        users[user] = stored
+    return users
+
+
+def password_matches(stored: str, given: str) -> bool:
+    """Constant-time check of ``given`` against a plain, MD5 or SHA-1 stored password."""
+    if _MD5.fullmatch(stored):
+        expected, actual = stored.lower().encode(), hashlib.md5(given.encode()).hexdigest().encode()
+    elif _SHA1.fullmatch(stored):
+        expected, actual = stored.lower().encode(), hashlib.sha1(given.encode()).hexdigest().encode()
+    else:
+        expected, actual = stored.encode(), given.encode()
+    return hmac.compare_digest(expected, actual)
+
+
+def is_loopback(peer: object) -> bool:
+    """A TCP peer address on loopback; Unix-socket peers are checked by the caller."""
+    if isinstance(peer, tuple) and peer:
+        try:
+            return ipaddress.ip_address(str(peer[0]).split("%")[0]).is_loopback
+        except ValueError:
+            return False
+    return False
+
+
+class Authenticator:
+    def __init__(self, cfg: QipcConfig) -> None:
+        self.path = cfg.users_file
+        self.loopback_free = cfg.allow_loopback_without_password
+        self.endpoint_users = {name: frozenset(users) for name, users in cfg.endpoint_users.items()}
+        self._users: dict[str, str] = {}
+        self._stamp: tuple[int, int] | None = None
+        if self.path is not None:
+            self._users = read_users_file(self.path)
+            self._stamp = self._file_stamp()
+
+    def _file_stamp(self) -> tuple[int, int] | None:
+        assert self.path is not None
+        try:
+            st = os.stat(self.path)
+        except OSError:
+            return None
+        return st.st_mtime_ns, st.st_size
+
+    def _refresh(self) -> None:
+        if self.path is None:
+            return
+        stamp = self._file_stamp()
+        if stamp is None or stamp == self._stamp:
+            return
+        try:
+            self._users = read_users_file(self.path)
+        except UsersFileError as exc:
+            log.error("qipc.users_file: %s; keeping the %d users read before", exc, len(self._users))
+        else:
+            log.info("qipc.users_file re-read: %d users", len(self._users))
+        self._stamp = stamp
+
+    def login(self, user: str, password: str, local: bool) -> bool:
+        """May this handshake in? ``local`` = loopback TCP or the Unix socket."""
+        if local and not password and self.loopback_free:
+            return True
+        if self.path is None:
+            return local
+        self._refresh()
+        stored = self._users.get(user)
+        if stored is None:
+            password_matches(password, password)  # the same work as for a known user
+            return False
+        return password_matches(stored, password)
+
+    def may_call(self, user: str, endpoint: str) -> bool:
+        allowed = self.endpoint_users.get(endpoint)
+        return allowed is None or user in allowed

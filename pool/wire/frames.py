@@ -1,0 +1,339 @@
+"""The cruised wire format: one frame layout for every private channel.
+
+This module is the single place the native protocol is documented. The same
+frames travel client <-> supervisor (Unix socket) and supervisor <-> worker
+(a socketpair per worker), so the supervisor forwards a call by patching the
+request id in place and handing the very same buffer to the worker: payloads
+are never decoded or copied on the way through.
+
+Frame layout (all integers little-endian)::
+
+    0      4        5       6         8                16
+    +------+--------+-------+---------+-----------------+-----------------+
+    | size | version| kind  | status  | request id      | payload ...     |
+    | u32  | u8 = 1 | u8    | u16     | u64             | size - 12 bytes |
+    +------+--------+-------+---------+-----------------+-----------------+
+
+``size`` counts the bytes after itself (header rest + payload). A frame larger
+than the receiver's limit (``daemon.max_message_bytes``) is refused with a
+BAD_REQUEST reply and the connection is closed. An unknown version is refused
+the same way. Request ids are chosen by the sender and echoed in the reply;
+replies may come back in any order (pipelining).
+
+Kinds and payloads:
+
+=========  =====================  =============================================
+kind       direction              payload
+=========  =====================  =============================================
+CALL       client -> sup -> wkr   call head + args bundle (see below)
+REGISTER   client -> sup          register head + code blob
+DEFINE     sup -> worker          the REGISTER payload, unchanged
+CHECK      client -> sup -> wkr   pool name (u8 len + utf-8) + JSON
+                                  ``{"libraries": {alias: module}}``
+ENDPOINT   door -> sup -> wkr     endpoint name ``service/endpoint`` (u8 len +
+                                  utf-8), then the request's JSON body bytes,
+                                  unchanged (see "Endpoint calls" below)
+QCALL      q door -> sup -> wkr   ``u16 len + JSON head`` (padded with spaces),
+                                  then one kdb+ IPC message holding the call's
+                                  arguments; the reply's payload is ``u32 len +
+                                  JSON info`` then the IPC message the q client
+                                  gets (pool/qcall.py documents both)
+STATUS     client -> sup          empty; reply is JSON
+PING       client -> sup          empty; reply is empty
+SETUP      sup -> worker          JSON ``{"endpoints": {"svc/ep": {"code": path,
+                                  "function": name, "folders": [paths]}}}``:
+                                  the first frame on a new worker's channel
+                                  when its spawn spec says ``"setup": true``
+                                  (endpoint specs can outgrow the template's
+                                  spawn message, so they travel here)
+READY      worker -> sup          JSON ``{"pid":..., "python": "3.11", "endpoints":
+                                  {"svc/ep": {"ok": true} | {"ok": false,
+                                  "error": ..., "traceback": ...}}, ...}``
+PASS_FDS   client -> sup          empty; reply: ``u32`` feature bits (``FEATURES``;
+                                  an empty reply, from an older daemon, means
+                                  none). From the reply on, CALLs on this
+                                  connection may carry a shared file (see
+                                  "Shared file" below); the daemon reads a
+                                  connection with recvmsg only after this
+METRICS    client -> sup          empty; reply is the Prometheus text exposition
+                                  (the same bytes as ``GET /metrics``)
+READY      worker -> sup          JSON ``{"pid":..., "python": "3.11", ...}``
+                                  (+ ``"q": {"connected": bool, "error": str|null}``
+                                  in a pool with a q connection)
+STATE      worker -> sup          JSON ``{"q": {"connected": bool, "error": ...}}``,
+                                  unsolicited, only when the q state changes;
+                                  reqid 0, may arrive between any two frames
+HELD       sup -> worker          ``i64`` CLOCK_MONOTONIC deadline in ns; reqid
+                                  names the call frame that follows it. The
+                                  call was handed to a busy worker to wait
+                                  behind its running one (prefetch, see
+                                  daemon/core/dispatch.py): the worker starts it only
+                                  if the deadline has not passed, else replies
+                                  NOT_RUN without touching it
+REPLY      every reply            ``status`` says how to read the payload
+=========  =====================  =============================================
+
+Call head: ``u8 len + pool name, u32 timeout_ms (0 = pool default), 16-byte
+function key``, then the args bundle. Register head: ``u8 len + pool name,
+16-byte key, u16 len + JSON meta ({"python": "3.11", "libraries": {...},
+"name": ...})``, then the dill blob of the function. The q door defines
+pykx.remote functions with the same DEFINE frame: meta ``{"source": true,
+"name": ..., "libraries": {...}}`` and the source text the client sent
+instead of a dill blob (pool/qcall.py ``load_source``).
+
+A *bundle* is a pickle (protocol 5) with its out-of-band buffers, so numpy
+arrays cross without extra copies: ``u16 nbuf, u64 length x (nbuf + 1)``, then
+the pickle bytes, then each buffer.
+
+Shared file: a CALL whose ``status`` has ``CARRIES_FD`` set comes with one
+file descriptor, the call's shared file (pool/wire/sharedfile.py). Its args
+bundle, and the result bundle in the worker's OK reply, may flag buffers as
+in that file instead of in the frame. From a client, the descriptor comes
+with the CALL (``SCM_RIGHTS``, sent no later than the frame's first byte;
+the daemon keeps received descriptors in arrival order and gives the next
+one to each flagged CALL), and only after PASS_FDS was answered. To a
+worker, the supervisor sends it on the worker's descriptor socket just
+before the CALL (daemon/core/launcher.py). The supervisor never reads the file.
+A client may pass a file with a call whose arguments are small, for a
+result it expects to be large. With the ``FILE_PICKLE`` feature a large
+pickle stream travels in the file too: a client's arguments whenever the
+daemon announced it, a worker's result when the CALL is flagged
+``PICKLE_IN_FILE`` (so an older client never gets one it cannot read).
+
+REPLY status: OK (payload = result bundle, or empty/JSON for control calls),
+ERROR (the function raised: ``u32 len + JSON {type, module, message,
+traceback}`` then the pickled exception, possibly empty), Q_UNAVAILABLE (the
+function failed because the worker's q connection is down or broke:
+``{"message": ...}``), and the daemon's own refusals, whose payload is JSON
+``{"message": ...}``.
+
+Endpoint calls
+    The HTTP door builds the ENDPOINT frame around the body bytes it received
+    and never parses them; the worker decodes the JSON, binds the function's
+    parameters, runs it and converts the result (pool/jsonify.py), so neither
+    side of the supervisor ever unpickles anything for an endpoint. Replies:
+
+    ====================  ============================================"""
+
+from __future__ import annotations
+
+import struct
+from enum import IntEnum
+from typing import Final
+
+VERSION: Final = 1
+
+HEADER = struct.Struct("<IBBHQ")
+HEADER_SIZE: Final = HEADER.size  # 16
+SIZE_FIELD: Final = 4
+#: offset of the request id inside a frame; patched in place when forwarding
+REQID_OFFSET: Final = 8
+REQID = struct.Struct("<Q")
+KIND_OFFSET: Final = 5
+STATUS_OFFSET: Final = 6  # u16, little-endian
+
+
+class Kind(IntEnum):
+    CALL = 1
+    REGISTER = 2
+    CHECK = 3
+    STATUS = 4
+    PING = 5
+    RELOAD = 6
+    METRICS = 7
+    PASS_FDS = 8
+    DEFINE = 16
+    ENDPOINT = 17
+    SETUP = 18
+    QCALL = 19
+    HELD = 20
+    READY = 32
+    STATE = 33
+    REPLY = 64
+
+
+class Status(IntEnum):
+    OK = 0
+    ERROR = 1  # the user's code raised
+    QUEUE_FULL = 2
+    QUEUE_TIMEOUT = 3
+    EXEC_TIMEOUT = 4
+    WORKER_CRASHED = 5
+    UNKNOWN_FUNCTION = 6  # the daemon lost the code (restart): register again
+    BAD_REQUEST = 7
+    SHUTTING_DOWN = 8
+    NO_SUCH_POOL = 9
+    INTERNAL = 10
+    PRELOAD_FAILED = 11  # worker -> supervisor only
+    VERSION_MISMATCH = 12
+    ACCESS_DENIED = 13
+    Q_UNAVAILABLE = 14
+    BAD_ARGUMENTS = 15  # endpoint: the JSON object does not fit the function's parameters
+    ENDPOINT_UNAVAILABLE = 16  # endpoint: its code failed to load
+    CUSTOM_RESPONSE = 17  # endpoint: the function returned its own HTTP response
+    API_ERROR = 18  # endpoint: the function raised an error carrying an HTTP status
+    NOT_RUN = 19  # worker -> supervisor: a HELD call's queue deadline passed before it could start
+
+
+# Hot paths compare against module-level aliases of these members (``_CALL = Kind.CALL``): in
+# Python 3.11 every attribute read on an Enum class goes through EnumType.__getattr__'s slot
+# hook, ~0.2 us, ten times a global read (3.12 dropped the hook).
+
+#: in a CALL's ``status``: a file descriptor (the call's shared file) comes with the frame
+CARRIES_FD: Final = 0x8000
+#: in a CALL's ``status``: the client reads a result's pickle stream from the shared file, when
+#: the worker puts it there (it is large); set only after PASS_FDS announced ``FILE_PICKLE``
+PICKLE_IN_FILE: Final = 0x4000
+#: the PASS_FDS answer's payload: a u32 of feature bits (an empty payload: none)
+FEATURES = struct.Struct("<I")
+#: feature: pickle streams may travel in the shared file, both ways
+FILE_PICKLE: Final = 1
+
+
+class FrameError(ValueError):
+    """A frame that cannot be accepted (too large, wrong version, truncated)."""
+
+    def __init__(self, message: str, reqid: int = 0) -> None:
+        super().__init__(message)
+        self.reqid = reqid  # so the refusal can still reach the right caller
+
+
+def header(kind: int, reqid: int, payload_len: int, status: int = 0) -> bytes:
+    return HEADER.pack(payload_len + HEADER_SIZE - SIZE_FIELD, VERSION, kind, status, reqid)
+
+
+def frame(kind: int, reqid: int, payload: bytes = b"", status: int = 0) -> bytes:
+    return header(kind, reqid, len(payload), status) + payload
+
+
+HELD_DEADLINE = struct.Struct("<q")
+
+
+def held_frame(reqid: int, deadline_ns: int) -> bytes:
+    """The HELD frame that precedes a prefetched call: start it only before ``deadline_ns``."""
+    return HEADER.pack(HEADER_SIZE - SIZE_FIELD + HELD_DEADLINE.size, VERSION, Kind.HELD, 0, reqid) + HELD_DEADLINE.pack(deadline_ns)
+
+
+def set_reqid(buf: bytearray, reqid: int) -> None:
+    REQID.pack_into(buf, REQID_OFFSET, reqid)
+
+
+def parse_header(buf: bytes | bytearray | memoryview, limit: int) -> tuple[int, int, int, int]:
+    """Return (total frame length, kind, status, reqid) of the frame at ``buf[0:16]``."""
+    size, version, kind, status, reqid = HEADER.unpack_from(buf, 0)
+    if version != VERSION:
+        raise FrameError(f"unsupported protocol version {version} (this daemon speaks {VERSION})", reqid)
+    total = size + SIZE_FIELD
+    if total < HEADER_SIZE:
+        raise FrameError(f"frame length {size} is shorter than a header", reqid)
+    if total > limit:
+        raise FrameError(f"frame of {total} bytes exceeds the limit of {limit} bytes (daemon.max_message_bytes)", reqid)
+    return total, kind, status, reqid
+
+
+# -- small field codecs -------------------------------------------------------
+
+_U8 = struct.Struct("<B")
+_U16 = struct.Struct("<H")
+_U32 = struct.Struct("<I")
+CALL_FIXED = struct.Struct("<I16s")  # timeout_ms, key
+KEY_SIZE: Final = 16
+
+
+def pack_name(name: str) -> bytes:
+    raw = name.encode()
+    if len(raw) > 255:
+        raise ValueError(f"name too long: {name[:40]!r}...")
+    return _U8.pack(len(raw)) + raw
+
+
+def unpack_name(buf: bytes | bytearray | memoryview, offset: int) -> tuple[str, int]:
+    (n,) = _U8.unpack_from(buf, offset)
+    start = offset + 1
+    end = start + n
+    if end > len(buf):
+        raise FrameError("truncated name field")
+    return bytes(buf[start:end]).decode(), end
+
+
+def call_head(pool: str, timeout_ms: int, key: bytes) -> bytes:
+    return pack_name(pool) + CALL_FIXED.pack(timeout_ms, key)
+
+
+def parse_call(buf: bytes | bytearray | memoryview) -> tuple[str, int, bytes, int]:
+    """(pool, timeout_ms, key, offset of the args bundle) of a CALL frame."""
+    pool, off = unpack_name(buf, HEADER_SIZE)
+    if off + CALL_FIXED.size > len(buf):
+        raise FrameError("truncated call header")
+    timeout_ms, key = CALL_FIXED.unpack_from(buf, off)
+    return pool, timeout_ms, key, off + CALL_FIXED.size
+
+
+def call_key(buf: bytes | bytearray | memoryview) -> tuple[bytes, int]:
+    """(key, offset of the args bundle) of a CALL frame: what a worker needs of ``parse_call``,
+    without decoding the pool's name."""
+    if len(buf) <= HEADER_SIZE:
+        raise FrameError("truncated name field")
+    off = HEADER_SIZE + 1 + buf[HEADER_SIZE] + _U32.size  # the name, then the timeout
+    end = off + KEY_SIZE
+    if end > len(buf):
+        raise FrameError("truncated call header")
+    return bytes(buf[off:end]), end
+
+
+def register_head(pool: str, key: bytes, meta_json: bytes) -> bytes:
+    return pack_name(pool) + key + _U16.pack(len(meta_json)) + meta_json
+
+
+def parse_register(buf: bytes | bytearray | memoryview) -> tuple[str, bytes, bytes, int]:
+    """(pool, key, meta JSON bytes, offset of the code blob) of a REGISTER/DEFINE frame."""
+    pool, off = unpack_name(buf, HEADER_SIZE)
+    if off + KEY_SIZE + 2 > len(buf):
+        raise FrameError("truncated register header")
+    key = bytes(buf[off : off + KEY_SIZE])
+    off += KEY_SIZE
+    (n,) = _U16.unpack_from(buf, off)
+    off += 2
+    if off + n > len(buf):
+        raise FrameError("truncated register metadata")
+    return pool, key, bytes(buf[off : off + n]), off + n
+
+
+#: how far past ``daemon.max_message_bytes`` a worker reads: an HTTP body of the
+#: full limit arrives wrapped in a frame header and the endpoint's name
+ENVELOPE_SLACK: Final = 1024
+
+
+def parse_endpoint(buf: bytes | bytearray | memoryview) -> tuple[str, int]:
+    """(``service/endpoint``, offset of the JSON body) of an ENDPOINT frame."""
+    return unpack_name(buf, HEADER_SIZE)
+
+
+def seal(buf: bytearray, kind: int, reqid: int = 0, status: int = 0) -> None:
+    """Write the header into the first HEADER_SIZE bytes of ``buf``, which its builder reserved.
+
+    Lets a frame be built in one buffer as its payload arrives (the HTTP door
+    reads a body straight behind the endpoint name) instead of being copied
+    behind a header at the end.
+    """
+    HEADER.pack_into(buf, 0, len(buf) - SIZE_FIELD, VERSION, kind, status, reqid)
+
+
+def endpoint_frame(name: str, body: bytes | bytearray | memoryview) -> bytearray:
+    """An ENDPOINT frame (request id 0, patched at dispatch) holding ``body`` unchanged."""
+    buf = bytearray(HEADER_SIZE)
+    buf += pack_name(name)
+    buf += body
+    seal(buf, Kind.ENDPOINT)
+    return buf
+
+
+def error_payload(info_json: bytes, pickled_exc: bytes) -> list[bytes]:
+    return [_U32.pack(len(info_json)), info_json, pickled_exc]
+
+
+def parse_error(buf: bytes | bytearray | memoryview, offset: int = HEADER_SIZE) -> tuple[bytes, memoryview]:
+    (n,) = _U32.unpack_from(buf, offset)
+    start = offset + 4
+    mv = memoryview(buf)
+    return bytes(mv[start : start + n]), mv[start + n :]
