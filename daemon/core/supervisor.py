@@ -152,6 +152,8 @@ class Pool:
 
 
 class Supervisor:
+    """Owns the pools, the doors, signals and the lifecycle; implements ``DoorHost`` for the doors."""
+
     def __init__(self, config: Config, socket_path: str, config_path: str | None = None, dev: bool = False) -> None:
         self.config = config
         self.socket_path = socket_path
@@ -198,6 +200,15 @@ class Supervisor:
 
     def request_reload(self, done: Callable[[bool, str], None]) -> None:
         self.reloader.request(done)
+
+    def pool_status(self) -> dict[str, dict[str, Any]]:
+        return {name: p.dispatcher.status() for name, p in self.pools.items()}
+
+    def readiness(self) -> list[str]:
+        return services.readiness(self)
+
+    def auth_failed(self, door: str) -> None:
+        self.metrics.auth_failed(door)
 
     # -- lifecycle ---------------------------------------------------------------
 
@@ -410,7 +421,7 @@ class Supervisor:
             "generation": self.generation,
             "http": self.http.describe() if self.http is not None else None,
             "qipc": self.qipc.describe() if self.qipc is not None else None,
-            "pools": {name: p.dispatcher.status() for name, p in self.pools.items()},
+            "pools": self.pool_status(),
             "retiring_pools": len(self.retiring),
             "services": services.describe(self),
         }
