@@ -466,9 +466,7 @@ def test_installed_config_passes_check_config_from_anywhere(tmp_path: Path) -> N
     installed = tmp_path / "etc" / "cruised" / "config.yaml"
     installed.parent.mkdir(parents=True)
     shutil.copy(UNITS / "config.yaml", installed)
-    out = subprocess.run(
-        [sys.executable, "-m", "cruised", "check-config", str(installed)], capture_output=True, text=True, timeout=60, cwd=tmp_path
-    )
+    out = subprocess.run([sys.executable, "-m", "cruised", "check-config", str(installed)], capture_output=True, text=True, timeout=60, cwd=tmp_path)
     assert out.returncode == 0 and not out.stderr, out.stdout + out.stderr
     assert "pools: default" in out.stdout
     cfg = config.load(installed)
