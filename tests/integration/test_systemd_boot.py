@@ -57,7 +57,7 @@ def install_lines(doc: Path = ROOT / "docs" / "operations.md") -> list[str]:
     section = text.split("### Install\n", 1)[1]
     assert "```sh\n" in section, "the Install section has no ```sh block"
     block = section.split("```sh\n", 1)[1].split("```", 1)[0]
-    lines = [line.strip() for line in block.splitlines()]
+    lines = [line.strip() for line in block.replace("\\\n", " ").splitlines()]  # a trailing backslash continues a line
     return [line for line in lines if line and not line.startswith("#")]
 
 

@@ -147,6 +147,20 @@ def debian_mirror() -> str | None:
     return None
 
 
+def _remove_tree(path: Path) -> None:
+    """rm -rf, after unmounting whatever a killed debootstrap left mounted inside (its /proc and /sys)."""
+    if not path.exists():
+        return
+    real = os.path.realpath(path)
+    inside = sorted((m for m, _, _ in _mounts() if m == real or m.startswith(real + "/")), key=len, reverse=True)
+    for mount in inside:
+        subprocess.run(["umount", "--lazy", mount], capture_output=True, timeout=30)
+    left = [m for m, _, _ in _mounts() if m == real or m.startswith(real + "/")]
+    if left:
+        raise Unavailable(f"cannot remove {path}: still mounted there: {', '.join(left)}")
+    shutil.rmtree(path, ignore_errors=True)
+
+
 def rootfs() -> Path:
     """The cached root file system, built on first use (a few minutes); raises Unavailable if it cannot be."""
     key = hashlib.sha256(f"{SUITE} minbase {','.join(PACKAGES)} {RECIPE_VERSION}".encode()).hexdigest()[:12]
@@ -158,7 +172,7 @@ def rootfs() -> Path:
         if (target / ".cruised-complete").exists():
             return target
         for stale in cache.glob(".build-*"):  # a build that was killed; we hold the lock, so nobody else's
-            shutil.rmtree(stale, ignore_errors=True)
+            _remove_tree(stale)
         build = cache / f".build-{os.getpid()}"
         argv = ["debootstrap", "--variant=minbase", f"--include={','.join(PACKAGES)}", SUITE, str(build)]
         mirror = debian_mirror()
@@ -169,10 +183,10 @@ def rootfs() -> Path:
             with open(log, "wb") as fh:
                 out = subprocess.run(argv, stdin=subprocess.DEVNULL, stdout=fh, stderr=subprocess.STDOUT, timeout=DEBOOTSTRAP_TIMEOUT)
         except subprocess.TimeoutExpired:
-            shutil.rmtree(build, ignore_errors=True)
+            _remove_tree(build)
             raise Unavailable(f"debootstrap did not finish in {DEBOOTSTRAP_TIMEOUT:.0f}s (log: {log})") from None
         if out.returncode != 0:
-            shutil.rmtree(build, ignore_errors=True)
+            _remove_tree(build)
             raise Unavailable(f"debootstrap {SUITE} failed (exit {out.returncode}; log: {log}):\n{_tail(log.read_text(errors='replace'), 15)}")
         # what apt downloaded is not needed again: keep the cache small
         for sub in ("var/cache/apt/archives", "var/lib/apt/lists"):
@@ -181,7 +195,7 @@ def rootfs() -> Path:
                     p.unlink()
         (build / ".cruised-complete").write_text(" ".join(argv) + "\n")
         for old in cache.glob(f"rootfs-{SUITE}-*"):
-            shutil.rmtree(old, ignore_errors=True)  # an older recipe's
+            _remove_tree(old)  # an older recipe's
         build.rename(target)
     return target
 
@@ -438,7 +452,10 @@ class Container:
     def start(self) -> Container:
         for mount, own in cgroup_hierarchies():
             group = mount / own.lstrip("/") / self.name
-            group.mkdir(parents=True)
+            try:
+                group.mkdir(parents=True)
+            except OSError as exc:
+                raise Unavailable(f"cannot create a cgroup for the container ({group}): {exc.strerror or exc}") from None
             self.cgroups.append(group)
         groups = [str(g / "cgroup.procs") for g in self.cgroups]
 
@@ -465,9 +482,12 @@ class Container:
             argv.append(f"--bind{'-ro' if ro else ''}={host}:{inside}")
         env = {"PATH": PATH, "LANG": "C.UTF-8", "SYSTEMD_NSPAWN_LOCK": "0"}  # several runs may share the read-only image
         self._log = open(self.log_path, "ab")
-        self.proc = subprocess.Popen(
-            argv, stdin=subprocess.DEVNULL, stdout=self._log, stderr=subprocess.STDOUT, env=env, start_new_session=True, preexec_fn=enter_cgroups
-        )
+        try:
+            self.proc = subprocess.Popen(
+                argv, stdin=subprocess.DEVNULL, stdout=self._log, stderr=subprocess.STDOUT, env=env, start_new_session=True, preexec_fn=enter_cgroups
+            )
+        except (OSError, subprocess.SubprocessError) as exc:
+            raise Unavailable(f"cannot start systemd-nspawn in its cgroups {groups}: {exc}") from None
         deadline = time.monotonic() + BOOT_TIMEOUT
         while self.init_pid is None:
             if self.proc.poll() is not None:
