@@ -556,7 +556,7 @@ class Session:
 
     @property
     def path(self) -> str:
-        return self.socket_path or paths.default_socket()
+        return self.socket_path or paths.client_socket()
 
     def add_library(self, *names: str) -> None:
         """Import these modules (under their own names) for this session's functions; checked now."""

@@ -25,6 +25,7 @@ from typing import Any
 
 import pytest
 
+from cruised import config
 from cruised.config import DaemonConfig
 from cruised.ops import systemd
 from support.daemon import Daemon, pool_config, wait_for
@@ -435,7 +436,8 @@ def test_service_unit_settings() -> None:
 
     assert one("Service.Type") == "notify"
     assert one("Service.ExecStart").endswith("cruised serve --config /etc/cruised/config.yaml")
-    assert "-HUP" in one("Service.ExecReload")
+    # cruised's own command (no /bin/kill needed), which exits non-zero when the reload fails
+    assert one("Service.ExecReload") == "/usr/bin/env cruised reload"
     assert one("Service.Restart") == "on-failure"
     assert one("Service.KillMode") == "mixed"
     assert _seconds(one("Service.WatchdogSec")) > 0
@@ -457,6 +459,19 @@ def test_service_unit_settings() -> None:
     assert s["Socket.ListenStream"] == ["/run/cruised/cruised.sock"]
     assert s["Socket.SocketMode"] == ["0660"] and s["Socket.SocketGroup"] == ["cruised"]
     assert s["Socket.FileDescriptorName"][0] in systemd.NATIVE_FD_NAMES
+
+
+def test_installed_config_passes_check_config_from_anywhere(tmp_path: Path) -> None:
+    # the install copies systemd/config.yaml alone into /etc/cruised: it must not lean on files beside it
+    installed = tmp_path / "etc" / "cruised" / "config.yaml"
+    installed.parent.mkdir(parents=True)
+    shutil.copy(UNITS / "config.yaml", installed)
+    out = subprocess.run([sys.executable, "-m", "cruised", "check-config", str(installed)], capture_output=True, text=True, timeout=60, cwd=tmp_path)
+    assert out.returncode == 0 and not out.stderr, out.stdout + out.stderr
+    assert "pools: default" in out.stdout
+    cfg = config.load(installed)
+    assert cfg.daemon.socket is None, "the service's socket comes from RuntimeDirectory= (clients look there)"
+    assert cfg.daemon.socket_mode == 0o660
 
 
 @pytest.mark.skipif(shutil.which("systemd-sysusers") is None or os.geteuid() != 0, reason="needs systemd-sysusers and root")
