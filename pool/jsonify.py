@@ -50,7 +50,7 @@ import datetime as _dt
 import json
 import math
 import sys
-from typing import Any, Optional
+from typing import Any
 
 #: the walk (taken when the C encoder's fast path cannot finish) refuses deeper
 #: nesting; it recurses, so this stays well inside the interpreter's limit
@@ -100,7 +100,7 @@ _PLAIN = json.JSONEncoder(ensure_ascii=False, allow_nan=False, separators=(",", 
 
 
 #: where a value sits, built only when an error needs it: (parent, key) links, None = root
-_Path = Optional[tuple[Any, Any]]
+_Path = tuple[Any, Any] | None
 
 
 def _format(path: _Path) -> str:

@@ -232,7 +232,7 @@ def to_python(k: Any) -> Any:
     if isinstance(k, (kx.Table, kx.KeyedTable)):
         return k.pd()
     if isinstance(k, kx.Dictionary):
-        return {_key(key): to_python(value) for key, value in zip(k.keys(), k.values())}
+        return {_key(key): to_python(value) for key, value in zip(k.keys(), k.values(), strict=True)}  # a q dictionary: as many keys as values
     if isinstance(k, kx.List):  # before Vector: pykx's List is a Vector
         return [to_python(item) for item in k]
     if isinstance(k, kx.Vector):
@@ -340,7 +340,7 @@ def load_source(
     g["__name__"] = "__main__"
     g["__builtins__"] = builtins
     exec(compile(code, f"<pykx.remote {name}>", "exec"), g)
-    fn = g.get(name)
+    fn: object = g.get(name)
     if not callable(fn):
         raise NameError(f"the source sent for {name!r} does not define a function of that name")
     return fn
