@@ -52,9 +52,12 @@ import math
 import sys
 from typing import Any
 
-#: the walk (taken when the C encoder's fast path cannot finish) refuses deeper
-#: nesting; it recurses, so this stays well inside the interpreter's limit
-MAX_DEPTH = 200
+from cruised.pool import nesting
+
+#: the walk (taken when the C encoder's fast path cannot finish) refuses deeper nesting; it
+#: recurses once a level, so it takes the requests' limit (pool/nesting.py): a result may
+#: nest as deep as a request, and no deeper than the interpreter's recursion limit allows
+MAX_DEPTH = nesting.MAX_DEPTH
 
 _HINTS = {
     "bytes": "return CustomResponse.create_binary_response(...) for binary data, or encode it as base64 text",
