@@ -40,8 +40,8 @@ def warm_imports(_: Any = None) -> int:
     """
     import gc
 
-    import numpy  # noqa: F401
-    import pandas  # noqa: F401
+    import numpy  # noqa: F401 - preloaded for its effect: every peer's worker holds the same modules
+    import pandas  # noqa: F401 - preloaded for its effect: every peer's worker holds the same modules
 
     gc.collect()
     return os.getpid()

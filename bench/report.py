@@ -270,7 +270,7 @@ def plots(results: dict[str, Any], out: Path) -> list[str]:
     for name, row in rows:
         cdf = _get(row, "latency", "cdf")
         if cdf:
-            xs, ys = zip(*cdf)
+            xs, ys = zip(*cdf, strict=True)  # (x, y) points
             ax.plot(xs, ys, label=f"{_label(name, row)} (p50 {row['latency']['p50_us']:.0f} µs)", color=COLORS.get(name), linewidth=2)
     ax.set_xscale("log")
     ax.set_xlabel("round-trip latency of add10(1), µs (log scale)")
@@ -327,7 +327,7 @@ def plots(results: dict[str, Any], out: Path) -> list[str]:
     srows = [(n, r) for n, r in rows if _get(r, "scaleup", "bursts")]
     if srows:
         fig, axes = plt.subplots(len(srows), 1, figsize=(9, 2.6 * len(srows) + 0.8), squeeze=False)
-        for ax, (name, row) in zip(axes[:, 0], srows):
+        for ax, (name, row) in zip(axes[:, 0], srows, strict=True):  # one axis per row
             burst = row["scaleup"]["bursts"][0]
             calls = sorted(burst["calls"])
             for k, (start, end, _pid) in enumerate(calls):

@@ -104,7 +104,7 @@ def scaleup_cruised(d: daemon_mod.BenchDaemon, bursts: int) -> dict[str, Any]:
             _wait_pool(d, "scale", lambda p: p["workers"].get("idle", 0) + p["workers"].get("busy", 0) == 1 and not p["workers"].get("starting"))
             mark = d.log_lines()
             t0 = time.monotonic()
-            futs = [nap.submit(daemon_mod.NAP_MS) for _ in range(8)]  # type: ignore[attr-defined]
+            futs = [nap.submit(daemon_mod.NAP_MS) for _ in range(8)]  # type: ignore[attr-defined]  # the attribute cruised.function adds to the wrapper
             res = [f.result(timeout=60) for f in futs]
             run = probe.burst_summary(t0, res)
             # every spawn's READY is logged before its call starts, but read the log to a deadline anyway
@@ -118,7 +118,7 @@ def scaleup_cruised(d: daemon_mod.BenchDaemon, bursts: int) -> dict[str, Any]:
         for _ in range(bursts * 3):
             _wait_pool(d, "scale", lambda p: p["workers"].get("idle", 0) + p["workers"].get("busy", 0) == 1 and not p["workers"].get("starting"))
             mark = d.log_lines()
-            futs = [nap.submit(daemon_mod.NAP_MS) for _ in range(2)]  # type: ignore[attr-defined]
+            futs = [nap.submit(daemon_mod.NAP_MS) for _ in range(2)]  # type: ignore[attr-defined]  # the attribute cruised.function adds to the wrapper
             for f in futs:
                 f.result(timeout=60)
             deadline = time.monotonic() + 5

@@ -25,12 +25,11 @@ import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE.parent / "tests"))
+sys.path.insert(0, str(HERE.parent / "tests"))  # the test harness (tests/support), as pytest's pythonpath gives it
 
-from conftest import Daemon, pool_config  # noqa: E402
-from invariants import BusyKiller, RawClient, check, drive, memfds, resources, settle  # noqa: E402
-
-from cruised.pool.wire.frames import Status  # noqa: E402
+from cruised.pool.wire.frames import Status  # noqa: E402 - with the harness imports below, after the path set-up
+from support.daemon import Daemon, pool_config  # noqa: E402 - importable only after the path set-up above
+from support.invariants import BusyKiller, RawClient, check, drive, memfds, resources, settle  # noqa: E402 - likewise
 
 
 def main() -> int:
@@ -182,11 +181,11 @@ class SharedFileClient(threading.Thread):
                 return _np.full(1 << 17, float(a * k)), bytes([k % 256]) * (1 << 19)
             if isinstance(a, bytes):
                 return a[::-1] + bytes([k % 256])
-            return a[::-1] * k  # type: ignore[index]
+            return a[::-1] * k  # type: ignore[index]  # a is a str or a sequence here, out the (array, bytes) pair
 
         def right(a: object, k: int, out: object) -> bool:
             if isinstance(a, int):
-                return np.array_equal(out[0], np.full(1 << 17, float(a * k))) and out[1] == bytes([k % 256]) * (1 << 19)  # type: ignore[index]
+                return np.array_equal(out[0], np.full(1 << 17, float(a * k))) and out[1] == bytes([k % 256]) * (1 << 19)  # type: ignore[index]  # a is a str or a sequence here, out the (array, bytes) pair
             if isinstance(a, bytes):
                 return out == a[::-1] + bytes([k % 256])
             return np.array_equal(out, arr[::-1] * k)

@@ -30,9 +30,10 @@ import re
 import shutil
 import types
 import typing
-from dataclasses import MISSING, dataclass, field, fields, is_dataclass
+from collections.abc import Callable
+from dataclasses import MISSING, Field, dataclass, field, fields, is_dataclass
 from pathlib import Path
-from typing import Any, Union
+from typing import Any, ClassVar, Protocol, TypeGuard, TypeVar, Union, overload
 
 import yaml
 
@@ -51,7 +52,7 @@ class FileMode(int):
     """A permission mode written as an octal string, e.g. ``"0660"``."""
 
 
-class JsonObject(dict):  # type: ignore[type-arg]
+class JsonObject(dict[str, Any]):
     """A mapping that must survive ``json.dumps`` (a test query: an endpoint's request body)."""
 
 
@@ -78,7 +79,21 @@ _SIZE_UNITS = {
 }
 
 
+_T = TypeVar("_T")
+
+
+@overload
+def doc(text: str, default: _T) -> _T: ...
+@overload
+def doc(text: str, *, factory: Callable[[], _T]) -> _T: ...
 def doc(text: str, default: Any = MISSING, factory: Any = MISSING) -> Any:
+    """A dataclass field carrying its documentation (``describe``: the README's settings table).
+
+    Every setting is declared through this, with a default or a factory, so every section
+    can be built from an empty mapping. Typed as the default it is given (as ``field()`` is
+    in typeshed), so mypy checks each default against its annotation; at run time it is the
+    ``dataclasses.Field``, which ``@dataclass`` consumes.
+    """
     if factory is not MISSING:
         return field(default_factory=factory, metadata={"doc": text})
     return field(default=default, metadata={"doc": text})
@@ -495,10 +510,10 @@ def _convert(tp: Any, value: Any, path: str, base: Path | None) -> Any:
         if value is None:
             return None
         return _convert(args[0], value, path, base)
-    if is_dataclass(tp):
+    if _is_section(tp):
         return _build(tp, value, path, base)
     if origin is dict:
-        key_tp, val_tp = typing.get_args(tp)
+        _, val_tp = typing.get_args(tp)  # the keys are names: str() below
         if tp == dict[str, str] and isinstance(value, list) and path.endswith(".libraries"):
             value = {str(m).split(".")[-1]: m for m in value}  # [numpy] == {numpy: numpy}
         if not isinstance(value, dict):
@@ -565,7 +580,22 @@ _PATH_FIELDS = {"init", "code", "python", "password_file", "api_keys_file", "use
 _PATH_LIST_FIELDS = {"folders"}
 
 
-def _build(cls: Any, raw: Any, path: str, base: Path | None) -> Any:
+class _Section(Protocol):
+    """What ``_build`` needs of a config section: a dataclass with a ``validate``."""
+
+    __dataclass_fields__: ClassVar[dict[str, Field[Any]]]
+
+    def validate(self, path: str, errors: list[ConfigError]) -> None: ...
+
+
+_S = TypeVar("_S", bound=_Section)
+
+
+def _is_section(tp: object) -> TypeGuard[type[_Section]]:
+    return isinstance(tp, type) and is_dataclass(tp) and callable(getattr(tp, "validate", None))
+
+
+def _build(cls: type[_S], raw: Any, path: str, base: Path | None) -> _S:
     if raw is None:
         raw = {}
     if not isinstance(raw, dict):
@@ -666,6 +696,7 @@ def describe(cls: Any = Config, prefix: str = "") -> list[tuple[str, str, str]]:
         if typing.get_origin(tp) is dict and is_dataclass(typing.get_args(tp)[1]):
             rows.extend(describe(typing.get_args(tp)[1], f"{key}.<name>"))
             continue
-        default = f.default if f.default is not MISSING else f.default_factory()  # type: ignore[misc]
+        # doc() gave every field a default or a factory (never both)
+        default = f.default_factory() if callable(f.default_factory) else f.default
         rows.append((key, repr(default), f.metadata.get("doc", "")))
     return rows

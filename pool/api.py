@@ -84,9 +84,7 @@ class CustomResponse:
         return cls(status, to_json(obj), {"Content-Type": content_type})
 
     @classmethod
-    def create_binary_response(
-        cls, data: bytes | bytearray | memoryview, content_type: str = "application/octet-stream", status: int = 200
-    ) -> CustomResponse:
+    def create_binary_response(cls, data: bytes | bytearray | memoryview, content_type: str = "application/octet-stream", status: int = 200) -> CustomResponse:
         return cls(status, bytes(data), {"Content-Type": content_type})
 
     def encode(self) -> tuple[dict[str, Any], bytes]:

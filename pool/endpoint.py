@@ -42,7 +42,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from cruised.pool import api, qconn
+from cruised.pool import api, nesting, qconn
 from cruised.pool.jsonify import NotSerializable, to_json
 from cruised.pool.wire import frames
 from cruised.pool.wire.frames import Status
@@ -170,6 +170,7 @@ def _reject_constant(name: str) -> Any:
 
 #: built once: json.loads(..., parse_constant=...) would build a decoder per call
 _DECODER = json.JSONDecoder(parse_constant=_reject_constant)
+_TOO_DEEP = f"nested deeper than {nesting.MAX_DEPTH} levels of arrays and objects, the most a request may nest"
 
 
 def parse_body(body: bytes) -> dict[str, Any]:
@@ -180,9 +181,17 @@ def parse_body(body: bytes) -> dict[str, Any]:
         return {}
     try:
         # what json.loads does with bytes (UTF-8, -16 or -32, detected), on the cached decoder
-        data = _DECODER.decode(body.decode("utf-8" if usual else json.detect_encoding(body), "surrogatepass"))
+        text = body.decode("utf-8" if usual else json.detect_encoding(body), "surrogatepass")
     except UnicodeDecodeError:
         raise ValueError("request body is not UTF-8 text") from None
+    # measured before the decoder sees it: a body nested deeper than the worker's stack allows
+    # must be the caller's error, never the worker's death (pool/nesting.py)
+    if nesting.json_depth_exceeds(text):
+        raise ValueError(f"request body is {_TOO_DEEP}")
+    try:
+        data = _DECODER.decode(text)
+    except RecursionError:  # within MAX_DEPTH, yet deeper than this interpreter's stack allows now
+        raise ValueError(f"request body is {_TOO_DEEP}") from None
     except ValueError as exc:
         raise ValueError(f"request body is not valid JSON: {exc}") from None
     if not isinstance(data, dict):

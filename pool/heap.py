@@ -34,10 +34,9 @@ TRIM_ABOVE: Final = 256 << 20
 def _libc() -> Any:
     try:
         libc = ctypes.CDLL("libc.so.6")
-        libc.malloc_trim  # glibc only
-        return libc
-    except (OSError, AttributeError):
+    except OSError:
         return None
+    return libc if hasattr(libc, "malloc_trim") else None  # glibc only
 
 
 _LIBC: Final = _libc()

@@ -50,11 +50,14 @@ import datetime as _dt
 import json
 import math
 import sys
-from typing import Any, Optional
+from typing import Any
 
-#: the walk (taken when the C encoder's fast path cannot finish) refuses deeper
-#: nesting; it recurses, so this stays well inside the interpreter's limit
-MAX_DEPTH = 200
+from cruised.pool import nesting
+
+#: the walk (taken when the C encoder's fast path cannot finish) refuses deeper nesting; it
+#: recurses once a level, so it takes the requests' limit (pool/nesting.py): a result may
+#: nest as deep as a request, and no deeper than the interpreter's recursion limit allows
+MAX_DEPTH = nesting.MAX_DEPTH
 
 _HINTS = {
     "bytes": "return CustomResponse.create_binary_response(...) for binary data, or encode it as base64 text",
@@ -100,7 +103,7 @@ _PLAIN = json.JSONEncoder(ensure_ascii=False, allow_nan=False, separators=(",", 
 
 
 #: where a value sits, built only when an error needs it: (parent, key) links, None = root
-_Path = Optional[tuple[Any, Any]]
+_Path = tuple[Any, Any] | None
 
 
 def _format(path: _Path) -> str:

@@ -75,6 +75,7 @@ import traceback
 from collections.abc import Callable
 from typing import Any
 
+from cruised.pool import nesting
 from cruised.pool.wire import frames
 from cruised.pool.wire.frames import Status
 
@@ -232,7 +233,7 @@ def to_python(k: Any) -> Any:
     if isinstance(k, (kx.Table, kx.KeyedTable)):
         return k.pd()
     if isinstance(k, kx.Dictionary):
-        return {_key(key): to_python(value) for key, value in zip(k.keys(), k.values())}
+        return {_key(key): to_python(value) for key, value in zip(k.keys(), k.values(), strict=True)}  # a q dictionary: as many keys as values
     if isinstance(k, kx.List):  # before Vector: pykx's List is a Vector
         return [to_python(item) for item in k]
     if isinstance(k, kx.Vector):
@@ -340,7 +341,7 @@ def load_source(
     g["__name__"] = "__main__"
     g["__builtins__"] = builtins
     exec(compile(code, f"<pykx.remote {name}>", "exec"), g)
-    fn = g.get(name)
+    fn: object = g.get(name)
     if not callable(fn):
         raise NameError(f"the source sent for {name!r} does not define a function of that name")
     return fn
@@ -380,6 +381,15 @@ def handle(worker: Any, reqid: int, buf: bytearray, limit: int) -> None:
     head = json.loads(bytes(buf[frames.HEADER_SIZE + HEAD_LEN.size : qoff]))
     call = Call(reqid, head)
     kx = pykx()
+    # Measured before pykx sees it: its deserializer (q's d9, in C) recurses once a level and
+    # dies of a stack overflow near 100,000 levels, its .np() already at a few hundred
+    # (pool/nesting.py). The message's own list holds the arguments: one level more.
+    if nesting.q_depth_exceeds(buf, qoff, nesting.MAX_DEPTH + 1):
+        if call.mode == "callback" and not _take_callback(kx, call, buf, qoff):
+            call.mode = "async"  # no callback to answer through: refused like a plain async message
+        text = error_line(f"cruised: arguments nested deeper than {nesting.MAX_DEPTH} levels (lists, dictionaries, tables)", reqid)
+        _reply(worker, call, Status.BAD_ARGUMENTS, {"error": text}, limit)
+        return
     try:
         items = list(kx.deserialize(memoryview(buf)[qoff:]))
     except Exception as exc:  # noqa: BLE001 - the door checked the framing; the contents are the client's
@@ -393,6 +403,25 @@ def handle(worker: Any, reqid: int, buf: bytearray, limit: int) -> None:
         _run_function(worker, call, items, limit)
     else:
         _run_endpoint(worker, call, items, limit)
+
+
+def _take_callback(kx: Any, call: Call, buf: bytearray, qoff: int) -> bool:
+    """``call``'s callback name and caller's id, read from the message's last two items alone
+    (the rest is too deep to deserialize); False if they cannot be read, or nest too deep too."""
+    offsets = nesting.q_item_offsets(buf, qoff)
+    if offsets is None or len(offsets) < 3:
+        return False
+    tail = bytes(buf[offsets[-3] : offsets[-1]])
+    little = buf[qoff] == 1
+    msg = bytes([buf[qoff], MSG_SYNC, 0, 0]) + (14 + len(tail)).to_bytes(4, "little" if little else "big")  # IPC header, list header, items
+    msg += bytes([0, 0]) + (2).to_bytes(4, "little" if little else "big", signed=True) + tail
+    if nesting.q_depth_exceeds(msg, 0, 2):  # a symbol and an atom, in a list: anything deeper is not a callback
+        return False
+    try:
+        call.callback, call.caller_id = list(kx.deserialize(msg))
+    except Exception:  # noqa: BLE001 - unreadable: the caller is answered as for a plain async message
+        return False
+    return True
 
 
 def _run_endpoint(worker: Any, call: Call, items: list[Any], limit: int) -> None:
@@ -412,6 +441,10 @@ def _run_endpoint(worker: Any, call: Call, items: list[Any], limit: int) -> None
         return
     except NotConvertible as exc:
         _reply(worker, call, Status.BAD_ARGUMENTS, {"error": error_line(f"cruised: cannot convert {exc.what} to Python", call.reqid)}, limit)
+        return
+    except RecursionError:  # within MAX_DEPTH, yet deeper than this interpreter's stack allows now
+        text = f"cruised: arguments nested too deep to convert to Python (the limit is {nesting.MAX_DEPTH} levels)"
+        _reply(worker, call, Status.BAD_ARGUMENTS, {"error": error_line(text, call.reqid)}, limit)
         return
     _invoke(worker, call, ep.fn, args, kwargs, to_q, limit)
 
@@ -483,6 +516,10 @@ def _invoke(worker: Any, call: Call, fn: Callable[..., Any], args: list[Any], kw
     try:
         value = convert(result)
         message = call.answer(True, value)
+    except RecursionError:  # the conversion recurses once or more a level; the result is the function's
+        text = f"cruised: cannot convert {_type_name(result)} to q: nested deeper than Python's recursion limit allows"
+        _reply(worker, call, Status.ERROR, {"error": error_line(text, call.reqid), "type": "NotConvertible"}, limit)
+        return
     except NotConvertible as exc:
         _reply(worker, call, Status.ERROR, {"error": error_line(f"cruised: cannot convert {exc.what} to q", call.reqid), "type": "NotConvertible"}, limit)
         return

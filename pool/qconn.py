@@ -459,14 +459,15 @@ class QHandle:
             no_ctx=True,  # see the module docstring
             reconnection_attempts=-1,  # never let pykx re-send a query (at-most-once)
         )
-        if "connection_timeout" in _init_params(pykx.SyncQConnection):
+        if "connection_timeout" in _params(pykx.SyncQConnection.__init__):
             kwargs["connection_timeout"] = s.connect_timeout
         return pykx.SyncQConnection(s.host, s.port, **kwargs)
 
 
-def _init_params(cls: type) -> frozenset[str]:
+def _params(fn: Callable[..., object]) -> frozenset[str]:
+    """``fn``'s parameter names; none if it has no signature Python can read (e.g. a C function)."""
     try:
-        return frozenset(inspect.signature(cls.__init__).parameters)
+        return frozenset(inspect.signature(fn).parameters)
     except (TypeError, ValueError):
         return frozenset()
 

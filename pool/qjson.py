@@ -85,13 +85,14 @@ def to_jsonable(k: Any) -> Any:
 def _records(table: Any) -> list[dict[str, Any]]:
     names = [str(n) for n in table.keys().py()]
     columns = [to_jsonable(col) for col in table.values()]
-    return [dict(zip(names, row)) for row in zip(*columns)] if columns else []
+    # a q table: one name per column, every column as long as the table
+    return [dict(zip(names, row, strict=True)) for row in zip(*columns, strict=True)] if columns else []
 
 
 def _keyed_records(kt: Any) -> list[dict[str, Any]]:
     keys = _records(kt.keys())
     values = _records(kt.values())
-    return [{**k, **v} for k, v in zip(keys, values)]
+    return [{**k, **v} for k, v in zip(keys, values, strict=True)]  # one key row per value row
 
 
 def _dictionary(d: Any) -> Any:
@@ -105,8 +106,8 @@ def _dictionary(d: Any) -> Any:
     if not isinstance(keys, list) or not isinstance(values, list):
         raise TypeError(f"cannot convert a q dictionary with {type(keys_k).__name__} keys to JSON")
     if isinstance(keys_k, kx.Vector) or all(not isinstance(x, (list, dict)) for x in keys):
-        return {("" if key is None else str(key)): value for key, value in zip(keys, values)}
-    return [[key, value] for key, value in zip(keys, values)]
+        return {("" if key is None else str(key)): value for key, value in zip(keys, values, strict=True)}
+    return [[key, value] for key, value in zip(keys, values, strict=True)]  # a q dictionary: as many keys as values
 
 
 def _vector(v: Any) -> list[Any]:
@@ -129,7 +130,7 @@ def _vector(v: Any) -> list[Any]:
 def _array(arr: Any) -> list[Any]:
     if isinstance(arr, np.ma.MaskedArray):  # pykx masks integer nulls
         data = arr.filled(0).tolist()
-        return [None if m else x for x, m in zip(data, np.ma.getmaskarray(arr).tolist())]
+        return [None if m else x for x, m in zip(data, np.ma.getmaskarray(arr).tolist(), strict=True)]
     kind = arr.dtype.kind
     if kind == "M":
         return [_timestamp(x) for x in arr]
@@ -140,7 +141,8 @@ def _array(arr: Any) -> list[Any]:
         return [None if x == null else x for x in arr.tolist()]
     if kind == "O":
         return [_python_scalar(x) for x in arr.tolist()]
-    return arr.tolist()
+    plain: list[Any] = arr.tolist()  # a vector: a flat list of Python scalars
+    return plain
 
 
 def _atom(a: Any) -> Any:
@@ -171,7 +173,7 @@ def _atom(a: Any) -> Any:
 def _nat_masked(arr: Any, unit: str) -> list[int | None]:
     """Integers in ``unit`` for a timedelta64 array, None for NaT."""
     ints = arr.astype(f"timedelta64[{unit}]").astype(np.int64).tolist()
-    return [None if nat else x for x, nat in zip(ints, np.isnat(arr).tolist())]
+    return [None if nat else x for x, nat in zip(ints, np.isnat(arr).tolist(), strict=True)]
 
 
 def _timestamp(x: Any) -> str | None:
@@ -179,7 +181,7 @@ def _timestamp(x: Any) -> str | None:
         return None
     unit = np.datetime_data(x.dtype)[0]
     if unit in ("D", "M", "Y"):
-        return str(np.datetime_as_string(x, unit=unit))
+        return str(np.datetime_as_string(x))  # in its own unit: "2024-01-02", "2024-01", "2024"
     text = str(np.datetime_as_string(x.astype("datetime64[ns]"), unit="ns"))
     head, _, frac = text.partition(".")
     frac = frac.rstrip("0")

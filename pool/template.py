@@ -137,7 +137,7 @@ def serve(ctl: socket.socket, config: dict[str, Any]) -> int:
     try:
         # Every shipped function is a dill pickle: imported here once, it is shared by every
         # worker instead of costing each new worker ~17 ms (far more in a burst) on its first call.
-        import dill  # noqa: F401
+        import dill  # noqa: F401 - imported for its effect: loaded once here, shared by every forked worker
     except ImportError:
         pass  # an interpreter without dill can still serve endpoints; shipped calls report the error
     for name in config.get("warm_modules") or []:
@@ -178,7 +178,7 @@ def serve(ctl: socket.socket, config: dict[str, Any]) -> int:
             send(ctl, {"op": "exited", "pid": pid, "worker": wid, "code": code})
 
     while True:
-        ready, _, _ = select.select([ctl, wake_r], [], [])
+        ready, _, _ = select.select([ctl.fileno(), wake_r], [], [])
         if wake_r in ready:
             try:
                 while os.read(wake_r, 512):
@@ -186,7 +186,7 @@ def serve(ctl: socket.socket, config: dict[str, Any]) -> int:
             except BlockingIOError:
                 pass
             reap()
-        if ctl not in ready:
+        if ctl.fileno() not in ready:
             continue
         msg, fds = recv(ctl)
         if msg is None:  # the supervisor is gone: take the workers with us

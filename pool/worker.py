@@ -294,7 +294,7 @@ def error_parts(exc: BaseException) -> list[bytes | memoryview]:
     try:
         pickled = pickle.dumps(exc, protocol=bundle.PROTOCOL)
         pickle.loads(pickled)  # exceptions with odd __init__ signatures fail only at load
-    except Exception:
+    except Exception:  # noqa: BLE001 - not picklable: the client gets the description alone
         pickled = b""
     return frames.error_payload(json.dumps(info).encode(), pickled)
 
@@ -327,7 +327,7 @@ class Worker:
         meta = json.loads(meta_raw)
         try:
             fn = self._load_function(meta, memoryview(buf)[off:])
-        except BaseException as exc:  # remembered and raised on use, so the reply goes to the caller
+        except BaseException as exc:  # noqa: BLE001 - remembered and raised on use, so the reply goes to the caller
             fn = _raiser(exc)
         self.functions[key] = fn
         if len(self.functions) > FUNCTION_CACHE:
@@ -342,7 +342,7 @@ class Worker:
                 f"function {meta.get('name')!r} was shipped from Python {client_py} but this pool runs Python {PYTHON}; bytecode does not cross minor versions"
             )
         libs = import_libraries(meta.get("libraries") or {})
-        shipped = pickle.loads(blob)
+        shipped: Callable[..., Any] = pickle.loads(blob)  # the client ships only callables
         if not isinstance(shipped, types.FunctionType):
             return shipped  # any other callable: nothing to rebind
         g = dict(self.base)
@@ -409,7 +409,7 @@ class Worker:
         try:
             libs = json.loads(bytes(buf[off:])).get("libraries") or {}
             import_libraries(libs)
-        except BaseException as exc:  # noqa: BLE001
+        except BaseException as exc:  # noqa: BLE001 - an import may raise anything; it is the caller's answer
             self.channel.reply(reqid, Status.ERROR, error_parts(exc))
             return
         self.channel.reply(reqid, Status.OK, [])

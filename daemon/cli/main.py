@@ -140,12 +140,23 @@ def cmd_check_config(args: argparse.Namespace) -> int:
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="cruised", description="A warm pool of Python workers for kdb+ teams.")
+def _global_options(parser: argparse.ArgumentParser, defaults: bool) -> None:
+    """The options every command takes, before or after its name (``cruised --socket P status``
+    and ``cruised status --socket P``). The top parser carries the defaults; each command's
+    copy has none (``SUPPRESS``): argparse applies a subcommand's defaults to the namespace the
+    top parser already filled, so a default there would overwrite a value given before the
+    command's name. Given on both sides, the one after the command's name wins."""
     parser.add_argument("--version", action="version", version=f"cruised {__version__}")
     parser.add_argument(
-        "--socket", default=os.environ.get("CRUISED_SOCKET"), help="native socket of the daemon (default: $CRUISED_SOCKET, the config, or the runtime dir)"
+        "--socket",
+        default=os.environ.get("CRUISED_SOCKET") if defaults else argparse.SUPPRESS,
+        help="native socket of the daemon (default: $CRUISED_SOCKET, the config, or the runtime dir)",
     )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="cruised", description="A warm pool of Python workers for kdb+ teams.")
+    _global_options(parser, defaults=True)
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("serve", help="run the daemon in the foreground (logs to stderr)")
@@ -169,6 +180,8 @@ def build_parser() -> argparse.ArgumentParser:
     from cruised.cli import endpoints as endpoints_cli
 
     endpoints_cli.add_commands(sub)
+    for command in {id(p): p for p in sub.choices.values()}.values():  # every command, aliases once
+        _global_options(command, defaults=False)
     return parser
 
 

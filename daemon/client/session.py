@@ -240,7 +240,7 @@ class _Connection:
         if self.pass_fds is None:
             with self._pass_fds_lock:
                 if self.pass_fds is not None:
-                    return self.pass_fds is True
+                    return self.pass_fds is True  # type: ignore[unreachable]  # mypy keeps the narrowing above; another thread may have set it
                 self.pass_fds = "asking"
 
             def answered(slot: _Pending) -> None:
@@ -316,6 +316,7 @@ class _Connection:
             pending = self._end - self._start
             buf[:pending] = buf[self._start : self._end]
             self._start, self._end = 0, pending
+        err: OSError | None
         try:
             n = self.sock.recv_into(memoryview(buf)[self._end :])
         except OSError as exc:
@@ -328,7 +329,7 @@ class _Connection:
         self._end += n
         view = memoryview(buf)
         while self._end - self._start >= frames.HEADER_SIZE:
-            total, kind, status, reqid = frames.parse_header(view[self._start :], 1 << 62)
+            total, _kind, status, reqid = frames.parse_header(view[self._start :], 1 << 62)
             if self._end - self._start >= total:
                 frame = bytearray(view[self._start : self._start + total])
                 self._start += total
@@ -472,7 +473,7 @@ def _remote_exception(frame: bytearray) -> BaseException:
     if pickled.nbytes:
         try:
             exc = pickle.loads(pickled)
-        except Exception:
+        except Exception:  # noqa: BLE001 - a class this process lacks, an odd __init__...: RemoteError below
             exc = None
     if not isinstance(exc, BaseException):
         exc = errors.RemoteError(f"{info['type']}: {info['message']}", info["type"], info["traceback"])
@@ -610,7 +611,7 @@ class Session:
         status, frame = self._request(Kind.STATUS, [])
         if status != Status.OK:
             raise _error_for(status, frame)
-        return json.loads(bytes(frame[frames.HEADER_SIZE :]))
+        return dict(json.loads(bytes(frame[frames.HEADER_SIZE :])))  # the daemon's status: a JSON object
 
     def reload(self) -> tuple[bool, str]:
         """Have the daemon re-read its config and endpoint code (as SIGHUP does): (ok, message) once done."""
@@ -676,7 +677,7 @@ class Session:
         head = shipped.call_head(self.pool, self._timeout_ms())
         parts = bundle.pack((args, kwargs))
         if len(parts) == 2 and len(parts[1]) < sharedfile.SHARE_MIN and not shipped.big_results:
-            return conn.send_small(head, parts[0], parts[1], callback)  # type: ignore[arg-type]
+            return conn.send_small(head, parts[0], parts[1], callback)  # type: ignore[arg-type]  # two parts: no out-of-band buffers, so index and data are bytes
         return conn.send([(_CALL, [head, *parts])], callback, shipped.big_results)[0]
 
     def _timeout_ms(self) -> int:
@@ -730,7 +731,7 @@ class Session:
             shipped.saw_result(slot.frame, slot.shared)
             try:
                 return True, _Value(bundle.unpack(slot.frame, frames.HEADER_SIZE, slot.shared))
-            except Exception as exc:  # a result this process cannot unpickle
+            except Exception as exc:  # noqa: BLE001 - a result this process cannot unpickle is the call's error
                 return True, exc
         return True, _error_for(slot.status, slot.frame)
 
@@ -746,11 +747,11 @@ class Session:
                 frame = slot.frame
                 assert frame is not None
                 shipped.saw_result(frame, None)
-                return bundle.unpack(frame, frames.HEADER_SIZE)  # type: ignore[no-any-return]
+                return bundle.unpack(frame, frames.HEADER_SIZE)  # type: ignore[no-any-return]  # fn's result: T by fn's signature
             final, value = self._outcome(conn, shipped, slot, retried)
             if final:
                 if isinstance(value, _Value):
-                    return value.value  # type: ignore[no-any-return]
+                    return value.value  # type: ignore[no-any-return]  # fn's result: T by fn's signature
                 raise value
             retried = True
 
@@ -769,7 +770,7 @@ class Session:
                     if not final:
                         attempt(True)
                         return
-                except BaseException as exc:  # noqa: BLE001
+                except BaseException as exc:  # noqa: BLE001 - any failure is the future's exception, never lost on the reader thread
                     final, value = True, exc
                 uncount()
                 if isinstance(value, _Value):
@@ -815,12 +816,12 @@ class Session:
         # per batch, not per call). At least window/2 calls stay in flight.
         window = max(1, window)
         low = window // 2
-        items = zip(*iterables)
+        items = zip(*iterables, strict=False)  # as map() does: stop at the shortest
 
         def refill() -> None:
             batch = list(itertools.islice(items, window - len(inflight)))
             if batch:
-                inflight.extend(zip(batch, self._send_calls(conn, shipped, [(args, {}) for args in batch])))
+                inflight.extend(zip(batch, self._send_calls(conn, shipped, [(args, {}) for args in batch]), strict=True))  # one slot per call
 
         refill()
         while inflight:
@@ -859,9 +860,9 @@ def function(session: Session) -> Callable[[Callable[..., T]], Callable[..., T]]
         def remote(*args: Any, **kwargs: Any) -> T:
             return session.call(fn, *args, **kwargs)
 
-        remote.__cruised_function__ = fn  # type: ignore[attr-defined]
-        remote.submit = lambda *a, **k: session.submit(fn, *a, **k)  # type: ignore[attr-defined]
-        remote.session = session  # type: ignore[attr-defined]
+        remote.__cruised_function__ = fn  # type: ignore[attr-defined]  # a function attribute: the wrapper stays a plain function
+        remote.submit = lambda *a, **k: session.submit(fn, *a, **k)  # type: ignore[attr-defined]  # likewise
+        remote.session = session  # type: ignore[attr-defined]  # likewise
         return remote
 
     return decorate

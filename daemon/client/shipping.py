@@ -40,7 +40,7 @@ def _names(code: types.CodeType) -> set[str]:
 Capture = tuple[dict[str, Any], str, Any]
 
 
-def _by_value(fn: types.FunctionType, module: str, memo: dict[int, Any], captured: list[Capture] | None = None) -> types.FunctionType:
+def _by_value(fn: types.FunctionType, module: str, memo: dict[int, types.FunctionType], captured: list[Capture] | None = None) -> types.FunctionType:
     """A copy of ``fn`` that dill pickles by value, with minimal globals.
 
     Same-module functions it references (as globals or through its closure)
@@ -65,7 +65,7 @@ def _by_value(fn: types.FunctionType, module: str, memo: dict[int, Any], capture
         return value
 
     if cells is not None and fn.__closure__ is not None:
-        for new, old in zip(cells, fn.__closure__):
+        for new, old in zip(cells, fn.__closure__, strict=True):  # cells has one per closure cell
             try:
                 new.cell_contents = carry(old.cell_contents)
             except ValueError:  # an empty cell (a name assigned later): leave it empty
@@ -94,8 +94,10 @@ def dump_function(fn: Callable[..., Any], captured: list[Capture] | None = None)
     if isinstance(fn, types.FunctionType):
         # The copy's globals are already minimal, so dill need not trace them
         # (recurse=True loops forever on self-referencing closures).
-        return dill.dumps(_by_value(fn, fn.__module__, {}, captured), protocol=5, recurse=False)
-    return dill.dumps(fn, protocol=5, recurse=True)
+        data: bytes = dill.dumps(_by_value(fn, fn.__module__, {}, captured), protocol=5, recurse=False)
+    else:
+        data = dill.dumps(fn, protocol=5, recurse=True)
+    return data
 
 
 _MISSING = object()

@@ -51,7 +51,7 @@ import sys
 if {fallback!r} not in sys.path:
     sys.path.append({fallback!r})
 
-from .pool.api import ApiError, CustomResponse, DkuCustomApiException, DkuCustomHttpResponse  # noqa: E402,F401
+from .pool.api import ApiError, CustomResponse, DkuCustomApiException, DkuCustomHttpResponse  # noqa: E402,F401 - after the path set-up; re-exported
 '''
 
 _shim: str | None = None

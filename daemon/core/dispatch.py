@@ -410,7 +410,7 @@ class Dispatcher:
     def _begin(self, worker: Worker, job: Job, now: float) -> None:
         """``job`` is running on ``worker`` from ``now``: its execution deadline starts."""
         job.started = now
-        limit = self.config.exec_timeout
+        limit: float = self.config.exec_timeout
         if job.timeout is not None and 0 < job.timeout < limit:
             limit = job.timeout
         job.exec_limit = limit
@@ -959,7 +959,7 @@ class Dispatcher:
 
 
 #: a worker's reply status -> the outcome counted for it
-_OUTCOMES = {
+_OUTCOMES: dict[int, str] = {  # keyed by a reply's raw status
     Status.OK: "ok",
     Status.CUSTOM_RESPONSE: "ok",
     Status.ERROR: "error",

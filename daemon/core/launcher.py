@@ -217,8 +217,8 @@ class PoolLauncher:
                 if self.dispatcher is not None:
                     self.dispatcher.python = msg.get("python")
                 pending, self._pending = self._pending, []
-                for w in pending:
-                    self._send_spawn(w)
+                for waiting in pending:
+                    self._send_spawn(waiting)
             elif op == "spawned":
                 w = self._find(msg["worker"])
                 if w is not None:

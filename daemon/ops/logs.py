@@ -140,7 +140,7 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(out, ensure_ascii=False, default=str)
 
 
-class StderrHandler(logging.StreamHandler):  # type: ignore[type-arg]
+class StderrHandler(logging.StreamHandler):  # type: ignore[type-arg]  # StreamHandler[TextIO] is subscriptable at run time only from Python 3.11
     """The daemon's one handler: a StreamHandler that can also take pre-rendered lines in batches.
 
     ``queue_line`` is called from the event loop only. Queued lines (or batches
@@ -172,18 +172,19 @@ class StderrHandler(logging.StreamHandler):  # type: ignore[type-arg]
         queued, self.queued = self.queued, []
         lines: list[str] = []
         for x in queued:
-            if type(x) is not str:
-                try:
-                    x = x[0](x)
-                except Exception as exc:  # a renderer bug must cost neither the other lines nor the daemon
-                    x = f"cruised.logs: an access line could not be rendered: {type(exc).__name__}: {exc}"
-            lines.append(x)
+            if isinstance(x, str):
+                lines.append(x)
+                continue
+            try:
+                lines.append(x[0](x))
+            except Exception as exc:  # noqa: BLE001 - a renderer bug must cost neither the other lines nor the daemon
+                lines.append(f"cruised.logs: an access line could not be rendered: {type(exc).__name__}: {exc}")
         text = "\n".join(lines) + "\n"
         self.acquire()
         try:
             self.stream.write(text)
             self.stream.flush()
-        except Exception:  # stderr gone (EPIPE): like StreamHandler, never let logging break the daemon
+        except Exception:  # noqa: BLE001 - stderr gone (EPIPE): like StreamHandler, never let logging break the daemon
             pass
         finally:
             self.release()

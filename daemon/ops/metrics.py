@@ -161,28 +161,28 @@ class RequestCollector:
 
     def collect(self) -> Iterable[Metric]:
         requests, duration, queue_wait, exec_ = families = self._families()
-        for labels, c in self.requests.items():
-            requests.add_metric(list(labels), c.value)
-        for family, series in ((duration, self.duration), (queue_wait, self.queue_wait), (exec_, self.exec)):
-            for labels, h in series.items():
+        for key, c in self.requests.items():
+            requests.add_metric(list(key), c.value)
+        for family, series in ((duration, self.duration.items()), (queue_wait, self.queue_wait.items()), (exec_, self.exec.items())):
+            for labels, h in series:
                 total = 0
                 buckets = []
-                for le, n in zip(_LE, h.counts):
+                for le, n in zip(_LE, h.counts, strict=True):  # one bound per count, +Inf last
                     total += n
                     buckets.append((le, total))
                 family.add_metric(list(labels), buckets, h.sum)
         return families
 
     @staticmethod
-    def _families() -> list[Metric]:
-        return [
+    def _families() -> tuple[CounterMetricFamily, HistogramMetricFamily, HistogramMetricFamily, HistogramMetricFamily]:
+        return (
             CounterMetricFamily(
                 "cruised_requests", "Answered requests by pool, endpoint, outcome and front door.", labels=["pool", "endpoint", "outcome", "door"]
             ),
             HistogramMetricFamily("cruised_request_duration_seconds", "Admission to reply.", labels=["pool", "endpoint"]),
             HistogramMetricFamily("cruised_queue_wait_seconds", "Admission to dispatch to a worker (or to giving up).", labels=["pool"]),
             HistogramMetricFamily("cruised_exec_seconds", "Dispatch to a worker until its reply (or timeout, or death).", labels=["pool", "endpoint"]),
-        ]
+        )
 
 
 @dataclass(slots=True)
@@ -216,7 +216,7 @@ class Metrics:
         for door in DOORS:
             self.auth_failures.labels(door)
         Info("cruised_build", "Version of cruised and of the supervisor's Python.", registry=r).info(
-            {"version": __version__, "python": "%d.%d.%d" % sys.version_info[:3]}
+            {"version": __version__, "python": "{}.{}.{}".format(*sys.version_info[:3])}
         )
         r.register(PoolCollector(dispatchers))
         if process:
@@ -336,8 +336,10 @@ class PoolCollector:
         return families
 
     @staticmethod
-    def _families() -> list[Metric]:
-        return [
+    def _families() -> tuple[
+        GaugeMetricFamily, GaugeMetricFamily, GaugeMetricFamily, GaugeMetricFamily, GaugeMetricFamily, GaugeMetricFamily, CounterMetricFamily
+    ]:
+        return (
             GaugeMetricFamily("cruised_queue_depth", "Requests waiting for a worker (in the queue or held by a busy one).", labels=["pool"]),
             GaugeMetricFamily("cruised_queue_capacity", "The pool's queue_size.", labels=["pool"]),
             GaugeMetricFamily("cruised_workers", "Worker processes by state.", labels=["pool", "state"]),
@@ -345,4 +347,4 @@ class PoolCollector:
             GaugeMetricFamily("cruised_q_connected_workers", "Workers holding a live q connection.", labels=["pool"]),
             GaugeMetricFamily("cruised_oldest_queued_seconds", "Age of the oldest queued request (0 if none).", labels=["pool"]),
             CounterMetricFamily("cruised_held_calls", "Calls handed to a busy worker to wait behind its running one (prefetch).", labels=["pool"]),
-        ]
+        )

@@ -33,7 +33,7 @@ _PLAIN = struct.Struct("<HQ")
 PROTOCOL = 5
 
 
-class _Chunks(list):  # type: ignore[type-arg]
+class _Chunks(list[bytes | memoryview]):
     """A pickler's output, as the pieces it wrote: a large ``bytes`` comes by reference, uncopied."""
 
     write = list.append
@@ -115,21 +115,22 @@ def share(
     them (a read-only descriptor, a full tmpfs): the socket path always works."""
     lengths = [len(v) if isinstance(v, bytes) else v.nbytes for v in parts[1:]]
     moved = [n >= sharedfile.SHARE_MIN and (i or with_pickle) for i, n in enumerate(lengths)]
-    total = sum(n for n, m in zip(lengths, moved) if m)
+    # lengths and moved: one entry per part after the index, so every zip here is strict
+    total = sum(n for n, m in zip(lengths, moved, strict=True) if m)
     if not total or total > limit:
         return parts
     try:
         shared.reserve(total, grow)
         offset = 0
-        for v, n, m in zip(parts[1:], lengths, moved):
+        for v, n, m in zip(parts[1:], lengths, moved, strict=True):
             if m:
                 shared.write(offset, memoryview(v))
                 offset += n
     except (OSError, ValueError):  # ValueError: SharedFileError, or mmap refusing the file
         return parts
-    flagged = [n | sharedfile.IN_FILE if m else n for n, m in zip(lengths, moved)]
+    flagged = [n | sharedfile.IN_FILE if m else n for n, m in zip(lengths, moved, strict=True)]
     index = struct.pack(f"<H{len(lengths)}Q", len(lengths) - 1, *flagged)
-    return [index, *(v for v, m in zip(parts[1:], moved) if not m)]
+    return [index, *(v for v, m in zip(parts[1:], moved, strict=True) if not m)]
 
 
 def in_file(buf: bytes | bytearray | memoryview, offset: int = 0) -> bool:

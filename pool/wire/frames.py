@@ -328,7 +328,7 @@ def endpoint_frame(name: str, body: bytes | bytearray | memoryview) -> bytearray
     return buf
 
 
-def error_payload(info_json: bytes, pickled_exc: bytes) -> list[bytes]:
+def error_payload(info_json: bytes, pickled_exc: bytes) -> list[bytes | memoryview]:
     return [_U32.pack(len(info_json)), info_json, pickled_exc]
 
 

@@ -28,7 +28,7 @@ def _c_api() -> Callable[[None, int], bytearray] | None:
         return None
     fn.restype = ctypes.py_object
     fn.argtypes = (ctypes.c_void_p, ctypes.c_ssize_t)
-    return fn  # type: ignore[no-any-return]
+    return fn
 
 
 _from_string_and_size = _c_api()

@@ -191,9 +191,9 @@ class Mapped(Owned):
         if offset + length > self.size:
             raise SharedFileError(f"shared file ends at {self.size} bytes; the call announced {offset + length}")
         out = rawbuf.uninitialized(length)
-        assert self.mm is not None or length == 0
         if length:
-            with memoryview(self.mm) as mv:  # type: ignore[arg-type]
+            assert self.mm is not None  # refresh() maps a file that has bytes; this one has at least offset + length
+            with memoryview(self.mm) as mv:
                 memoryview(out)[:] = mv[offset : offset + length]
         return out
 
@@ -205,7 +205,8 @@ class Mapped(Owned):
             raise SharedFileError(f"shared file ends at {self.size} bytes; the call announced {offset + length}")
         if not length:
             return memoryview(b"")
-        with memoryview(self.mm) as mv:  # type: ignore[arg-type]
+        assert self.mm is not None  # refresh() maps a file that has bytes; this one has at least offset + length
+        with memoryview(self.mm) as mv:
             return mv[offset : offset + length]
 
     def close(self) -> None:

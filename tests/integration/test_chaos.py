@@ -129,16 +129,17 @@ def test_overload_at_2x_and_10x_capacity(start_daemon, tmp_path: Path) -> None:
         statuses_ok: list[bool] = []
         stop = threading.Event()
 
-        def watch() -> None:
+        # this round's lists and event, passed in: the thread must not see the next round's
+        def watch(stop: threading.Event, depths: list[int], statuses_ok: list[bool]) -> None:
             while not stop.wait(0.05):
                 try:
                     st = d.status()
                     depths.append(st["pools"]["default"]["queue"]["depth"])
                     statuses_ok.append(True)
-                except Exception:  # noqa: BLE001
+                except Exception:  # noqa: BLE001 - any failure to answer is what this counts
                     statuses_ok.append(False)
 
-        w = threading.Thread(target=watch)
+        w = threading.Thread(target=watch, args=(stop, depths, statuses_ok))
         w.start()
         started = time.monotonic()
         drive(clients, SECONDS, queue_size + workers, lambda i: ("sleep", 0.02))

@@ -217,7 +217,7 @@ def test_session_libraries_reach_workers_started_later(start_daemon) -> None:
 
     @cruised.function(s)
     def total(xs):
-        return int(numpy.sum(xs))  # noqa: F821
+        return int(numpy.sum(xs))  # noqa: F821 - provided by add_library
 
     first = s.call(os.getpid)
     assert total([1, 2, 3]) == 6

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import pickle
+import re
 import socket
 import struct
 
@@ -268,5 +269,5 @@ def test_workers_run_as_the_configured_unprivileged_user(start_daemon, tmp_path)
 def test_unknown_pool_user_is_a_config_error() -> None:
     from cruised import config
 
-    with pytest.raises(config.ConfigErrors, match="pools.p.user: no such user: no-such-user-xyz"):
+    with pytest.raises(config.ConfigErrors, match=re.escape("pools.p.user: no such user: no-such-user-xyz")):
         config.parse({"pools": {"p": {"user": "no-such-user-xyz"}}})

@@ -6,6 +6,7 @@ import io
 import json
 import logging
 import os
+import re
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -117,7 +118,7 @@ def test_access_log_line() -> None:
     logger.setLevel(logging.INFO)
     try:
         access = logs.AccessLog(logger)
-        job = Job(1, 1, bytearray(), None, Client(), 1, endpoint="svc/e")  # type: ignore[arg-type]
+        job = Job(1, 1, bytearray(), None, Client(), 1, endpoint="svc/e")  # type: ignore[arg-type]  # a test Client and a raw kind: the fields logging reads
         observe_one(access, "p", job, "rejected", 0.0, None)
         observe_one(access, "p", job, "ok", 0.0012, 0.5)
     finally:
@@ -145,7 +146,7 @@ def test_direct_access_lines_match_the_logging_path_and_keep_order(fmt: str) -> 
         assert delay == logs.ACCESS_FLUSH_S
         scheduled.append(cb)
 
-    job = Job(1, 1, bytearray(), None, Client(), 1, endpoint="svc/e")  # type: ignore[arg-type]
+    job = Job(1, 1, bytearray(), None, Client(), 1, endpoint="svc/e")  # type: ignore[arg-type]  # a test Client and a raw kind: the fields logging reads
     try:
         logs.setup("info", fmt, slow_out)
         observe_one(logs.AccessLog(), "p", job, "ok", 0.0012, 0.5)  # no call_soon: an ordinary record
@@ -230,5 +231,5 @@ def test_access_log_can_be_switched_off(start_daemon: Callable[..., Daemon]) -> 
 def test_access_log_config_is_validated(tmp_path: Path) -> None:
     from cruised import config
 
-    with pytest.raises(config.ConfigErrors, match="daemon.access_log: expected true or false"):
+    with pytest.raises(config.ConfigErrors, match=re.escape("daemon.access_log: expected true or false")):
         config.parse({"daemon": {"access_log": "no"}})

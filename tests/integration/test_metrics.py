@@ -185,7 +185,7 @@ def test_exact_counts_after_known_traffic(start_daemon: Callable[..., Daemon], t
         assert value(m, "cruised_q_connected_workers", pool=pool) == 0
         assert [value(m, "cruised_pool_size_limits", pool=pool, limit=x) for x in ("min", "cruise", "max")] == [1, 1, 1]
     assert value(m, "cruised_queue_capacity", pool="slow") == 4
-    assert value(m, "cruised_build_info", version=cruised.__version__, python="%d.%d.%d" % sys.version_info[:3]) == 1
+    assert value(m, "cruised_build_info", version=cruised.__version__, python="{}.{}.{}".format(*sys.version_info[:3])) == 1
 
     # the CLI prints the same exposition
     out = d.cli("metrics")
@@ -226,7 +226,7 @@ def _dispatcher() -> tuple[Dispatcher, FakeClock]:
 
 
 def _job(endpoint: str = "function") -> Job:
-    return Job(1, Kind.CALL, bytearray(64), None, Client(), 1, endpoint=endpoint)  # type: ignore[arg-type]
+    return Job(1, Kind.CALL, bytearray(64), None, Client(), 1, endpoint=endpoint)  # type: ignore[arg-type]  # a test Client stands in for a door's sink
 
 
 def test_outcome_aliases_and_histogram_membership() -> None:

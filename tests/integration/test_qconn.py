@@ -94,7 +94,7 @@ def test_each_worker_holds_one_connection_across_many_calls(start_daemon: Any, q
     assert len(hs) == 2 and all(h["ok"] and h["user"] == "alice" for h in hs)  # one per worker, held
     assert st["q"] == {"endpoint": f"127.0.0.1:{qsrv.port}", "user": "alice", "required": False, "connected": 2, "workers": 2, "last_error": None}
     assert all(w["q"] == {"connected": True, "error": None} for w in st["worker_list"])
-    assert s.call(lambda: q(".cruised.test.users").py()) == ["alice"]  # noqa: F821
+    assert s.call(lambda: q(".cruised.test.users").py()) == ["alice"]  # noqa: F821 - the worker's q global
     # nothing in a worker can wait on a terminal: stdin is /dev/null, pykx runs non-interactively
     env_stdin = s.call(lambda: (os.readlink("/proc/self/fd/0"), os.environ.get("PYKX_UNLICENSED"), "pykx" in sys.modules))
     assert env_stdin == ("/dev/null", "true", True)
@@ -117,12 +117,12 @@ def test_q_in_init_code_and_functions_with_pykx_values_both_ways(start_daemon: A
     s = d.session()
 
     assert s.call(lambda: TRADE_ROWS) == 1000  # noqa: F821 - defined by the init file with q
-    by_init = s.call(lambda: VWAP)  # noqa: F821
+    by_init = s.call(lambda: VWAP)  # noqa: F821 - the worker's q global
     assert isinstance(by_init, kx.KeyedTable)
 
     @cruised.function(s)
     def vwap_by_sym():
-        return q("vwap")  # noqa: F821
+        return q("vwap")  # noqa: F821 - the worker's q global
 
     result = vwap_by_sym()
     assert isinstance(result, kx.KeyedTable)  # a pykx object reaches the client as one
@@ -135,14 +135,14 @@ def test_q_in_init_code_and_functions_with_pykx_values_both_ways(start_daemon: A
 
     # pykx values as arguments, passed on to q and back
     vec = kx.LongVector(pd.Series([1, 2, 3]).to_numpy())
-    back = s.call(lambda v, n: q("{x+y}", v, n), vec, 10)  # noqa: F821
+    back = s.call(lambda v, n: q("{x+y}", v, n), vec, 10)  # noqa: F821 - the worker's q global
     assert isinstance(back, kx.LongVector) and back.py() == [11, 12, 13]
-    aapl = s.call(lambda: q("select from trade where sym=`AAPL"))  # noqa: F821
+    aapl = s.call(lambda: q("select from trade where sym=`AAPL"))  # noqa: F821 - the worker's q global
     assert isinstance(aapl, kx.Table) and set(aapl.pd()["sym"]) == {"AAPL"}
     # q's own errors are the function's errors, and leave the connection alone
     with pytest.raises(kx.QError, match="boom"):
-        s.call(lambda: q("err", b"boom"))  # noqa: F821
-    assert s.call(lambda: q("1+1").py()) == 2
+        s.call(lambda: q("err", b"boom"))  # noqa: F821 - the worker's q global
+    assert s.call(lambda: q("1+1").py()) == 2  # noqa: F821 - the worker's q global
     assert len(qsrv.handshakes()) == 1
 
 
@@ -185,8 +185,8 @@ def test_server_killed_mid_call_then_restarted(start_daemon: Any, qsrv: QServer)
     pid = s.call(os.getpid)
 
     def slow():
-        q("incr", "started")  # noqa: F821
-        return q("sleep", 30.0)  # noqa: F821
+        q("incr", "started")  # noqa: F821 - the worker's q global
+        return q("sleep", 30.0)  # noqa: F821 - the worker's q global
 
     fut = s.submit(slow)
     with kx.SyncQConnection("127.0.0.1", qsrv.port, username="alice", password=PW, no_ctx=True, timeout=10.0) as probe:
@@ -199,11 +199,11 @@ def test_server_killed_mid_call_then_restarted(start_daemon: Any, qsrv: QServer)
     wait_for(lambda: pool_status(d)["q"]["connected"] == 0, what="q shown disconnected")
     assert s.call(os.getpid) == pid
     with pytest.raises(cruised.QConnectionError, match=f"127.0.0.1:{qsrv.port}"):
-        s.call(lambda: q("1+1"))  # noqa: F821
+        s.call(lambda: q("1+1"))  # noqa: F821 - the worker's q global
     qsrv.start()  # same port
     # it reconnects by itself, with no call to trigger it
     wait_for(lambda: pool_status(d)["q"]["connected"] == 1, what="background reconnect")
-    assert s.call(lambda: q("1+1").py()) == 2  # noqa: F821
+    assert s.call(lambda: q("1+1").py()) == 2  # noqa: F821 - the worker's q global
     assert s.call(os.getpid) == pid
     st = pool_status(d)
     assert st["exits"] == {} and st["requests"]["q_unavailable"] == 2
@@ -219,7 +219,7 @@ def test_a_query_whose_reply_is_lost_is_not_resent(start_daemon: Any, qsrv: QSer
 
     def caught():
         try:
-            q("incr", "n", "close")  # noqa: F821
+            q("incr", "n", "close")  # noqa: F821 - the worker's q global
         except q.QConnectionError as exc:  # noqa: F821 - catchable in shipped code too
             return "caught: " + str(exc)
 
@@ -237,11 +237,11 @@ def test_q_down_at_start_then_up(start_daemon: Any) -> None:
     assert st["q"]["last_error"].startswith(f"cannot connect to q at 127.0.0.1:{port}")
     s = d.session()
     with pytest.raises(cruised.QConnectionError, match=f"127.0.0.1:{port}"):
-        s.call(lambda: q("1+1"))  # noqa: F821
+        s.call(lambda: q("1+1"))  # noqa: F821 - the worker's q global
     assert s.call(lambda: 1 + 1) == 2  # the pool works for code that does not need q
     with run_qserver("--port", str(port), "--user", f"alice:{PW}") as srv:
         wait_for(lambda: pool_status(d)["q"]["connected"] == 2, what="workers to connect by themselves")
-        assert s.call(lambda: q("til 3").py()) == [0, 1, 2]  # noqa: F821
+        assert s.call(lambda: q("til 3").py()) == [0, 1, 2]  # noqa: F821 - the worker's q global
         assert len(ok_handshakes(srv)) == 2
     assert pool_status(d)["exits"] == {}
 
@@ -270,7 +270,7 @@ def test_bad_credentials_clear_error_and_bounded_retries(start_daemon: Any, qsrv
     s = d.session()
     for _ in range(20):  # calls during the backoff fail at once and do not hit q
         with pytest.raises(cruised.QConnectionError) as info:
-            s.call(lambda: q("1+1"))  # noqa: F821
+            s.call(lambda: q("1+1"))  # noqa: F821 - the worker's q global
         assert "rejected the credentials of user 'alice'" in str(info.value)
         assert wrong not in str(info.value) and PW not in str(info.value)
     wait_for(lambda: len(qsrv.handshakes()) >= 6, what="a few retries")
@@ -290,10 +290,10 @@ def test_bad_credentials_clear_error_and_bounded_retries(start_daemon: Any, qsrv
 def test_password_never_appears_with_good_credentials(start_daemon: Any, qsrv: QServer) -> None:
     d = start_daemon({"pools": {"default": q_pool(qsrv.port, workers=1)}}, args=["--log-level", "debug"])
     s = d.session()
-    assert s.call(lambda: q("1+1").py()) == 2  # noqa: F821
+    assert s.call(lambda: q("1+1").py()) == 2  # noqa: F821 - the worker's q global
     with pytest.raises(cruised.QConnectionError) as info:
-        s.call(lambda: q("incr", "x", "close"))  # noqa: F821
-    assert s.call(lambda: repr(q)).startswith("<cruised q handle")  # noqa: F821
+        s.call(lambda: q("incr", "x", "close"))  # noqa: F821 - the worker's q global
+    assert s.call(lambda: repr(q)).startswith("<cruised q handle")  # noqa: F821 - the worker's q global
     for text in (d.log(), d.cli("status", "--json").stdout, str(info.value), d.cli("check-config", str(d.config_path)).stdout):
         assert PW not in text
 
@@ -301,7 +301,7 @@ def test_password_never_appears_with_good_credentials(start_daemon: Any, qsrv: Q
 def test_unix_domain_socket(start_daemon: Any, qsrv: QServer) -> None:
     d = start_daemon({"pools": {"default": q_pool(qsrv.port, workers=1, unix=True, host="ignored.invalid")}})
     s = d.session()
-    assert s.call(lambda: q("til 2").py()) == [0, 1]  # noqa: F821
+    assert s.call(lambda: q("til 2").py()) == [0, 1]  # noqa: F821 - the worker's q global
     assert pool_status(d)["q"]["endpoint"] == f"unix:/tmp/kx.{qsrv.port}"
 
 
@@ -327,7 +327,7 @@ def test_tls_with_ca_file_and_with_verification_off(start_daemon: Any, tmp_path:
         )
         for pool in ("verified", "unverified"):
             s = d.session(pool=pool)
-            assert s.call(lambda: q("til 3").py()) == [0, 1, 2], pool  # noqa: F821
+            assert s.call(lambda: q("til 3").py()) == [0, 1, 2], pool  # noqa: F821 - the worker's q global
         st = d.status()["pools"]
         assert st["verified"]["q"]["connected"] == 1 and st["unverified"]["q"]["connected"] == 1
         assert st["untrusted"]["q"]["connected"] == 0
@@ -342,7 +342,7 @@ def test_an_operator_chosen_licensed_mode_is_left_alone(start_daemon: Any, qsrv:
     d = start_daemon({"pools": {"default": pool}}, wait_ready=False)
     st = wait_for(lambda: (lambda p: p if p["ready"] or p["last_error"] else None)(pool_status(d)), what="licensed start or its failure")
     if st["ready"]:  # a machine with a kdb+ licence: licensed pykx, and q works
-        assert d.session().call(lambda: (__import__("pykx").licensed, q("1+1").py())) == (True, 2)  # noqa: F821
+        assert d.session().call(lambda: (__import__("pykx").licensed, q("1+1").py())) == (True, 2)  # noqa: F821 - the worker's q global
     else:  # no licence here: pykx's own error, reported rather than prompted for
         assert "cannot import 'pykx'" in st["last_error"] and "licen" in st["last_error"].lower()
 

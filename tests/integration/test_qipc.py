@@ -202,8 +202,8 @@ def door(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Daemon]:
         },
     }
     d = _start(root, config)
-    d.port = d.status()["qipc"]["port"]  # type: ignore[attr-defined]
-    d.root = root  # type: ignore[attr-defined]
+    d.port = d.status()["qipc"]["port"]  # type: ignore[attr-defined]  # the fixture hangs the door's port and folder on the Daemon
+    d.root = root  # type: ignore[attr-defined]  # the fixture hangs the door's port and folder on the Daemon
     try:
         yield d
     finally:
@@ -211,7 +211,7 @@ def door(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Daemon]:
 
 
 def port(d: Daemon) -> int:
-    return int(d.port)  # type: ignore[attr-defined]
+    return int(d.port)  # type: ignore[attr-defined]  # set by the door fixture on its Daemon
 
 
 def conn(d: Daemon, **kw: Any) -> Any:
@@ -340,7 +340,7 @@ def test_results_go_back_as_documented_q_types(door: Daemon) -> None:
 
 
 def test_async_messages_on_one_handle_run_in_order_and_h_empty_is_a_barrier(door: Daemon) -> None:
-    path = str(door.root / "order.txt")  # type: ignore[attr-defined]
+    path = str(door.root / "order.txt")  # type: ignore[attr-defined]  # set by the door fixture on its Daemon
     with conn(door) as c:
         for i in range(24):
             c(sym("demo/record"), path, i, wait=False)
@@ -361,7 +361,7 @@ def test_pipelined_sync_requests_on_one_handle_answer_in_order(door: Daemon) -> 
 
 
 def test_a_pending_call_never_delays_another_handle(door: Daemon) -> None:
-    gate = str(door.root / "gate-handles")  # type: ignore[attr-defined]
+    gate = str(door.root / "gate-handles")  # type: ignore[attr-defined]  # set by the door fixture on its Daemon
     results: dict[str, Any] = {}
 
     def blocked() -> None:
@@ -384,7 +384,7 @@ def test_a_pending_call_never_delays_another_handle(door: Daemon) -> None:
 
 
 def test_many_handles_have_sync_calls_pending_at_once(door: Daemon) -> None:
-    folder = str(door.root / "rv-handles")  # type: ignore[attr-defined]
+    folder = str(door.root / "rv-handles")  # type: ignore[attr-defined]  # set by the door fixture on its Daemon
     out: list[Any] = []
 
     def one() -> None:
@@ -421,7 +421,7 @@ def test_deferred_sync_callbacks_answer_with_the_callers_reqid(door: Daemon) -> 
 
 
 def test_callbacks_from_one_handle_run_concurrently_then_a_sync_waits_for_them(door: Daemon) -> None:
-    folder = str(door.root / "rv-callbacks")  # type: ignore[attr-defined]
+    folder = str(door.root / "rv-callbacks")  # type: ignore[attr-defined]  # set by the door fixture on its Daemon
     with RawQ(port(door)) as q:
         for i in range(3):
             q.send([sym("demo/rendezvous"), kx.CharVector(folder), 3, sym("cb"), i], ASYNC)
@@ -430,7 +430,7 @@ def test_callbacks_from_one_handle_run_concurrently_then_a_sync_waits_for_them(d
 
 
 def test_plain_async_with_a_symbol_argument_is_not_taken_for_a_callback(door: Daemon) -> None:
-    path = str(door.root / "plain.txt")  # type: ignore[attr-defined]
+    path = str(door.root / "plain.txt")  # type: ignore[attr-defined]  # set by the door fixture on its Daemon
     with RawQ(port(door)) as q:
         # record(path, i) takes two arguments and gets two: a plain async call, no answer
         q.send([sym("demo/record"), sym(path), sym("x")], ASYNC)
@@ -460,7 +460,7 @@ def test_error_lines_for_the_function_and_its_arguments(door: Daemon) -> None:
 
 
 def test_error_line_busy(door: Daemon) -> None:
-    gate = str(door.root / "gate-busy")  # type: ignore[attr-defined]
+    gate = str(door.root / "gate-busy")  # type: ignore[attr-defined]  # set by the door fixture on its Daemon
     out: list[Any] = []
 
     def waiter() -> None:
@@ -484,8 +484,8 @@ def test_error_line_busy(door: Daemon) -> None:
 
 
 def test_a_closed_handle_drops_its_queued_calls(door: Daemon) -> None:
-    gate = str(door.root / "gate-drop")  # type: ignore[attr-defined]
-    path = str(door.root / "dropped.txt")  # type: ignore[attr-defined]
+    gate = str(door.root / "gate-drop")  # type: ignore[attr-defined]  # set by the door fixture on its Daemon
+    path = str(door.root / "dropped.txt")  # type: ignore[attr-defined]  # set by the door fixture on its Daemon
     out: list[Any] = []
 
     def waiter() -> None:
@@ -664,7 +664,7 @@ def test_pykx_remote_session_libraries_and_functions(door: Daemon) -> None:
         # compiled once and cached in the (single) worker, not re-executed per call
         assert [calls().py() for _ in range(3)] == [1, 2, 3]
         assert zero().py() == 7
-        with pytest.raises(kx.QError, match="Failed to load library 'no_such_mod_q' with alias 'zz' with error: .*No module named"):
+        with pytest.raises(kx.QError, match=r"Failed to load library 'no_such_mod_q' with alias 'zz' with error: .*No module named"):
             session.libraries({"zz": "no_such_mod_q"})
         session.libraries({"pd": "pandas"})
 
@@ -718,7 +718,7 @@ def strict(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Daemon]:
         },
     }
     d = _start(root, config)
-    d.port = d.status()["qipc"]["port"]  # type: ignore[attr-defined]
+    d.port = d.status()["qipc"]["port"]  # type: ignore[attr-defined]  # the fixture hangs the door's port and folder on the Daemon
     try:
         yield d
     finally:

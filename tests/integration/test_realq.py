@@ -33,8 +33,8 @@ def test_real_q_from_shipped_functions(start_daemon) -> None:
     d = start_daemon({"pools": {"default": pool_config(min=1, cruise=1, max=1, q=q_section())}})
     s = d.session()
     assert s.call(lambda: q("1+1").py()) == 2  # noqa: F821 - the worker's q global
-    assert s.call(lambda: q("{x+y}", 1, 2).py()) == 3  # noqa: F821
-    tab = s.call(lambda: q("([] sym:`a`b; px:1 2f)"))  # noqa: F821
+    assert s.call(lambda: q("{x+y}", 1, 2).py()) == 3  # noqa: F821 - the worker's q global
+    tab = s.call(lambda: q("([] sym:`a`b; px:1 2f)"))  # noqa: F821 - the worker's q global
     assert list(tab.pd()["px"]) == [1.0, 2.0]
     status = d.status()["pools"]["default"]["q"]
     assert status["connected"] == 1

@@ -188,7 +188,7 @@ def test_reload_under_load_loses_no_request(start_daemon: Callable[..., Daemon],
             before = counts["ok"]
             out = d.cli("reload")
             assert out.returncode == 0, out.stderr
-            wait_for(lambda: version in seen and counts["ok"] > before + 50, 30, 0.01, f"calls answered by generation {gen}")
+            wait_for(lambda version=version, before=before: version in seen and counts["ok"] > before + 50, 30, 0.01, f"calls answered by generation {gen}")
     finally:
         stop.set()
         for t in threads:

@@ -113,7 +113,7 @@ def test_secrets_never_reach_logs_status_metrics_or_error_replies(start_daemon, 
             replies.append(json.dumps(s.status()).encode())
             metrics = s.metrics()
             with pytest.raises(Exception) as info:
-                s.call(lambda: q("til 1"))  # noqa: F821
+                s.call(lambda: q("til 1"))  # noqa: F821 - the worker's q global
             replies.append(str(info.value).encode())
         replies.append(get(unix(d), "/status").body)
         wait_for(lambda: "q" in d.log(), 10, what="log written")

@@ -339,7 +339,7 @@ def echo(x: Any) -> Any:
 
 def test_large_arguments_and_results_round_trip_through_the_daemon(daemon: Daemon) -> None:
     s = daemon.session()
-    sup = daemon.proc.pid  # type: ignore[union-attr]
+    sup = daemon.proc.pid  # type: ignore[union-attr]  # proc is set while the daemon runs
     s.call(echo, 1)
     mine = memfds()  # other tests' sessions in this process may keep files of their own
     one_mb = np.random.rand(1 << 17)
@@ -391,7 +391,7 @@ def test_a_function_with_large_results_gets_a_file_for_them(daemon: Daemon) -> N
     from then on its calls carry a file, so the result does not pass through the daemon. A
     function whose results turn small stops taking files."""
     s = daemon.session()
-    sup = daemon.proc.pid  # type: ignore[union-attr]
+    sup = daemon.proc.pid  # type: ignore[union-attr]  # proc is set while the daemon runs
     s.call(echo, np.ones(BIG))  # the connection asks PASS_FDS once
     s.call(echo, np.ones(BIG))
     replies = ReplySizes(s)
@@ -402,7 +402,7 @@ def test_a_function_with_large_results_gets_a_file_for_them(daemon: Daemon) -> N
         return {"price": np.arange(n, dtype=float), "sym": "s" * n}
 
     shipped = s._ship(table)
-    for i in range(4):
+    for _ in range(4):
         out = s.call(table, BIG)
         np.testing.assert_array_equal(out["price"], np.arange(BIG, dtype=float))
         assert out["sym"] == "s" * BIG
@@ -460,7 +460,7 @@ def test_a_daemon_that_announces_no_features_gets_no_pickle_in_files() -> None:
     conn.pass_fds, conn.file_pickle = None, False
     conn._pass_fds_lock = threading.Lock()
     sent: list[Any] = []
-    conn.send = lambda requests, callback=None, result_file=False: sent.append(callback)  # type: ignore[method-assign]
+    conn.send = lambda requests, callback=None, result_file=False: sent.append(callback)  # type: ignore[method-assign]  # a recorder in place of the method
     for payload, expect in ((b"", False), (frames.FEATURES.pack(0), False), (frames.FEATURES.pack(frames.FILE_PICKLE), True)):
         conn.pass_fds, sent[:] = None, []
         assert conn._may_pass_fds() is False  # the first large call goes inline while asking
@@ -473,7 +473,7 @@ def test_a_daemon_that_announces_no_features_gets_no_pickle_in_files() -> None:
 def test_shared_files_are_released_on_every_kind_of_answer(start_daemon: Callable[..., Daemon]) -> None:
     d = start_daemon({"pools": {"default": pool_config(min=1, cruise=1, max=1, queue_size=2, queue_timeout="1s", exec_timeout="2s")}})
     s = d.session()
-    sup = d.proc.pid  # type: ignore[union-attr]
+    sup = d.proc.pid  # type: ignore[union-attr]  # proc is set while the daemon runs
     s.call(echo, 1)
     mine = memfds()
     arr = np.random.rand(1 << 17)
@@ -523,7 +523,11 @@ def _register(sock: socket.socket, fn: Callable[..., Any], pool: str = "default"
     return key
 
 
-def _flagged_call(key: bytes, reqid: int, obj: Any = ((np.ones(10),), {}), pool: str = "default") -> bytes:
+#: the arguments of a small call: one array, only ever packed (never changed), so one for all
+_SMALL_ARGS = ((np.ones(10),), {})
+
+
+def _flagged_call(key: bytes, reqid: int, obj: Any = _SMALL_ARGS, pool: str = "default") -> bytes:
     """A CALL that announces a shared file (small: one sendmsg takes it whole)."""
     body = flat(bundle.pack(obj))
     return frames.frame(Kind.CALL, reqid, frames.call_head(pool, 0, key) + bytes(body), frames.CARRIES_FD)
@@ -552,14 +556,14 @@ def test_a_bundle_claiming_a_stream_in_a_file_it_lacks_fails_only_its_call(daemo
 
 def test_hostile_descriptors_fail_only_their_request(start_daemon: Callable[..., Daemon]) -> None:
     d = start_daemon({"pools": {"default": pool_config()}, "daemon": {"max_message_bytes": "8MiB"}})
-    sup = d.proc.pid  # type: ignore[union-attr]
+    sup = d.proc.pid  # type: ignore[union-attr]  # proc is set while the daemon runs
     c = raw_connect(d.socket)
     key = _register(c, echo)
     baseline = fd_count(sup)  # one client, one worker: nothing else opens descriptors meanwhile
 
     early = sharedfile.create()
     c.sendmsg([_flagged_call(key, 9)], sharedfile.rights([early]))  # before PASS_FDS: the file is lost
-    kind, status, reqid, body = read_frame(c)
+    _kind, status, reqid, body = read_frame(c)
     assert (status, reqid) == (Status.BAD_REQUEST, 9) and "before PASS_FDS" in json.loads(body)["message"]
     os.close(early)
     c.sendall(frames.frame(Kind.PASS_FDS, 20))
@@ -567,7 +571,7 @@ def test_hostile_descriptors_fail_only_their_request(start_daemon: Callable[...,
 
     r, w = os.pipe()
     c.sendmsg([_flagged_call(key, 10)], sharedfile.rights([r]))  # not a memfd
-    kind, status, reqid, body = read_frame(c)
+    _, status, reqid, body = read_frame(c)
     assert (status, reqid) == (Status.BAD_REQUEST, 10) and "not a memfd" in json.loads(body)["message"]
 
     huge = sharedfile.create()
@@ -630,7 +634,7 @@ def test_only_memfds_are_accepted_and_a_read_only_one_gets_its_result_inline(sta
 
 def test_descriptors_no_frame_claims_end_the_connection(start_daemon: Callable[..., Daemon]) -> None:
     d = start_daemon({"pools": {"default": pool_config()}, "daemon": {"read_timeout": "1s"}})
-    sup = d.proc.pid  # type: ignore[union-attr]
+    sup = d.proc.pid  # type: ignore[union-attr]  # proc is set while the daemon runs
     c = raw_connect(d.socket)
     c.sendall(frames.frame(Kind.PASS_FDS, 1))
     assert read_frame(c)[1:3] == (Status.OK, 1)
@@ -639,7 +643,7 @@ def test_descriptors_no_frame_claims_end_the_connection(start_daemon: Callable[.
     c.sendmsg([frames.frame(Kind.PING, 2)], sharedfile.rights(files))  # a PING claims none of them
     sharedfile.close_all(files)
     assert read_frame(c)[1:3] == (Status.OK, 2)
-    _, status, _, body = read_frame(c)  # then, after daemon.read_timeout, the refusal
+    _, status, _, _ = read_frame(c)  # then, after daemon.read_timeout, the refusal
     assert status == Status.BAD_REQUEST
     with pytest.raises(ConnectionError):
         read_frame(c)
@@ -731,7 +735,7 @@ def test_shared_files_survive_workers_killed_mid_call(start_daemon: Callable[...
     from support.invariants import BusyKiller
 
     d = start_daemon({"pools": {"default": pool_config(min=2, cruise=2, max=2, queue_size=128, prefetch=4)}})
-    sup = d.proc.pid  # type: ignore[union-attr]
+    sup = d.proc.pid  # type: ignore[union-attr]  # proc is set while the daemon runs
     arr = np.random.rand(1 << 17)
     outcomes: dict[str, int] = {"ok": 0, "crashed": 0}
     lock = threading.Lock()

@@ -242,7 +242,7 @@ async def test_watchdog_pings_only_while_healthy(short_dir: Path) -> None:
         sent.append((message, healthy))
         return real_send(message, state)
 
-    n.send = spy  # type: ignore[method-assign]
+    n.send = spy  # type: ignore[method-assign]  # a spy in place of the method
     deadline = time.monotonic() + 10
 
     async def until(pred: Callable[[], bool], what: str) -> None:
@@ -478,7 +478,7 @@ def test_installed_config_passes_check_config_from_anywhere(tmp_path: Path) -> N
 def test_sysusers_and_tmpfiles_apply(tmp_path: Path) -> None:
     root = tmp_path / "root"
     (root / "etc").mkdir(parents=True)
-    run = lambda *a: subprocess.run(list(a), capture_output=True, text=True, timeout=60)  # noqa: E731
+    run = lambda *a: subprocess.run(list(a), capture_output=True, text=True, timeout=60)  # noqa: E731 - a one-line helper, local to this test
     out = run("systemd-sysusers", f"--root={root}", str(UNITS / "cruised.sysusers"))
     assert out.returncode == 0, out.stderr
     passwd = (root / "etc" / "passwd").read_text()

@@ -132,7 +132,7 @@ class RawClient:
                 return
             buf += chunk
             while len(buf) >= frames.HEADER_SIZE:
-                total, kind, status, reqid = frames.parse_header(buf, 1 << 40)
+                total, _kind, status, reqid = frames.parse_header(buf, 1 << 40)
                 if len(buf) < total:
                     break
                 frame, buf = bytearray(buf[:total]), buf[total:]

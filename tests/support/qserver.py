@@ -230,7 +230,7 @@ class Server:
                 return
             except QueryError as e:
                 reply = error_frame(str(e))
-            except Exception as e:  # a bad message or an unserializable result: q would reply 'type etc.
+            except Exception as e:  # noqa: BLE001 - a bad message or an unserializable result: q would reply 'type etc.
                 reply = error_frame(str(e) or type(e).__name__)
             if hdr[1] == 1:
                 conn.sendall(reply)

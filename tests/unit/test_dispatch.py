@@ -203,7 +203,7 @@ def test_preload_failure_backs_off_and_probes_one_worker_at_a_time() -> None:
 
 
 def test_start_timeout_kills_a_worker_that_never_gets_ready() -> None:
-    d, clock, launcher = make(start_timeout=5.0)
+    _d, clock, launcher = make(start_timeout=5.0)
     w = launcher.spawned[0]
     clock.advance(5.0)
     assert launcher.killed == [w] and "start_timeout" in (w.error or "")
@@ -228,7 +228,7 @@ def test_shutdown_refuses_new_work() -> None:
 
 @pytest.mark.parametrize("n", [1, 7, 50])
 def test_every_accepted_job_gets_exactly_one_reply_under_mixed_events(n: int) -> None:
-    d, clock, launcher = make(cruise=2, max=3, queue_size=5, queue_timeout=1.0, exec_timeout=2.0)
+    d, clock, _launcher = make(cruise=2, max=3, queue_size=5, queue_timeout=1.0, exec_timeout=2.0)
     ready_all(d)
     sinks = [Sink() for _ in range(n)]
     for i, s in enumerate(sinks):

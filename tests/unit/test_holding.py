@@ -70,14 +70,14 @@ def test_busy_workers_hold_queued_jobs_behind_a_held_deadline_frame() -> None:
 
 
 def test_no_holding_unless_calls_are_short_and_the_pool_is_at_max() -> None:
-    d, clock, launcher = make(min=2, cruise=2, max=2, queue_size=10)
+    d, _clock, _launcher = make(min=2, cruise=2, max=2, queue_size=10)
     ready_all(d)  # exec_avg starts pessimistic: nothing is known about the calls yet
     sink = Sink()
     for _ in range(5):
         d.submit(job(sink))
     assert d.held_count == 0 and len(d.queue) == 3
 
-    d, clock, launcher = make(min=1, cruise=1, max=3, queue_size=10)
+    d, _clock, _launcher = make(min=1, cruise=1, max=3, queue_size=10)
     ready_all(d)
     short_calls(d)
     for _ in range(5):
@@ -93,13 +93,13 @@ def test_no_holding_unless_calls_are_short_and_the_pool_is_at_max() -> None:
 
 
 def test_admission_counts_held_jobs_as_queued() -> None:
-    d, _, _, sink, jobs = busy_pool(queue_size=4)
+    d, _, _, sink, _jobs = busy_pool(queue_size=4)
     assert d.held_count == 4 and not d.queue
     assert sum(1 for _, s, _ in sink.replies if s == Status.QUEUE_FULL) == 1  # the 7th of 2 running + 4 waiting
 
 
 def test_a_dead_worker_crashes_its_running_job_and_requeues_the_held_ones() -> None:
-    d, _, launcher, sink, jobs = busy_pool()
+    d, _, _launcher, sink, jobs = busy_pool()
     w = jobs[0].worker
     assert w is not None
     running, held = w.job, list(w.held)
@@ -113,7 +113,7 @@ def test_a_dead_worker_crashes_its_running_job_and_requeues_the_held_ones() -> N
 
 
 def test_a_reply_read_before_the_exit_makes_the_next_held_job_the_crashed_one() -> None:
-    d, _, launcher, sink, jobs = busy_pool()
+    d, _, _launcher, sink, jobs = busy_pool()
     w = jobs[0].worker
     assert w is not None
     first_held, second_held = w.held
@@ -150,14 +150,14 @@ def test_a_reply_found_by_the_drain_means_the_held_job_started_in_time() -> None
     w = jobs[0].worker
     assert w is not None
     a, b = w.held
-    launcher.drain = lambda worker: reply(d, worker) if worker is w and w.job is not a else None  # type: ignore[method-assign]
+    launcher.drain = lambda worker: reply(d, worker) if worker is w and w.job is not a else None  # type: ignore[method-assign]  # a test double in place of the launcher's method
     clock.advance(5.0)
     assert w.job is a and not a.answered, "it started before its deadline: it runs"
     assert b.answered and any(r == (b.client_reqid, Status.QUEUE_TIMEOUT) for r in ((x[0], x[1]) for x in sink.replies))
 
 
 def test_not_run_from_the_worker_answers_queue_timeout() -> None:
-    d, clock, launcher, sink, jobs = busy_pool()
+    d, _clock, _launcher, sink, jobs = busy_pool()
     w = jobs[0].worker
     assert w is not None
     a = w.held[0]
@@ -169,7 +169,7 @@ def test_not_run_from_the_worker_answers_queue_timeout() -> None:
 
 
 def test_holding_respects_max_requests() -> None:
-    d, clock, launcher, sink, jobs = busy_pool(max_requests=2)
+    d, _clock, _launcher, _sink, _jobs = busy_pool(max_requests=2)
     # each worker may run 2 calls: the running one plus at most one held
     assert all(len(w.held) <= 1 for w in d.workers.values())
     for w in list(d.workers.values()):
@@ -179,7 +179,7 @@ def test_holding_respects_max_requests() -> None:
 
 
 def test_exec_timeout_keeps_held_jobs_until_the_worker_is_gone() -> None:
-    d, clock, launcher, sink, jobs = busy_pool(exec_timeout=2.0, queue_timeout=30.0)
+    d, clock, _launcher, _sink, jobs = busy_pool(exec_timeout=2.0, queue_timeout=30.0)
     w = jobs[0].worker
     assert w is not None
     held = list(w.held)
@@ -190,7 +190,7 @@ def test_exec_timeout_keeps_held_jobs_until_the_worker_is_gone() -> None:
 
 
 def test_shutdown_answers_held_jobs_of_workers_that_end_after_the_queue_was_aborted() -> None:
-    d, clock, launcher, sink, jobs = busy_pool()
+    d, _clock, _launcher, sink, jobs = busy_pool()
     d.stop_accepting()
     d.abort_queue("shutting down")
     d.terminate_all()
@@ -220,9 +220,9 @@ class Model:
         self.d, self.clock, self.launcher = d, clock, launcher
         self.procs: dict[str, Proc] = {}
         self.ran: list[int] = []  # job ids, each time a call started
-        launcher.send = self.on_send  # type: ignore[method-assign]
-        launcher.kill = self.on_kill  # type: ignore[method-assign]
-        launcher.drain = self.deliver  # type: ignore[method-assign]
+        launcher.send = self.on_send  # type: ignore[method-assign]  # a test double in place of the launcher's method
+        launcher.kill = self.on_kill  # type: ignore[method-assign]  # a test double in place of the launcher's method
+        launcher.drain = self.deliver  # type: ignore[method-assign]  # a test double in place of the launcher's method
 
     def proc(self, w: Worker) -> Proc:
         return self.procs.setdefault(w.id, Proc(w))
@@ -334,7 +334,7 @@ def test_model_every_job_answered_once_and_never_run_twice(seed: int) -> None:
     assert all(len(s.replies) == 1 for s in sinks), [s.replies for s in sinks if len(s.replies) != 1]
     assert len(model.ran) == len(set(model.ran)), "a job ran twice"
     ran = set(model.ran)
-    for j, s in zip(jobs, sinks):
+    for j, s in zip(jobs, sinks, strict=True):  # one sink per job
         status = s.replies[0][1]
         if status == Status.OK:
             assert j.id in ran
@@ -361,7 +361,7 @@ def test_a_requeued_held_job_is_sent_again_with_its_shared_file() -> None:
         sent.append((worker, fd, [r for k, r in sent_kinds(parts) if k == Kind.CALL]))
         plain_send(worker, parts, fd)
 
-    launcher.send = send  # type: ignore[method-assign]
+    launcher.send = send  # type: ignore[method-assign]  # a test double in place of the launcher's method
     jobs = []
     try:
         for _ in range(4):

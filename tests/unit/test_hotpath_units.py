@@ -46,7 +46,7 @@ FRAMES = [frames.frame(frames.Kind.CALL, i, bytes(range(256)) * n) for i, n in e
 
 @pytest.mark.parametrize("step", [1, 7, 16, 4096, 1 << 20])
 def test_worker_channel_reassembles_frames_whatever_the_read_sizes(step: int) -> None:
-    ch = worker.Channel(Trickle(b"".join(FRAMES), step), 1 << 30)  # type: ignore[arg-type]
+    ch = worker.Channel(Trickle(b"".join(FRAMES), step), 1 << 30)  # type: ignore[arg-type]  # Trickle stands in for the socket
     got = []
     while (f := ch.read()) is not None:
         got.append(bytes(f))
@@ -55,7 +55,7 @@ def test_worker_channel_reassembles_frames_whatever_the_read_sizes(step: int) ->
 
 def test_worker_channel_small_buffer_forces_big_frame_path(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(worker, "RECV_SIZE", 1000)  # frames of 280 KB must take the own-buffer path
-    ch = worker.Channel(Trickle(b"".join(FRAMES), 333), 1 << 30)  # type: ignore[arg-type]
+    ch = worker.Channel(Trickle(b"".join(FRAMES), 333), 1 << 30)  # type: ignore[arg-type]  # Trickle stands in for the socket
     got = []
     while (f := ch.read()) is not None:
         got.append(bytes(f))
@@ -63,18 +63,18 @@ def test_worker_channel_small_buffer_forces_big_frame_path(monkeypatch: pytest.M
 
 
 def test_worker_channel_frames_are_independent_of_the_buffer() -> None:
-    ch = worker.Channel(Trickle(b"".join(FRAMES[:3]), 1 << 20), 1 << 30)  # type: ignore[arg-type]
+    ch = worker.Channel(Trickle(b"".join(FRAMES[:3]), 1 << 20), 1 << 30)  # type: ignore[arg-type]  # Trickle stands in for the socket
     first = ch.read()
-    snapshot = bytes(first)  # type: ignore[arg-type]
+    snapshot = bytes(first)  # type: ignore[arg-type]  # read() gave a frame here, not None (end of stream)
     ch.read()
     ch.read()
-    assert bytes(first) == snapshot  # type: ignore[arg-type]
+    assert bytes(first) == snapshot  # type: ignore[arg-type]  # read() gave a frame here, not None (end of stream)
 
 
 def test_worker_channel_eof_mid_frame_and_oversized_frame() -> None:
-    ch = worker.Channel(Trickle(FRAMES[3][:-5], 100), 1 << 30)  # type: ignore[arg-type]
+    ch = worker.Channel(Trickle(FRAMES[3][:-5], 100), 1 << 30)  # type: ignore[arg-type]  # Trickle stands in for the socket
     assert ch.read() is None
-    ch = worker.Channel(Trickle(FRAMES[3], 100), 1000)  # type: ignore[arg-type]
+    ch = worker.Channel(Trickle(FRAMES[3], 100), 1000)  # type: ignore[arg-type]  # Trickle stands in for the socket
     with pytest.raises(frames.FrameError, match="exceeds the limit"):
         ch.read()
 
@@ -90,9 +90,9 @@ def test_worker_reply_small_and_large_round_trip() -> None:
     tx.reply(8, frames.Status.ERROR, [])
     tx.reply(9, frames.Status.OK, bundle.pack(arr))
     reader.join(10)
-    assert bytes(got[0]) == frames.frame(frames.Kind.REPLY, 7, b"abcd", frames.Status.OK)  # type: ignore[arg-type]
-    assert bytes(got[1]) == frames.frame(frames.Kind.REPLY, 8, b"", frames.Status.ERROR)  # type: ignore[arg-type]
-    assert np.array_equal(bundle.unpack(got[2], frames.HEADER_SIZE), arr)  # type: ignore[arg-type]
+    assert bytes(got[0]) == frames.frame(frames.Kind.REPLY, 7, b"abcd", frames.Status.OK)  # type: ignore[arg-type]  # read() gave a frame here, not None (end of stream)
+    assert bytes(got[1]) == frames.frame(frames.Kind.REPLY, 8, b"", frames.Status.ERROR)  # type: ignore[arg-type]  # read() gave a frame here, not None (end of stream)
+    assert np.array_equal(bundle.unpack(got[2], frames.HEADER_SIZE), arr)  # type: ignore[arg-type]  # read() gave a frame here, not None (end of stream)
     a.close()
     b.close()
 
@@ -107,7 +107,7 @@ def test_bundle_round_trip_and_truncation(obj: object) -> None:
     assert bundle.packed_size(parts) == len(blob)
     back = bundle.unpack(bytearray(b"pad" + blob), 3)
     if isinstance(obj, list):
-        assert all(np.array_equal(x, y) for x, y in zip(obj, back))
+        assert len(back) == len(obj) and all(np.array_equal(x, y) for x, y in zip(obj, back, strict=True))
     elif isinstance(obj, np.ndarray):
         assert np.array_equal(obj, back)
     else:

@@ -111,5 +111,5 @@ def test_ok_body_is_json_with_the_response_and_millisecond_timing(timing: tuple[
     body = json.loads(HttpDoor.ok_body(buf, timing))
     assert body["response"] == {"a": [1, 2.5, "x"]}
     assert list(body["timing"]) == ["queue_ms", "exec_ms", "total_ms"]
-    for got, want in zip(body["timing"].values(), timing):
+    for got, want in zip(body["timing"].values(), timing, strict=True):
         assert got == pytest.approx(want, abs=0.0005)  # milliseconds to three decimals

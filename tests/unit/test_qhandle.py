@@ -9,6 +9,7 @@ through the daemon in test_qconn.py.
 from __future__ import annotations
 
 import os
+import re
 import socket
 import time
 from collections.abc import Callable
@@ -101,7 +102,7 @@ def test_failed_connects_back_off_exponentially_up_to_the_max() -> None:
             q("1+1")
         attempts = len(conn.calls)
         # a call during the backoff fails at once, without touching q
-        with pytest.raises(QConnectionError, match="unavailable .* next connection attempt in"):
+        with pytest.raises(QConnectionError, match=r"unavailable .* next connection attempt in"):
             q("1+1")
         assert len(conn.calls) == attempts
         waits.append(q._next_attempt - clock.t)
@@ -147,7 +148,7 @@ def test_a_connection_that_drops_before_it_worked_counts_as_a_failure() -> None:
     q = handle(conn, clock)
     q.try_connect()
     a.closed = True  # q accepted us, then hung up before any query
-    with pytest.raises(QConnectionError, match="next connection attempt in 0.5s"):
+    with pytest.raises(QConnectionError, match=re.escape("next connection attempt in 0.5s")):
         q("1+1")
     assert len(conn.calls) == 1
     clock.t += 0.5
@@ -209,7 +210,7 @@ def test_password_file_and_env_are_read_at_connect_time(tmp_path: Any, monkeypat
     monkeypatch.delenv("CRUISED_TEST_QPW", raising=False)
     clock = Clock()
     q = handle(conn, clock, password=None, password_env="CRUISED_TEST_QPW")
-    with pytest.raises(QConnectionError, match="environment variable CRUISED_TEST_QPW .* is not set"):
+    with pytest.raises(QConnectionError, match=r"environment variable CRUISED_TEST_QPW .* is not set"):
         q.connect()
     monkeypatch.setenv("CRUISED_TEST_QPW", "from-env")
     clock.t += 1
@@ -217,7 +218,7 @@ def test_password_file_and_env_are_read_at_connect_time(tmp_path: Any, monkeypat
     assert conn.calls[-1][1] == "from-env"
 
     missing = handle(conn, password=None, password_file=str(tmp_path / "nope"))
-    with pytest.raises(QConnectionError, match="cannot read q.password_file"):
+    with pytest.raises(QConnectionError, match=re.escape("cannot read q.password_file")):
         missing.connect()
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import struct
 from pathlib import Path
 from typing import Any
@@ -77,7 +78,7 @@ def test_qipc_references_are_checked_against_pools_and_endpoints(tmp_path: Path)
 
 
 def test_no_loopback_trust_needs_a_users_file(tmp_path: Path) -> None:
-    with pytest.raises(ConfigErrors, match="qipc.allow_loopback_without_password: is false and there is no users_file"):
+    with pytest.raises(ConfigErrors, match=re.escape("qipc.allow_loopback_without_password: is false and there is no users_file")):
         _parse({"qipc": {"listen": "127.0.0.1:5010", "allow_loopback_without_password": False}}, tmp_path)
 
 
@@ -243,7 +244,7 @@ def test_error_lines_are_one_short_line_ending_in_the_id() -> None:
     assert qcall.error_line("ValueError: bad\nthing\0here", 7) == "ValueError: bad thing here #7"
     long = qcall.error_line("x" * 1000, 123)
     assert len(long) == qcall.ERROR_TEXT_MAX and long.endswith("... #123")
-    with pytest.raises(kx.QError, match="^cruised: busy #3$"):
+    with pytest.raises(kx.QError, match=r"^cruised: busy #3$"):
         kx.deserialize(qcall.error_frame("cruised: busy #3"))
 
 

@@ -104,11 +104,11 @@ def test_vwap(conn):
 
 
 def test_errors_keep_connection_usable(conn):
-    with pytest.raises(kx.QError, match="^err$"):
+    with pytest.raises(kx.QError, match=r"^err$"):
         conn("err")
-    with pytest.raises(kx.QError, match="^boom$"):
+    with pytest.raises(kx.QError, match=r"^boom$"):
         conn("err", b"boom")
-    with pytest.raises(kx.QError, match="^nyi: no such thing$"):
+    with pytest.raises(kx.QError, match=r"^nyi: no such thing$"):
         conn("no such thing")
     with pytest.raises(kx.QError, match="rank"):
         conn("{x+y}", 1)

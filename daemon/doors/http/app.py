@@ -299,7 +299,7 @@ class HttpDoor:
         if not (cfg.allow_uids or cfg.allow_gids):
             return None
         try:
-            pid, uid, gid = peer_credentials(caller.sock)  # type: ignore[arg-type]
+            pid, uid, gid = peer_credentials(caller.sock)  # type: ignore[arg-type]  # a None sock raises AttributeError: no credentials
         except (OSError, AttributeError):
             pid = uid = gid = -1
         if uid in cfg.allow_uids or gid in cfg.allow_gids:
@@ -402,7 +402,7 @@ class HttpDoor:
         t0 = self.loop.time()
         route = self.route(request.match_info["service"], request.match_info["endpoint"], Caller.of(request))
         if type(route) is not tuple:  # a refusal (web.Response: an ABC, so isinstance is slow)
-            return route
+            return route  # type: ignore[return-value]  # route() gives a plain tuple or a Response; mypy cannot narrow on type() is not
         name, pool = route
         frame = await self._read_frame(request, name)
         if frame is None:
@@ -473,7 +473,7 @@ class HttpDoor:
 
     @staticmethod
     def server_timing(timing: tuple[float, float, float]) -> str:
-        return "queue;dur=%.3f, exec;dur=%.3f, total;dur=%.3f" % timing
+        return f"queue;dur={timing[0]:.3f}, exec;dur={timing[1]:.3f}, total;dur={timing[2]:.3f}"
 
     @staticmethod
     def ok_body(buf: bytearray, timing: tuple[float, float, float]) -> bytes:

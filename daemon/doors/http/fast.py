@@ -108,7 +108,7 @@ def render_ok(payload: bytes | memoryview, timing: tuple[float, float, float], c
     return (
         b"HTTP/1.1 200 OK\r\nServer-Timing: queue;dur=%b, exec;dur=%b, total;dur=%b\r\nContent-Type: application/json\r\n"
         b'Content-Length: %d\r\nDate: %b\r\nServer: %b\r\n%b\r\n{"response":%b,"timing":{"queue_ms":%b,"exec_ms":%b,"total_ms":%b}}'
-    ) % (
+    ) % (  # type: ignore[str-format]  # %b takes any buffer (PEP 461), a memoryview payload too; mypy allows bytes only
         q, e, t,
         len(payload) + _OK_BODY_FIXED + len(q) + len(e) + len(t),
         _Date.now(),
@@ -261,7 +261,7 @@ class FastConnection(asyncio.Protocol):
         if self.call is not None:
             if len(self.buf) > PIPELINE_BYTES and not self.read_paused:
                 self.read_paused = True
-                self.transport.pause_reading()  # type: ignore[union-attr]
+                self.transport.pause_reading()  # type: ignore[union-attr]  # data arrives only on a connected transport
             return
         self.batch.run(self._process, eager=True)  # one call at a time: its CALL need not wait for company
 
@@ -331,7 +331,7 @@ class FastConnection(asyncio.Protocol):
         route = self.door.route(req.service, req.endpoint, Caller(self.sock, self.remote, "POST", path, req.authorization, self.unix))
         if type(route) is not tuple:  # a refusal (web.Response: an ABC, so isinstance is slow)
             del self.buf[: req.end]
-            self._send(route, req.close)
+            self._send(route, req.close)  # type: ignore[arg-type]  # route() gives a plain tuple or a Response; mypy cannot narrow on type() is not
             return
         name, pool = route
         frame = bytearray(frames.HEADER_SIZE)

@@ -69,7 +69,7 @@ from cruised.doors.qipc import wire as qwire
 from cruised.doors.qipc.auth import Authenticator, UsersFileError, is_loopback
 from cruised.doors.qipc.wire import MSG_ASYNC, MSG_RESPONSE, MSG_SYNC, Header, WireError
 from cruised.doors.sockets import SocketInUse, bind_tcp, next_job_id
-from cruised.pool import qcall
+from cruised.pool import nesting, qcall
 from cruised.pool.wire import frames
 from cruised.pool.wire.frames import Kind, Status
 
@@ -617,6 +617,8 @@ class QConnection(asyncio.BufferedProtocol):
 
     def _items(self, header: Header, buf: bytearray) -> list[Any]:
         """The whole message as pykx objects (only for the door's own small decisions)."""
+        if nesting.q_depth_exceeds(buf, RESERVE, nesting.PEEK_MAX_DEPTH):  # pykx's deserializer overflows the stack near 10^5 levels
+            raise WireError(f"nested deeper than {nesting.PEEK_MAX_DEPTH} levels")
         return list(self.door.kx.deserialize(memoryview(buf)[RESERVE : RESERVE + header.total]))
 
     # -- endpoints ----------------------------------------------------------------------------

@@ -121,7 +121,7 @@ class Reader:
     def list_count(self) -> int:
         """Consume a general list's header; its item count."""
         self.need(6)
-        (n,) = self.i32.unpack_from(self.msg, self.pos + 2)
+        n: int = self.i32.unpack_from(self.msg, self.pos + 2)[0]
         if n < 0:
             raise WireError(f"negative list count {n}")
         self.pos += 6
