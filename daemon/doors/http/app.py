@@ -77,6 +77,7 @@ import math
 import os
 import socket
 import stat
+import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -106,6 +107,11 @@ _ENDPOINT = Kind.ENDPOINT
 log = logging.getLogger("cruised.http")
 
 RUN_PATH = "/public/api/v1/{service}/{endpoint}/run"
+#: the clock of every duration a caller sees (timing, Server-Timing): the dispatcher's own
+#: (core/supervisor.py LoopClock.time), so the three figures compare with job.admitted, started and
+#: finished. Not loop.time(): under uvloop it has millisecond resolution (total_ms read 0.000 or
+#: 1.000 for every call) and a base of its own.
+now = time.monotonic
 #: idle keep-alive connections close after this
 KEEPALIVE_TIMEOUT = 75.0
 #: at shutdown, how long the server waits for handlers still writing answers
@@ -399,7 +405,7 @@ class HttpDoor:
         return buf
 
     async def run(self, request: web.Request) -> web.StreamResponse:
-        t0 = self.loop.time()
+        t0 = now()
         route = self.route(request.match_info["service"], request.match_info["endpoint"], Caller.of(request))
         if type(route) is not tuple:  # a refusal (web.Response: an ABC, so isinstance is slow)
             return route
@@ -463,13 +469,17 @@ class HttpDoor:
         return {"Retry-After": str(max(0, math.ceil(self.sup.config.http.retry_after)))}  # whole seconds (RFC 9110)
 
     def timing(self, job: Job, t0: float) -> tuple[float, float, float]:
-        """(queue_ms, exec_ms, total_ms) of an answered job; ``t0``: when its request arrived."""
-        now = self.loop.time()
-        started = job.started if job.started is not None else now
-        finished = job.finished if job.finished is not None else now
+        """(queue_ms, exec_ms, total_ms) of an answered job; ``t0``: ``now()`` when its request arrived.
+
+        All on one clock, so total_ms >= queue_ms + exec_ms: the request arrived
+        before the job was admitted, and the answer comes after it finished.
+        """
+        end = now()
+        started = job.started if job.started is not None else end
+        finished = job.finished if job.finished is not None else end
         queue_ms = max(0.0, (started - job.admitted) * 1e3)
         exec_ms = max(0.0, (finished - started) * 1e3) if job.started is not None else 0.0
-        return queue_ms, exec_ms, (now - t0) * 1e3
+        return queue_ms, exec_ms, (end - t0) * 1e3
 
     @staticmethod
     def server_timing(timing: tuple[float, float, float]) -> str:

@@ -49,7 +49,7 @@ from aiohttp.tcp_helpers import tcp_nodelay
 
 from cruised.core.channel import batch_for
 from cruised.core.dispatch import Dispatcher
-from cruised.doors.http.app import KEEPALIVE_TIMEOUT, Caller, on_unix
+from cruised.doors.http.app import KEEPALIVE_TIMEOUT, Caller, now, on_unix
 from cruised.pool.wire import frames
 from cruised.pool.wire.frames import Kind, Status
 
@@ -326,7 +326,7 @@ class FastConnection(asyncio.Protocol):
             self.transport.resume_reading()
 
     def _start_call(self, req: _Request) -> None:
-        t0 = self.loop.time()
+        t0 = now()  # the clock of the figures callers see (app.now); last_active and the idle timer stay on the loop's
         path = f"/public/api/v1/{req.service}/{req.endpoint}/run"
         route = self.door.route(req.service, req.endpoint, Caller(self.sock, self.remote, "POST", path, req.authorization, self.unix))
         if type(route) is not tuple:  # a refusal (web.Response: an ABC, so isinstance is slow)
