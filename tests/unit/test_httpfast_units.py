@@ -1,4 +1,4 @@
-"""The HTTP fast path's request reader and answer rendering, without a daemon."""
+"""The HTTP fast path's request reader (llhttp through httptools) and answer rendering, without a daemon."""
 
 from __future__ import annotations
 
@@ -38,7 +38,7 @@ def test_an_incomplete_head_waits_for_more(partial: bytes) -> None:
 
 
 def test_one_reader_reads_request_after_request() -> None:
-    """Request after request from one reader, as on one keep-alive connection (pipelined, one buffer)."""
+    """The parser sees every byte of each request it serves (head, then body), so the next head starts clean."""
     reader = RequestReader()
     empty = CALL.replace(b"Content-Length: 8", b"Content-Length: 0").replace(b"/svc/ep/", b"/svc/two/")
     buf = bytearray(CALL + b'{"x": 1}' + empty + CALL + b"12345678")
@@ -50,6 +50,16 @@ def test_one_reader_reads_request_after_request() -> None:
         served.append((req.endpoint, bytes(buf[req.body_start : req.end])))
         del buf[: req.end]
     assert served == [("ep", b'{"x": 1}'), ("two", b""), ("ep", b"12345678")]
+
+
+def test_a_body_cut_short_by_the_buffer_is_not_finished() -> None:
+    reader = RequestReader()
+    buf = bytearray(CALL + b'{"x": 1}')
+    req = reader.head(buf, LIMIT)
+    assert req is not None
+    req.end -= 1  # as if the reader were told a shorter body than the head says: llhttp has not seen the end
+    with pytest.raises(RuntimeError, match="Content-Length"):
+        reader.finish(buf, req)
 
 
 @pytest.mark.parametrize(
