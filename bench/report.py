@@ -119,6 +119,16 @@ def targets(results: dict[str, Any]) -> list[dict[str, Any]]:
         hop2=_get(fl2, "payloads", "1MB ndarray", "p50_us"),
     )
     ratio("HTTP endpoint sync p50 vs native client", _get(http, "latency", "p50_us"), p50, 1.5, True, "{a:.0f} µs vs {b:.0f} µs")
+    # the tail (issue 15): one caller's p90 within 2x its own p50, for both HTTP clients; p99 beside it
+    for name, row in (("HTTP endpoint", http), ("HTTP endpoint (http.client)", s.get("cruised-http-stdlib", {}))):
+        ratio(
+            f"{name} sync p90 vs its p50",
+            _get(row, "latency", "p90_us"),
+            _get(row, "latency", "p50_us"),
+            2,
+            True,
+            "{a:.0f} µs vs {b:.0f} µs" + (f"; p99 {_get(row, 'latency', 'p99_us'):.0f} µs" if isinstance(_get(row, "latency", "p99_us"), (int, float)) else ""),
+        )
     return out
 
 
@@ -132,15 +142,16 @@ def markdown(results: dict[str, Any]) -> str:
         "",
         "## Trivial call `f(x) = x + 10`",
         "",
-        "| system | sync p50 µs | sync p99 µs | pipelined calls/s (1 client) | 8 clients calls/s |",
-        "|---|---:|---:|---:|---:|",
+        "| system | sync p50 µs | sync p90 µs | sync p99 µs | pipelined calls/s (1 client) | 8 clients calls/s |",
+        "|---|---:|---:|---:|---:|---:|",
     ]
     for name, row in _rows(results):
         many = _cell(row, "multi8", "calls_per_s") if "multi8" in row else _cell(row, "threads8", "calls_per_s")
         if "multi8" not in row and isinstance(_get(row, "threads8", "calls_per_s"), float):
             many += " (threads)"
         lines.append(
-            f"| {_label(name, row)} | {_cell(row, 'latency', 'p50_us')} | {_cell(row, 'latency', 'p99_us')} | {_cell(row, 'throughput', 'calls_per_s')} | {many} |"
+            f"| {_label(name, row)} | {_cell(row, 'latency', 'p50_us')} | {_cell(row, 'latency', 'p90_us')} | {_cell(row, 'latency', 'p99_us')}"
+            f" | {_cell(row, 'throughput', 'calls_per_s')} | {many} |"
         )
     lines += [
         "",
@@ -270,7 +281,7 @@ def plots(results: dict[str, Any], out: Path) -> list[str]:
     for name, row in rows:
         cdf = _get(row, "latency", "cdf")
         if cdf:
-            xs, ys = zip(*cdf)
+            xs, ys = zip(*cdf, strict=True)
             ax.plot(xs, ys, label=f"{_label(name, row)} (p50 {row['latency']['p50_us']:.0f} µs)", color=COLORS.get(name), linewidth=2)
     ax.set_xscale("log")
     ax.set_xlabel("round-trip latency of add10(1), µs (log scale)")
@@ -327,7 +338,7 @@ def plots(results: dict[str, Any], out: Path) -> list[str]:
     srows = [(n, r) for n, r in rows if _get(r, "scaleup", "bursts")]
     if srows:
         fig, axes = plt.subplots(len(srows), 1, figsize=(9, 2.6 * len(srows) + 0.8), squeeze=False)
-        for ax, (name, row) in zip(axes[:, 0], srows):
+        for ax, (name, row) in zip(axes[:, 0], srows, strict=True):
             burst = row["scaleup"]["bursts"][0]
             calls = sorted(burst["calls"])
             for k, (start, end, _pid) in enumerate(calls):
