@@ -615,6 +615,42 @@ def test_fast_path_answers_exactly_as_aiohttp_does(door: Daemon) -> None:
         assert fast_answer[1]["server"] == slow_answer[1]["server"] and fast_answer[1]["date"].endswith(" GMT")
 
 
+def _timings(sock_path: str, first: bytes, calls: int) -> list[tuple[float, float, float]]:
+    """(queue_ms, exec_ms, total_ms) of ``calls`` sequential add calls on one connection, after ``first``
+    (b"": the calls stay on the fast path; a GET: aiohttp serves them)."""
+    out = []
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+        s.settimeout(30)
+        s.connect(sock_path)
+        if first:
+            assert _raw_exchange(s, first, 1)[0][0] == 200
+        for i in range(calls):
+            ((status, headers, body),) = _raw_exchange(s, _post("/public/api/v1/t/add/run", json.dumps({"a": i, "b": 1}).encode()), 1)
+            assert status == 200 and json.loads(body)["response"] == i + 1
+            t = json.loads(body)["timing"]
+            figures = (t["queue_ms"], t["exec_ms"], t["total_ms"])
+            assert headers["server-timing"] == f"queue;dur={t['queue_ms']:.3f}, exec;dur={t['exec_ms']:.3f}, total;dur={t['total_ms']:.3f}"
+            out.append(figures)
+    return out
+
+
+@pytest.mark.parametrize("first", [b"", b"GET /healthz HTTP/1.1\r\nHost: cruised\r\n\r\n"], ids=["fast-path", "aiohttp"])
+def test_timing_figures_are_on_one_fine_grained_clock(door: Daemon, first: bytes) -> None:
+    """Under uvloop (the daemon's default loop), whose loop.time() has millisecond resolution, total_ms
+    once read 0.000 or 1.000 for every call, below queue_ms + exec_ms: every figure is on the
+    dispatcher's monotonic clock now."""
+    assert "event loop: uvloop" in door.log()
+    timings = _timings(door.status()["http"]["socket"], first, 12)
+    for queue_ms, exec_ms, total_ms in timings:
+        # the request arrives before its job is admitted and is answered after it finished; each
+        # figure is rounded to 0.001 ms on its own, so their sum may exceed total_ms by 0.002 at most
+        assert total_ms + 0.002 >= queue_ms + exec_ms, timings
+        assert exec_ms > 0, timings
+    # a sub-millisecond call's total is a whole number of milliseconds about once in a thousand;
+    # twelve of them in a row only on a millisecond clock
+    assert any(total_ms != round(total_ms) for _, _, total_ms in timings), timings
+
+
 def test_fast_path_pipelined_requests_answer_in_order_then_hand_off(door: Daemon) -> None:
     path = door.status()["http"]["socket"]
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:

@@ -3,6 +3,7 @@ channel, bundle fast paths, and the client's small-request send."""
 
 from __future__ import annotations
 
+import os
 import pickle
 import socket
 import threading
@@ -22,6 +23,10 @@ def _pair() -> tuple[socket.socket, socket.socket]:
     return a, b
 
 
+#: always readable: what the worker channel's poll() waits on for a Trickle, whose data is always there
+_READABLE = os.open(os.devnull, os.O_RDONLY)
+
+
 class Trickle:
     """A socket stand-in whose recv_into returns at most ``step`` bytes: frames arrive in pieces."""
 
@@ -30,6 +35,9 @@ class Trickle:
 
     def setsockopt(self, *_: object) -> None:
         pass  # buffer sizing (pool/wire/sockopt.py) has nothing to size here
+
+    def fileno(self) -> int:
+        return _READABLE
 
     def recv_into(self, view: memoryview) -> int:
         n = min(self.step, view.nbytes, len(self.data) - self.pos)
