@@ -205,7 +205,9 @@ class Supervisor:
         return {name: p.dispatcher.status() for name, p in self.pools.items()}
 
     def readiness(self) -> list[str]:
-        return services.readiness(self)
+        if self.state == "stopping":
+            return ["shutting down"]
+        return services.readiness(self.config, {name: p.dispatcher for name, p in self.pools.items()})
 
     def auth_failed(self, door: str) -> None:
         self.metrics.auth_failed(door)
@@ -423,7 +425,7 @@ class Supervisor:
             "qipc": self.qipc.describe() if self.qipc is not None else None,
             "pools": self.pool_status(),
             "retiring_pools": len(self.retiring),
-            "services": services.describe(self),
+            "services": services.describe(self.config, {name: p.dispatcher for name, p in self.pools.items()}),
         }
 
     def summary(self) -> str:

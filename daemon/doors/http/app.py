@@ -539,7 +539,7 @@ class HttpDoor:
         return json_response({"status": "alive", "state": self.sup.state})
 
     async def readyz(self, request: web.Request) -> web.StreamResponse:
-        reasons = services.readiness(self.sup)
+        reasons = self.sup.readiness()
         if reasons:
             return json_response({"ready": False, "reasons": reasons}, status=503)
         return json_response({"ready": True})
