@@ -57,11 +57,12 @@ Worker states::
 from __future__ import annotations
 
 import enum
+import itertools
 import logging
 import signal
 import time
 from collections import OrderedDict, deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -281,6 +282,8 @@ class Dispatcher:
         clock: Clock,
         launcher: Launcher,
         observer: Observer | None = None,
+        *,
+        worker_ids: Iterator[int] | None = None,
     ) -> None:
         self.name = name
         self.config = config
@@ -308,7 +311,9 @@ class Dispatcher:
         self.last_error: str | None = None
         self.q_last_error: str | None = None  # the latest q connection error any worker reported
         self.next_spawn_at = 0.0
-        self._seq = 0
+        #: numbers of this pool's workers (ids ``<pool>-<n>``); a reload's new dispatcher of the same pool
+        #: shares its predecessor's, so an id names one process even while both generations run
+        self.worker_ids: Iterator[int] = worker_ids if worker_ids is not None else itertools.count(1)
         self._queue_timer: Any = None
         self._queue_timer_at: float | None = None
         self._idle_timer: Any = None
@@ -671,8 +676,7 @@ class Dispatcher:
     # -- worker lifecycle ----------------------------------------------------------------
 
     def _spawn(self) -> Worker:
-        self._seq += 1
-        w = Worker(id=f"{self.name}-{self._seq}", spawned_at=self.clock.time())
+        w = Worker(id=f"{self.name}-{next(self.worker_ids)}", spawned_at=self.clock.time())
         self.workers[w.id] = w
         self.counts[STARTING] += 1
         w.timer = self.clock.call_at(w.spawned_at + self.config.start_timeout, self._start_timeout, w)

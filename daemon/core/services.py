@@ -26,7 +26,7 @@ from cruised.config import Config
 from cruised.core.dispatch import Dispatcher, WorkerState
 
 if TYPE_CHECKING:
-    from cruised.core.supervisor import Pool
+    from cruised.core.generation import Pool
 
 log = logging.getLogger("cruised.services")
 
