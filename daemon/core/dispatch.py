@@ -207,8 +207,11 @@ class Counters:
         self.exits[reason] = self.exits.get(reason, 0) + 1
 
 
-@dataclass(eq=False, slots=True)
+@dataclass(eq=False, slots=True, kw_only=True)
 class Job:
+    """One request, from admission to its one answer. Fields by name only: several are ints
+    and several objects of the door's, and a field added or reordered must not shift a caller's."""
+
     id: int
     kind: int
     frame: bytearray
@@ -734,6 +737,11 @@ class Dispatcher:
     def q_connected(self) -> int:
         """Ready workers (idle or busy) whose q connection is up; 0 in a pool without q."""
         return sum(1 for w in self.workers.values() if w.state in (IDLE, BUSY) and w.q is not None and w.q["connected"])
+
+    def on_worker_violation(self, worker: Worker) -> None:
+        """The worker broke the channel protocol (its reporter logged how): it is killed, and
+        its exit answers its call as crashed, like any other crash."""
+        self._kill(worker, "crash")
 
     def on_worker_preload_failed(self, worker: Worker, message: str) -> None:
         worker.error = message

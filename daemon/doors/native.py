@@ -153,7 +153,17 @@ class ClientConnection:
                 if disp is None:
                     self._refuse(reqid, Status.NO_SUCH_POOL, self.host.no_such_pool(pool))
                     return
-                job = Job(next_job_id(), Kind.CALL, buf, self, self, reqid, key=key, timeout=timeout_ms / 1000 if timeout_ms else None, shared=shared)
+                job = Job(
+                    id=next_job_id(),
+                    kind=Kind.CALL,
+                    frame=buf,
+                    sink=self,
+                    client=self,
+                    client_reqid=reqid,
+                    key=key,
+                    timeout=timeout_ms / 1000 if timeout_ms else None,
+                    shared=shared,
+                )
                 disp.submit(job)
             elif status & frames.CARRIES_FD:
                 self._refuse(reqid, Status.BAD_REQUEST, f"only a CALL may carry a file descriptor (frame kind {kind})")
@@ -169,7 +179,7 @@ class ClientConnection:
                 if disp is None:
                     self._refuse(reqid, Status.NO_SUCH_POOL, self.host.no_such_pool(pool))
                     return
-                disp.submit(Job(next_job_id(), Kind.CHECK, buf, self, self, reqid, endpoint="check"))
+                disp.submit(Job(id=next_job_id(), kind=Kind.CHECK, frame=buf, sink=self, client=self, client_reqid=reqid, endpoint="check"))
             elif kind == Kind.STATUS:
                 self._reply_json(reqid, self.host.status())
             elif kind == Kind.PING:

@@ -117,7 +117,7 @@ def test_access_log_line() -> None:
     logger.setLevel(logging.INFO)
     try:
         access = logs.AccessLog(logger)
-        job = Job(1, 1, bytearray(), None, Client(), 1, endpoint="svc/e")  # type: ignore[arg-type]
+        job = Job(id=1, kind=1, frame=bytearray(), sink=None, client=Client(), client_reqid=1, endpoint="svc/e")  # type: ignore[arg-type]
         observe_one(access, "p", job, "rejected", 0.0, None)
         observe_one(access, "p", job, "ok", 0.0012, 0.5)
     finally:
@@ -145,7 +145,7 @@ def test_direct_access_lines_match_the_logging_path_and_keep_order(fmt: str) -> 
         assert delay == logs.ACCESS_FLUSH_S
         scheduled.append(cb)
 
-    job = Job(1, 1, bytearray(), None, Client(), 1, endpoint="svc/e")  # type: ignore[arg-type]
+    job = Job(id=1, kind=1, frame=bytearray(), sink=None, client=Client(), client_reqid=1, endpoint="svc/e")  # type: ignore[arg-type]
     try:
         logs.setup("info", fmt, slow_out)
         observe_one(logs.AccessLog(), "p", job, "ok", 0.0012, 0.5)  # no call_soon: an ordinary record

@@ -226,7 +226,7 @@ def _dispatcher() -> tuple[Dispatcher, FakeClock]:
 
 
 def _job(endpoint: str = "function") -> Job:
-    return Job(1, Kind.CALL, bytearray(64), None, Client(), 1, endpoint=endpoint)  # type: ignore[arg-type]
+    return Job(id=1, kind=Kind.CALL, frame=bytearray(64), sink=None, client=Client(), client_reqid=1, endpoint=endpoint)  # type: ignore[arg-type]
 
 
 def test_outcome_aliases_and_histogram_membership() -> None:

@@ -120,7 +120,7 @@ def ready_all(d: Dispatcher) -> None:
 def job(sink: Sink, client: Any = None, timeout: float | None = None, key: bytes = KEY) -> Job:
     reqid = next(_ids)
     frame = bytearray(frames.frame(Kind.CALL, reqid, frames.call_head("p", 0, key)))
-    return Job(next(_ids), Kind.CALL, frame, sink, client or sink, reqid, key=key, timeout=timeout)
+    return Job(id=next(_ids), kind=Kind.CALL, frame=frame, sink=sink, client=client or sink, client_reqid=reqid, key=key, timeout=timeout)
 
 
 def reply(d: Dispatcher, w: Worker, status: int = Status.OK) -> None:

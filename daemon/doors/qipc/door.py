@@ -661,7 +661,7 @@ class QConnection(asyncio.BufferedProtocol):
         prefix = bytes([qwire.T_LIST, 0]) + p.nargs.to_bytes(4, "little" if header.little else "big", signed=True)
         head = {"target": "endpoint", "name": name, "cap": self.cap, "mode": mode}
         frame = build_qcall(buf, RESERVE + p.args_at, RESERVE + header.total, prefix, head, header.little)
-        job = Job(next_job_id(), Kind.QCALL, frame, QReply(self.loop), self, 0, endpoint=name, door="qipc")
+        job = Job(id=next_job_id(), kind=Kind.QCALL, frame=frame, sink=QReply(self.loop), client=self, client_reqid=0, endpoint=name, door="qipc")
         if mode == "callback":
             while len(self._callbacks) >= self.host.config.qipc.callback_concurrency:
                 await asyncio.wait(list(self._callbacks), return_when=asyncio.FIRST_COMPLETED)
@@ -756,7 +756,16 @@ class QConnection(asyncio.BufferedProtocol):
             self.refuse(header, qremote.library_error(kind, alias, module, "not a Python module name"), "malformed")
             return
         payload = frames.pack_name(disp.name) + json.dumps({"libraries": {alias: module}}).encode()
-        job = Job(next_job_id(), Kind.CHECK, bytearray(frames.frame(Kind.CHECK, 0, payload)), QReply(self.loop), self, 0, endpoint="check", door="qipc")
+        job = Job(
+            id=next_job_id(),
+            kind=Kind.CHECK,
+            frame=bytearray(frames.frame(Kind.CHECK, 0, payload)),
+            sink=QReply(self.loop),
+            client=self,
+            client_reqid=0,
+            endpoint="check",
+            door="qipc",
+        )
         disp.submit(job)
         assert isinstance(job.sink, QReply)
         status, reply, message = await job.sink.future
@@ -779,7 +788,17 @@ class QConnection(asyncio.BufferedProtocol):
         for attempt in (1, 2):
             if key not in disp.code:  # compiled once per worker: the source travels only with the first call
                 disp.register(key, qremote.define_frame(disp.name, key, name, source, libraries))
-            job = Job(next_job_id(), Kind.QCALL, frame, QReply(self.loop), self, 0, key=key, endpoint="function", door="qipc")
+            job = Job(
+                id=next_job_id(),
+                kind=Kind.QCALL,
+                frame=frame,
+                sink=QReply(self.loop),
+                client=self,
+                client_reqid=0,
+                key=key,
+                endpoint="function",
+                door="qipc",
+            )
             disp.submit(job)
             assert isinstance(job.sink, QReply)
             status, reply, message = await job.sink.future
