@@ -209,8 +209,14 @@ class Counters:
 
 @dataclass(eq=False, slots=True, kw_only=True)
 class Job:
-    """One request, from admission to its one answer. Fields by name only: several are ints
-    and several objects of the door's, and a field added or reordered must not shift a caller's."""
+    """One request, from admission to its one answer.
+
+    A door names every field it sets (several are ints, two are often the same
+    object: a field added or reordered must not shift a caller's). The fields
+    after ``shared`` are the request's life in the dispatcher, never a door's
+    input, so they are not constructor arguments at all; that also keeps the
+    constructor cheap (every keyword-only default costs a dict lookup per call).
+    """
 
     id: int
     kind: int
@@ -222,18 +228,19 @@ class Job:
     timeout: float | None = None  # per-call execution timeout, if the caller set one
     endpoint: str = "function"
     door: str = "native"  # which front door admitted it (native, http, qipc): a metrics label
-    admitted: float = 0.0
-    deadline: float = 0.0  # queue deadline
-    started: float | None = None
-    finished: float | None = None
-    worker: Worker | None = None
-    held: bool = False  # sent to a busy worker, waiting behind its running job (not started)
-    answered: bool = False
-    cancelled: bool = False  # client went away: do not run, do not reply
-    exec_limit: float = 0.0  # the execution timeout in force once it started (0 = not started)
     #: the call's shared file (pool/wire/sharedfile.py), sent with the frame to whichever worker runs it;
     #: closed by ``settle``, or when the job is dropped
     shared: Any = None
+    # -- set by the dispatcher ---------------------------------------------------------
+    admitted: float = field(default=0.0, init=False)
+    deadline: float = field(default=0.0, init=False)  # queue deadline
+    started: float | None = field(default=None, init=False)
+    finished: float | None = field(default=None, init=False)
+    worker: Worker | None = field(default=None, init=False)
+    held: bool = field(default=False, init=False)  # sent to a busy worker, waiting behind its running job (not started)
+    answered: bool = field(default=False, init=False)
+    cancelled: bool = field(default=False, init=False)  # client went away: do not run, do not reply
+    exec_limit: float = field(default=0.0, init=False)  # the execution timeout in force once it started (0 = not started)
 
     def settle(self) -> bool:
         """Mark the job answered; True the first time only, when its answer is to be sent.
