@@ -106,8 +106,7 @@ class Generation:
         for name, pool in self.pools.items():
             old = previous.pools.get(name)
             if old is not None:
-                for key, frame in old.dispatcher.code.items():
-                    pool.dispatcher.register(key, frame)
+                pool.dispatcher.code_cache.carry_over(old.dispatcher.code_cache)
 
     def stop_accepting(self) -> None:
         """Refuse new calls in every pool; what they hold already still runs."""

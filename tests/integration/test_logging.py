@@ -103,7 +103,8 @@ def test_setup_rejects_unknown_format() -> None:
 
 
 def test_access_log_line() -> None:
-    from cruised.core.dispatch import Job, observe_one
+    from cruised.core.dispatch import Job
+    from support.fakes import observe_one
 
     class Client:
         peer = (11, 22, 33)
@@ -131,7 +132,8 @@ def test_access_log_line() -> None:
 @pytest.mark.parametrize("fmt", ["text", "json"])
 def test_direct_access_lines_match_the_logging_path_and_keep_order(fmt: str) -> None:
     """The hot-path access log renders the same line as a logging record would, batched per loop turn."""
-    from cruised.core.dispatch import Job, observe_one
+    from cruised.core.dispatch import Job
+    from support.fakes import observe_one
 
     class Client:
         peer = (11, 22, 33)
