@@ -1,24 +1,34 @@
 """The supervisor: one process, one event loop, the single owner of all request state.
 
-Data flow::
+Data flow (paths from the repository root; daemon/ is the ``cruised`` package, pool/ is ``cruised.pool``)::
 
-    client ──frames──> NativeServer/ClientConnection ─┐
-    HTTP ──requests──> HttpDoor (daemon/doors/http/app.py) ─────┤ Job
-    (kdb+ IPC door: same path)                        │
-                                                      v
-                               Dispatcher (per pool): admission ─> bounded FIFO queue
-                                                      │  idle worker (LIFO)
-                                                      v
-                               PoolLauncher ──socketpair──> worker process (forked by
-                                                      ^        the pool's template)
-                                                      │ REPLY frame
-    client <──same frame, reqid patched── ClientConnection <┘
+    native client ──frames──> NativeServer / ClientConnection   daemon/doors/native.py ─┐
+    HTTP client ──requests──> HttpDoor (aiohttp + fast path)    daemon/doors/http/ ─────┤
+    q, pykx ─────kdb+ IPC───> QipcDoor / QConnection            daemon/doors/qipc/ ─────┤
+        each door sees the daemon only through DoorHost (daemon/doors/host.py),         │
+        which this Supervisor implements: host.dispatcher(pool) reads the serving       │ Job
+        Generation (daemon/core/generation.py: config + pools, swapped by install)      │
+                                                                                        v
+    Dispatcher, one per pool (daemon/core/dispatch.py): admission ─> bounded FIFO queue,
+        deadlines; an idle worker (LIFO), or held behind a busy one (prefetch)
+        │ DEFINE frame first if the worker lacks the function (daemon/core/codecache.py)
+        v
+    PoolLauncher (daemon/core/launcher.py) ── Channel (daemon/core/channel.py) over a socketpair ──>
+        worker process (pool/worker.py; forked by the pool's template, pool/template.py)
+        │ REPLY frame
+        v
+    Dispatcher.on_worker_reply ─> job.sink: the door writes the same frame back, reqid patched
+        └─> AnsweredFeed (daemon/core/observers.py), in batches ─> Metrics (daemon/ops/metrics.py),
+            AccessLog (daemon/ops/logs.py); status documents: daemon/core/poolstatus.py
 
 Ownership and invariants
     Only this process holds the queues, the worker tables and every deadline
     (monotonic ``loop.time()``). Workers never see clients. Payload bytes
     (pickled functions and arguments) are opaque here: they are forwarded,
-    never unpickled, so a hostile pickle can at worst kill a worker.
+    never unpickled, so a hostile pickle can at worst kill a worker. The
+    serving generation changes only in ``install`` (one synchronous step);
+    pools still warming or draining belong to the reloader, and
+    ``all_pools`` counts them so that a shutdown stops every process.
 
 Signals
     Handlers only record the signal; ``_signal_loop`` acts on it. SIGTERM or
