@@ -44,8 +44,16 @@ Holding (prefetch)
     * a held job whose client left still runs; its reply is dropped.
 
 q connection (pools with ``q:``): each worker reports its q state in READY
-and in STATE frames when it changes; ``worker.q`` keeps the latest. With
-``q.required`` the pool is ready only while its warm workers are connected.
+and in STATE frames when it changes; ``worker.q`` keeps the latest
+(daemon/core/poolstatus.py). With ``q.required`` the pool is ready only while
+its warm workers are connected.
+
+Helpers, each owned by one dispatcher and holding no pool state of its own:
+the code cache (daemon/core/codecache.py: registered functions and what each
+worker already has), the observer feed (daemon/core/observers.py: counts and
+batches of answered requests for metrics and the access log) and the status
+report (daemon/core/poolstatus.py). The per-call work stays one call each, as
+before the split (see ``Dispatcher.__init__`` for how they are called).
 
 Worker states::
 
@@ -57,36 +65,33 @@ Worker states::
 from __future__ import annotations
 
 import enum
+import itertools
 import logging
 import signal
-import time
 from collections import OrderedDict, deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from cruised.config import PoolConfig
+from cruised.core.codecache import CodeCache
+from cruised.core.observers import AnsweredFeed, Observer
 from cruised.pool.wire import frames
 from cruised.pool.wire.frames import Status
+
+if TYPE_CHECKING:
+    from cruised.core.poolstatus import PoolStatus
 
 # per-call comparisons against plain globals, not Enum class attributes (see pool/wire/frames.py)
 _NOT_RUN, _UNKNOWN_FUNCTION = Status.NOT_RUN, Status.UNKNOWN_FUNCTION
 
 log = logging.getLogger("cruised.dispatch")
 
-#: supervisor-side mirror of the worker's function cache (pool/worker.py FUNCTION_CACHE)
-KNOWN_PER_WORKER = 4096
 #: hold jobs on busy workers only while the pool's calls average less than this (seconds): a
 #: held job waits for the call ahead of it even if another worker frees up first
 PREFETCH_BELOW = 0.002
 #: weight of the newest call in that moving average
 EWMA_WEIGHT = 0.2
-#: registered code kept per pool; a miss only makes the client register again
-CODE_CACHE_BYTES = 256 << 20
-#: answered requests reach the observers in batches (Dispatcher.flush_answered): of this many,
-ANSWERED_BATCH = 64
-#: or this long (seconds) after the first of a batch, whichever comes first
-ANSWERED_EVERY = 0.02
 BACKOFF_FIRST = 0.5
 BACKOFF_MAX = 30.0
 
@@ -171,43 +176,17 @@ class Launcher(Protocol):
         """Read and deliver, now, every frame the worker has already sent (its replies first)."""
 
 
-#: One answered request, as observers see it: (endpoint, door, client, waited: it got a worker or
-#: a place in the queue, outcome, queue_s, exec_s: None if it never ran, at: wall-clock time of
-#: the answer, for log lines). A plain tuple: one is built for every request.
-Answered = tuple[str, str, Any, bool, str, float, float | None, float]
-
-
-def answer_record(job: Job, outcome: str, queue_s: float, exec_s: float | None) -> Answered:
-    """What observers are told of ``job``, answered with ``outcome`` now."""
-    return (job.endpoint, job.door, job.client, job.started is not None or bool(job.deadline), outcome, queue_s, exec_s, time.time())
-
-
-def observe_one(observer: Observer, pool: str, job: Job, outcome: str, queue_s: float, exec_s: float | None) -> None:
-    """Show ``observer`` one answered request now (tests; the dispatcher sends batches)."""
-    observer.requests_done(pool, [answer_record(job, outcome, queue_s, exec_s)])
-
-
-class Observer(Protocol):
-    def requests_done(self, pool: str, batch: list[Answered]) -> None:
-        """Requests answered since the last batch, in answer order (see Dispatcher.flush_answered)."""
-
-    def worker_exit(self, pool: str, reason: str) -> None: ...
-
-
-class Counters:
-    """Plain counts for ``cruised status``, kept as events happen; the metrics module observes the same events."""
-
-    def __init__(self) -> None:
-        self.requests: dict[str, int] = {}
-        self.exits: dict[str, int] = {}
-        self.held = 0  # jobs handed to a busy worker to hold (see "Holding")
-
-    def worker_exit(self, pool: str, reason: str) -> None:
-        self.exits[reason] = self.exits.get(reason, 0) + 1
-
-
-@dataclass(eq=False, slots=True)
+@dataclass(eq=False, slots=True, kw_only=True)
 class Job:
+    """One request, from admission to its one answer.
+
+    A door names every field it sets (several are ints, two are often the same
+    object: a field added or reordered must not shift a caller's). The fields
+    after ``shared`` are the request's life in the dispatcher, never a door's
+    input, so they are not constructor arguments at all; that also keeps the
+    constructor cheap (every keyword-only default costs a dict lookup per call).
+    """
+
     id: int
     kind: int
     frame: bytearray
@@ -218,18 +197,19 @@ class Job:
     timeout: float | None = None  # per-call execution timeout, if the caller set one
     endpoint: str = "function"
     door: str = "native"  # which front door admitted it (native, http, qipc): a metrics label
-    admitted: float = 0.0
-    deadline: float = 0.0  # queue deadline
-    started: float | None = None
-    finished: float | None = None
-    worker: Worker | None = None
-    held: bool = False  # sent to a busy worker, waiting behind its running job (not started)
-    answered: bool = False
-    cancelled: bool = False  # client went away: do not run, do not reply
-    exec_limit: float = 0.0  # the execution timeout in force once it started (0 = not started)
     #: the call's shared file (pool/wire/sharedfile.py), sent with the frame to whichever worker runs it;
     #: closed by ``settle``, or when the job is dropped
     shared: Any = None
+    # -- set by the dispatcher ---------------------------------------------------------
+    admitted: float = field(default=0.0, init=False)
+    deadline: float = field(default=0.0, init=False)  # queue deadline
+    started: float | None = field(default=None, init=False)
+    finished: float | None = field(default=None, init=False)
+    worker: Worker | None = field(default=None, init=False)
+    held: bool = field(default=False, init=False)  # sent to a busy worker, waiting behind its running job (not started)
+    answered: bool = field(default=False, init=False)
+    cancelled: bool = field(default=False, init=False)  # client went away: do not run, do not reply
+    exec_limit: float = field(default=0.0, init=False)  # the execution timeout in force once it started (0 = not started)
 
     def settle(self) -> bool:
         """Mark the job answered; True the first time only, when its answer is to be sent.
@@ -281,16 +261,21 @@ class Dispatcher:
         clock: Clock,
         launcher: Launcher,
         observer: Observer | None = None,
+        *,
+        worker_ids: Iterator[int] | None = None,
     ) -> None:
         self.name = name
         self.config = config
         self.clock = clock
         self.launcher = launcher
-        self.counters = Counters()
-        self.observers: list[Observer] = [observer] if observer else []
-        #: answered requests the observers have not seen yet (see flush_answered)
-        self.to_observe: list[Answered] = []
-        self._answered_timer: Any = None
+        # The helpers are called as self.<helper>.<method>(...): on CPython 3.11 that is two
+        # specialised lookups (the helpers have __slots__), cheaper than a bound method kept in
+        # this instance's dict, which LOAD_METHOD cannot specialise (callgrind, ~250 instructions
+        # a call).
+        self._answers = AnsweredFeed(name, clock, observer)
+        #: counts for ``cruised status``, and who watches this pool (Metrics.attach appends itself)
+        self.counters = self._answers.counters
+        self.observers: list[Observer] = self._answers.observers
         self.queue: deque[Job] = deque()
         #: every held job in the order it left the queue (= deadline order); started ones are skipped lazily
         self.held: deque[Job] = deque()
@@ -298,17 +283,19 @@ class Dispatcher:
         self.exec_avg = 1.0  # moving average of exec time (s): pessimistic until calls show otherwise
         self.workers: dict[str, Worker] = {}
         self.idle: list[Worker] = []  # LIFO: hot workers stay hot, surplus ones age out
-        self.code: OrderedDict[bytes, bytearray] = OrderedDict()
-        self.code_bytes = 0
+        self.code_cache = CodeCache()
+        #: registered DEFINE frames by key (the cache's own dict, read-only here): submit tests every keyed call against it
+        self.code: OrderedDict[bytes, bytearray] = self.code_cache.frames
         self.accepting = True
         self.python: str | None = None  # the pool's interpreter version, once a worker said it
         #: the latest READY report of a worker (its endpoints' load results: daemon/core/services.py)
         self.ready_info: dict[str, Any] = {}
         self.failures = 0
         self.last_error: str | None = None
-        self.q_last_error: str | None = None  # the latest q connection error any worker reported
         self.next_spawn_at = 0.0
-        self._seq = 0
+        #: numbers of this pool's workers (ids ``<pool>-<n>``); a reload's new dispatcher of the same pool
+        #: shares its predecessor's, so an id names one process even while both generations run
+        self.worker_ids: Iterator[int] = worker_ids if worker_ids is not None else itertools.count(1)
         self._queue_timer: Any = None
         self._queue_timer_at: float | None = None
         self._idle_timer: Any = None
@@ -317,6 +304,9 @@ class Dispatcher:
         #: workers per state, kept by ``_set_state`` so sizing decisions are O(1) per request
         self.counts: dict[WorkerState, int] = {s: 0 for s in WorkerState}
         self.on_change: Callable[[], None] = lambda: None  # readiness/status watchers
+        from cruised.core.poolstatus import PoolStatus  # it reads this module's worker states: imported once the module is complete
+
+        self._report: PoolStatus = PoolStatus(self)
 
     def _set_state(self, worker: Worker, state: WorkerState) -> None:
         """The only place a worker changes state (the counts depend on it)."""
@@ -376,27 +366,17 @@ class Dispatcher:
 
     # -- running ---------------------------------------------------------------------
 
-    def _code_parts(self, worker: Worker, job: Job) -> list[Any] | None:
-        """The DEFINE the worker needs before this job (or nothing); None if the code is gone."""
-        if job.key is None:
-            return []
-        # a registered function (CALL, or a pykx.remote QCALL): its code first, once per worker
-        if job.key in worker.known:
-            worker.known.move_to_end(job.key)
-            return []
-        code = self.code.get(job.key)
-        if code is None:
-            job.settle()
-            job.sink.refuse(job, Status.UNKNOWN_FUNCTION, "function not registered with this daemon")
-            return None
-        worker.known[job.key] = None
-        if len(worker.known) > KNOWN_PER_WORKER:
-            worker.known.popitem(last=False)
-        return [code]
+    def _code_gone(self, job: Job) -> None:
+        """``job``'s function was evicted before it could be sent: the client registers again and retries."""
+        job.settle()
+        job.sink.refuse(job, Status.UNKNOWN_FUNCTION, "function not registered with this daemon")
 
     def _start(self, worker: Worker, job: Job) -> None:
-        parts = self._code_parts(worker, job)
+        # a registered function (CALL, or a pykx.remote QCALL): its code first, once per worker
+        key = job.key
+        parts = [] if key is None else self.code_cache.parts_for(worker.known, key)
         if parts is None:
+            self._code_gone(job)
             self._become_idle(worker)
             return
         frames.set_reqid(job.frame, job.id)
@@ -418,8 +398,10 @@ class Dispatcher:
 
     def _hold(self, worker: Worker, job: Job) -> bool:
         """Send ``job`` to wait behind ``worker``'s running job (see "Holding")."""
-        parts = self._code_parts(worker, job)
+        key = job.key
+        parts = [] if key is None else self.code_cache.parts_for(worker.known, key)
         if parts is None:
+            self._code_gone(job)
             return False
         frames.set_reqid(job.frame, job.id)
         # the deadline in CLOCK_MONOTONIC ns: the clock is time.monotonic (LoopClock), as in the worker
@@ -502,13 +484,13 @@ class Dispatcher:
             if job.started is not None:
                 self.exec_avg += EWMA_WEIGHT * (now - job.started - self.exec_avg)
             if status == _UNKNOWN_FUNCTION and job.key is not None:
-                worker.known.pop(job.key, None)
+                CodeCache.forget(worker.known, job.key)
             if job.settle():
                 # the answer first: the native door sends it at once (channel.WriteBatch), and
                 # everything after it here overlaps with the client's wake-up
                 if not job.cancelled:
                     job.sink.forward(job, buf, status)
-                self._observe(job, _OUTCOMES.get(status, "error"))
+                self._answers.observe(job, _OUTCOMES.get(status, "error"))
             if self.config.max_rss and not worker.recycle_due and (self.launcher.rss(worker) or 0) > self.config.max_rss:
                 log.info("worker=%s pool=%s over max_rss (%d bytes); recycling it", worker.id, self.name, self.config.max_rss)
                 worker.recycle_due = True
@@ -633,46 +615,22 @@ class Dispatcher:
     def _finish(self, job: Job, status: int, message: str, outcome: str) -> None:
         if not job.settle():
             return
-        self._observe(job, outcome)
+        self._answers.observe(job, outcome)
         if not job.cancelled:
             job.sink.refuse(job, status, message)
 
-    def _observe(self, job: Job, outcome: str) -> None:
-        end = job.finished if job.finished is not None else self.clock.time()
-        start = job.started if job.started is not None else end
-        requests = self.counters.requests
-        requests[outcome] = requests.get(outcome, 0) + 1
-        if not self.observers:
-            return
-        batch = self.to_observe
-        batch.append(answer_record(job, outcome, start - job.admitted, end - job.started if job.started is not None else None))
-        if len(batch) >= ANSWERED_BATCH:
-            self.flush_answered()
-        elif self._answered_timer is None:
-            self._answered_timer = self.clock.call_at(end + ANSWERED_EVERY, self.flush_answered)
-
     def flush_answered(self) -> None:
-        """Show the observers every request answered since the last flush.
+        """Show the observers every request answered since the last batch (see daemon/core/observers.py).
 
-        Batches, not a call per observer per request: metrics and the access log
-        cost the supervisor 10-14 us of CPU per call that way. Readers of what
-        observers keep call this first (Supervisor.render_metrics, shutdown,
-        a retired pool's last step), so a scrape still counts every request
-        answered before it; the access log writes its lines later anyway.
+        Whoever reads what the observers keep calls this first (Supervisor.render_metrics,
+        shutdown, a retired pool's last step), so a scrape counts every request answered before it.
         """
-        _cancel(self._answered_timer)
-        self._answered_timer = None
-        if not self.to_observe:
-            return
-        batch, self.to_observe = self.to_observe, []
-        for o in self.observers:
-            o.requests_done(self.name, batch)
+        self._answers.flush()
 
     # -- worker lifecycle ----------------------------------------------------------------
 
     def _spawn(self) -> Worker:
-        self._seq += 1
-        w = Worker(id=f"{self.name}-{self._seq}", spawned_at=self.clock.time())
+        w = Worker(id=f"{self.name}-{next(self.worker_ids)}", spawned_at=self.clock.time())
         self.workers[w.id] = w
         self.counts[STARTING] += 1
         w.timer = self.clock.call_at(w.spawned_at + self.config.start_timeout, self._start_timeout, w)
@@ -698,7 +656,7 @@ class Dispatcher:
         self.python = worker.python or self.python
         self.ready_info = info
         worker.ready_at = now
-        self._note_q(worker, info.get("q"))
+        self._report.note_q(worker, info.get("q"))
         self.failures = 0
         self.last_error = None
         log.info("worker=%s pool=%s ready pid=%s in %.1fms", worker.id, self.name, worker.pid, (now - worker.spawned_at) * 1e3)
@@ -710,26 +668,17 @@ class Dispatcher:
         """An unsolicited STATE frame: the worker's q connection came up or went down."""
         if worker.state in (GONE, KILLING):
             return
-        if self._note_q(worker, info.get("q")):
+        if self._report.note_q(worker, info.get("q")):
             self.on_change()
-
-    def _note_q(self, worker: Worker, q: Any) -> bool:
-        if not isinstance(q, dict):
-            return False
-        before = worker.q
-        worker.q = {"connected": bool(q.get("connected")), "error": q.get("error")}
-        if worker.q["error"]:
-            self.q_last_error = str(worker.q["error"])
-        was = bool(before and before["connected"])
-        if worker.q["connected"] and not was:
-            log.info("worker=%s pool=%s q connected", worker.id, self.name)
-        elif not worker.q["connected"] and (was or before is None):
-            log.warning("worker=%s pool=%s q not connected: %s", worker.id, self.name, worker.q["error"])
-        return worker.q != before
 
     def q_connected(self) -> int:
         """Ready workers (idle or busy) whose q connection is up; 0 in a pool without q."""
-        return sum(1 for w in self.workers.values() if w.state in (IDLE, BUSY) and w.q is not None and w.q["connected"])
+        return self._report.q_connected()
+
+    def on_worker_violation(self, worker: Worker) -> None:
+        """The worker broke the channel protocol (its reporter logged how): it is killed, and
+        its exit answers its call as crashed, like any other crash."""
+        self._kill(worker, "crash")
 
     def on_worker_preload_failed(self, worker: Worker, message: str) -> None:
         worker.error = message
@@ -799,9 +748,7 @@ class Dispatcher:
         if worker in self.idle:
             self.idle.remove(worker)
         self.workers.pop(worker.id, None)
-        self.counters.worker_exit(self.name, reason)
-        for o in self.observers:
-            o.worker_exit(self.name, reason)
+        self._answers.worker_exit(reason)
         if self.queue and self.idle:
             self.pump()
         else:
@@ -882,15 +829,8 @@ class Dispatcher:
     # -- code -------------------------------------------------------------------------------
 
     def register(self, key: bytes, define_frame: bytearray) -> None:
-        """Keep a function's DEFINE frame (immutable from here on) for workers that lack it."""
-        if key in self.code:
-            self.code.move_to_end(key)
-            return
-        self.code[key] = define_frame
-        self.code_bytes += len(define_frame)
-        while self.code_bytes > CODE_CACHE_BYTES and len(self.code) > 1:
-            _, old = self.code.popitem(last=False)
-            self.code_bytes -= len(old)
+        """Keep a function's DEFINE frame (immutable from here on) for workers that lack it (daemon/core/codecache.py)."""
+        self.code_cache.register(key, define_frame)
 
     # -- shutdown and status -------------------------------------------------------------------
 
@@ -921,41 +861,12 @@ class Dispatcher:
         warm = self.counts[IDLE] + self.counts[BUSY]
         if self.config.q is not None and self.config.q.required:
             # every warm worker connected, and at least min of them
-            return warm >= self.config.min and self.q_connected() == warm
+            return warm >= self.config.min and self._report.q_connected() == warm
         return warm >= self.config.min
 
     def status(self) -> dict[str, Any]:
-        states = {s.value: n for s, n in self.counts.items() if s is not GONE}
-        now = self.clock.time()
-        oldest = now - self.queue[0].admitted if self.queue else 0.0
-        return {
-            "workers": states,
-            "queue": {"depth": len(self.queue) + self.held_count, "held": self.held_count, "capacity": self.config.queue_size, "oldest_s": round(oldest, 6)},
-            "limits": {"min": self.config.min, "cruise": self.config.cruise, "max": self.config.max},
-            "ready": self.ready(),
-            "python": self.python,
-            "last_error": self.last_error,
-            "requests": dict(self.counters.requests),
-            "held_total": self.counters.held,
-            "exits": dict(self.counters.exits),
-            "q": self._q_status(),
-            "worker_list": [
-                {"id": w.id, "pid": w.pid, "state": w.state.value, "requests": w.requests, "error": w.error, "q": w.q} for w in self.workers.values()
-            ],
-        }
-
-    def _q_status(self) -> dict[str, Any] | None:
-        q = self.config.q
-        if q is None:
-            return None
-        return {
-            "endpoint": q.endpoint,
-            "user": q.username,
-            "required": q.required,
-            "connected": self.q_connected(),
-            "workers": self.counts[IDLE] + self.counts[BUSY],
-            "last_error": self.q_last_error,
-        }
+        """The pool's section of the status document (daemon/core/poolstatus.py)."""
+        return self._report.document()
 
 
 #: a worker's reply status -> the outcome counted for it

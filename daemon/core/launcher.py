@@ -512,12 +512,12 @@ class _WorkerSink:
                 info = None
             if not isinstance(info, dict):
                 log.error("worker=%s sent a malformed STATE frame; killing it", self.worker.id)
-                self.dispatcher._kill(self.worker, "crash")
+                self.dispatcher.on_worker_violation(self.worker)
                 return
             self.dispatcher.on_worker_state(self.worker, info)
         else:
             log.error("worker=%s sent unexpected frame kind %s; killing it", self.worker.id, kind)
-            self.dispatcher._kill(self.worker, "crash")
+            self.dispatcher.on_worker_violation(self.worker)
 
     def on_peer_gone(self, channel: Channel) -> None:
         self.dispatcher.on_worker_lost(self.worker)  # before its last replies are delivered

@@ -6,15 +6,16 @@ when a watched file changes. One reload runs at a time.
 Steps::
 
     re-read the config file ----------- invalid: report, keep serving (nothing started)
-    build every pool anew (Dispatcher + PoolLauncher: a fresh template, so
+    build the next generation (Supervisor.new_generation, as generation 1 was
+    built: every pool anew, Dispatcher + PoolLauncher, a fresh template, so
     libraries, init files and endpoint code are all read again)
-    wait until each has ``min`` warm workers and every endpoint loaded
+    wait until each pool has ``min`` warm workers and every endpoint loaded
         \\-- a worker fails to start, an endpoint's code fails to load, or the
             start deadline passes: tear the new pools down, keep serving, report
-    swap (one synchronous step on the loop): the name -> pool map and the
-    config now point at the new generation, so every NEW call goes there;
-    shipped-function code registered with the old pools is carried over, so
-    clients need not register again
+    swap (Supervisor.install, one synchronous step on the loop): the doors'
+    pool lookups and config now answer from the new generation, so every NEW
+    call goes there; shipped-function code registered with the old pools is
+    carried over, so clients need not register again
     old pools: accept nothing new; their queued and running calls finish
     there, then their workers retire and their template closes
 
@@ -27,6 +28,11 @@ consistent snapshot (as on a DSS API node).
 Settings that belong to listening sockets (``daemon.socket``, ``http.*``
 addresses) are not re-bound: a change there is logged and needs a restart.
 API keys, services and endpoints take effect with the swap.
+
+Ownership: the supervisor owns the serving generation and changes it only
+through ``install``; the reloader owns the pools in transition (``warming``,
+``retiring``), which the supervisor counts as having processes
+(``Supervisor.all_pools``) so that a shutdown stops them too.
 """
 
 from __future__ import annotations
@@ -40,7 +46,8 @@ from cruised import config as config_mod
 from cruised.config import Config, ConfigErrors
 
 if TYPE_CHECKING:
-    from cruised.core.supervisor import Pool, Supervisor
+    from cruised.core.generation import Pool
+    from cruised.core.supervisor import Supervisor
 
 log = logging.getLogger("cruised.reload")
 
@@ -54,6 +61,11 @@ class Reloader:
         self.sup = sup
         self.task: asyncio.Task[None] | None = None
         self.drains: set[asyncio.Task[None]] = set()
+        #: the next generation's pools while they warm (not serving yet)
+        self.warming: list[Pool] = []
+        #: pools that take no new calls: replaced by a swap, or of a generation that failed to
+        #: start, finishing what they hold; each leaves the list once its processes are gone
+        self.retiring: list[Pool] = []
 
     @property
     def busy(self) -> bool:
@@ -97,65 +109,40 @@ class Reloader:
 
     async def reload(self) -> tuple[bool, str]:
         sup = self.sup
+        serving = sup.serving
         if sup.config_path is None:
             return False, "the daemon was started without --config, so there is no file to re-read"
         try:
             new_cfg = config_mod.load(sup.config_path)
         except ConfigErrors as exc:
             lines = "; ".join(str(e) for e in exc.errors)
-            return False, f"invalid config {sup.config_path}, generation {sup.generation} keeps serving: {lines}"
-        self._warn_unapplied(sup.config, new_cfg)
-        gen = sup.generation + 1
-        log.info("reload: warming generation %s (%s)", gen, ", ".join(new_cfg.pools))
-        from cruised.core.supervisor import Pool  # the supervisor imports this module
-
-        new_pools: dict[str, Pool] = {}
-        for name in new_cfg.pools:
-            pool = Pool(sup.loop, name, new_cfg)
-            old = sup.pools.get(name)
-            if old is not None:
-                # keep worker ids unique across generations, so the two can be told apart in the log
-                pool.dispatcher._seq = old.dispatcher._seq
-            pool.dispatcher.on_change = sup._check_ready
-            sup._attach_observers(pool)  # metrics and the access log follow the new generation
-            new_pools[name] = pool
-        sup.warming.extend(new_pools.values())
+            return False, f"invalid config {sup.config_path}, generation {serving.number} keeps serving: {lines}"
+        self._warn_unapplied(serving.config, new_cfg)
+        gen = sup.new_generation(new_cfg)  # metrics and the access log follow the new generation
+        log.info("reload: warming generation %s (%s)", gen.number, ", ".join(new_cfg.pools))
+        new_pools = list(gen.pools.values())
+        self.warming.extend(new_pools)
         problem: str | None = None
         try:
-            for pool in new_pools.values():
-                pool.launcher.start_template()
-                pool.dispatcher.manage()
-            problem = await self._wait_ready(new_pools)
+            gen.start()
+            problem = await self._wait_ready(gen.pools)
         except asyncio.CancelledError:
-            # shutting down: hand the half-warm pools to the supervisor's own stop
-            sup.warming = [p for p in sup.warming if p not in new_pools.values()]
-            sup.retiring.extend(new_pools.values())
+            # shutting down: hand the half-warm pools to the supervisor's own stop (all_pools)
+            self.warming = [p for p in self.warming if p not in new_pools]
+            self.retiring.extend(new_pools)
             raise
-        sup.warming = [p for p in sup.warming if p not in new_pools.values()]
+        # From here to the swap nothing awaits: the new pools go from warming to serving (or
+        # to retiring) and the old ones from serving to retiring in one step, so every pool
+        # with processes is always in exactly one of the supervisor's all_pools lists.
+        self.warming = [p for p in self.warming if p not in new_pools]
         if problem:
-            sup.retiring.extend(new_pools.values())
-            self._drain(list(new_pools.values()), drain=False)
-            return False, f"generation {gen} did not start, generation {sup.generation} keeps serving: {problem}"
-        self._swap(gen, new_cfg, new_pools)
-        return True, f"generation {gen} serving ({summary(new_cfg)})"
-
-    def _swap(self, gen: int, new_cfg: Config, new_pools: dict[str, Pool]) -> None:
-        sup = self.sup
-        old_pools = sup.pools
-        for name, pool in new_pools.items():
-            old = old_pools.get(name)
-            if old is None:
-                continue
-            # shipped functions stay registered: same frames, so no client has to register again
-            for key, frame in old.dispatcher.code.items():
-                pool.dispatcher.register(key, frame)
-        sup.pools = new_pools
-        sup.config = new_cfg
-        sup.generation = gen
-        for pool in old_pools.values():
-            pool.dispatcher.stop_accepting()
-        sup.retiring.extend(old_pools.values())
-        self._drain(list(old_pools.values()), drain=True)
+            self.retiring.extend(new_pools)
+            self._drain(new_pools, drain=False)
+            return False, f"generation {gen.number} did not start, generation {sup.serving.number} keeps serving: {problem}"
+        old_pools = list(sup.install(gen).pools.values())
+        self.retiring.extend(old_pools)
+        self._drain(old_pools, drain=True)
+        return True, f"generation {gen.number} serving ({summary(new_cfg)})"
 
     async def _wait_ready(self, pools: dict[str, Pool]) -> str | None:
         """None once every pool is ready with its endpoints loaded; else what went wrong."""
@@ -201,30 +188,30 @@ class Reloader:
         task.add_done_callback(self.drains.discard)
 
     async def _retire(self, pools: Iterable[Pool], drain: bool) -> None:
-        await asyncio.gather(*(retire_pool(self.sup, p, drain) for p in pools))
+        await asyncio.gather(*(self._retire_pool(p, drain) for p in pools))
 
-
-async def retire_pool(sup: Supervisor, pool: Pool, drain: bool) -> None:
-    """Stop a pool that takes no new calls: let its queued and running ones finish (if ``drain``), then end its processes."""
-    loop = sup.loop
-    disp = pool.dispatcher
-    disp.stop_accepting()
-    if drain:
-        # no call can outlive its queue and execution timeouts, so this wait is bounded
-        deadline = loop.time() + disp.config.queue_timeout + disp.config.exec_timeout + sup.config.daemon.kill_grace + 1.0
-        while not disp.idle_now() and loop.time() < deadline:
+    async def _retire_pool(self, pool: Pool, drain: bool) -> None:
+        """Stop a pool that takes no new calls: let its queued and running ones finish (if ``drain``), then end its processes."""
+        sup = self.sup
+        loop = sup.loop
+        disp = pool.dispatcher
+        disp.stop_accepting()
+        if drain:
+            # no call can outlive its queue and execution timeouts, so this wait is bounded
+            deadline = loop.time() + disp.config.queue_timeout + disp.config.exec_timeout + sup.config.daemon.kill_grace + 1.0
+            while not disp.idle_now() and loop.time() < deadline:
+                await asyncio.sleep(POLL)
+        disp.abort_queue("the pool was replaced by a reload before this request could run")
+        disp.terminate_all("reload")
+        end = loop.time() + sup.config.daemon.kill_grace + 1.0
+        while pool.launcher.worker_count() and loop.time() < end:
             await asyncio.sleep(POLL)
-    disp.abort_queue("the pool was replaced by a reload before this request could run")
-    disp.terminate_all("reload")
-    end = loop.time() + sup.config.daemon.kill_grace + 1.0
-    while pool.launcher.worker_count() and loop.time() < end:
-        await asyncio.sleep(POLL)
-    pool.launcher.close()
-    await pool.launcher.wait_template(2.0)
-    disp.flush_answered()  # its last answers reach metrics and the access log before it goes
-    if pool in sup.retiring:
-        sup.retiring.remove(pool)
-    log.info("pool=%s old generation retired", pool.name)
+        pool.launcher.close()
+        await pool.launcher.wait_template(2.0)
+        disp.flush_answered()  # its last answers reach metrics and the access log before it goes
+        if pool in self.retiring:
+            self.retiring.remove(pool)
+        log.info("pool=%s old generation retired", pool.name)
 
 
 def summary(cfg: Config) -> str:

@@ -18,6 +18,7 @@ same files, so the latest report of a pool stands for all its workers
 from __future__ import annotations
 
 import logging
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -25,7 +26,7 @@ from cruised.config import Config
 from cruised.core.dispatch import Dispatcher, WorkerState
 
 if TYPE_CHECKING:
-    from cruised.core.supervisor import Pool, Supervisor
+    from cruised.core.generation import Pool
 
 log = logging.getLogger("cruised.services")
 
@@ -71,13 +72,17 @@ def endpoint_state(disp: Dispatcher, name: str) -> EndpointState:
     return EndpointState("failed", report.get("error"), report.get("traceback"))
 
 
-def describe(sup: Supervisor) -> dict[str, Any]:
-    """The ``services`` section of the status: every endpoint with its state."""
+def describe(config: Config, dispatchers: Mapping[str, Dispatcher]) -> dict[str, Any]:
+    """The ``services`` section of the status: every endpoint of ``config`` with its state.
+
+    ``dispatchers``: the serving generation's, by pool name (a pool missing
+    there makes its endpoints ``pool_unavailable``).
+    """
     out: dict[str, Any] = {}
-    for sname, service in sup.config.services.items():
+    for sname, service in config.services.items():
         endpoints: dict[str, Any] = {}
         for ename, ep in service.endpoints.items():
-            disp = sup.dispatcher(ep.pool)
+            disp = dispatchers.get(ep.pool)
             st = endpoint_state(disp, f"{sname}/{ename}") if disp is not None else EndpointState("pool_unavailable", "no such pool")
             endpoints[ename] = {
                 "pool": ep.pool,
@@ -98,19 +103,20 @@ def describe(sup: Supervisor) -> dict[str, Any]:
     return out
 
 
-def readiness(sup: Supervisor) -> list[str]:
-    """Why the daemon is not ready to serve everything it is configured for (empty: ready)."""
-    if sup.state == "stopping":
-        return ["shutting down"]
+def readiness(config: Config, dispatchers: Mapping[str, Dispatcher]) -> list[str]:
+    """Why the pools and endpoints of ``config`` cannot all serve yet (empty: ready).
+
+    ``dispatchers``: the serving generation's, by pool name. A daemon that is
+    stopping is not ready whatever this says (the supervisor checks that first).
+    """
     reasons = []
-    for name, pool in sup.pools.items():
-        d = pool.dispatcher
+    for name, d in dispatchers.items():
         if not d.ready():
             warm = d.counts[WorkerState.IDLE] + d.counts[WorkerState.BUSY]
             detail = f": {d.last_error}" if d.last_error else ""
             reasons.append(f"pool {name}: {warm}/{d.config.min} warm workers{detail}")
-    for name, (_, _, ep) in sup.config.endpoints().items():
-        disp = sup.dispatcher(ep.pool)
+    for name, (_, _, ep) in config.endpoints().items():
+        disp = dispatchers.get(ep.pool)
         if disp is None:
             reasons.append(f"endpoint {name}: no pool {ep.pool!r}")
             continue

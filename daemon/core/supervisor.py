@@ -1,24 +1,34 @@
 """The supervisor: one process, one event loop, the single owner of all request state.
 
-Data flow::
+Data flow (paths from the repository root; daemon/ is the ``cruised`` package, pool/ is ``cruised.pool``)::
 
-    client ──frames──> NativeServer/ClientConnection ─┐
-    HTTP ──requests──> HttpDoor (daemon/doors/http/app.py) ─────┤ Job
-    (kdb+ IPC door: same path)                        │
-                                                      v
-                               Dispatcher (per pool): admission ─> bounded FIFO queue
-                                                      │  idle worker (LIFO)
-                                                      v
-                               PoolLauncher ──socketpair──> worker process (forked by
-                                                      ^        the pool's template)
-                                                      │ REPLY frame
-    client <──same frame, reqid patched── ClientConnection <┘
+    native client ──frames──> NativeServer / ClientConnection   daemon/doors/native.py ─┐
+    HTTP client ──requests──> HttpDoor (aiohttp + fast path)    daemon/doors/http/ ─────┤
+    q, pykx ─────kdb+ IPC───> QipcDoor / QConnection            daemon/doors/qipc/ ─────┤
+        each door sees the daemon only through DoorHost (daemon/doors/host.py),         │
+        which this Supervisor implements: host.dispatcher(pool) reads the serving       │ Job
+        Generation (daemon/core/generation.py: config + pools, swapped by install)      │
+                                                                                        v
+    Dispatcher, one per pool (daemon/core/dispatch.py): admission ─> bounded FIFO queue,
+        deadlines; an idle worker (LIFO), or held behind a busy one (prefetch)
+        │ DEFINE frame first if the worker lacks the function (daemon/core/codecache.py)
+        v
+    PoolLauncher (daemon/core/launcher.py) ── Channel (daemon/core/channel.py) over a socketpair ──>
+        worker process (pool/worker.py; forked by the pool's template, pool/template.py)
+        │ REPLY frame
+        v
+    Dispatcher.on_worker_reply ─> job.sink: the door writes the same frame back, reqid patched
+        └─> AnsweredFeed (daemon/core/observers.py), in batches ─> Metrics (daemon/ops/metrics.py),
+            AccessLog (daemon/ops/logs.py); status documents: daemon/core/poolstatus.py
 
 Ownership and invariants
     Only this process holds the queues, the worker tables and every deadline
     (monotonic ``loop.time()``). Workers never see clients. Payload bytes
     (pickled functions and arguments) are opaque here: they are forwarded,
-    never unpickled, so a hostile pickle can at worst kill a worker.
+    never unpickled, so a hostile pickle can at worst kill a worker. The
+    serving generation changes only in ``install`` (one synchronous step);
+    pools still warming or draining belong to the reloader, and
+    ``all_pools`` counts them so that a shutdown stops every process.
 
 Signals
     Handlers only record the signal; ``_signal_loop`` acts on it. SIGTERM or
@@ -60,7 +70,7 @@ from cruised.client import paths
 from cruised.config import Config
 from cruised.core import services
 from cruised.core.dispatch import Dispatcher
-from cruised.core.launcher import PoolLauncher
+from cruised.core.generation import Generation, Pool
 from cruised.core.reload import Reloader
 from cruised.doors.native import NativeServer
 from cruised.doors.sockets import bind_unix
@@ -118,53 +128,15 @@ def run_loop(main: Coroutine[Any, Any, int]) -> int:
     return asyncio.run(main)
 
 
-class LoopClock:
-    """The dispatcher's Clock port on the running loop (monotonic).
-
-    ``time()`` reads CLOCK_MONOTONIC directly, the clock both asyncio's and
-    uvloop's timers are based on: uvloop's ``loop.time()`` only has
-    millisecond resolution, which would quantise queue and execution times.
-    """
-
-    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
-        self.loop = loop
-
-    #: the C function itself, no Python frame around it: the dispatcher reads it ~4 times a call
-    time = staticmethod(time.monotonic)
-
-    def call_at(self, when: float, callback: Callable[..., Any], *args: Any) -> asyncio.TimerHandle:
-        return self.loop.call_at(when, callback, *args)
-
-
-class Pool:
-    """A dispatcher and its launcher, wired together."""
-
-    def __init__(self, loop: asyncio.AbstractEventLoop, name: str, config: Config) -> None:
-        pool_cfg = config.pools[name]
-        self.name = name
-        self.launcher = PoolLauncher(loop, name, pool_cfg, config.daemon)
-        self.dispatcher = Dispatcher(name, pool_cfg, LoopClock(loop), self.launcher)
-        self.launcher.dispatcher = self.dispatcher
-        self.launcher.endpoints = services.worker_specs(config, name)
-        self.failed_endpoints: set[str] = set()  # already logged as failing to load
-        if config.qipc.listen:
-            self.launcher.warm_modules = ["pykx"]  # q calls need it: import it once, in the template
-
-
 class Supervisor:
     """Owns the pools, the doors, signals and the lifecycle; implements ``DoorHost`` for the doors."""
 
     def __init__(self, config: Config, socket_path: str, config_path: str | None = None, dev: bool = False) -> None:
-        self.config = config
         self.socket_path = socket_path
         self.config_path = config_path  # re-read by a reload
         self.dev = dev  # `serve --dev`: reload when the config or endpoint code changes
         self.loop = asyncio.get_running_loop()
-        self.pools: dict[str, Pool] = {}
-        #: pools of a reload: still warming (not serving yet), or replaced and finishing what they hold
-        self.warming: list[Pool] = []
-        self.retiring: list[Pool] = []
-        self.generation = 1
+        #: pools still warming or draining belong to the reloader (``all_pools`` counts them)
         self.reloader = Reloader(self)
         self.native: NativeServer | None = None
         self.http: HttpDoor | None = None  # imported only when enabled
@@ -175,37 +147,83 @@ class Supervisor:
         self._stop = asyncio.Event()
         self._fast = False
         self.ready = asyncio.Event()
-        self.metrics = Metrics(lambda: {name: p.dispatcher for name, p in self.pools.items()})
+        self.metrics = Metrics(lambda: self._serving.dispatchers)
         self.access_log = AccessLog(call_later=self.loop.call_later) if config.daemon.access_log else None
         self.notifier: systemd.Notifier | None = None
         #: sockets passed by systemd that the native door did not take, by name (for the other doors)
         self.activated: dict[str, socket.socket] = {}
         self._signal_task: asyncio.Task[None] | None = None
+        #: the generation every new call goes to; replaced only by ``install``. Generation 1 is
+        #: built here like every reload's (no process starts before ``run``)
+        self._serving: Generation = self._build(config, None)
+
+    # -- generations ---------------------------------------------------------------
+
+    @property
+    def serving(self) -> Generation:
+        """The generation new calls go to."""
+        return self._serving
+
+    @property
+    def config(self) -> Config:
+        """The serving generation's config (DoorHost)."""
+        return self._serving.config
+
+    def new_generation(self, config: Config) -> Generation:
+        """The next generation, built from ``config`` and wired to this supervisor, not started (a reload's first step)."""
+        return self._build(config, self._serving)
+
+    def _build(self, config: Config, previous: Generation | None) -> Generation:
+        """The one way pools are built, for generation 1 and every reload's: readiness, metrics and the access log watch them."""
+        gen = Generation.build(self.loop, config, previous)
+        for pool in gen.pools.values():
+            pool.dispatcher.on_change = self._check_ready
+            self._attach_observers(pool)
+        return gen
+
+    def install(self, gen: Generation) -> Generation:
+        """Serve ``gen`` from now on; return the generation it replaces.
+
+        One synchronous step on the loop, so no call sees half of it: ``gen``
+        takes over the functions shipped to the serving pools, the doors'
+        lookups (``dispatcher``, ``config``) answer from ``gen`` for every call
+        after this one, and the replaced generation accepts nothing new. Its
+        queued and running calls still finish there: draining it is the
+        caller's (core/reload.py), and ``all_pools`` must count it until then.
+        """
+        old = self._serving
+        if gen is old:
+            raise ValueError(f"generation {gen.number} is already serving")
+        gen.take_over(old)
+        self._serving = gen
+        old.stop_accepting()
+        return old
 
     # -- lookups used by the front doors ---------------------------------------
 
     def dispatcher(self, pool: str) -> Dispatcher | None:
-        p = self.pools.get(pool)
-        return p.dispatcher if p is not None else None
+        return self._serving.dispatchers.get(pool)
 
     def all_pools(self) -> list[Pool]:
         """Serving, warming and retiring pools: everything that has processes."""
-        return [*self.pools.values(), *self.warming, *self.retiring]
+        return [*self._serving.pools.values(), *self.reloader.warming, *self.reloader.retiring]
 
     def all_dispatchers(self) -> list[Dispatcher]:
         return [p.dispatcher for p in self.all_pools()]
 
     def no_such_pool(self, pool: str) -> str:
-        return f"no pool named {pool!r} (configured: {', '.join(sorted(self.pools))})"
+        return f"no pool named {pool!r} (configured: {', '.join(sorted(self._serving.pools))})"
 
     def request_reload(self, done: Callable[[bool, str], None]) -> None:
         self.reloader.request(done)
 
     def pool_status(self) -> dict[str, dict[str, Any]]:
-        return {name: p.dispatcher.status() for name, p in self.pools.items()}
+        return {name: d.status() for name, d in self._serving.dispatchers.items()}
 
     def readiness(self) -> list[str]:
-        return services.readiness(self)
+        if self.state == "stopping":
+            return ["shutting down"]
+        return services.readiness(self.config, self._serving.dispatchers)
 
     def auth_failed(self, door: str) -> None:
         self.metrics.auth_failed(door)
@@ -216,11 +234,6 @@ class Supervisor:
         self.notifier = systemd.Notifier.from_environment(self._status_line, self._healthy)
         sock, owned_path = self._native_listener()
         systemd.clear_environment()  # before any template starts: children must not inherit them
-        for name in self.config.pools:
-            pool = Pool(self.loop, name, self.config)
-            pool.dispatcher.on_change = self._check_ready
-            self._attach_observers(pool)
-            self.pools[name] = pool
         self.native = NativeServer(self, sock, owned_path)
         if self.config.http.enabled:
             from cruised.doors.http.app import HttpDoor
@@ -246,9 +259,7 @@ class Supervisor:
             self.loop.add_signal_handler(sig, self._signals.put_nowait, sig)
         log.info("cruised %s listening on %s (pid %s, python %s)", __version__, self.socket_path, _pid(), sys.version.split()[0])
         log.info("event loop: %s", type(self.loop).__module__)
-        for pool in self.pools.values():
-            pool.launcher.start_template()
-            pool.dispatcher.manage()
+        self._serving.start()
         self._check_ready()
         signals = self._signal_task = asyncio.create_task(self._signal_loop())
         self.notifier.start(self.loop)
@@ -303,7 +314,7 @@ class Supervisor:
 
     def _status_line(self) -> str:
         """systemd's STATUS=: the pool summary, plus why a pool cannot start (what `systemctl status` should show)."""
-        errors = [f"{name}: {p.dispatcher.last_error}" for name, p in self.pools.items() if p.dispatcher.last_error]
+        errors = [f"{name}: {d.last_error}" for name, d in self._serving.dispatchers.items() if d.last_error]
         return self.summary() + (f"; last error {'; '.join(errors)}" if errors else "")
 
     def _healthy(self) -> bool:
@@ -329,9 +340,10 @@ class Supervisor:
         return self.metrics.render()
 
     def _check_ready(self) -> None:
-        for pool in self.pools.values():
+        pools = self._serving.pools
+        for pool in pools.values():
             services.log_new_failures(pool)
-        if not self.ready.is_set() and all(p.dispatcher.ready() for p in self.pools.values()):
+        if not self.ready.is_set() and all(p.dispatcher.ready() for p in pools.values()):
             self.ready.set()
             self.state = "ready"
             # Everything built so far (imports, config, pools, doors) lives as long as the daemon:
@@ -418,18 +430,18 @@ class Supervisor:
             "state": self.state,
             "uptime_s": round(time.time() - self.started, 3),
             "socket": self.socket_path,
-            "generation": self.generation,
+            "generation": self._serving.number,
             "http": self.http.describe() if self.http is not None else None,
             "qipc": self.qipc.describe() if self.qipc is not None else None,
             "pools": self.pool_status(),
-            "retiring_pools": len(self.retiring),
-            "services": services.describe(self),
+            "retiring_pools": len(self.reloader.retiring),
+            "services": services.describe(self.config, self._serving.dispatchers),
         }
 
     def summary(self) -> str:
         parts = []
-        for name, p in self.pools.items():
-            st = p.dispatcher.status()
+        for name, d in self._serving.dispatchers.items():
+            st = d.status()
             w = st["workers"]
             parts.append(f"{name}: {w['idle']} idle {w['busy']} busy {w['starting']} starting, queue {st['queue']['depth']}/{st['queue']['capacity']}")
         return "; ".join(parts)

@@ -6,6 +6,10 @@ jobs' ``ReplySink``). Function and argument bytes are never unpickled here:
 the CALL frame that arrived is the frame the worker receives, with only the
 request id patched in place, and the worker's REPLY frame goes back to the
 client the same way.
+
+The door sees the daemon only through ``DoorHost`` (daemon/doors/host.py):
+the serving pools' dispatchers, the config, the status and metrics
+documents, reloads and the count of refused peers.
 """
 
 from __future__ import annotations
@@ -25,7 +29,7 @@ from cruised.pool.wire import frames, sharedfile
 from cruised.pool.wire.frames import Kind, Status
 
 if TYPE_CHECKING:
-    from cruised.core.supervisor import Supervisor
+    from cruised.doors.host import DoorHost
 
 # per-call comparisons against plain globals, not Enum class attributes (see pool/wire/frames.py)
 _CALL = Kind.CALL
@@ -34,11 +38,11 @@ log = logging.getLogger("cruised.server")
 
 
 class NativeServer:
-    def __init__(self, supervisor: Supervisor, sock: socket.socket, path: str | None) -> None:
-        self.sup = supervisor
+    def __init__(self, host: DoorHost, sock: socket.socket, path: str | None) -> None:
+        self.host = host
         self.sock = sock
         self.path = path
-        self.loop = supervisor.loop
+        self.loop = host.loop
         self.connections: set[ClientConnection] = set()
         self.loop.add_reader(sock.fileno(), self._accept)
         self.listening = True
@@ -46,7 +50,7 @@ class NativeServer:
 
     def _sweep_stalled(self) -> None:
         """Close connections that started a frame and stopped sending (daemon.read_timeout)."""
-        limit = self.sup.config.daemon.read_timeout
+        limit = self.host.config.daemon.read_timeout
         now = self.loop.time()
         for c in list(self.connections):
             since = c.channel.partial_since
@@ -68,7 +72,7 @@ class NativeServer:
             self._admit(conn)
 
     def _admit(self, conn: socket.socket) -> None:
-        cfg = self.sup.config.daemon
+        cfg = self.host.config.daemon
         try:
             pid, uid, gid = peer_credentials(conn)
         except OSError:
@@ -78,7 +82,7 @@ class NativeServer:
             refusal = (Status.QUEUE_FULL, f"too many connections ({cfg.max_connections}, daemon.max_connections)")
         elif (cfg.allow_uids or cfg.allow_gids) and uid not in cfg.allow_uids and gid not in cfg.allow_gids:
             log.warning("refused connection from pid=%s uid=%s gid=%s: not in daemon.allow_uids/allow_gids", pid, uid, gid)
-            self.sup.metrics.auth_failed("native")
+            self.host.auth_failed("native")
             refusal = (Status.ACCESS_DENIED, f"uid {uid} / gid {gid} may not use this daemon (daemon.allow_uids, daemon.allow_gids)")
         if refusal is not None:
             try:
@@ -114,14 +118,14 @@ class ClientConnection:
 
     def __init__(self, server: NativeServer, sock: socket.socket, peer: tuple[int, int, int]) -> None:
         self.server = server
-        self.sup = server.sup
+        self.host = server.host
         self.peer = peer
         self.peer_text = f"pid:{peer[0]},uid:{peer[1]},gid:{peer[2]}"  # the access log's peer= field
         self.channel = Channel(
             server.loop,
             sock,
             self,
-            self.sup.config.daemon.max_message_bytes,
+            self.host.config.daemon.max_message_bytes,
             name=f"client-pid{peer[0]}",
             on_frame_error=self._frame_error,
         )
@@ -140,16 +144,26 @@ class ClientConnection:
                         return
                     shared = sharedfile.Owned(fd)
                     try:
-                        sharedfile.check(shared.fd, self.sup.config.daemon.max_message_bytes)
+                        sharedfile.check(shared.fd, self.host.config.daemon.max_message_bytes)
                     except (sharedfile.SharedFileError, OSError) as exc:
                         shared.close()
                         self._refuse(reqid, Status.BAD_REQUEST, str(exc))
                         return
-                disp = self.sup.dispatcher(pool)
+                disp = self.host.dispatcher(pool)
                 if disp is None:
-                    self._refuse(reqid, Status.NO_SUCH_POOL, self.sup.no_such_pool(pool))
+                    self._refuse(reqid, Status.NO_SUCH_POOL, self.host.no_such_pool(pool))
                     return
-                job = Job(next_job_id(), Kind.CALL, buf, self, self, reqid, key=key, timeout=timeout_ms / 1000 if timeout_ms else None, shared=shared)
+                job = Job(
+                    id=next_job_id(),
+                    kind=Kind.CALL,
+                    frame=buf,
+                    sink=self,
+                    client=self,
+                    client_reqid=reqid,
+                    key=key,
+                    timeout=timeout_ms / 1000 if timeout_ms else None,
+                    shared=shared,
+                )
                 disp.submit(job)
             elif status & frames.CARRIES_FD:
                 self._refuse(reqid, Status.BAD_REQUEST, f"only a CALL may carry a file descriptor (frame kind {kind})")
@@ -161,19 +175,19 @@ class ClientConnection:
                 self._register(buf, reqid)
             elif kind == Kind.CHECK:
                 pool, _ = frames.unpack_name(buf, frames.HEADER_SIZE)
-                disp = self.sup.dispatcher(pool)
+                disp = self.host.dispatcher(pool)
                 if disp is None:
-                    self._refuse(reqid, Status.NO_SUCH_POOL, self.sup.no_such_pool(pool))
+                    self._refuse(reqid, Status.NO_SUCH_POOL, self.host.no_such_pool(pool))
                     return
-                disp.submit(Job(next_job_id(), Kind.CHECK, buf, self, self, reqid, endpoint="check"))
+                disp.submit(Job(id=next_job_id(), kind=Kind.CHECK, frame=buf, sink=self, client=self, client_reqid=reqid, endpoint="check"))
             elif kind == Kind.STATUS:
-                self._reply_json(reqid, self.sup.status())
+                self._reply_json(reqid, self.host.status())
             elif kind == Kind.PING:
                 self.channel.write([frames.frame(Kind.REPLY, reqid)])
             elif kind == Kind.METRICS:
-                self.channel.write([frames.frame(Kind.REPLY, reqid, self.sup.render_metrics())])
+                self.channel.write([frames.frame(Kind.REPLY, reqid, self.host.render_metrics())])
             elif kind == Kind.RELOAD:
-                self.sup.request_reload(lambda ok, msg: self._reply_json(reqid, {"ok": ok, "message": msg}, Status.OK if ok else Status.BAD_REQUEST))
+                self.host.request_reload(lambda ok, msg: self._reply_json(reqid, {"ok": ok, "message": msg}, Status.OK if ok else Status.BAD_REQUEST))
             else:
                 self._refuse(reqid, Status.BAD_REQUEST, f"unknown frame kind {kind}")
         except (frames.FrameError, ValueError, UnicodeDecodeError, struct.error) as exc:
@@ -182,9 +196,9 @@ class ClientConnection:
 
     def _register(self, buf: bytearray, reqid: int) -> None:
         pool, key, meta_raw, _ = frames.parse_register(buf)
-        disp = self.sup.dispatcher(pool)
+        disp = self.host.dispatcher(pool)
         if disp is None:
-            self._refuse(reqid, Status.NO_SUCH_POOL, self.sup.no_such_pool(pool))
+            self._refuse(reqid, Status.NO_SUCH_POOL, self.host.no_such_pool(pool))
             return
         meta = json.loads(meta_raw)
         client_py = meta.get("python")
@@ -203,7 +217,7 @@ class ClientConnection:
 
     def on_close(self, channel: Channel, error: BaseException | None) -> None:
         self.server.connections.discard(self)
-        for disp in self.sup.all_dispatchers():
+        for disp in self.host.all_dispatchers():
             disp.drop_client(self)
 
     def _frame_error(self, channel: Channel, exc: frames.FrameError) -> None:

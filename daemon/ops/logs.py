@@ -23,11 +23,12 @@ Access log
     It is on the hot path, so under the daemon's own handler it skips the
     ``logging`` machinery (a LogRecord, a lock and a write per line cost
     ~45 µs, a third of the supervisor's CPU per call): the dispatcher hands
-    it answered requests in batches (``Dispatcher.flush_answered``: 64, or
-    20 ms), ``StderrHandler`` queues each batch's values and writes the queue
-    in one ``write`` at most every ``ACCESS_FLUSH_S`` (a write per request was
-    still a tenth of a sync call's supervisor CPU), rendering the lines with
-    the formatter then, so a request's own path only appends a tuple. Any
+    it answered requests in batches of ``Answered`` records
+    (daemon/core/observers.py: 64, or 20 ms), ``StderrHandler`` queues each
+    batch's values and writes the queue in one ``write`` at most every
+    ``ACCESS_FLUSH_S`` (a write per request was still a tenth of a sync
+    call's supervisor CPU), rendering the lines with the formatter then, so
+    a request's own path only appends a tuple. Any
     other record written through the handler first writes the queued lines,
     so the stream keeps the order of events, except that an access line can
     follow a line logged up to 20 ms after its answer; ``flush``
@@ -51,7 +52,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, TextIO
 
 if TYPE_CHECKING:
-    from cruised.core.dispatch import Answered
+    from cruised.core.observers import Answered
 
 FORMATS = ("text", "json")
 ACCESS_LOGGER = "cruised.access"
@@ -296,7 +297,7 @@ class AccessLog:
             # the values now, the text when the queue is written: off the requests' path
             direct[0].queue_line((self._render, pool, batch), self.call_later)
             return
-        for endpoint, _, client, _, outcome, queue_s, exec_s, _ in batch:
+        for endpoint, _, client, _, outcome, queue_s, exec_s, _ in batch:  # Answered, in field order
             msg = _access_message(pool, endpoint, outcome, queue_s, exec_s, client)
             self.log.info("%s", msg, extra={"fields": _access_fields(pool, endpoint, outcome, queue_s, exec_s, client)})
 
@@ -307,7 +308,7 @@ class AccessLog:
         fmt = self._direct[1]
         text = isinstance(fmt, TextFormatter)
         lines = []
-        for endpoint, _, client, _, outcome, queue_s, exec_s, at in batch:
+        for endpoint, _, client, _, outcome, queue_s, exec_s, at in batch:  # Answered, in field order
             msg = _access_message(pool, endpoint, outcome, queue_s, exec_s, client)
             fields = None if text else _access_fields(pool, endpoint, outcome, queue_s, exec_s, client)
             lines.append(fmt.access_line(msg, fields, at))

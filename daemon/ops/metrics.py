@@ -7,7 +7,8 @@ mmap files, no custom collectors, ``mark_process_dead``) entirely.
 
 Data flow::
 
-    Dispatcher._observe -> a batch of answered requests ──Observer port──> Metrics.requests_done
+    Dispatcher -> AnsweredFeed (daemon/core/observers.py) -> a batch of Answered records
+        ──Observer port──> Metrics.requests_done
         -> plain per-label-set counts and bucket arrays (RequestCollector), resolved once
            per label set: a few integer additions per request, no locks
     Dispatcher.on_worker_exit, door auth checks -> prometheus_client Counters (rare events)
@@ -35,8 +36,8 @@ Invariants
     for named endpoints; at most ``MAX_ENDPOINTS`` per pool, the rest count as
     ``other``), ``outcome`` (``OUTCOMES``), ``reason`` (``EXIT_REASONS``),
     ``state`` and ``limit`` (fixed sets).
-    Counts are exact: each answered request is counted once, in the dispatcher's
-    ``_observe`` (which runs once per job, guarded by ``Job.answered``).
+    Counts are exact: each answered request is counted once, by the dispatcher's
+    ``AnsweredFeed.observe`` (which runs once per job, guarded by ``Job.answered``).
 
 Histograms
     ``cruised_request_duration_seconds``: admission to reply, every answered
@@ -75,7 +76,8 @@ from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from prometheus_client.utils import floatToGoString
 
 from cruised import __version__
-from cruised.core.dispatch import Answered, WorkerState
+from cruised.core.dispatch import WorkerState
+from cruised.core.observers import Answered
 
 if TYPE_CHECKING:
     from cruised.core.dispatch import Dispatcher
@@ -240,6 +242,7 @@ class Metrics:
 
     def requests_done(self, pool: str, batch: list[Answered]) -> None:
         children = self._children
+        # each Answered unpacked in its field order: one step, not eight attribute reads a request
         for endpoint, door, _, waited, outcome, queue_s, exec_s, _ in batch:
             key = (pool, endpoint, outcome, door)
             c = children.get(key)

@@ -104,7 +104,8 @@ def test_setup_rejects_unknown_format() -> None:
 
 
 def test_access_log_line() -> None:
-    from cruised.core.dispatch import Job, observe_one
+    from cruised.core.dispatch import Job
+    from support.fakes import observe_one
 
     class Client:
         peer = (11, 22, 33)
@@ -118,7 +119,7 @@ def test_access_log_line() -> None:
     logger.setLevel(logging.INFO)
     try:
         access = logs.AccessLog(logger)
-        job = Job(1, 1, bytearray(), None, Client(), 1, endpoint="svc/e")  # type: ignore[arg-type]  # a test Client and a raw kind: the fields logging reads
+        job = Job(id=1, kind=1, frame=bytearray(), sink=None, client=Client(), client_reqid=1, endpoint="svc/e")  # type: ignore[arg-type]  # a test Client and a raw kind: the fields logging reads
         observe_one(access, "p", job, "rejected", 0.0, None)
         observe_one(access, "p", job, "ok", 0.0012, 0.5)
     finally:
@@ -132,7 +133,8 @@ def test_access_log_line() -> None:
 @pytest.mark.parametrize("fmt", ["text", "json"])
 def test_direct_access_lines_match_the_logging_path_and_keep_order(fmt: str) -> None:
     """The hot-path access log renders the same line as a logging record would, batched per loop turn."""
-    from cruised.core.dispatch import Job, observe_one
+    from cruised.core.dispatch import Job
+    from support.fakes import observe_one
 
     class Client:
         peer = (11, 22, 33)
@@ -146,7 +148,7 @@ def test_direct_access_lines_match_the_logging_path_and_keep_order(fmt: str) -> 
         assert delay == logs.ACCESS_FLUSH_S
         scheduled.append(cb)
 
-    job = Job(1, 1, bytearray(), None, Client(), 1, endpoint="svc/e")  # type: ignore[arg-type]  # a test Client and a raw kind: the fields logging reads
+    job = Job(id=1, kind=1, frame=bytearray(), sink=None, client=Client(), client_reqid=1, endpoint="svc/e")  # type: ignore[arg-type]  # a test Client and a raw kind: the fields logging reads
     try:
         logs.setup("info", fmt, slow_out)
         observe_one(logs.AccessLog(), "p", job, "ok", 0.0012, 0.5)  # no call_soon: an ordinary record

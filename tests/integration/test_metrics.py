@@ -21,11 +21,11 @@ from prometheus_client.parser import text_string_to_metric_families
 
 import cruised
 from cruised.config import PoolConfig
-from cruised.core.dispatch import Dispatcher, Job, observe_one
+from cruised.core.dispatch import Dispatcher, Job
 from cruised.ops.metrics import BUCKETS, EXIT_REASONS, MAX_ENDPOINTS, OUTCOMES, Metrics
 from cruised.pool.wire.frames import Kind
 from support.daemon import Daemon, pool_config, wait_for
-from support.fakes import FakeClock, FakeLauncher
+from support.fakes import FakeClock, FakeLauncher, observe_one
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -226,7 +226,7 @@ def _dispatcher() -> tuple[Dispatcher, FakeClock]:
 
 
 def _job(endpoint: str = "function") -> Job:
-    return Job(1, Kind.CALL, bytearray(64), None, Client(), 1, endpoint=endpoint)  # type: ignore[arg-type]  # a test Client stands in for a door's sink
+    return Job(id=1, kind=Kind.CALL, frame=bytearray(64), sink=None, client=Client(), client_reqid=1, endpoint=endpoint)  # type: ignore[arg-type]  # a test Client stands in for a door's sink
 
 
 def test_outcome_aliases_and_histogram_membership() -> None:

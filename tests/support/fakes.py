@@ -1,7 +1,8 @@
 """Dispatcher fakes: a clock that moves only when told, a launcher that records, a reply sink.
 
 The dispatcher's ports (Clock, Launcher, ReplySink) made of plain lists, so unit
-tests drive its policy with no processes and no sleeps.
+tests drive its policy with no processes and no sleeps. ``observe_one`` shows
+an observer (metrics, the access log) one answered request without a dispatcher.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from typing import Any
 
 from cruised.config import PoolConfig
 from cruised.core.dispatch import Dispatcher, Job, Worker, WorkerState
+from cruised.core.observers import Observer, answer_record
 from cruised.pool.wire import frames
 from cruised.pool.wire.frames import Kind, Status
 
@@ -120,9 +122,14 @@ def ready_all(d: Dispatcher) -> None:
 def job(sink: Sink, client: Any = None, timeout: float | None = None, key: bytes = KEY) -> Job:
     reqid = next(_ids)
     frame = bytearray(frames.frame(Kind.CALL, reqid, frames.call_head("p", 0, key)))
-    return Job(next(_ids), Kind.CALL, frame, sink, client or sink, reqid, key=key, timeout=timeout)
+    return Job(id=next(_ids), kind=Kind.CALL, frame=frame, sink=sink, client=client or sink, client_reqid=reqid, key=key, timeout=timeout)
 
 
 def reply(d: Dispatcher, w: Worker, status: int = Status.OK) -> None:
     assert w.job is not None
     d.on_worker_reply(w, bytearray(frames.frame(Kind.REPLY, w.job.id, b"", status)), status, w.job.id)
+
+
+def observe_one(observer: Observer, pool: str, job: Job, outcome: str, queue_s: float, exec_s: float | None) -> None:
+    """Show ``observer`` one answered request now, as the dispatcher's batches would."""
+    observer.requests_done(pool, [answer_record(job, outcome, queue_s, exec_s)])

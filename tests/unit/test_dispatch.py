@@ -336,7 +336,7 @@ class BatchRecorder:
 def test_observers_see_answered_requests_in_batches() -> None:
     """Counts for `status` are kept at once; observers get a batch of 64, or after 20 ms, or on a
     flush (a scrape, shutdown), with every field the record promises."""
-    from cruised.core.dispatch import ANSWERED_BATCH, ANSWERED_EVERY
+    from cruised.core.observers import ANSWERED_BATCH, ANSWERED_EVERY
 
     d, clock, launcher = make(queue_size=ANSWERED_BATCH + 8)
     rec = BatchRecorder()

@@ -32,7 +32,7 @@ def setup(exec_timeout: float = 10.0) -> tuple[Dispatcher, FakeClock, FakeLaunch
 
 def submit(d: Dispatcher, sink: Sink, reqid: int, timeout: float | None = None) -> Job:
     frame = bytearray(frames.frame(Kind.CALL, reqid, frames.call_head("p", 0, KEY)))
-    job = Job(reqid * 100, Kind.CALL, frame, sink, sink, reqid, key=KEY, timeout=timeout)
+    job = Job(id=reqid * 100, kind=Kind.CALL, frame=frame, sink=sink, client=sink, client_reqid=reqid, key=KEY, timeout=timeout)
     d.submit(job)
     return job
 

@@ -291,7 +291,7 @@ class Steps:
     @staticmethod
     def submit(disp: Dispatcher, name: str, frame: bytearray, sink: ReplySink) -> Job:
         """Queue the ENDPOINT frame; ``sink`` (also the job's client, for drop_client) gets the answer."""
-        job = Job(next_job_id(), _ENDPOINT, frame, sink, sink, 0, endpoint=name, door="http")
+        job = Job(id=next_job_id(), kind=_ENDPOINT, frame=frame, sink=sink, client=sink, client_reqid=0, endpoint=name, door="http")
         disp.submit(job)
         return job
 

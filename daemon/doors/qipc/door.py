@@ -48,6 +48,10 @@ Ordering on one handle (what q developers rely on)
 
 A handle that goes away drops its queued jobs (``Dispatcher.drop_client``);
 a running one finishes and its answer is discarded.
+
+The door sees the daemon only through ``DoorHost`` (daemon/doors/host.py):
+the serving config and dispatchers, ``pool_status()`` for ``.cruised.stats``,
+and ``auth_failed`` for refused logins.
 """
 
 from __future__ import annotations
@@ -76,7 +80,7 @@ from cruised.pool.wire.frames import Kind, Status
 if TYPE_CHECKING:
     from cruised.config import Config
     from cruised.core.dispatch import Dispatcher
-    from cruised.core.supervisor import Supervisor
+    from cruised.doors.host import DoorHost
 
 log = logging.getLogger("cruised.qipc")
 
@@ -116,17 +120,17 @@ QReply = FutureReply  # the ReplySink of one call: the dispatcher's answer resol
 
 
 class QipcDoor:
-    def __init__(self, supervisor: Supervisor) -> None:
-        self.sup = supervisor
-        self.loop = supervisor.loop
+    def __init__(self, host: DoorHost) -> None:
+        self.host = host
+        self.loop = host.loop
         #: the listening settings (listen, unix, TLS) as started: a reload does not re-bind them
-        self.cfg = supervisor.config.qipc
+        self.cfg = host.config.qipc
         self.auth = Authenticator(self.cfg)
-        self._auth_config: Config = supervisor.config
+        self._auth_config: Config = host.config
         self.kx: Any = None
         self.servers: list[asyncio.base_events.Server] = []
         self.connections: set[QConnection] = set()
-        self.host = ""
+        self.listen_host = ""  # the bound TCP address (``host`` is the daemon)
         self.port = 0
         self.unix_name: str | None = None
         self.logins = {"ok": 0, "failed": 0}
@@ -145,7 +149,7 @@ class QipcDoor:
         assert address is not None
         host, port = address
         tcp = self._bind_tcp(host, port)
-        self.host, self.port = tcp.getsockname()[:2]
+        self.listen_host, self.port = tcp.getsockname()[:2]
         tls = None
         if self.cfg.tls_cert and self.cfg.tls_key:
             tls = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
@@ -166,7 +170,7 @@ class QipcDoor:
             self.stop_listening()
             raise
         self._sweeper = self.loop.call_later(1.0, self._sweep)
-        log.info("qipc listening on %s:%s%s%s", self.host, self.port, " (TLS)" if tls else "", f" and {self.unix_name}" if self.unix_name else "")
+        log.info("qipc listening on %s:%s%s%s", self.listen_host, self.port, " (TLS)" if tls else "", f" and {self.unix_name}" if self.unix_name else "")
 
     def _bind_tcp(self, host: str, port: int) -> socket.socket:
         sock = bind_tcp(host, port, "qipc.listen")
@@ -195,7 +199,7 @@ class QipcDoor:
 
     def _sweep(self) -> None:
         """Close handles whose handshake or current message stalled past daemon.read_timeout."""
-        limit = self.sup.config.daemon.read_timeout
+        limit = self.host.config.daemon.read_timeout
         now = self.loop.time()
         for conn in list(self.connections):
             if conn.partial_since is not None and now - conn.partial_since > limit:
@@ -208,7 +212,7 @@ class QipcDoor:
     # -- shared services for the connections ------------------------------------------
 
     def authenticator(self) -> Authenticator:
-        cfg = self.sup.config
+        cfg = self.host.config
         if cfg is not self._auth_config:  # a reload: the users file, loopback trust or endpoint lists may have changed
             try:
                 self.auth = Authenticator(cfg.qipc)
@@ -224,7 +228,7 @@ class QipcDoor:
 
     def describe(self) -> dict[str, Any]:
         return {
-            "listen": f"{self.host}:{self.port}" if self.port else None,
+            "listen": f"{self.listen_host}:{self.port}" if self.port else None,
             "port": self.port,
             "unix": self.unix_name,
             "tls": bool(self.cfg.tls_cert),
@@ -248,8 +252,7 @@ class QipcDoor:
         import pandas as pd
 
         rows = []
-        for name, pool in self.sup.pools.items():
-            st = pool.dispatcher.status()
+        for name, st in self.host.pool_status().items():
             w, q, r = st["workers"], st["queue"], st["requests"]
             rows.append(
                 {
@@ -276,10 +279,10 @@ class QipcDoor:
     def endpoints_table(self) -> Any:
         import pandas as pd
 
-        cfg = self.sup.config
+        cfg = self.host.config
         rows = []
         for name, (_, _, ep) in cfg.endpoints().items():
-            disp = self.sup.dispatcher(ep.pool)
+            disp = self.host.dispatcher(ep.pool)
             state = services.endpoint_state(disp, name) if disp is not None else services.EndpointState("pool_unavailable", "no such pool")
             arity = (disp.ready_info.get("q_arity") or {}).get(name, {}) if disp is not None else {}
             rows.append(
@@ -302,7 +305,7 @@ class QConnection(asyncio.BufferedProtocol):
 
     def __init__(self, door: QipcDoor, unix: bool) -> None:
         self.door = door
-        self.sup = door.sup
+        self.host = door.host
         self.loop = door.loop
         self.unix = unix
         self.transport: asyncio.Transport | None = None
@@ -344,7 +347,7 @@ class QConnection(asyncio.BufferedProtocol):
         transport = cast(asyncio.Transport, transport)
         self.transport = transport
         self.peer = transport.get_extra_info("peername")
-        limit = self.sup.config.daemon.max_connections
+        limit = self.host.config.daemon.max_connections
         if len(self.door.connections) >= limit:
             log.warning("qipc: refused a connection from %s: too many connections (%d, daemon.max_connections)", self.who(), limit)
             self.closed = True
@@ -390,7 +393,7 @@ class QConnection(asyncio.BufferedProtocol):
 
     def _inbox_full(self, fraction: float = 1.0) -> bool:
         """Messages read ahead: at most qipc.max_pending, and at most daemon.max_message_bytes of them."""
-        return len(self._inbox) >= self.sup.config.qipc.max_pending * fraction or self._inbox_bytes >= self.sup.config.daemon.max_message_bytes * fraction
+        return len(self._inbox) >= self.host.config.qipc.max_pending * fraction or self._inbox_bytes >= self.host.config.daemon.max_message_bytes * fraction
 
     def eof_received(self) -> bool | None:
         return False  # close; replies still queued are flushed by the transport
@@ -404,7 +407,7 @@ class QConnection(asyncio.BufferedProtocol):
             task.cancel()
         self._inbox.clear()
         self._inbox_bytes = 0
-        for disp in self.sup.all_dispatchers():
+        for disp in self.host.all_dispatchers():
             disp.drop_client(self)
         if self.user is not None:
             log.debug("qipc: %s closed", self.who())
@@ -428,7 +431,7 @@ class QConnection(asyncio.BufferedProtocol):
         local = self.unix or is_loopback(self.peer)
         if not self.door.authenticator().login(hs.user, hs.password, local):
             self.door.logins["failed"] += 1
-            self.door.sup.metrics.auth_failed("qipc")
+            self.door.host.auth_failed("qipc")
             log.warning("qipc: login refused for user %s from %s", ascii(hs.user[:40]), "unix" if self.unix else self.peer)
             self.abort()  # no byte back: q's 'access, pykx's "Authentication error"
             return
@@ -451,7 +454,7 @@ class QConnection(asyncio.BufferedProtocol):
             log.warning("qipc: closing %s: %s", self.who(), exc)
             self.abort()
             return
-        limit = self.sup.config.daemon.max_message_bytes
+        limit = self.host.config.daemon.max_message_bytes
         if header.total > limit:
             log.warning("qipc: closing %s: a message of %d bytes exceeds daemon.max_message_bytes (%d)", self.who(), header.total, limit)
             if header.msgtype == MSG_SYNC:
@@ -567,7 +570,7 @@ class QConnection(asyncio.BufferedProtocol):
         """pykx (C) decompresses; the plain message gets a fresh buffer with the reserve."""
         msg = memoryview(buf)[RESERVE : RESERVE + header.total]
         size = qwire.uncompressed_size(msg, header.little)
-        limit = self.sup.config.daemon.max_message_bytes
+        limit = self.host.config.daemon.max_message_bytes
         if size > limit:
             raise WireError(f"it would decompress to {size} bytes, above daemon.max_message_bytes ({limit})")
         if size <= qwire.HEADER_SIZE:
@@ -628,9 +631,9 @@ class QConnection(asyncio.BufferedProtocol):
         assert name is not None
         mode = "sync" if header.msgtype == MSG_SYNC else "async"
         callback: tuple[Any, Any] | None = None
-        known = self.sup.config.endpoints()
+        known = self.host.config.endpoints()
         spec = known.get(name)
-        disp = self.sup.dispatcher(spec[2].pool) if spec is not None else None
+        disp = self.host.dispatcher(spec[2].pool) if spec is not None else None
         arity = (disp.ready_info.get("q_arity") or {}).get(name) if disp is not None else None
         if mode == "async" and qcall.callback_possible(p.nargs, arity):
             # only now are the items read (in this process, without converting them): is the
@@ -660,9 +663,9 @@ class QConnection(asyncio.BufferedProtocol):
         prefix = bytes([qwire.T_LIST, 0]) + p.nargs.to_bytes(4, "little" if header.little else "big", signed=True)
         head = {"target": "endpoint", "name": name, "cap": self.cap, "mode": mode}
         frame = build_qcall(buf, RESERVE + p.args_at, RESERVE + header.total, prefix, head, header.little)
-        job = Job(next_job_id(), Kind.QCALL, frame, QReply(self.loop), self, 0, endpoint=name, door="qipc")
+        job = Job(id=next_job_id(), kind=Kind.QCALL, frame=frame, sink=QReply(self.loop), client=self, client_reqid=0, endpoint=name, door="qipc")
         if mode == "callback":
-            while len(self._callbacks) >= self.sup.config.qipc.callback_concurrency:
+            while len(self._callbacks) >= self.host.config.qipc.callback_concurrency:
                 await asyncio.wait(list(self._callbacks), return_when=asyncio.FIRST_COMPLETED)
             disp.submit(job)
             task = self.loop.create_task(self._complete_callback(job, disp, header, callback))
@@ -730,8 +733,8 @@ class QConnection(asyncio.BufferedProtocol):
     # -- pykx.remote ---------------------------------------------------------------------------
 
     async def _remote(self, header: Header, buf: bytearray, p: qwire.Peek, kind: str) -> None:
-        pool = self.sup.config.qipc.remote_pool
-        disp = self.sup.dispatcher(pool)
+        pool = self.host.config.qipc.remote_pool
+        disp = self.host.dispatcher(pool)
         if disp is None:
             self.refuse(header, f"cruised: no pool {pool!r} for pykx.remote (qipc.remote_pool)", "unknown")
             return
@@ -755,7 +758,16 @@ class QConnection(asyncio.BufferedProtocol):
             self.refuse(header, qremote.library_error(kind, alias, module, "not a Python module name"), "malformed")
             return
         payload = frames.pack_name(disp.name) + json.dumps({"libraries": {alias: module}}).encode()
-        job = Job(next_job_id(), Kind.CHECK, bytearray(frames.frame(Kind.CHECK, 0, payload)), QReply(self.loop), self, 0, endpoint="check", door="qipc")
+        job = Job(
+            id=next_job_id(),
+            kind=Kind.CHECK,
+            frame=bytearray(frames.frame(Kind.CHECK, 0, payload)),
+            sink=QReply(self.loop),
+            client=self,
+            client_reqid=0,
+            endpoint="check",
+            door="qipc",
+        )
         disp.submit(job)
         assert isinstance(job.sink, QReply)
         status, reply, message = await job.sink.future
@@ -778,7 +790,17 @@ class QConnection(asyncio.BufferedProtocol):
         for attempt in (1, 2):
             if key not in disp.code:  # compiled once per worker: the source travels only with the first call
                 disp.register(key, qremote.define_frame(disp.name, key, name, source, libraries))
-            job = Job(next_job_id(), Kind.QCALL, frame, QReply(self.loop), self, 0, key=key, endpoint="function", door="qipc")
+            job = Job(
+                id=next_job_id(),
+                kind=Kind.QCALL,
+                frame=frame,
+                sink=QReply(self.loop),
+                client=self,
+                client_reqid=0,
+                key=key,
+                endpoint="function",
+                door="qipc",
+            )
             disp.submit(job)
             assert isinstance(job.sink, QReply)
             status, reply, message = await job.sink.future
