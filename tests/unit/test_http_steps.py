@@ -172,11 +172,13 @@ def test_too_large_closes_the_connection(tmp_path: Path) -> None:
 
 def test_timing_is_in_milliseconds_on_the_dispatchers_clock() -> None:
     t0 = now() - 0.001  # the request arrived 1 ms ago; its job has run since
-    job = Job(1, Kind.ENDPOINT, bytearray(), fakes.Sink(), None, 0, admitted=t0 + 0.0001)
+    job = Job(id=1, kind=Kind.ENDPOINT, frame=bytearray(), sink=fakes.Sink(), client=None, client_reqid=0)
+    job.admitted = t0 + 0.0001
     job.started = job.admitted + 0.0002
     job.finished = job.started + 0.0005
     queue_ms, exec_ms, total_ms = timing(job, t0)
     assert queue_ms == pytest.approx(0.2) and exec_ms == pytest.approx(0.5)
     assert total_ms >= 1.0 and total_ms >= queue_ms + exec_ms
-    never_ran = Job(2, Kind.ENDPOINT, bytearray(), fakes.Sink(), None, 0, admitted=now())
+    never_ran = Job(id=2, kind=Kind.ENDPOINT, frame=bytearray(), sink=fakes.Sink(), client=None, client_reqid=0)
+    never_ran.admitted = now()
     assert timing(never_ran, t0)[1] == 0.0
