@@ -42,7 +42,8 @@ from concurrent.futures import Future
 from typing import Any, TypeVar
 
 from cruised.client import errors, paths, shipping
-from cruised.pool.wire import bundle, frames, rawbuf, sharedfile, sockopt
+from cruised.pool.wire import bundle, frames, sharedfile, sockopt
+from cruised.pool.wire.framebuf import FrameBuffer
 from cruised.pool.wire.frames import Kind, Status
 
 # per-call comparisons against plain globals, not Enum class attributes (see pool/wire/frames.py)
@@ -110,9 +111,8 @@ class _Connection:
         self.registered: dict[tuple[str, bytes], _Pending] = {}
         self.async_outstanding = 0
         self.bg: threading.Thread | None = None
-        self._buf = bytearray(RECV_SIZE)
-        self._start = 0
-        self._end = 0
+        #: replies received and not yet delivered (no size limit: the daemon's are trusted)
+        self.incoming = FrameBuffer(RECV_SIZE, 1 << 62)
         self.last_used = time.monotonic()
         self.files = sharedfile.FilePool()
         #: whether this connection passes shared files: None until the first call with large
@@ -309,40 +309,32 @@ class _Connection:
         return done
 
     def _read_batch(self) -> None:
+        """One ``recv`` and every reply it completes; a large reply is read to its end here."""
         if self.broken is not None:
             raise self.broken
-        buf = self._buf
-        if self._end == len(buf):
-            pending = self._end - self._start
-            buf[:pending] = buf[self._start : self._end]
-            self._start, self._end = 0, pending
+        fb = self.incoming
+        err: OSError | None = None
         try:
-            n = self.sock.recv_into(memoryview(buf)[self._end :])
+            n = self.sock.recv_into(fb.space())
         except OSError as exc:
             n, err = 0, exc
-        else:
-            err = None
         if n == 0:
             self._fail(errors.DaemonUnavailable(f"connection to cruised at {self.path} lost ({err or 'closed by the daemon'})"))
             return
-        self._end += n
-        view = memoryview(buf)
-        while self._end - self._start >= frames.HEADER_SIZE:
-            total, kind, status, reqid = frames.parse_header(view[self._start :], 1 << 62)
-            if self._end - self._start >= total:
-                frame = bytearray(view[self._start : self._start + total])
-                self._start += total
-            elif total > len(buf):
-                frame = rawbuf.uninitialized(total)  # filled whole by the copy and _recv_exact below
-                have = self._end - self._start
-                frame[:have] = view[self._start : self._end]
-                self._start = self._end = 0
-                _recv_exact(self.sock, memoryview(frame)[have:])
-            else:
-                break
-            self._deliver(frame, status, reqid)
-        if self._start == self._end:
-            self._start = self._end = 0
+        while True:
+            frame = fb.next(n)
+            n = 0
+            if frame is None:
+                if fb.big is None:
+                    return
+                # a reply with a buffer of its own (FrameBuffer): the rest of it is on its way, so it
+                # is read now, with this thread's read lock held, straight into that buffer
+                n = self.sock.recv_into(fb.space())
+                if n == 0:
+                    raise ConnectionResetError("connection closed mid-frame")
+                continue
+            header = fb.header
+            self._deliver(frame, header[3], header[4])
 
     def _deliver(self, frame: bytearray, status: int, reqid: int) -> None:
         if reqid == 0 and status != _OK:
@@ -440,14 +432,6 @@ def _send_rest(sock: socket.socket, views: list[memoryview], sent: int) -> None:
         if sent:
             views[0] = views[0][sent:]
         sent = sock.sendmsg(views[:512])
-
-
-def _recv_exact(sock: socket.socket, view: memoryview) -> None:
-    while view.nbytes:
-        n = sock.recv_into(view)
-        if n == 0:
-            raise ConnectionResetError("connection closed mid-frame")
-        view = view[n:]
 
 
 def _message(frame: bytearray) -> str:
