@@ -52,9 +52,6 @@ from cruised.pool import heap, qcall, qconn
 from cruised.pool.wire import bundle, framebuf, frames, sharedfile, sockopt
 from cruised.pool.wire.frames import Kind, Status
 
-# per-call comparisons against plain globals, not Enum class attributes (see pool/wire/frames.py)
-_CALL, _HELD, _REPLY, _OK = Kind.CALL, Kind.HELD, Kind.REPLY, Status.OK
-
 PRELOAD_FAILED_EXIT = 3
 #: loaded functions kept per worker; a miss only costs a DEFINE from the supervisor
 FUNCTION_CACHE = 4096
@@ -202,7 +199,7 @@ class Channel:
         if len(buf) >= LARGE_PAYLOAD:
             self.churn += len(buf)
         _, _, kind, status, _ = fb.header
-        if kind == _CALL and status & frames.CARRIES_FD:
+        if kind == Kind.CALL and status & frames.CARRIES_FD:
             self._claim_fd()
         return buf
 
@@ -228,7 +225,7 @@ class Channel:
         size = bundle.packed_size(parts)
         if size >= LARGE_PAYLOAD:
             self.churn += size
-        head = frames.header(_REPLY, reqid, size, status)
+        head = frames.header(Kind.REPLY, reqid, size, status)
         if size <= SMALL_REPLY:
             # one contiguous buffer and plain send(): cheaper than building a scatter list
             self.sock.sendall(b"".join((head, *parts)))
@@ -356,7 +353,7 @@ class Worker:
                 return
             self.channel.reply(reqid, Status.ERROR, error_parts(exc))
             return
-        self.channel.reply(reqid, _OK, parts)
+        self.channel.reply(reqid, Status.OK, parts)
 
     def check(self, reqid: int, buf: bytearray) -> None:
         _, off = frames.unpack_name(buf, frames.HEADER_SIZE)
@@ -383,7 +380,7 @@ class Worker:
                 return 0
             shared = ch.frame_fd  # only a CALL has one
             _, _, kind, _, reqid = ch.incoming.header
-            if kind == _HELD:
+            if kind == Kind.HELD:
                 held_reqid, held_until = reqid, frames.HELD_DEADLINE.unpack_from(buf, frames.HEADER_SIZE)[0]
                 continue
             if held_reqid:
@@ -397,7 +394,7 @@ class Worker:
                         os.close(shared)  # never read: the call did not run
                     ch.reply(reqid, Status.NOT_RUN, [])
                     continue
-            if kind == _CALL:
+            if kind == Kind.CALL:
                 self.call(reqid, buf, shared)
             elif kind == Kind.DEFINE:
                 self.define(buf)

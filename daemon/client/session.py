@@ -46,9 +46,6 @@ from cruised.pool.wire import bundle, frames, sharedfile, sockopt
 from cruised.pool.wire.framebuf import FrameBuffer
 from cruised.pool.wire.frames import Kind, Status
 
-# per-call comparisons against plain globals, not Enum class attributes (see pool/wire/frames.py)
-_CALL, _OK, _UNKNOWN_FUNCTION = Kind.CALL, Status.OK, Status.UNKNOWN_FUNCTION
-
 T = TypeVar("T")
 
 RECV_SIZE = 256 << 10
@@ -173,7 +170,7 @@ class _Connection:
             # parts: the call head, then the args bundle (index, pickle, then out-of-band buffers);
             # the cheap tests first: a small call passes them all in a few nanoseconds
             if (
-                kind == _CALL
+                kind == Kind.CALL
                 and (result_file or len(parts) > 3 or len(parts[2]) >= sharedfile.SHARE_MIN)
                 and (result_file or bundle.shareable(parts[1:], with_pickle=True))
                 and self._may_pass_fds()
@@ -215,7 +212,7 @@ class _Connection:
         slot = _Pending()
         slot.callback = callback
         self.pending[rid] = slot
-        frame = b"".join((frames.header(_CALL, rid, len(head) + len(index) + len(data)), head, index, data))
+        frame = b"".join((frames.header(Kind.CALL, rid, len(head) + len(index) + len(data)), head, index, data))
         self.last_used = time.monotonic()
         try:
             with self.send_lock:
@@ -337,7 +334,7 @@ class _Connection:
             self._deliver(frame, header[3], header[4])
 
     def _deliver(self, frame: bytearray, status: int, reqid: int) -> None:
-        if reqid == 0 and status != _OK:
+        if reqid == 0 and status != Status.OK:
             # a connection-level refusal (access, limits, a frame the daemon could not parse)
             self._fail(_error_for(status, frame))
             return
@@ -661,7 +658,7 @@ class Session:
         parts = bundle.pack((args, kwargs))
         if len(parts) == 2 and len(parts[1]) < sharedfile.SHARE_MIN and not shipped.big_results:
             return conn.send_small(head, parts[0], parts[1], callback)  # type: ignore[arg-type]
-        return conn.send([(_CALL, [head, *parts])], callback, shipped.big_results)[0]
+        return conn.send([(Kind.CALL, [head, *parts])], callback, shipped.big_results)[0]
 
     def _timeout_ms(self) -> int:
         return int(self.timeout * 1000) if self.timeout else 0
@@ -685,7 +682,7 @@ class Session:
             requests.append((Kind.REGISTER, [frames.register_head(self.pool, shipped.key, meta), shipped.blob]))
         head = shipped.call_head(self.pool, timeout_ms)
         for args, kwargs in calls:
-            requests.append((_CALL, [head, *bundle.pack((args, kwargs))]))
+            requests.append((Kind.CALL, [head, *bundle.pack((args, kwargs))]))
         slots = conn.send(requests, callback, shipped.big_results)
         if register:
             conn.registered[reg_key] = slots[0]
@@ -703,14 +700,14 @@ class Session:
         if slot.error is not None:
             return True, slot.error
         assert slot.frame is not None
-        if slot.status == _UNKNOWN_FUNCTION:
+        if slot.status == Status.UNKNOWN_FUNCTION:
             reg = conn.registered.pop((self.pool, shipped.key), None)
             if reg is not None and reg.done and reg.error is None and reg.status != Status.OK:
                 assert reg.frame is not None
                 return True, _error_for(reg.status, reg.frame)  # registration was refused: say why
             if not retried:
                 return False, None
-        if slot.status == _OK:
+        if slot.status == Status.OK:
             shipped.saw_result(slot.frame, slot.shared)
             try:
                 return True, _Value(bundle.unpack(slot.frame, frames.HEADER_SIZE, slot.shared))
@@ -725,7 +722,7 @@ class Session:
         retried = False
         while True:
             slot = conn.wait(self._send_call(conn, shipped, args, kwargs, retried))
-            if slot.status == _OK and slot.shared is None and slot.error is None:
+            if slot.status == Status.OK and slot.shared is None and slot.error is None:
                 # the commonest answer, read here: what _outcome would do with it, in fewer steps
                 frame = slot.frame
                 assert frame is not None

@@ -118,7 +118,7 @@ Endpoint calls
 from __future__ import annotations
 
 import struct
-from enum import IntEnum
+from collections.abc import Iterator
 from typing import Final
 
 VERSION: Final = 1
@@ -133,51 +133,92 @@ KIND_OFFSET: Final = 5
 STATUS_OFFSET: Final = 6  # u16, little-endian
 
 
-class Kind(IntEnum):
-    CALL = 1
-    REGISTER = 2
-    CHECK = 3
-    STATUS = 4
-    PING = 5
-    RELOAD = 6
-    METRICS = 7
-    PASS_FDS = 8
-    DEFINE = 16
-    ENDPOINT = 17
-    SETUP = 18
-    QCALL = 19
-    HELD = 20
-    READY = 32
-    STATE = 33
-    REPLY = 64
+class Constants:
+    """A set of named int constants, read as the attributes of its one instance (``Kind.CALL``).
+
+    The values are plain ints, what the wire carries; ``name(value)`` gives a value's name for
+    messages and logs (``Status.name(2) == "QUEUE_FULL"``), and iterating gives the values in
+    the order they are defined. A subclass lists its constants as upper-case class attributes;
+    ``Kind``, ``Status`` (and the supervisor's ``WorkerState``) are its instances.
+
+    Why an instance: the hot paths of three processes read these for every frame, and the
+    supervisor's dispatcher reads worker states about fifteen times a call. Under Python 3.11
+    (callgrind, instructions per read beyond a literal's): a module global 18, an attribute
+    of this instance 47 to 67 (LOAD_ATTR_INSTANCE_VALUE: __init__ copies the constants into
+    its __dict__), a plain class attribute 187 (3.11 does not specialise attribute reads on
+    classes), an Enum member 978 (EnumType's __getattr__ hook). So no module keeps aliases
+    of them for speed.
+    """
+
+    def __init__(self) -> None:
+        names: dict[int, str] = {}
+        for key, value in vars(type(self)).items():
+            if key.isupper() and not key.startswith("_") and type(value) is int:
+                if value in names:
+                    raise ValueError(f"{type(self).__name__}: {key} and {names[value]} are both {value}")
+                names[value] = key
+                setattr(self, key, value)  # an instance attribute: see the class docstring
+        self._names = names
+
+    def name(self, value: int) -> str:
+        """The constant's name; a value that is none of them (a peer's unknown kind) as its digits."""
+        return self._names.get(value, str(value))
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(self._names)
+
+    def __repr__(self) -> str:
+        return f"<{type(self).__name__.lstrip('_')} {', '.join(f'{n}={v}' for v, n in self._names.items())}>"
 
 
-class Status(IntEnum):
-    OK = 0
-    ERROR = 1  # the user's code raised
-    QUEUE_FULL = 2
-    QUEUE_TIMEOUT = 3
-    EXEC_TIMEOUT = 4
-    WORKER_CRASHED = 5
-    UNKNOWN_FUNCTION = 6  # the daemon lost the code (restart): register again
-    BAD_REQUEST = 7
-    SHUTTING_DOWN = 8
-    NO_SUCH_POOL = 9
-    INTERNAL = 10
-    PRELOAD_FAILED = 11  # worker -> supervisor only
-    VERSION_MISMATCH = 12
-    ACCESS_DENIED = 13
-    Q_UNAVAILABLE = 14
-    BAD_ARGUMENTS = 15  # endpoint: the JSON object does not fit the function's parameters
-    ENDPOINT_UNAVAILABLE = 16  # endpoint: its code failed to load
-    CUSTOM_RESPONSE = 17  # endpoint: the function returned its own HTTP response
-    API_ERROR = 18  # endpoint: the function raised an error carrying an HTTP status
-    NOT_RUN = 19  # worker -> supervisor: a HELD call's queue deadline passed before it could start
+class _Kind(Constants):
+    """A frame's ``kind`` (the table in this module's docstring)."""
+
+    CALL: Final = 1
+    REGISTER: Final = 2
+    CHECK: Final = 3
+    STATUS: Final = 4
+    PING: Final = 5
+    RELOAD: Final = 6
+    METRICS: Final = 7
+    PASS_FDS: Final = 8
+    DEFINE: Final = 16
+    ENDPOINT: Final = 17
+    SETUP: Final = 18
+    QCALL: Final = 19
+    HELD: Final = 20
+    READY: Final = 32
+    STATE: Final = 33
+    REPLY: Final = 64
 
 
-# Hot paths compare against module-level aliases of these members (``_CALL = Kind.CALL``): in
-# Python 3.11 every attribute read on an Enum class goes through EnumType.__getattr__'s slot
-# hook, ~0.2 us, ten times a global read (3.12 dropped the hook).
+class _Status(Constants):
+    """A frame's ``status``: a REPLY's outcome (the low byte; a CALL's high bits are flags)."""
+
+    OK: Final = 0
+    ERROR: Final = 1  # the user's code raised
+    QUEUE_FULL: Final = 2
+    QUEUE_TIMEOUT: Final = 3
+    EXEC_TIMEOUT: Final = 4
+    WORKER_CRASHED: Final = 5
+    UNKNOWN_FUNCTION: Final = 6  # the daemon lost the code (restart): register again
+    BAD_REQUEST: Final = 7
+    SHUTTING_DOWN: Final = 8
+    NO_SUCH_POOL: Final = 9
+    INTERNAL: Final = 10
+    PRELOAD_FAILED: Final = 11  # worker -> supervisor only
+    VERSION_MISMATCH: Final = 12
+    ACCESS_DENIED: Final = 13
+    Q_UNAVAILABLE: Final = 14
+    BAD_ARGUMENTS: Final = 15  # endpoint: the JSON object does not fit the function's parameters
+    ENDPOINT_UNAVAILABLE: Final = 16  # endpoint: its code failed to load
+    CUSTOM_RESPONSE: Final = 17  # endpoint: the function returned its own HTTP response
+    API_ERROR: Final = 18  # endpoint: the function raised an error carrying an HTTP status
+    NOT_RUN: Final = 19  # worker -> supervisor: a HELD call's queue deadline passed before it could start
+
+
+Kind: Final = _Kind()
+Status: Final = _Status()
 
 #: in a CALL's ``status``: a file descriptor (the call's shared file) comes with the frame
 CARRIES_FD: Final = 0x8000

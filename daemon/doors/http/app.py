@@ -100,9 +100,6 @@ if TYPE_CHECKING:
     from cruised.core.supervisor import Supervisor
     from cruised.doors.http.fast import FastConnection
 
-# per-call comparisons against plain globals, not Enum class attributes (see pool/wire/frames.py)
-_ENDPOINT = Kind.ENDPOINT
-
 log = logging.getLogger("cruised.http")
 
 RUN_PATH = "/public/api/v1/{service}/{endpoint}/run"
@@ -455,7 +452,7 @@ class HttpDoor:
     @staticmethod
     def submit(disp: Dispatcher, name: str, frame: bytearray, sink: ReplySink) -> Job:
         """Queue the ENDPOINT frame; ``sink`` (also the job's client, for drop_client) gets the answer."""
-        job = Job(next_job_id(), _ENDPOINT, frame, sink, sink, 0, endpoint=name, door="http")
+        job = Job(next_job_id(), Kind.ENDPOINT, frame, sink, sink, 0, endpoint=name, door="http")
         disp.submit(job)
         return job
 

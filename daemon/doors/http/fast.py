@@ -57,9 +57,6 @@ if TYPE_CHECKING:
     from cruised.core.dispatch import Job
     from cruised.doors.http.app import HttpDoor
 
-# per-call comparisons against plain globals, not Enum class attributes (see pool/wire/frames.py)
-_ENDPOINT, _OK = Kind.ENDPOINT, Status.OK
-
 log = logging.getLogger("cruised.http")
 
 #: a longer head goes to aiohttp (its own line and field limits are 8190 bytes)
@@ -339,7 +336,7 @@ class FastConnection(asyncio.Protocol):
         with memoryview(self.buf) as view:
             frame += view[req.body_start : req.end]
         del self.buf[: req.end]
-        frames.seal(frame, _ENDPOINT)
+        frames.seal(frame, Kind.ENDPOINT)
         disp = self.door.admit(name, pool)
         if not isinstance(disp, Dispatcher):  # a refusal
             self._send(disp, req.close)
@@ -356,7 +353,7 @@ class FastConnection(asyncio.Protocol):
         door = self.door
         try:
             timing = door.timing(job, sink.t0)
-            if buf is not None and status == _OK:
+            if buf is not None and status == Status.OK:
                 self._write(render_ok(memoryview(buf)[frames.HEADER_SIZE :], timing, sink.close), sink.close)
             else:
                 self._send(door.other_answer(sink.name, status, buf, message, timing), sink.close)
