@@ -118,3 +118,15 @@ def test_constants_refuse_two_names_for_one_value() -> None:
 
     with pytest.raises(ValueError, match="B and A are both 1"):
         Twice()
+
+
+def test_the_protocol_docstring_has_a_row_for_every_kind_and_status() -> None:
+    """pool/wire/frames.py is where the protocol is documented: each constant once, with its value."""
+    doc = frames.__doc__ or ""
+    rows = [line.split("  ")[0] for line in doc.splitlines() if line[:1].isupper()]
+    for consts in (Kind, Status):
+        for value in consts:
+            row = f"{consts.name(value)} ({value})"
+            assert rows.count(row) == 1, f"{row}: {rows.count(row)} rows in the frames docstring"
+    endpoint_table = doc[doc.index("Endpoint calls") :]
+    assert endpoint_table.rstrip().endswith("=" * 51), "the endpoint replies table is cut off"
