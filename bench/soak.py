@@ -101,7 +101,7 @@ def main() -> int:
     by_status: dict[str, int] = {}
     for r in reports:
         for k, v in r.by_status.items():
-            name = Status(k).name if isinstance(k, int) else str(k)
+            name = Status.name(k) if isinstance(k, int) else str(k)
             by_status[name] = by_status.get(name, 0) + v
     result = {
         "minutes": args.minutes,

@@ -47,9 +47,6 @@ from cruised.pool.jsonify import NotSerializable, to_json
 from cruised.pool.wire import frames
 from cruised.pool.wire.frames import Status
 
-# per-call comparisons against plain globals, not Enum class attributes (see pool/wire/frames.py)
-_OK = Status.OK
-
 
 @dataclass
 class Endpoint:
@@ -248,7 +245,7 @@ def handle(endpoints: dict[str, Endpoint], buf: bytearray, limit: int) -> tuple[
         return _error("ResultNotSerializable", exc)
     if len(payload) + frames.HEADER_SIZE > limit:
         return _too_large(len(payload), limit)
-    return _OK, [payload]
+    return Status.OK, [payload]
 
 
 def _too_large(size: int, limit: int) -> tuple[int, list[bytes | memoryview]]:

@@ -49,11 +49,8 @@ from typing import Any
 
 from cruised.pool import endpoint as endpoint_mod
 from cruised.pool import heap, qcall, qconn
-from cruised.pool.wire import bundle, frames, rawbuf, sharedfile, sockopt
+from cruised.pool.wire import bundle, framebuf, frames, sharedfile, sockopt
 from cruised.pool.wire.frames import Kind, Status
-
-# per-call comparisons against plain globals, not Enum class attributes (see pool/wire/frames.py)
-_CALL, _HELD, _REPLY, _OK = Kind.CALL, Kind.HELD, Kind.REPLY, Status.OK
 
 PRELOAD_FAILED_EXIT = 3
 #: loaded functions kept per worker; a miss only costs a DEFINE from the supervisor
@@ -139,60 +136,36 @@ def preload(spec: WorkerSpec) -> dict[str, Any]:
 class Channel:
     """Blocking framed I/O over the worker's end of the socketpair.
 
-    Reads go through a reusable receive buffer, so a frame (or a DEFINE and
-    the CALL pipelined behind it) usually costs one ``recv``; a frame larger
-    than the buffer gets a buffer of its own that the kernel fills directly.
-    Each returned frame is a ``bytearray`` of its own, since call arguments
-    may keep views into it (numpy arrays unpickled out-of-band).
+    Reads go through a ``FrameBuffer`` (pool/wire/framebuf.py, shared with the
+    supervisor and the client), so a frame (or a DEFINE and the CALL pipelined
+    behind it) usually costs one ``recv``; a frame that does not fit in its
+    buffer gets a buffer of its own that the kernel fills directly. Each
+    returned frame is a ``bytearray`` of its own, since call arguments may
+    keep views into it (numpy arrays unpickled out-of-band).
     """
 
     def __init__(self, sock: socket.socket, limit: int, fd_sock: socket.socket | None = None) -> None:
         self.sock = sock
         #: where the supervisor sends each flagged CALL's shared file, in CALL order (see _claim_fd)
         self.fd_sock = fd_sock
-        self.limit = limit
         #: large-payload bytes moved since the heap was last trimmed (Worker.serve)
         self.churn = 0
         #: waits for an idle moment that a frame cut short since then
         self.busy_waits = 0
         sockopt.size_buffers(sock)
-        #: _fill waits for the next frame here, not inside recv (see there)
+        #: read() waits for the next frame here, not inside recv (see there)
         self._readable = select.poll()
         self._readable.register(sock, select.POLLIN)
-        self._buf = bytearray(RECV_SIZE)
-        self._view = memoryview(self._buf)
-        self._start = 0
-        self._end = 0
+        #: received bytes not yet returned by ``read``; its ``header``: that of the frame ``read``
+        #: returned last
+        self.incoming = framebuf.FrameBuffer(RECV_SIZE, limit)
         #: the shared file that came with the frame ``read`` returned last (the caller closes it)
         self.frame_fd: int | None = None
-        #: (total length, kind, status, reqid) of that frame
-        self.header: tuple[int, int, int, int] = (0, 0, 0, 0)
         #: a function may call os.fork(); only the real worker may use the channel. A fork count
         #: rather than os.getpid(), which is a system call, and this is checked on every reply
         self.owner = _forks
 
-    def _fill(self) -> bool:
-        """One ``recv`` into the free end of the buffer (compacting first if needed); False at EOF."""
-        if self._end == len(self._buf):
-            pending = self._end - self._start
-            self._buf[:pending] = self._view[self._start : self._end]
-            self._start, self._end = 0, pending
-        # Wait in poll(), then read: a task asleep in a Unix socket's recv() is woken by every
-        # event on the socket, including "write space" each time the supervisor reads one of our
-        # replies, which it does while we already wait for the next call. That cost 0.65-0.9
-        # extra wake-ups per call (voluntary context switches: 1.65-1.89 per call, 0.93-0.99
-        # with poll), each running this process for nothing, often on the supervisor's CPU just
-        # as it answers the caller. poll() sleeps until there is something to read (or EOF).
-        # When a frame is already waiting (pipelined calls) it returns at once: one more system
-        # call, for a receive that usually brings several frames.
-        self._readable.poll()
-        n = self.sock.recv_into(self._view[self._end :])
-        if n == 0:
-            return False
-        self._end += n
-        return True
-
-    def _claim_fd(self, buf: bytearray) -> bytearray:
+    def _claim_fd(self) -> None:
         """Give a CALL flagged CARRIES_FD its shared file: the next one on the descriptor socket.
 
         The supervisor sends a flagged CALL's file there, one message each, before it
@@ -200,68 +173,46 @@ class Channel:
         read, and the two arrive in the same order. Keeping descriptors off the channel
         lets it use plain ``recv_into``: ``recvmsg`` cost about 10 µs a call.
         """
-        # kind and the status's high byte read directly: this runs for every frame
-        if buf[frames.KIND_OFFSET] == _CALL and buf[frames.STATUS_OFFSET + 1] & (frames.CARRIES_FD >> 8):
-            if self.fd_sock is None:
-                raise frames.FrameError("a CALL announced a shared file, but this worker has no descriptor socket")
-            try:
-                _, anc, flags, _ = self.fd_sock.recvmsg(1, sharedfile.ANCBUF, sharedfile.MSG_CMSG_CLOEXEC)
-            except BlockingIOError:
-                anc, flags = [], 0
-            fds = sharedfile.fds_from(anc)
-            if len(fds) != 1 or flags & sharedfile.MSG_CTRUNC:
-                sharedfile.close_all(fds)
-                raise frames.FrameError("a CALL announced a shared file, but none came on the descriptor socket")
-            self.frame_fd = fds[0]
-        return buf
+        if self.fd_sock is None:
+            raise frames.FrameError("a CALL announced a shared file, but this worker has no descriptor socket")
+        try:
+            _, anc, flags, _ = self.fd_sock.recvmsg(1, sharedfile.ANCBUF, sharedfile.MSG_CMSG_CLOEXEC)
+        except BlockingIOError:
+            anc, flags = [], 0
+        fds = sharedfile.fds_from(anc)
+        if len(fds) != 1 or flags & sharedfile.MSG_CTRUNC:
+            sharedfile.close_all(fds)
+            raise frames.FrameError("a CALL announced a shared file, but none came on the descriptor socket")
+        self.frame_fd = fds[0]
 
     def buffered(self) -> bool:
         """True when bytes of the next frame are already in the receive buffer."""
-        return self._end > self._start
+        return self.incoming.held() > 0
 
     def read(self) -> bytearray | None:
-        """Next whole frame, or None at EOF (the supervisor closed the channel). Its parsed header
-        is in ``header``, and a shared file that came with it in ``frame_fd``."""
+        """Next whole frame, or None at EOF (the supervisor closed the channel). Its header is in
+        ``incoming.header``, and a shared file that came with it in ``frame_fd``."""
         self.frame_fd = None
-        buf = self._read()
-        if buf is None:
-            return None
+        fb = self.incoming
+        n = 0
+        while (buf := fb.next(n)) is None:
+            # Wait in poll(), then read: a task asleep in a Unix socket's recv() is woken by every
+            # event on the socket, including "write space" each time the supervisor reads one of our
+            # replies, which it does while we already wait for the next call. That cost 0.65-0.9
+            # extra wake-ups per call (voluntary context switches: 1.65-1.89 per call, 0.93-0.99
+            # with poll), each running this process for nothing, often on the supervisor's CPU just
+            # as it answers the caller. poll() sleeps until there is something to read (or EOF).
+            # When a frame is already waiting (pipelined calls) it returns at once: one more system
+            # call, for a receive that usually brings several frames.
+            self._readable.poll()
+            n = self.sock.recv_into(fb.space())
+            if n == 0:
+                return None  # mid-frame too: a frame the supervisor did not finish is dropped
         if len(buf) >= LARGE_PAYLOAD:
             self.churn += len(buf)
-        return self._claim_fd(buf)
-
-    def _read(self) -> bytearray | None:
-        hs = frames.HEADER_SIZE
-        while self._end - self._start < hs:
-            if self._start == self._end:
-                self._start = self._end = 0
-            if not self._fill():
-                return None
-        start = self._start
-        self.header = head = frames.parse_header(self._view[start : start + hs], self.limit)
-        total = head[0]
-        have = self._end - start
-        if have >= total:
-            buf = bytearray(self._view[start : start + total])
-            self._start = start + total
-            return buf
-        if total > len(self._buf) - start:
-            # does not fit behind what is buffered: a buffer of its own, filled by the kernel
-            buf = rawbuf.uninitialized(total)  # every byte is written below before the frame is used
-            buf[:have] = self._view[start : self._end]
-            self._start = self._end = 0
-            view = memoryview(buf)[have:]
-            while view.nbytes:
-                n = self.sock.recv_into(view)
-                if n == 0:
-                    return None
-                view = view[n:]
-            return buf
-        while self._end - start < total:
-            if not self._fill():
-                return None
-        buf = bytearray(self._view[start : start + total])
-        self._start = start + total
+        _, _, kind, status, _ = fb.header
+        if kind == Kind.CALL and status & frames.CARRIES_FD:
+            self._claim_fd()
         return buf
 
     def _only_the_worker(self) -> None:
@@ -286,7 +237,7 @@ class Channel:
         size = bundle.packed_size(parts)
         if size >= LARGE_PAYLOAD:
             self.churn += size
-        head = frames.header(_REPLY, reqid, size, status)
+        head = frames.header(Kind.REPLY, reqid, size, status)
         if size <= SMALL_REPLY:
             # one contiguous buffer and plain send(): cheaper than building a scatter list
             self.sock.sendall(b"".join((head, *parts)))
@@ -414,7 +365,7 @@ class Worker:
                 return
             self.channel.reply(reqid, Status.ERROR, error_parts(exc))
             return
-        self.channel.reply(reqid, _OK, parts)
+        self.channel.reply(reqid, Status.OK, parts)
 
     def check(self, reqid: int, buf: bytearray) -> None:
         _, off = frames.unpack_name(buf, frames.HEADER_SIZE)
@@ -440,8 +391,8 @@ class Worker:
             if buf is None:
                 return 0
             shared = ch.frame_fd  # only a CALL has one
-            _, kind, _, reqid = ch.header
-            if kind == _HELD:
+            _, _, kind, _, reqid = ch.incoming.header
+            if kind == Kind.HELD:
                 held_reqid, held_until = reqid, frames.HELD_DEADLINE.unpack_from(buf, frames.HEADER_SIZE)[0]
                 continue
             if held_reqid:
@@ -455,7 +406,7 @@ class Worker:
                         os.close(shared)  # never read: the call did not run
                     ch.reply(reqid, Status.NOT_RUN, [])
                     continue
-            if kind == _CALL:
+            if kind == Kind.CALL:
                 self.call(reqid, buf, shared)
             elif kind == Kind.DEFINE:
                 self.define(buf)
@@ -511,7 +462,7 @@ def run(spec: WorkerSpec, sock: socket.socket, fd_sock: socket.socket | None = N
         buf = channel.read()
         if buf is None:
             return 0  # retired before it started
-        kind = channel.header[1]
+        kind = channel.incoming.header[2]
         if kind != Kind.SETUP:
             print(f"worker={spec.worker_id} expected a SETUP frame first, got kind {kind}", file=sys.stderr, flush=True)
             return PRELOAD_FAILED_EXIT

@@ -16,7 +16,7 @@ from cruised.pool.wire.frames import Status
 class CruisedError(Exception):
     """Base class of every error cruised raises."""
 
-    status: Status = Status.INTERNAL
+    status: int = Status.INTERNAL
 
 
 class QueueFull(CruisedError):

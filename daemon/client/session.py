@@ -42,11 +42,9 @@ from concurrent.futures import Future
 from typing import Any, TypeVar
 
 from cruised.client import errors, paths, shipping
-from cruised.pool.wire import bundle, frames, rawbuf, sharedfile, sockopt
+from cruised.pool.wire import bundle, frames, sharedfile, sockopt
+from cruised.pool.wire.framebuf import FrameBuffer
 from cruised.pool.wire.frames import Kind, Status
-
-# per-call comparisons against plain globals, not Enum class attributes (see pool/wire/frames.py)
-_CALL, _OK, _UNKNOWN_FUNCTION = Kind.CALL, Status.OK, Status.UNKNOWN_FUNCTION
 
 T = TypeVar("T")
 
@@ -110,9 +108,8 @@ class _Connection:
         self.registered: dict[tuple[str, bytes], _Pending] = {}
         self.async_outstanding = 0
         self.bg: threading.Thread | None = None
-        self._buf = bytearray(RECV_SIZE)
-        self._start = 0
-        self._end = 0
+        #: replies received and not yet delivered (no size limit: the daemon's are trusted)
+        self.incoming = FrameBuffer(RECV_SIZE, 1 << 62)
         self.last_used = time.monotonic()
         self.files = sharedfile.FilePool()
         #: whether this connection passes shared files: None until the first call with large
@@ -173,7 +170,7 @@ class _Connection:
             # parts: the call head, then the args bundle (index, pickle, then out-of-band buffers);
             # the cheap tests first: a small call passes them all in a few nanoseconds
             if (
-                kind == _CALL
+                kind == Kind.CALL
                 and (result_file or len(parts) > 3 or len(parts[2]) >= sharedfile.SHARE_MIN)
                 and (result_file or bundle.shareable(parts[1:], with_pickle=True))
                 and self._may_pass_fds()
@@ -215,7 +212,7 @@ class _Connection:
         slot = _Pending()
         slot.callback = callback
         self.pending[rid] = slot
-        frame = b"".join((frames.header(_CALL, rid, len(head) + len(index) + len(data)), head, index, data))
+        frame = b"".join((frames.header(Kind.CALL, rid, len(head) + len(index) + len(data)), head, index, data))
         self.last_used = time.monotonic()
         try:
             with self.send_lock:
@@ -309,44 +306,35 @@ class _Connection:
         return done
 
     def _read_batch(self) -> None:
+        """One ``recv`` and every reply it completes; a large reply is read to its end here."""
         if self.broken is not None:
             raise self.broken
-        buf = self._buf
-        if self._end == len(buf):
-            pending = self._end - self._start
-            buf[:pending] = buf[self._start : self._end]
-            self._start, self._end = 0, pending
-        err: OSError | None
+        fb = self.incoming
+        err: OSError | None = None
         try:
-            n = self.sock.recv_into(memoryview(buf)[self._end :])
+            n = self.sock.recv_into(fb.space())
         except OSError as exc:
             n, err = 0, exc
-        else:
-            err = None
         if n == 0:
             self._fail(errors.DaemonUnavailable(f"connection to cruised at {self.path} lost ({err or 'closed by the daemon'})"))
             return
-        self._end += n
-        view = memoryview(buf)
-        while self._end - self._start >= frames.HEADER_SIZE:
-            total, _kind, status, reqid = frames.parse_header(view[self._start :], 1 << 62)
-            if self._end - self._start >= total:
-                frame = bytearray(view[self._start : self._start + total])
-                self._start += total
-            elif total > len(buf):
-                frame = rawbuf.uninitialized(total)  # filled whole by the copy and _recv_exact below
-                have = self._end - self._start
-                frame[:have] = view[self._start : self._end]
-                self._start = self._end = 0
-                _recv_exact(self.sock, memoryview(frame)[have:])
-            else:
-                break
-            self._deliver(frame, status, reqid)
-        if self._start == self._end:
-            self._start = self._end = 0
+        while True:
+            frame = fb.next(n)
+            n = 0
+            if frame is None:
+                if fb.big is None:
+                    return
+                # a reply with a buffer of its own (FrameBuffer): the rest of it is on its way, so it
+                # is read now, with this thread's read lock held, straight into that buffer
+                n = self.sock.recv_into(fb.space())
+                if n == 0:
+                    raise ConnectionResetError("connection closed mid-frame")
+                continue
+            header = fb.header
+            self._deliver(frame, header[3], header[4])
 
     def _deliver(self, frame: bytearray, status: int, reqid: int) -> None:
-        if reqid == 0 and status != _OK:
+        if reqid == 0 and status != Status.OK:
             # a connection-level refusal (access, limits, a frame the daemon could not parse)
             self._fail(_error_for(status, frame))
             return
@@ -441,14 +429,6 @@ def _send_rest(sock: socket.socket, views: list[memoryview], sent: int) -> None:
         if sent:
             views[0] = views[0][sent:]
         sent = sock.sendmsg(views[:512])
-
-
-def _recv_exact(sock: socket.socket, view: memoryview) -> None:
-    while view.nbytes:
-        n = sock.recv_into(view)
-        if n == 0:
-            raise ConnectionResetError("connection closed mid-frame")
-        view = view[n:]
 
 
 def _message(frame: bytearray) -> str:
@@ -678,7 +658,7 @@ class Session:
         parts = bundle.pack((args, kwargs))
         if len(parts) == 2 and len(parts[1]) < sharedfile.SHARE_MIN and not shipped.big_results:
             return conn.send_small(head, parts[0], parts[1], callback)  # type: ignore[arg-type]  # two parts: no out-of-band buffers, so index and data are bytes
-        return conn.send([(_CALL, [head, *parts])], callback, shipped.big_results)[0]
+        return conn.send([(Kind.CALL, [head, *parts])], callback, shipped.big_results)[0]
 
     def _timeout_ms(self) -> int:
         return int(self.timeout * 1000) if self.timeout else 0
@@ -702,7 +682,7 @@ class Session:
             requests.append((Kind.REGISTER, [frames.register_head(self.pool, shipped.key, meta), shipped.blob]))
         head = shipped.call_head(self.pool, timeout_ms)
         for args, kwargs in calls:
-            requests.append((_CALL, [head, *bundle.pack((args, kwargs))]))
+            requests.append((Kind.CALL, [head, *bundle.pack((args, kwargs))]))
         slots = conn.send(requests, callback, shipped.big_results)
         if register:
             conn.registered[reg_key] = slots[0]
@@ -720,14 +700,14 @@ class Session:
         if slot.error is not None:
             return True, slot.error
         assert slot.frame is not None
-        if slot.status == _UNKNOWN_FUNCTION:
+        if slot.status == Status.UNKNOWN_FUNCTION:
             reg = conn.registered.pop((self.pool, shipped.key), None)
             if reg is not None and reg.done and reg.error is None and reg.status != Status.OK:
                 assert reg.frame is not None
                 return True, _error_for(reg.status, reg.frame)  # registration was refused: say why
             if not retried:
                 return False, None
-        if slot.status == _OK:
+        if slot.status == Status.OK:
             shipped.saw_result(slot.frame, slot.shared)
             try:
                 return True, _Value(bundle.unpack(slot.frame, frames.HEADER_SIZE, slot.shared))
@@ -742,7 +722,7 @@ class Session:
         retried = False
         while True:
             slot = conn.wait(self._send_call(conn, shipped, args, kwargs, retried))
-            if slot.status == _OK and slot.shared is None and slot.error is None:
+            if slot.status == Status.OK and slot.shared is None and slot.error is None:
                 # the commonest answer, read here: what _outcome would do with it, in fewer steps
                 frame = slot.frame
                 assert frame is not None

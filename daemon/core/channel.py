@@ -6,10 +6,12 @@ path is one readable event -> parse -> hand a buffer to the dispatcher, and a
 task per message would cost more than the work.
 
 Reads
-    Small frames are parsed out of a reusable receive buffer, many per
-    ``recv``; a frame too large for it gets a buffer of its own that the kernel
-    fills directly (``recv_into``), so a 64 MB argument is copied once, by the
-    kernel, and never again in this process.
+    One ``recv`` per readable event into the channel's ``FrameBuffer``
+    (pool/wire/framebuf.py, shared with the worker and the client): small
+    frames are cut out of its reusable buffer, many per ``recv``; a frame that
+    does not fit there gets a buffer of its own that the kernel fills directly,
+    so a 64 MB argument is copied once, by the kernel, and never again in this
+    process.
 
 Writes
     ``write`` only queues buffers. Queued channels are flushed when the read
@@ -34,7 +36,8 @@ from collections import deque
 from collections.abc import Callable
 from typing import Protocol
 
-from cruised.pool.wire import frames, rawbuf, sharedfile, sockopt
+from cruised.pool.wire import frames, sharedfile, sockopt
+from cruised.pool.wire.framebuf import FrameBuffer
 
 log = logging.getLogger("cruised.channel")
 
@@ -48,7 +51,6 @@ LOW_WATER = 4 << 20
 MAX_FDS_WAITING = 2 * 253
 MAX_FDS_WAITING_ALL = 4096
 _fds_waiting_all = 0
-_unpack_header = frames.HEADER.unpack_from
 try:
     IOV_MAX = min(os.sysconf("SC_IOV_MAX"), 1024)
 except (ValueError, OSError):
@@ -137,16 +139,11 @@ class Channel:
         self.sock = sock
         self.fd = sock.fileno()
         self.sink = sink
-        self.limit = limit
         self.name = name
         self.on_frame_error = on_frame_error
         self.closed = False
-        self._buf = bytearray(RECV_SIZE)
-        self._view = memoryview(self._buf)
-        self._start = 0
-        self._end = 0
-        self._big: bytearray | None = None
-        self._big_got = 0
+        #: received bytes not yet cut into frames (a large frame's own buffer included)
+        self.incoming = FrameBuffer(RECV_SIZE, limit)
         self._out: list[bytes | bytearray | memoryview] = []  # flat byte buffers (len() == size)
         self.out_bytes = 0
         #: read with recvmsg, keeping passed descriptors: a client connection that asked to pass
@@ -194,34 +191,59 @@ class Channel:
             pass
 
     def _read(self) -> bool:
-        """One ``recv`` and the frames it completes; False when nothing was there (or the end)."""
-        if self._big is not None:
-            return self._read_big()
-        if self._end == len(self._buf):
-            self._compact()
-        n = self._recv(self._view[self._end :])
-        if not n:
-            return False
-        self._end += n
-        self._parse()
-        return True
+        """One ``recv`` and the frames it completes; False when nothing was there, or the channel
+        closed (at its end, on an error, or on a descriptor that breaks the framing).
 
-    def _recv(self, view: memoryview) -> int:
-        """Bytes received into ``view``; 0 if none were waiting, or the channel closed (at its end,
-        on an error, or on a descriptor that breaks the framing)."""
+        One method, not a recv, a parse and a delivery helper: it runs for every read, and a
+        Python call costs about as much as cutting a frame out of the buffer."""
+        fb = self.incoming
         try:
-            n = self._recvmsg(view) if self.accept_fds else self.sock.recv_into(view)
+            n = self._recvmsg(fb.space()) if self.accept_fds else self.sock.recv_into(fb.space())
         except (BlockingIOError, InterruptedError):
-            return 0
+            return False
         except frames.FrameError as exc:
             self._frame_error(exc)
-            return 0
+            return False
         except OSError as exc:
             self.close(exc)
-            return 0
+            return False
         if n == 0:
             self.close(None)
-        return n
+            return False
+        try:
+            buf = fb.next(n)
+        except frames.FrameError as exc:
+            self._frame_error(exc)
+            return True
+        sink = self.sink
+        batch = self._batch
+        while buf is not None:
+            # the read's last whole frame: less than a header is left (a big frame is always the
+            # last: the buffer was emptied when it began), so another next() would return None
+            last = fb.end - fb.start < frames.HEADER_SIZE
+            batch.eager = last
+            _, _, kind, status, reqid = fb.header
+            if status & frames.CARRIES_FD and self.accept_fds:
+                self._deliver_with_fd(buf, kind, status, reqid)
+            else:  # the hot path: straight to the sink
+                sink.on_frame(self, buf, kind, status, reqid)
+            # after a frame error (_deliver_with_fd's too) nothing that follows the bad frame is delivered
+            if last or self.closed or self._broken:
+                break
+            try:
+                buf = fb.next()
+            except frames.FrameError as exc:
+                self._frame_error(exc)
+                return True
+        # daemon.read_timeout: since when a frame has been incomplete
+        if fb.start == fb.end and fb.big is None:  # nothing of a next frame received (FrameBuffer.held(), inline)
+            if not self._fds_in:
+                self.partial_since = None
+            elif self.partial_since is None:  # descriptors no frame has claimed yet: stalled until one does
+                self.partial_since = self.loop.time()
+        elif self.partial_since is None:
+            self.partial_since = self.loop.time()
+        return True
 
     def _recvmsg(self, view: memoryview) -> int:
         """recv_into that also keeps descriptors the peer passed (SCM_RIGHTS), in arrival order."""
@@ -258,71 +280,6 @@ class Channel:
         """The descriptor that came with the frame being delivered; the caller now owns it."""
         fd, self.frame_fd = self.frame_fd, None
         return fd
-
-    def _compact(self) -> None:
-        pending = self._end - self._start
-        self._buf[:pending] = self._view[self._start : self._end]
-        self._start, self._end = 0, pending
-
-    def _parse(self) -> None:
-        view = self._view
-        # after a frame error (_deliver_with_fd's too) nothing that follows the bad frame is delivered
-        while not self.closed and not self._broken and self._end - self._start >= frames.HEADER_SIZE:
-            start = self._start
-            # frames.parse_header inline (it runs twice per call here); it still words the errors
-            size, version, kind, status, reqid = _unpack_header(view, start)
-            total = size + frames.SIZE_FIELD
-            if version != frames.VERSION or not frames.HEADER_SIZE <= total <= self.limit:
-                try:
-                    frames.parse_header(view[start : start + frames.HEADER_SIZE], self.limit)
-                except frames.FrameError as exc:
-                    self._frame_error(exc)
-                    return
-            if self._end - start >= total:
-                buf = bytearray(view[start : start + total])
-                self._start = start + total
-                self._batch.eager = self._end - self._start < frames.HEADER_SIZE  # the read's last frame
-                if status & frames.CARRIES_FD and self.accept_fds:
-                    self._deliver_with_fd(buf, kind, status, reqid)
-                else:  # the hot path: straight to the sink
-                    self.sink.on_frame(self, buf, kind, status, reqid)
-                continue
-            if total > len(self._buf):
-                have = self._end - start
-                big = rawbuf.uninitialized(total)  # delivered only once recv_into filled every byte
-                big[:have] = view[start : self._end]
-                self._big, self._big_got = big, have
-                self._start = self._end = 0
-                if self.partial_since is None:
-                    self.partial_since = self.loop.time()
-                return
-            break
-        if self._start == self._end:
-            self._start = self._end = 0
-            if not self._fds_in:
-                self.partial_since = None
-            elif self.partial_since is None:  # descriptors no frame has claimed yet: stalled until one does
-                self.partial_since = self.loop.time()
-        elif self.partial_since is None:
-            self.partial_since = self.loop.time()
-
-    def _read_big(self) -> bool:
-        big = self._big
-        assert big is not None
-        n = self._recv(memoryview(big)[self._big_got :])
-        if not n:
-            return False
-        self._big_got += n
-        if self._big_got == len(big):
-            self._big = None
-            self.partial_since = None
-            self._batch.eager = True  # the buffer was emptied when the big frame began
-            _, kind, status, reqid = frames.parse_header(big, self.limit)
-            if status & frames.CARRIES_FD and self.accept_fds:
-                self._deliver_with_fd(big, kind, status, reqid)
-            else:
-                self.sink.on_frame(self, big, kind, status, reqid)
-        return True
 
     def _frame_error(self, exc: frames.FrameError) -> None:
         # The stream cannot be resynchronised after a bad header: answer, then close.
@@ -464,10 +421,7 @@ class Channel:
             pass
         # A channel and its sink reference each other (a worker's channel also through its Worker),
         # so a closed one lives until a full gc collection. Drop the 256 KiB receive buffer now:
-        # a soak killing ~100 workers a minute held 20-40 MB of them (tracemalloc: this file's
+        # a soak killing ~100 workers a minute held 20-40 MB of them (tracemalloc: the channel's
         # bytearray(RECV_SIZE)), which read as steady RSS growth.
-        self._buf = bytearray()
-        self._view = memoryview(self._buf)
-        self._start = self._end = 0
-        self._big = None
+        self.incoming.release()
         self.sink.on_close(self, error)

@@ -64,14 +64,13 @@ Worker states::
 
 from __future__ import annotations
 
-import enum
 import itertools
 import logging
 import signal
 from collections import OrderedDict, deque
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any, Final, Protocol
 
 from cruised.config import PoolConfig
 from cruised.core.codecache import CodeCache
@@ -81,9 +80,6 @@ from cruised.pool.wire.frames import Status
 
 if TYPE_CHECKING:
     from cruised.core.poolstatus import PoolStatus
-
-# per-call comparisons against plain globals, not Enum class attributes (see pool/wire/frames.py)
-_NOT_RUN, _UNKNOWN_FUNCTION = Status.NOT_RUN, Status.UNKNOWN_FUNCTION
 
 log = logging.getLogger("cruised.dispatch")
 
@@ -133,28 +129,23 @@ class FutureReply:
             self.future.set_result((status, None, message))
 
 
-class WorkerState(enum.Enum):
-    STARTING = "starting"
-    IDLE = "idle"
-    BUSY = "busy"
-    DRAINING = "draining"
-    KILLING = "killing"
-    GONE = "gone"
+class _WorkerState(frames.Constants):
+    """A worker's state (the diagram in this module's docstring): plain ints, compared with ``==``
+    and the keys of ``Dispatcher.counts``. ``name(state)`` is the word ``status()`` and the
+    metrics print (``"idle"``)."""
 
-    # Members are singletons, so identity hashing is exact; Enum's own __hash__ is a Python-level
-    # call, and ``counts[state]`` runs about 14 times per request.
-    __hash__ = object.__hash__
+    STARTING: Final = 0
+    IDLE: Final = 1
+    BUSY: Final = 2
+    DRAINING: Final = 3
+    KILLING: Final = 4
+    GONE: Final = 5
+
+    def name(self, value: int) -> str:
+        return super().name(value).lower()
 
 
-# The states as module constants. In Python 3.11 every attribute read on an Enum class goes
-# through EnumType's __getattr__ hook, ~0.2 us (ten times a global), and the dispatcher reads
-# states about fifteen times per call.
-STARTING = WorkerState.STARTING
-IDLE = WorkerState.IDLE
-BUSY = WorkerState.BUSY
-DRAINING = WorkerState.DRAINING
-KILLING = WorkerState.KILLING
-GONE = WorkerState.GONE
+WorkerState: Final = _WorkerState()
 
 
 class Launcher(Protocol):
@@ -230,7 +221,7 @@ class Job:
 @dataclass(eq=False)
 class Worker:
     id: str
-    state: WorkerState = STARTING
+    state: int = WorkerState.STARTING
     pid: int | None = None
     python: str | None = None
     job: Job | None = None
@@ -302,13 +293,13 @@ class Dispatcher:
         self._manage_timer: Any = None
         self._aborted: str | None = None  # abort_queue's message, once the queue was given up
         #: workers per state, kept by ``_set_state`` so sizing decisions are O(1) per request
-        self.counts: dict[WorkerState, int] = {s: 0 for s in WorkerState}
+        self.counts: dict[int, int] = {s: 0 for s in WorkerState}
         self.on_change: Callable[[], None] = lambda: None  # readiness/status watchers
         from cruised.core.poolstatus import PoolStatus  # it reads this module's worker states: imported once the module is complete
 
         self._report: PoolStatus = PoolStatus(self)
 
-    def _set_state(self, worker: Worker, state: WorkerState) -> None:
+    def _set_state(self, worker: Worker, state: int) -> None:
         """The only place a worker changes state (the counts depend on it)."""
         self.counts[worker.state] -= 1
         self.counts[state] += 1
@@ -332,7 +323,7 @@ class Dispatcher:
             return
         waiting = len(self.queue) + self.held_count
         if waiting >= self.config.queue_size:
-            busy = self.counts[BUSY]
+            busy = self.counts[WorkerState.BUSY]
             self._finish(
                 job,
                 Status.QUEUE_FULL,
@@ -383,7 +374,7 @@ class Dispatcher:
         parts.append(job.frame)
         job.worker = worker
         worker.job = job
-        self._set_state(worker, BUSY)
+        self._set_state(worker, WorkerState.BUSY)
         self._begin(worker, job, self.clock.time())
         self.launcher.send(worker, parts, None if job.shared is None else job.shared.fd)
 
@@ -423,11 +414,11 @@ class Dispatcher:
             return
         k = self.config.prefetch
         counts = self.counts
-        busy = counts[BUSY]
+        busy = counts[WorkerState.BUSY]
         if (
             self.held_count >= k * busy  # every busy worker holds its share (or prefetch is 0)
             or self.exec_avg >= PREFETCH_BELOW
-            or counts[STARTING]
+            or counts[WorkerState.STARTING]
             or busy < self.config.max  # below max a new worker would take them sooner
         ):
             return
@@ -462,28 +453,28 @@ class Dispatcher:
     @staticmethod
     def _may_hold(w: Worker, limit: int) -> bool:
         """Whether ``w`` may be sent jobs to hold now (``limit``: max_requests, 0 for none)."""
-        return w.state is BUSY and not w.recycle_due and not w.dead and (not limit or w.requests + 1 + len(w.held) < limit)
+        return w.state == WorkerState.BUSY and not w.recycle_due and not w.dead and (not limit or w.requests + 1 + len(w.held) < limit)
 
     def on_worker_reply(self, worker: Worker, buf: bytearray, status: int, reqid: int) -> None:
         job = worker.job
-        if job is None or reqid != job.id or worker.state not in (BUSY, KILLING):
-            if worker.state is KILLING:
+        if job is None or reqid != job.id or worker.state not in (WorkerState.BUSY, WorkerState.KILLING):
+            if worker.state == WorkerState.KILLING:
                 return  # a late answer from a worker we already gave up on
             log.error("worker=%s pool=%s protocol violation: reply %s without a matching call; killing it", worker.id, self.name, reqid)
             self._kill(worker, "crash")
             return
         now = self.clock.time()
         self._next_held(worker, now)  # the worker starts its next held job (if any) right after this reply
-        if worker.state is KILLING:
+        if worker.state == WorkerState.KILLING:
             return  # a late answer from a worker we already gave up on (its job was answered then)
         job.finished = now
-        if status == _NOT_RUN:  # a held job whose queue deadline passed in the worker
+        if status == Status.NOT_RUN:  # a held job whose queue deadline passed in the worker
             self._finish(job, Status.QUEUE_TIMEOUT, self._queue_timeout_message(job, now), "queue_timeout")
         else:
             worker.requests += 1
             if job.started is not None:
                 self.exec_avg += EWMA_WEIGHT * (now - job.started - self.exec_avg)
-            if status == _UNKNOWN_FUNCTION and job.key is not None:
+            if status == Status.UNKNOWN_FUNCTION and job.key is not None:
                 CodeCache.forget(worker.known, job.key)
             if job.settle():
                 # the answer first: the native door sends it at once (channel.WriteBatch), and
@@ -510,7 +501,7 @@ class Dispatcher:
         self.held_count -= 1
         nxt.held = False
         worker.job = nxt
-        if not nxt.answered and worker.state is BUSY:
+        if not nxt.answered and worker.state == WorkerState.BUSY:
             self._begin(worker, nxt, now)
 
     def _arm_exec(self, worker: Worker, deadline: float) -> None:
@@ -533,7 +524,7 @@ class Dispatcher:
     def _exec_check(self, worker: Worker) -> None:
         worker.exec_timer = None
         job = worker.job
-        if job is None or job.started is None or worker.state is not BUSY:
+        if job is None or job.started is None or worker.state != WorkerState.BUSY:
             return  # idle (or already being killed): nothing to time; the next call re-arms
         deadline = job.started + (job.exec_limit or self.config.exec_timeout)
         if deadline > worker.exec_timer_at:
@@ -632,13 +623,13 @@ class Dispatcher:
     def _spawn(self) -> Worker:
         w = Worker(id=f"{self.name}-{next(self.worker_ids)}", spawned_at=self.clock.time())
         self.workers[w.id] = w
-        self.counts[STARTING] += 1
+        self.counts[WorkerState.STARTING] += 1
         w.timer = self.clock.call_at(w.spawned_at + self.config.start_timeout, self._start_timeout, w)
         self.launcher.spawn(w)
         return w
 
     def _start_timeout(self, worker: Worker) -> None:
-        if worker.state is not STARTING:
+        if worker.state != WorkerState.STARTING:
             return
         worker.timer = None
         worker.error = f"not ready within start_timeout ({self.config.start_timeout:g}s)"
@@ -646,7 +637,7 @@ class Dispatcher:
         self._kill(worker, "preload_failed")
 
     def on_worker_ready(self, worker: Worker, info: dict[str, Any]) -> None:
-        if worker.state is not STARTING:
+        if worker.state != WorkerState.STARTING:
             return
         _cancel(worker.timer)
         worker.timer = None
@@ -666,7 +657,7 @@ class Dispatcher:
 
     def on_worker_state(self, worker: Worker, info: dict[str, Any]) -> None:
         """An unsolicited STATE frame: the worker's q connection came up or went down."""
-        if worker.state in (GONE, KILLING):
+        if worker.state in (WorkerState.GONE, WorkerState.KILLING):
             return
         if self._report.note_q(worker, info.get("q")):
             self.on_change()
@@ -693,9 +684,9 @@ class Dispatcher:
 
     def on_worker_exit(self, worker: Worker, code: int | None) -> None:
         """The process is gone (reaped). Answers its job, if any, and refills the pool."""
-        if worker.state is GONE:
+        if worker.state == WorkerState.GONE:
             return
-        was_starting = worker.state is STARTING
+        was_starting = worker.state == WorkerState.STARTING
         _cancel(worker.timer)
         worker.timer = None
         _cancel(worker.exec_timer)
@@ -744,7 +735,7 @@ class Dispatcher:
             log.error("worker=%s pool=%s died: %s", worker.id, self.name, how)
         else:
             log.info("worker=%s pool=%s exited (%s, %s)", worker.id, self.name, reason, how)
-        self._set_state(worker, GONE)
+        self._set_state(worker, WorkerState.GONE)
         if worker in self.idle:
             self.idle.remove(worker)
         self.workers.pop(worker.id, None)
@@ -756,24 +747,24 @@ class Dispatcher:
         self.on_change()
 
     def _become_idle(self, worker: Worker) -> None:
-        self._set_state(worker, IDLE)
+        self._set_state(worker, WorkerState.IDLE)
         worker.idle_since = self.clock.time()
         self.idle.append(worker)
         self._arm_idle_timer()
 
     def _kill(self, worker: Worker, reason: str) -> None:
-        if worker.state in (KILLING, GONE):
+        if worker.state in (WorkerState.KILLING, WorkerState.GONE):
             return
         if worker in self.idle:
             self.idle.remove(worker)
-        self._set_state(worker, KILLING)
+        self._set_state(worker, WorkerState.KILLING)
         worker.exit_reason = worker.exit_reason or reason
         self.launcher.kill(worker)
 
     def _retire(self, worker: Worker, reason: str) -> None:
         if worker in self.idle:
             self.idle.remove(worker)
-        self._set_state(worker, DRAINING)
+        self._set_state(worker, WorkerState.DRAINING)
         worker.exit_reason = reason
         self.launcher.retire(worker)
 
@@ -781,7 +772,7 @@ class Dispatcher:
 
     def live(self) -> int:
         c = self.counts
-        return c[STARTING] + c[IDLE] + c[BUSY]
+        return c[WorkerState.STARTING] + c[WorkerState.IDLE] + c[WorkerState.BUSY]
 
     def manage(self) -> None:
         """Keep ``cruise`` workers alive; grow toward ``max`` while requests wait."""
@@ -789,11 +780,11 @@ class Dispatcher:
             return  # draining for shutdown: replace a worker only while queued requests still need one
         cfg = self.config
         c = self.counts
-        live = c[STARTING] + c[IDLE] + c[BUSY]  # self.live(), inline: every call
+        live = c[WorkerState.STARTING] + c[WorkerState.IDLE] + c[WorkerState.BUSY]  # self.live(), inline: every call
         waiting = len(self.queue)  # cancelled jobs leave the queue at once (drop_client)
         if live >= cfg.max or (live >= cfg.cruise and not waiting):
             return  # the steady states: nothing to decide
-        starting = self.counts[STARTING]
+        starting = self.counts[WorkerState.STARTING]
         want = max(cfg.cruise - live, min(waiting - starting, cfg.max - live))
         if want <= 0:
             return
@@ -852,13 +843,13 @@ class Dispatcher:
     def terminate_all(self, reason: str = "shutdown") -> None:
         """End every worker: idle ones retire, busy or starting ones are killed (``reason`` for metrics)."""
         for w in list(self.workers.values()):
-            if w.state is IDLE:
+            if w.state == WorkerState.IDLE:
                 self._retire(w, reason)
-            elif w.state in (STARTING, BUSY):
+            elif w.state in (WorkerState.STARTING, WorkerState.BUSY):
                 self._kill(w, reason)
 
     def ready(self) -> bool:
-        warm = self.counts[IDLE] + self.counts[BUSY]
+        warm = self.counts[WorkerState.IDLE] + self.counts[WorkerState.BUSY]
         if self.config.q is not None and self.config.q.required:
             # every warm worker connected, and at least min of them
             return warm >= self.config.min and self._report.q_connected() == warm

@@ -45,9 +45,6 @@ from cruised.pool import heap, qconn
 from cruised.pool.wire import frames, sharedfile
 from cruised.pool.wire.frames import Kind, Status
 
-# per-call comparisons against plain globals, not Enum class attributes (see pool/wire/frames.py)
-_REPLY, _PRELOAD_FAILED = Kind.REPLY, Status.PRELOAD_FAILED
-
 log = logging.getLogger("cruised.launcher")
 
 #: after channel EOF, how long to wait for the template's exit report
@@ -224,7 +221,7 @@ class PoolLauncher:
                 if w is not None:
                     w.pid = int(msg["pid"])
                     self._by_pid[w.pid] = w
-                    if w.state is WorkerState.KILLING:  # killed before its pid was known
+                    if w.state == WorkerState.KILLING:  # killed before its pid was known
                         self.kill(w)
             elif op == "exited":
                 w = self._by_pid.get(int(msg["pid"]))
@@ -405,7 +402,7 @@ class PoolLauncher:
             return
         if self.dispatcher is not None:
             self.dispatcher.on_worker_lost(worker)
-        if worker.state is not WorkerState.DRAINING and worker.pid is not None:
+        if worker.state != WorkerState.DRAINING and worker.pid is not None:
             # A worker that lost its channel (it closed or replaced its own fd, say) can never
             # answer again; waiting for its exec timeout would only hold a caller hostage.
             log.warning("worker=%s pool=%s lost its channel; killing it", worker.id, self.name)
@@ -496,8 +493,8 @@ class _WorkerSink:
         self.worker = worker
 
     def on_frame(self, channel: Channel, buf: bytearray, kind: int, status: int, reqid: int) -> None:
-        if kind == _REPLY:
-            if status == _PRELOAD_FAILED:
+        if kind == Kind.REPLY:
+            if status == Status.PRELOAD_FAILED:
                 info, _ = frames.parse_error(buf)
                 err = json.loads(info)
                 self.dispatcher.on_worker_preload_failed(self.worker, f"{err['type']}: {err['message']}")

@@ -21,7 +21,7 @@ from __future__ import annotations
 import logging
 from typing import TYPE_CHECKING, Any
 
-from cruised.core.dispatch import BUSY, GONE, IDLE
+from cruised.core.dispatch import WorkerState
 
 if TYPE_CHECKING:
     from cruised.core.dispatch import Dispatcher, Worker
@@ -56,13 +56,13 @@ class PoolStatus:
 
     def q_connected(self) -> int:
         """Ready workers (idle or busy) whose q connection is up; 0 in a pool without q."""
-        return sum(1 for w in self.dispatcher.workers.values() if w.state in (IDLE, BUSY) and w.q is not None and w.q["connected"])
+        return sum(1 for w in self.dispatcher.workers.values() if w.state in (WorkerState.IDLE, WorkerState.BUSY) and w.q is not None and w.q["connected"])
 
     def document(self) -> dict[str, Any]:
         """The pool's status: workers by state, queue, limits, readiness, counts, q, every worker."""
         d = self.dispatcher
         cfg = d.config
-        states = {s.value: n for s, n in d.counts.items() if s is not GONE}
+        states = {WorkerState.name(s): n for s, n in d.counts.items() if s != WorkerState.GONE}
         now = d.clock.time()
         oldest = now - d.queue[0].admitted if d.queue else 0.0
         return {
@@ -76,7 +76,7 @@ class PoolStatus:
             "held_total": d.counters.held,
             "exits": dict(d.counters.exits),
             "q": self.q_document(),
-            "worker_list": [{"id": w.id, "pid": w.pid, "state": w.state.value, "requests": w.requests, "error": w.error, "q": w.q} for w in d.workers.values()],
+            "worker_list": [{"id": w.id, "pid": w.pid, "state": WorkerState.name(w.state), "requests": w.requests, "error": w.error, "q": w.q} for w in d.workers.values()],
         }
 
     def q_document(self) -> dict[str, Any] | None:
@@ -90,6 +90,6 @@ class PoolStatus:
             "user": q.username,
             "required": q.required,
             "connected": self.q_connected(),
-            "workers": d.counts[IDLE] + d.counts[BUSY],
+            "workers": d.counts[WorkerState.IDLE] + d.counts[WorkerState.BUSY],
             "last_error": self.q_last_error,
         }

@@ -31,9 +31,6 @@ from cruised.pool.wire.frames import Kind, Status
 if TYPE_CHECKING:
     from cruised.doors.host import DoorHost
 
-# per-call comparisons against plain globals, not Enum class attributes (see pool/wire/frames.py)
-_CALL = Kind.CALL
-
 log = logging.getLogger("cruised.server")
 
 
@@ -134,7 +131,7 @@ class ClientConnection:
 
     def on_frame(self, channel: Channel, buf: bytearray, kind: int, status: int, reqid: int) -> None:
         try:
-            if kind == _CALL:
+            if kind == Kind.CALL:
                 pool, timeout_ms, key, _ = frames.parse_call(buf)
                 shared = None
                 if status & frames.CARRIES_FD:

@@ -20,58 +20,62 @@ BAD_REQUEST reply and the connection is closed. An unknown version is refused
 the same way. Request ids are chosen by the sender and echoed in the reply;
 replies may come back in any order (pipelining).
 
-Kinds and payloads:
+Kinds and payloads (``Kind``; "sup" is the supervisor, "wkr" a worker):
 
-=========  =====================  =============================================
-kind       direction              payload
-=========  =====================  =============================================
-CALL       client -> sup -> wkr   call head + args bundle (see below)
-REGISTER   client -> sup          register head + code blob
-DEFINE     sup -> worker          the REGISTER payload, unchanged
-CHECK      client -> sup -> wkr   pool name (u8 len + utf-8) + JSON
-                                  ``{"libraries": {alias: module}}``
-ENDPOINT   door -> sup -> wkr     endpoint name ``service/endpoint`` (u8 len +
-                                  utf-8), then the request's JSON body bytes,
-                                  unchanged (see "Endpoint calls" below)
-QCALL      q door -> sup -> wkr   ``u16 len + JSON head`` (padded with spaces),
-                                  then one kdb+ IPC message holding the call's
-                                  arguments; the reply's payload is ``u32 len +
-                                  JSON info`` then the IPC message the q client
-                                  gets (pool/qcall.py documents both)
-STATUS     client -> sup          empty; reply is JSON
-PING       client -> sup          empty; reply is empty
-SETUP      sup -> worker          JSON ``{"endpoints": {"svc/ep": {"code": path,
-                                  "function": name, "folders": [paths]}}}``:
-                                  the first frame on a new worker's channel
-                                  when its spawn spec says ``"setup": true``
-                                  (endpoint specs can outgrow the template's
-                                  spawn message, so they travel here)
-READY      worker -> sup          JSON ``{"pid":..., "python": "3.11", "endpoints":
-                                  {"svc/ep": {"ok": true} | {"ok": false,
-                                  "error": ..., "traceback": ...}}, ...}``
-PASS_FDS   client -> sup          empty; reply: ``u32`` feature bits (``FEATURES``;
-                                  an empty reply, from an older daemon, means
-                                  none). From the reply on, CALLs on this
-                                  connection may carry a shared file (see
-                                  "Shared file" below); the daemon reads a
-                                  connection with recvmsg only after this
-METRICS    client -> sup          empty; reply is the Prometheus text exposition
-                                  (the same bytes as ``GET /metrics``)
-READY      worker -> sup          JSON ``{"pid":..., "python": "3.11", ...}``
-                                  (+ ``"q": {"connected": bool, "error": str|null}``
-                                  in a pool with a q connection)
-STATE      worker -> sup          JSON ``{"q": {"connected": bool, "error": ...}}``,
-                                  unsolicited, only when the q state changes;
-                                  reqid 0, may arrive between any two frames
-HELD       sup -> worker          ``i64`` CLOCK_MONOTONIC deadline in ns; reqid
-                                  names the call frame that follows it. The
-                                  call was handed to a busy worker to wait
-                                  behind its running one (prefetch, see
-                                  daemon/core/dispatch.py): the worker starts it only
-                                  if the deadline has not passed, else replies
-                                  NOT_RUN without touching it
-REPLY      every reply            ``status`` says how to read the payload
-=========  =====================  =============================================
+=============  ===============================================================
+kind           direction: payload
+=============  ===============================================================
+CALL (1)       client -> sup -> wkr: call head + args bundle (see below)
+REGISTER (2)   client -> sup: register head + code blob; reply empty
+CHECK (3)      client -> sup -> wkr: pool name (u8 len + utf-8) + JSON
+               ``{"libraries": {alias: module}}``; reply empty, or ERROR if
+               one does not import
+STATUS (4)     client -> sup: empty; reply is JSON (``cruised status``)
+PING (5)       client -> sup: empty; reply is empty
+RELOAD (6)     client -> sup: empty; the daemon re-reads its config and
+               endpoint code (as on SIGHUP) and replies once that is done:
+               JSON ``{"ok": bool, "message": str}``, status OK, or
+               BAD_REQUEST when it failed
+METRICS (7)    client -> sup: empty; reply is the Prometheus text exposition
+               (the same bytes as ``GET /metrics``)
+PASS_FDS (8)   client -> sup: empty; reply: ``u32`` feature bits
+               (``FEATURES``; an empty reply, from an older daemon, means
+               none). From the reply on, CALLs on this connection may carry a
+               shared file (see "Shared file" below); the daemon reads a
+               connection with recvmsg only after this
+DEFINE (16)    sup -> wkr: the REGISTER payload, unchanged (kind patched,
+               reqid 0), ahead of the first CALL of that function a worker
+               gets
+ENDPOINT (17)  door -> sup -> wkr: endpoint name ``service/endpoint`` (u8 len
+               + utf-8), then the request's JSON body bytes, unchanged (see
+               "Endpoint calls" below)
+SETUP (18)     sup -> wkr: JSON ``{"endpoints": {"svc/ep": {"code": path,
+               "function": name, "folders": [paths]}}}``: the first frame on a
+               new worker's channel when its spawn spec says ``"setup": true``
+               (endpoint specs can outgrow the template's spawn message, so
+               they travel here)
+QCALL (19)     q door -> sup -> wkr: ``u16 len + JSON head`` (padded with
+               spaces), then one kdb+ IPC message holding the call's
+               arguments; the reply's payload is ``u32 len + JSON info`` then
+               the IPC message the q client gets (pool/qcall.py documents
+               both)
+HELD (20)      sup -> wkr: ``i64`` CLOCK_MONOTONIC deadline in ns; reqid names
+               the call frame that follows it. The call was handed to a busy
+               worker to wait behind its running one (prefetch, see
+               daemon/core/dispatch.py): the worker starts it only if the
+               deadline has not passed, else replies NOT_RUN without touching
+               it
+READY (32)     wkr -> sup, reqid 0, its first frame once preloaded: JSON
+               ``{"pid": ..., "python": "3.11", "worker": id, "endpoints":
+               {"svc/ep": {"ok": true} | {"ok": false, "error": ...,
+               "traceback": ...}}, "q_arity": {"svc/ep": how q may call it
+               (pool/qcall.py positional_range)}}``, + ``"q": {"connected":
+               bool, "error": str|null}`` in a pool with a q connection
+STATE (33)     wkr -> sup: JSON ``{"q": {"connected": bool, "error": ...}}``,
+               unsolicited, only when the q state changes; reqid 0, may arrive
+               between any two frames
+REPLY (64)     every reply: ``status`` says how to read the payload
+=============  ===============================================================
 
 Call head: ``u8 len + pool name, u32 timeout_ms (0 = pool default), 16-byte
 function key``, then the args bundle. Register head: ``u8 len + pool name,
@@ -100,25 +104,95 @@ pickle stream travels in the file too: a client's arguments whenever the
 daemon announced it, a worker's result when the CALL is flagged
 ``PICKLE_IN_FILE`` (so an older client never gets one it cannot read).
 
-REPLY status: OK (payload = result bundle, or empty/JSON for control calls),
-ERROR (the function raised: ``u32 len + JSON {type, module, message,
-traceback}`` then the pickled exception, possibly empty), Q_UNAVAILABLE (the
-function failed because the worker's q connection is down or broke:
-``{"message": ...}``), and the daemon's own refusals, whose payload is JSON
-``{"message": ...}``.
+REPLY status (``Status``; in a CALL the ``status`` field carries the flags
+above instead). A refusal's payload is JSON ``{"message": ...}``:
+
+=========================  ===================================================
+status                     sent by, and payload
+=========================  ===================================================
+OK (0)                     a worker: the CALL's result bundle, empty for
+                           CHECK; the daemon: empty (REGISTER, PING), JSON
+                           (STATUS, RELOAD), text (METRICS), feature bits
+                           (PASS_FDS)
+ERROR (1)                  a worker, the function raised: ``u32 len + JSON
+                           {type, module, message, traceback}`` then the
+                           pickled exception, possibly empty
+QUEUE_FULL (2)             the daemon, a refusal: the pool's queue was full
+                           (never ran); with reqid 0 before it closes a
+                           connection over ``daemon.max_connections``
+QUEUE_TIMEOUT (3)          the daemon, a refusal: queue_timeout passed (never
+                           ran)
+EXEC_TIMEOUT (4)           the daemon, a refusal: the call ran past its
+                           timeout and its worker was killed
+WORKER_CRASHED (5)         the daemon, a refusal: the worker died during the
+                           call
+UNKNOWN_FUNCTION (6)       the daemon or a worker, a refusal: the function's
+                           key is not registered (the daemon restarted, or
+                           lost the code): register again, then retry
+BAD_REQUEST (7)            the daemon, a refusal: a malformed request, or a
+                           frame error (reqid of the bad frame, then the
+                           connection closes); a failed RELOAD's JSON. A
+                           worker: a kind it does not know, a refusal; an
+                           ENDPOINT's body (below)
+SHUTTING_DOWN (8)          the daemon, a refusal: it is stopping (never ran)
+NO_SUCH_POOL (9)           the daemon, a refusal: the request names no
+                           configured pool
+INTERNAL (10)              never sent: the client's status for a call whose
+                           connection was lost
+PRELOAD_FAILED (11)        a worker to the supervisor, reqid 0, as ERROR: its
+                           preload (libraries, init file) failed; it exits
+                           with code 3
+VERSION_MISMATCH (12)      the daemon, a refusal of a REGISTER: the client's
+                           Python minor version is not the pool's
+ACCESS_DENIED (13)         the daemon, a refusal with reqid 0, then it closes
+                           the connection: the peer's uid/gid is not allowed
+Q_UNAVAILABLE (14)         a worker: the function failed because its q
+                           connection is down or broke: JSON ``{"message":
+                           ..., "type": "QConnectionError"}``
+BAD_ARGUMENTS (15)         a worker, for an ENDPOINT (below)
+ENDPOINT_UNAVAILABLE (16)  a worker, for an ENDPOINT (below)
+CUSTOM_RESPONSE (17)       a worker, for an ENDPOINT (below)
+API_ERROR (18)             a worker, for an ENDPOINT (below)
+NOT_RUN (19)               a worker to the supervisor, empty: a HELD call's
+                           deadline had passed, so it did not start; the
+                           client gets QUEUE_TIMEOUT
+=========================  ===================================================
 
 Endpoint calls
     The HTTP door builds the ENDPOINT frame around the body bytes it received
     and never parses them; the worker decodes the JSON, binds the function's
     parameters, runs it and converts the result (pool/jsonify.py), so neither
-    side of the supervisor ever unpickles anything for an endpoint. Replies:
+    side of the supervisor ever unpickles anything for an endpoint. Replies
+    (besides the daemon's refusals above, which the door turns into HTTP
+    errors):
 
-    ====================  ============================================"""
+    ====================  ===================================================
+    status                payload
+    ====================  ===================================================
+    OK                    the result as UTF-8 JSON (the ``response`` value)
+    CUSTOM_RESPONSE       ``u32 len + JSON {"status": int, "headers": [[name,
+                          value], ...]}`` then the body bytes
+    API_ERROR             JSON ``{"http_status", "errorType", "message",
+                          "detailedMessage"}``: the function raised an error
+                          that carries its own HTTP status (pool/api.py)
+    ERROR                 as for CALL, with ``errorType`` added to the JSON
+                          (``FunctionError``, ``ResultNotSerializable``,
+                          ``ResultTooLarge``, ``InvalidCustomResponse``) and
+                          no pickled exception
+    Q_UNAVAILABLE         as for CALL: the function failed for lack of q
+    BAD_REQUEST           JSON ``{"message"}``: the body is not a JSON object
+    BAD_ARGUMENTS         JSON ``{"message", "missing": [...], "unexpected":
+                          [...]}``: it does not fit the function's parameters
+    ENDPOINT_UNAVAILABLE  JSON ``{"message", "traceback"}``: the endpoint's
+                          code failed to load in this worker, or it is not
+                          configured in the worker's pool
+    ====================  ===================================================
+"""
 
 from __future__ import annotations
 
 import struct
-from enum import IntEnum
+from collections.abc import Iterator
 from typing import Final
 
 VERSION: Final = 1
@@ -133,51 +207,92 @@ KIND_OFFSET: Final = 5
 STATUS_OFFSET: Final = 6  # u16, little-endian
 
 
-class Kind(IntEnum):
-    CALL = 1
-    REGISTER = 2
-    CHECK = 3
-    STATUS = 4
-    PING = 5
-    RELOAD = 6
-    METRICS = 7
-    PASS_FDS = 8
-    DEFINE = 16
-    ENDPOINT = 17
-    SETUP = 18
-    QCALL = 19
-    HELD = 20
-    READY = 32
-    STATE = 33
-    REPLY = 64
+class Constants:
+    """A set of named int constants, read as the attributes of its one instance (``Kind.CALL``).
+
+    The values are plain ints, what the wire carries; ``name(value)`` gives a value's name for
+    messages and logs (``Status.name(2) == "QUEUE_FULL"``), and iterating gives the values in
+    the order they are defined. A subclass lists its constants as upper-case class attributes;
+    ``Kind``, ``Status`` (and the supervisor's ``WorkerState``) are its instances.
+
+    Why an instance: the hot paths of three processes read these for every frame, and the
+    supervisor's dispatcher reads worker states about fifteen times a call. Under Python 3.11
+    (callgrind, instructions per read beyond a literal's): a module global 18, an attribute
+    of this instance 47 to 67 (LOAD_ATTR_INSTANCE_VALUE: __init__ copies the constants into
+    its __dict__), a plain class attribute 187 (3.11 does not specialise attribute reads on
+    classes), an Enum member 978 (EnumType's __getattr__ hook). So no module keeps aliases
+    of them for speed.
+    """
+
+    def __init__(self) -> None:
+        names: dict[int, str] = {}
+        for key, value in vars(type(self)).items():
+            if key.isupper() and not key.startswith("_") and type(value) is int:
+                if value in names:
+                    raise ValueError(f"{type(self).__name__}: {key} and {names[value]} are both {value}")
+                names[value] = key
+                setattr(self, key, value)  # an instance attribute: see the class docstring
+        self._names = names
+
+    def name(self, value: int) -> str:
+        """The constant's name; a value that is none of them (a peer's unknown kind) as its digits."""
+        return self._names.get(value, str(value))
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(self._names)
+
+    def __repr__(self) -> str:
+        return f"<{type(self).__name__.lstrip('_')} {', '.join(f'{n}={v}' for v, n in self._names.items())}>"
 
 
-class Status(IntEnum):
-    OK = 0
-    ERROR = 1  # the user's code raised
-    QUEUE_FULL = 2
-    QUEUE_TIMEOUT = 3
-    EXEC_TIMEOUT = 4
-    WORKER_CRASHED = 5
-    UNKNOWN_FUNCTION = 6  # the daemon lost the code (restart): register again
-    BAD_REQUEST = 7
-    SHUTTING_DOWN = 8
-    NO_SUCH_POOL = 9
-    INTERNAL = 10
-    PRELOAD_FAILED = 11  # worker -> supervisor only
-    VERSION_MISMATCH = 12
-    ACCESS_DENIED = 13
-    Q_UNAVAILABLE = 14
-    BAD_ARGUMENTS = 15  # endpoint: the JSON object does not fit the function's parameters
-    ENDPOINT_UNAVAILABLE = 16  # endpoint: its code failed to load
-    CUSTOM_RESPONSE = 17  # endpoint: the function returned its own HTTP response
-    API_ERROR = 18  # endpoint: the function raised an error carrying an HTTP status
-    NOT_RUN = 19  # worker -> supervisor: a HELD call's queue deadline passed before it could start
+class _Kind(Constants):
+    """A frame's ``kind`` (the table in this module's docstring)."""
+
+    CALL: Final = 1
+    REGISTER: Final = 2
+    CHECK: Final = 3
+    STATUS: Final = 4
+    PING: Final = 5
+    RELOAD: Final = 6
+    METRICS: Final = 7
+    PASS_FDS: Final = 8
+    DEFINE: Final = 16
+    ENDPOINT: Final = 17
+    SETUP: Final = 18
+    QCALL: Final = 19
+    HELD: Final = 20
+    READY: Final = 32
+    STATE: Final = 33
+    REPLY: Final = 64
 
 
-# Hot paths compare against module-level aliases of these members (``_CALL = Kind.CALL``): in
-# Python 3.11 every attribute read on an Enum class goes through EnumType.__getattr__'s slot
-# hook, ~0.2 us, ten times a global read (3.12 dropped the hook).
+class _Status(Constants):
+    """A frame's ``status``: a REPLY's outcome (the low byte; a CALL's high bits are flags)."""
+
+    OK: Final = 0
+    ERROR: Final = 1  # the user's code raised
+    QUEUE_FULL: Final = 2
+    QUEUE_TIMEOUT: Final = 3
+    EXEC_TIMEOUT: Final = 4
+    WORKER_CRASHED: Final = 5
+    UNKNOWN_FUNCTION: Final = 6  # the daemon lost the code (restart): register again
+    BAD_REQUEST: Final = 7
+    SHUTTING_DOWN: Final = 8
+    NO_SUCH_POOL: Final = 9
+    INTERNAL: Final = 10
+    PRELOAD_FAILED: Final = 11  # worker -> supervisor only
+    VERSION_MISMATCH: Final = 12
+    ACCESS_DENIED: Final = 13
+    Q_UNAVAILABLE: Final = 14
+    BAD_ARGUMENTS: Final = 15  # endpoint: the JSON object does not fit the function's parameters
+    ENDPOINT_UNAVAILABLE: Final = 16  # endpoint: its code failed to load
+    CUSTOM_RESPONSE: Final = 17  # endpoint: the function returned its own HTTP response
+    API_ERROR: Final = 18  # endpoint: the function raised an error carrying an HTTP status
+    NOT_RUN: Final = 19  # worker -> supervisor: a HELD call's queue deadline passed before it could start
+
+
+Kind: Final = _Kind()
+Status: Final = _Status()
 
 #: in a CALL's ``status``: a file descriptor (the call's shared file) comes with the frame
 CARRIES_FD: Final = 0x8000

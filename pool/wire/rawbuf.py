@@ -9,10 +9,10 @@ uninitialised. Callers must fill every byte before anything reads it, which
 is what a frame reader does (``recv_into`` until the frame is complete; an
 incomplete frame is discarded, never parsed).
 
-Used by the three readers of big frames: the supervisor's channels, the
-worker's channel and the client. Like the rest of ``cruised.pool`` it runs
-under any code env's interpreter, so it falls back to ``bytearray(n)`` where
-the C API is not reachable.
+Used by the frame reader (``framebuf``) for frames that get a buffer of
+their own, in the supervisor's channels, the worker and the client. Like
+the rest of ``cruised.pool`` it runs under any code env's interpreter, so it
+falls back to ``bytearray(n)`` where the C API is not reachable.
 """
 
 from __future__ import annotations

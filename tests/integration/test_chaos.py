@@ -88,7 +88,7 @@ def test_hostile_mix_keeps_every_invariant(start_daemon, tmp_path: Path) -> None
     rep = settle_and_check(clients, str(ledger))
     assert rep.ok(), rep.summary()
     for status in (Status.OK, Status.ERROR, Status.WORKER_CRASHED, Status.EXEC_TIMEOUT, Status.QUEUE_FULL):
-        assert rep.by_status[status] > 0, f"{status.name} never happened: {rep.summary()}"
+        assert rep.by_status[status] > 0, f"{Status.name(status)} never happened: {rep.summary()}"
     assert d.session().call(lambda: "alive") == "alive"
 
 

@@ -115,7 +115,7 @@ def make(**cfg: Any) -> tuple[Dispatcher, FakeClock, FakeLauncher]:
 
 def ready_all(d: Dispatcher) -> None:
     for w in list(d.workers.values()):
-        if w.state is WorkerState.STARTING:
+        if w.state == WorkerState.STARTING:
             d.on_worker_ready(w, {"pid": 1, "python": "3.11"})
 
 

@@ -79,7 +79,7 @@ class Report:
         return not self.violations
 
     def summary(self) -> str:
-        names = {int(s): s.name for s in Status}
+        names = {s: Status.name(s) for s in Status}
         counts = ", ".join(f"{names.get(k, k)}={v}" for k, v in sorted(self.by_status.items(), key=lambda kv: str(kv[0])))
         return f"sent={self.sent} [{counts}] violations={len(self.violations)}" + "".join(f"\n  - {v}" for v in self.violations[:20])
 
@@ -190,7 +190,7 @@ def check(clients: list[RawClient], ledger: str, disconnected: set[int] | None =
             if o.status == Status.OK and o.value != o.token:
                 rep.violations.append(f"{o.token} got another request's result {o.value!r}")
             if o.status in NEVER_RAN and ran[o.token]:
-                rep.violations.append(f"{o.token} was answered {Status(o.status).name} but ran")
+                rep.violations.append(f"{o.token} was answered {Status.name(o.status)} but ran")
             if o.status == Status.OK and ran[o.token] != 1:
                 rep.violations.append(f"{o.token} succeeded but ran {ran[o.token]} times")
     return rep

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import itertools
 import socket
 
 from cruised.core.channel import Channel
@@ -53,13 +54,13 @@ def test_a_closed_channel_lets_go_of_its_receive_buffer() -> None:
         loop = asyncio.get_running_loop()
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         channel = Channel(loop, ours, Recorder(), 1 << 20, name="t")
-        before = len(channel._buf)
+        before = len(channel.incoming.buf)
         theirs.close()
         channel.drain()  # reads the end of the stream: closes
-        return before, len(channel._buf)
+        return before, len(channel.incoming.buf)
 
     before, after = asyncio.run(scenario())
-    assert before > 0 and after == 0
+    assert before >= 256 << 10 and after <= frames.HEADER_SIZE
 
 
 class Forwarder:
@@ -124,3 +125,41 @@ def test_an_eager_write_to_a_gone_peer_closes_only_after_the_handler() -> None:
     sink, closed = _forwarding([frames.frame(Kind.REPLY, 1)], peer_gone=True)
     assert sink.closed_inside is False
     assert closed is True
+
+
+class Frames:
+    def __init__(self) -> None:
+        self.got: list[tuple[bytes, int, int, int]] = []
+
+    def on_frame(self, channel: Channel, buf: bytearray, kind: int, status: int, reqid: int) -> None:
+        self.got.append((bytes(buf), kind, status, reqid))
+
+    def on_close(self, channel: Channel, error: BaseException | None) -> None:
+        pass
+
+
+def test_frames_sent_in_pieces_arrive_whole_and_a_partial_one_is_timed() -> None:
+    """Small, buffer-sized and far larger frames, cut anywhere: each reaches the sink whole with its
+    header, and ``partial_since`` (daemon.read_timeout) runs exactly while a frame is incomplete."""
+
+    async def scenario() -> None:
+        loop = asyncio.get_running_loop()
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        sink = Frames()
+        channel = Channel(loop, ours, sink, 8 << 20, name="t")
+        sizes = [0, 100, (256 << 10) - 16, 256 << 10, 3 << 20, 50, 1]
+        sent = [frames.frame(Kind.CALL if i % 2 else Kind.REPLY, i + 1, bytes([i]) * n, i) for i, n in enumerate(sizes)]
+        stream = b"".join(sent)
+        # pieces of at most 100 kB: the peer's socket takes each whole before the channel reads
+        cuts = sorted({0, 7, 16, 130, 131, *range(200_000, len(stream) - 20, 100_000), len(stream) - 20, len(stream)})
+        for a, b in itertools.pairwise(cuts):
+            theirs.sendall(stream[a:b])
+            channel.drain()
+            whole = sum(len(f) for f in sent[: len(sink.got)])
+            assert whole <= b and (channel.partial_since is None) == (whole == b), (a, b)
+        assert [g[0] for g in sink.got] == sent
+        assert [g[1:] for g in sink.got] == [frames.parse_header(f, 8 << 20)[1:] for f in sent]
+        channel.close()
+        theirs.close()
+
+    asyncio.run(scenario())

@@ -81,7 +81,7 @@ def test_exec_timeout_kills_and_replaces_the_worker_and_late_replies_are_ignored
     w = launcher.sent[0][0]
     clock.advance(2.0)
     assert sink.replies == [(sink.replies[0][0], Status.EXEC_TIMEOUT, sink.replies[0][2])]
-    assert launcher.killed == [w] and w.state is WorkerState.KILLING
+    assert launcher.killed == [w] and w.state == WorkerState.KILLING
     assert len(launcher.spawned) == 2, "a replacement starts at once"
     d.on_worker_reply(w, bytearray(frames.frame(Kind.REPLY, 0)), Status.OK, 0)  # late: ignored
     d.on_worker_exit(w, -15)
@@ -110,7 +110,7 @@ def test_crash_answers_only_the_running_call_with_the_signal() -> None:
     assert [(r[1]) for r in sink.replies] == [Status.WORKER_CRASHED]
     assert "SIGSEGV" in sink.replies[0][2]
     new = launcher.spawned[-1]
-    assert new is not w and new.state is WorkerState.STARTING
+    assert new is not w and new.state == WorkerState.STARTING
     d.on_worker_ready(new, {})
     assert launcher.sent[-1][0] is new, "the queued call runs on the replacement"
     reply(d, new)
@@ -127,7 +127,7 @@ def test_scales_up_to_max_while_requests_wait_then_back_to_cruise_when_idle() ->
     ready_all(d)
     assert d.counts[WorkerState.BUSY] == 3
     for _ in range(5):
-        busy = next(w for w in d.workers.values() if w.state is WorkerState.BUSY)
+        busy = next(w for w in d.workers.values() if w.state == WorkerState.BUSY)
         reply(d, busy)
     assert d.counts[WorkerState.IDLE] == 3
     clock.advance(29.0)
@@ -236,17 +236,17 @@ def test_every_accepted_job_gets_exactly_one_reply_under_mixed_events(n: int) ->
         clock.advance(0.3)
         ready_all(d)
         for w in list(d.workers.values()):
-            if w.state is WorkerState.BUSY and i % 3 == 0:
+            if w.state == WorkerState.BUSY and i % 3 == 0:
                 reply(d, w)
-            elif w.state is WorkerState.BUSY and i % 5 == 0:
+            elif w.state == WorkerState.BUSY and i % 5 == 0:
                 d.on_worker_exit(w, -9)
     for _ in range(20):
         clock.advance(1.0)
         ready_all(d)
         for w in list(d.workers.values()):
-            if w.state is WorkerState.BUSY:
+            if w.state == WorkerState.BUSY:
                 reply(d, w)
-            elif w.state is WorkerState.KILLING:
+            elif w.state == WorkerState.KILLING:
                 d.on_worker_exit(w, -15)
     assert all(len(s.replies) == 1 for s in sinks), [s.replies for s in sinks]
 
@@ -311,7 +311,7 @@ def test_a_q_unavailable_reply_is_counted_and_the_worker_stays() -> None:
     d.on_worker_reply(w, bytearray(), Status.Q_UNAVAILABLE, j.id)
     assert sink.replies == [(j.client_reqid, Status.Q_UNAVAILABLE, "forwarded")]
     assert d.counters.requests == {"q_unavailable": 1}
-    assert w.state is WorkerState.IDLE and not launcher.killed
+    assert w.state == WorkerState.IDLE and not launcher.killed
 
 
 def test_pool_without_q_reports_none() -> None:
@@ -362,3 +362,14 @@ def test_observers_see_answered_requests_in_batches() -> None:
     assert [len(b) for b in rec.batches] == [1, ANSWERED_BATCH, 1]
     clock.advance(1.0)
     assert len(rec.batches) == 3  # nothing left, and no empty batch shown
+
+
+def test_status_names_worker_states_in_the_words_it_always_used() -> None:
+    """status() (and `cruised status`, and the HTTP status page) print states as words, in this order."""
+    d, _, launcher = make(min=1, cruise=2, max=4)
+    d.on_worker_ready(launcher.spawned[0], {})
+    d.submit(job(Sink()))
+    st = d.status()
+    assert st["workers"] == {"starting": 1, "idle": 0, "busy": 1, "draining": 0, "killing": 0}
+    assert sorted(w["state"] for w in st["worker_list"]) == ["busy", "starting"]
+    assert [WorkerState.name(s) for s in WorkerState] == ["starting", "idle", "busy", "draining", "killing", "gone"]

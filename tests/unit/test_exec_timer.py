@@ -54,7 +54,7 @@ def test_second_call_killed_at_its_own_deadline_not_the_first_calls() -> None:
     assert launcher.killed == [] and answers(sink) == [(1, Status.OK)]
     clock.advance_to(12.0)
     assert launcher.killed == [w] and answers(sink)[-1] == (2, Status.EXEC_TIMEOUT)
-    assert w.state is WorkerState.KILLING
+    assert w.state == WorkerState.KILLING
 
 
 def test_calls_within_deadline_create_no_timer_per_call() -> None:

@@ -100,3 +100,33 @@ def test_uninitialized_buffers_have_the_asked_size_and_keep_what_is_written(n: i
         memoryview(a)[:] = pattern[:n]
         b[:] = bytes(n)
         assert a == pattern[:n] and b == bytes(n)  # separate memory: writing one leaves the other alone
+
+
+def test_kinds_and_statuses_are_plain_ints_with_names() -> None:
+    assert type(Kind.CALL) is int and type(Status.NOT_RUN) is int
+    assert Kind.name(Kind.RELOAD) == "RELOAD" and Status.name(2) == "QUEUE_FULL"
+    assert Kind.name(200) == "200", "a kind this side does not know is printed as its number"
+    assert list(Status) == list(range(20)) and len(set(Kind)) == 16
+    # read from the instance's own __dict__ (specialised attribute reads), not through its class
+    assert vars(Kind)["CALL"] == 1 and vars(Status)["OK"] == 0
+
+
+def test_constants_refuse_two_names_for_one_value() -> None:
+    class Twice(frames.Constants):
+        A = 1
+        B = 1
+
+    with pytest.raises(ValueError, match="B and A are both 1"):
+        Twice()
+
+
+def test_the_protocol_docstring_has_a_row_for_every_kind_and_status() -> None:
+    """pool/wire/frames.py is where the protocol is documented: each constant once, with its value."""
+    doc = frames.__doc__ or ""
+    rows = [line.split("  ")[0] for line in doc.splitlines() if line[:1].isupper()]
+    for consts in (Kind, Status):
+        for value in consts:
+            row = f"{consts.name(value)} ({value})"
+            assert rows.count(row) == 1, f"{row}: {rows.count(row)} rows in the frames docstring"
+    endpoint_table = doc[doc.index("Endpoint calls") :]
+    assert endpoint_table.rstrip().endswith("=" * 51), "the endpoint replies table is cut off"

@@ -140,7 +140,7 @@ def test_held_deadline_reads_the_worker_first_then_answers_queue_timeout() -> No
     assert w.job is a
     reply(d, w, Status.NOT_RUN)
     reply(d, w, Status.NOT_RUN)
-    assert w.job is None and w.state is WorkerState.IDLE
+    assert w.job is None and w.state == WorkerState.IDLE
     other = next(x for x in d.workers.values() if x is not w).job  # still running: unanswered
     assert [len([r for r in sink.replies if r[0] == j.client_reqid]) for j in jobs if j is not other] == [1] * 6
 
@@ -175,7 +175,7 @@ def test_holding_respects_max_requests() -> None:
     for w in list(d.workers.values()):
         reply(d, w)
         reply(d, w)
-        assert w.state is WorkerState.DRAINING and w.requests == 2
+        assert w.state == WorkerState.DRAINING and w.requests == 2
 
 
 def test_exec_timeout_keeps_held_jobs_until_the_worker_is_gone() -> None:
@@ -184,7 +184,7 @@ def test_exec_timeout_keeps_held_jobs_until_the_worker_is_gone() -> None:
     assert w is not None
     held = list(w.held)
     clock.advance(2.0)
-    assert w.state is WorkerState.KILLING and all(j.held for j in held), "still on its channel: not yet known unstarted"
+    assert w.state == WorkerState.KILLING and all(j.held for j in held), "still on its channel: not yet known unstarted"
     d.on_worker_exit(w, -15)
     assert all(j in d.queue or j.started is not None for j in held) and not any(j.answered for j in held)
 
@@ -339,7 +339,7 @@ def test_model_every_job_answered_once_and_never_run_twice(seed: int) -> None:
         if status == Status.OK:
             assert j.id in ran
         elif status in (Status.QUEUE_TIMEOUT, Status.QUEUE_FULL, Status.SHUTTING_DOWN):
-            assert j.id not in ran, f"job {j.id} answered {Status(status).name} but ran"
+            assert j.id not in ran, f"job {j.id} answered {Status.name(status)} but ran"
     assert d.held_count == sum(len(w.held) for w in d.workers.values())
 
 

@@ -82,8 +82,6 @@ from cruised.pool.wire.frames import Kind, Status
 if TYPE_CHECKING:
     from cruised.core.dispatch import Dispatcher, Job
 
-# per-call comparisons against plain globals, not Enum class attributes (see pool/wire/frames.py)
-_ENDPOINT, _OK = Kind.ENDPOINT, Status.OK
 
 log = logging.getLogger("cruised.http")
 
@@ -459,7 +457,7 @@ class FastConnection(asyncio.Protocol):
         with memoryview(self.buf) as view:
             frame += view[req.body_start : req.end]
         del self.buf[: req.end]
-        frames.seal(frame, _ENDPOINT)
+        frames.seal(frame, Kind.ENDPOINT)
         try:
             disp = steps.admit(name, pool)
         except Refusal as refusal:
@@ -476,7 +474,7 @@ class FastConnection(asyncio.Protocol):
         self.last_active = self.loop.time()
         try:
             figures = timing(job, sink.t0)
-            if buf is not None and status == _OK:
+            if buf is not None and status == Status.OK:
                 self._write(render_ok(memoryview(buf)[frames.HEADER_SIZE :], figures, sink.close), sink.close)
             else:
                 self._send(self.steps.other_answer(sink.name, status, buf, message, figures), sink.close)

@@ -52,8 +52,6 @@ if TYPE_CHECKING:
     from cruised.config import Config
     from cruised.doors.host import DoorHost
 
-# per-call comparisons against plain globals, not Enum class attributes (see pool/wire/frames.py)
-_ENDPOINT, _OK = Kind.ENDPOINT, Status.OK
 
 log = logging.getLogger("cruised.http")
 
@@ -291,7 +289,7 @@ class Steps:
     @staticmethod
     def submit(disp: Dispatcher, name: str, frame: bytearray, sink: ReplySink) -> Job:
         """Queue the ENDPOINT frame; ``sink`` (also the job's client, for drop_client) gets the answer."""
-        job = Job(id=next_job_id(), kind=_ENDPOINT, frame=frame, sink=sink, client=sink, client_reqid=0, endpoint=name, door="http")
+        job = Job(id=next_job_id(), kind=Kind.ENDPOINT, frame=frame, sink=sink, client=sink, client_reqid=0, endpoint=name, door="http")
         disp.submit(job)
         return job
 
@@ -303,7 +301,7 @@ class Steps:
     def answer(self, name: str, job: Job, status: int, buf: bytearray | None, message: str, t0: float) -> web.Response:
         """The HTTP answer to a job's outcome (the fast path renders OK answers itself: fast.render_ok)."""
         figures = timing(job, t0)
-        if buf is not None and status == _OK:
+        if buf is not None and status == Status.OK:
             return web.Response(status=200, body=ok_body(buf, figures), content_type="application/json", headers={"Server-Timing": server_timing(figures)})
         return self.other_answer(name, status, buf, message, figures)
 
