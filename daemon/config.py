@@ -411,7 +411,14 @@ class QipcConfig:
     tls_cert: str | None = doc("PEM certificate: the TCP listener then speaks TLS only (q's hopen`:tcps://); the Unix socket stays plain", None)
     tls_key: str | None = doc("PEM private key for tls_cert", None)
     endpoint_users: dict[str, list[str]] = doc('"service/endpoint" -> the handshake users allowed to call it; unlisted endpoints are open', factory=dict)
-    remote_pool: str = doc("the pool that runs unmodified pykx.remote sessions' functions", "default")
+    remote_functions: bool = doc(
+        "run unmodified pykx.remote sessions' Python functions and library imports (arbitrary code, as the workers' user, "
+        "with their q connections) on this door; even then only after a password login checked against users_file, or "
+        "on the abstract Unix socket from a peer uid/gid in daemon.allow_uids/allow_gids (the daemon's own uid when both "
+        "are empty): loopback trust never covers code",
+        False,
+    )
+    remote_pool: str = doc("the pool that runs unmodified pykx.remote sessions' functions (with remote_functions: true)", "default")
     callback_concurrency: int = doc("deferred-sync (callback) calls of one handle that may run at once; 1 runs them in order", 64)
     max_pending: int = doc("messages read ahead on one handle while earlier ones run; more wait in the socket", 256)
 

@@ -95,6 +95,15 @@ def cmd_status(args: argparse.Namespace) -> int:
     if q:
         where = f"{q['listen']}{' (TLS)' if q['tls'] else ''}" + (f" and {q['unix']}" if q["unix"] else "")
         print(f"kdb+ IPC on {where}: {q['connections']} handles, logins {q['logins']['ok']} ok / {q['logins']['failed']} refused")
+        auth = q.get("auth")
+        if auth:
+            trust = ", loopback trusted for endpoint calls" if auth["loopback_without_password"] else ""
+            print(f"  logins: {auth['users_file'] or 'no users_file (local peers only)'}{trust}; pykx.remote code: {auth['code']}")
+    h = st.get("http")
+    if h and h.get("listen") and h.get("auth", {}).get("tcp"):
+        tcp = h["auth"]["tcp"]
+        keyed, open_ = ", ".join(tcp["api_keys_for"]) or "none", ", ".join(tcp["no_key_for"]) or "none"
+        print(f"HTTP on {h['listen']}: API keys for {keyed}; no key for {open_}")
     header = (
         f"{'pool':<12} {'start':>5} {'idle':>5} {'busy':>5} {'drain':>5} {'queue':>9} {'ok':>8} {'err':>6} {'reject':>7} {'q-tmo':>6} {'x-tmo':>6} {'crash':>6}"
     )
@@ -137,6 +146,11 @@ def cmd_check_config(args: argparse.Namespace) -> int:
             print(f"{args.file}: warning: pools.{name}.python: {p.python} is not an executable file; that pool will not start", file=sys.stderr)
     if cfg.services:
         print(f"{args.file}: endpoints: {', '.join(cfg.endpoints())}")
+    from cruised.doors import access
+
+    exposure = access.http_exposure(cfg)
+    if exposure is not None:
+        print(f"{args.file}: warning: {exposure}", file=sys.stderr)
     return 0
 
 

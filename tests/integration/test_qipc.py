@@ -198,6 +198,7 @@ def door(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Daemon]:
             "listen": "127.0.0.1:0",
             "users_file": write(root / "users.txt", USERS),
             "endpoint_users": {"demo/secret": ["alice"]},
+            "remote_functions": True,  # pykx.remote runs here, after a password login (test_qipc_code.py: the rules)
             "remote_pool": "one",
         },
     }
@@ -681,7 +682,7 @@ def test_pykx_2x_remote_messages(door: Daemon) -> None:
     library = '{x:string x;  @[.pykx.pyexec;"import ",x;{\'"Failed to load package: ",x," with: ",y}[x]]}'
     call = '{.pykx.pyexec "\n" sv 1_"\n" vs x; .pykx.get[y;<] . z}'
     source = b"@kx.remote.function(session)\ndef twice(x):\n    return math.floor(x * 2.5)\n"
-    with conn(door) as c:
+    with conn(door, username="alice", password=PLAIN) as c:  # code needs a password login
         assert c("`pykx in key `").py() is True
         assert isinstance(c('@[system"l ",;"pykx.q";{\'"Failed to load PyKX with error: ",x}]'), kx.Identity)
         assert isinstance(c(library, sym("math")), kx.Identity)

@@ -22,6 +22,7 @@ from hypothesis import strategies as st
 
 from cruised import config as config_mod
 from cruised.config import ConfigErrors, QipcConfig
+from cruised.doors import access
 from cruised.doors.qipc import auth as qauth
 from cruised.doors.qipc import remote as qremote
 from cruised.doors.qipc import wire as qwire
@@ -330,3 +331,54 @@ def test_qcall_frame_with_a_head_too_long_for_the_reserve_is_copied() -> None:
     start = frames.HEADER_SIZE + qcall.HEAD_LEN.size
     assert json.loads(bytes(frame[start : start + n]))["name"] == "n" * 2000
     assert [x.py() for x in kx.deserialize(bytes(frame[start + n :]))] == [1]
+
+
+def test_login_says_how_it_got_in(tmp_path: Path) -> None:
+    users = tmp_path / "users.txt"
+    users.write_text("alice:pw\n")
+    trusting = qauth.Authenticator(QipcConfig(users_file=str(users)))
+    assert trusting.login("anyone", "", local=True) == qauth.LOOPBACK  # endpoint calls only: never code
+    assert trusting.login("alice", "pw", local=True) == qauth.PASSWORD
+    assert trusting.login("alice", "pw", local=False) == qauth.PASSWORD
+    assert qauth.Authenticator(QipcConfig()).login("x", "y", local=True) == qauth.LOCAL  # no file to check it against
+
+
+def test_abstract_socket_code_rule_is_the_native_allowlist_else_our_own_uid() -> None:
+    assert qauth.peer_may_run_code(1000, 1000, [], [], own_uid=1000)
+    assert not qauth.peer_may_run_code(1001, 1000, [], [], own_uid=1000)
+    assert qauth.peer_may_run_code(1001, 50, [1001], [], own_uid=0) and qauth.peer_may_run_code(7, 50, [], [50], own_uid=0)
+    assert not qauth.peer_may_run_code(0, 0, [1001], [], own_uid=0)  # an allowlist replaces the own-uid rule
+
+
+@pytest.mark.parametrize(
+    ("host", "loopback"),
+    [
+        ("127.0.0.1", True),
+        ("127.9.9.9", True),
+        ("::1", True),
+        ("[::1]", True),
+        ("localhost", True),
+        ("0.0.0.0", False),
+        ("::", False),
+        ("10.1.2.3", False),
+        ("db-host", False),
+    ],
+)
+def test_loopback_hosts(host: str, loopback: bool) -> None:
+    assert access.is_loopback_host(host) is loopback
+
+
+def test_http_exposure_names_keyless_services_only_beyond_loopback() -> None:
+    def cfg(listen: str | None) -> Any:
+        services = {
+            "open": {"endpoints": {"e": {"code": __file__, "function": "f"}}},
+            "keyed": {"api_keys": ["k"], "endpoints": {"e": {"code": __file__, "function": "f"}}},
+        }
+        return config_mod.parse({"pools": {"default": {}}, "services": services, "http": {"listen": listen}})
+
+    warning = access.http_exposure(cfg("0.0.0.0:9580"))
+    assert warning is not None and "services open have no api_keys" in warning and "keyed" not in warning
+    assert access.http_exposure(cfg("127.0.0.1:9580")) is None
+    assert access.http_exposure(cfg(None)) is None
+    line = access.http_line(cfg("0.0.0.0:9580"), "0.0.0.0:9580")
+    assert "API keys for keyed" in line and "no key for open" in line

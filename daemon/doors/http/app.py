@@ -82,6 +82,7 @@ from typing import TYPE_CHECKING, Any
 from aiohttp import HttpVersion11, web
 
 from cruised.core.dispatch import FutureReply
+from cruised.doors import access
 from cruised.doors.http.fast import FastConnection
 from cruised.doors.http.steps import KEEPALIVE_TIMEOUT, Caller, Refusal, Steps, error_response, internal_error, json_response, now, on_unix
 from cruised.doors.sockets import bind_tcp, bind_unix
@@ -157,6 +158,12 @@ class HttpDoor:
             await self.runner.cleanup()
             raise
         log.info("http listening on %s%s", self.socket_path, f" and {self.tcp_address}" if self.tcp_address else "")
+        if self.tcp_address:
+            cfg = self.host.config
+            log.info("%s", access.http_line(cfg, self.tcp_address))
+            exposure = access.http_exposure(cfg)
+            if exposure is not None:
+                log.warning("%s", exposure)
 
     def aiohttp_protocol(self) -> asyncio.Protocol:
         """A fresh aiohttp RequestHandler: a connection the fast path hands over is served by it from then on."""
@@ -197,7 +204,7 @@ class HttpDoor:
             self.runner = None
 
     def describe(self) -> dict[str, Any]:
-        return {"socket": self.socket_path, "listen": self.tcp_address}
+        return {"socket": self.socket_path, "listen": self.tcp_address, "auth": access.http_auth(self.host.config)}
 
     # -- middleware -----------------------------------------------------------------------
 

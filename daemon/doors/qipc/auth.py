@@ -5,9 +5,19 @@ The handshake carries ``user:password`` (or just ``user``, as q's own
 connection before the capability byte is answered::
 
     peer on loopback or the Unix socket, no password sent,
-    qipc.allow_loopback_without_password            -> in, as the user it names
-    users_file set                                  -> in if user:password matches a line
-    no users_file                                   -> in only from loopback / the Unix socket
+    qipc.allow_loopback_without_password            -> in, as the user it names (LOOPBACK)
+    users_file set                                  -> in if user:password matches a line (PASSWORD)
+    no users_file                                   -> in only from loopback / the Unix socket (LOCAL)
+
+How a connection got in decides what it may run. Endpoint calls: any login.
+Code (pykx.remote functions and library imports: arbitrary Python in a
+worker, as the workers' user, with their q connections) only where
+``qipc.remote_functions`` is on, and then only for a PASSWORD login, or on
+the abstract Unix socket for a peer whose uid or gid (SO_PEERCRED) is in
+``daemon.allow_uids`` / ``allow_gids``, the native door's allowlist (with
+both empty: the daemon's own uid, since an abstract socket has no file mode
+to keep others out). Loopback trust never covers code: any local user can
+reach a loopback port.
 
 A rejected login is closed without a byte, which is what q does when
 ``.z.pw`` says no: q clients see ``'access``, pykx ``Authentication error``.
@@ -90,6 +100,19 @@ def is_loopback(peer: object) -> bool:
     return False
 
 
+#: how a connection logged in (``Authenticator.login``)
+PASSWORD = "password"  # user:password matched a line of users_file
+LOOPBACK = "loopback"  # a local peer with no password, let in by allow_loopback_without_password
+LOCAL = "local"  # a local peer, no users_file to check a password against
+
+
+def peer_may_run_code(uid: int, gid: int, allow_uids: list[int], allow_gids: list[int], own_uid: int) -> bool:
+    """The abstract Unix socket's alternative to a password for code: the native door's allowlist."""
+    if allow_uids or allow_gids:
+        return uid in allow_uids or gid in allow_gids
+    return uid == own_uid
+
+
 class Authenticator:
     def __init__(self, cfg: QipcConfig) -> None:
         self.path = cfg.users_file
@@ -123,18 +146,18 @@ class Authenticator:
             log.info("qipc.users_file re-read: %d users", len(self._users))
         self._stamp = stamp
 
-    def login(self, user: str, password: str, local: bool) -> bool:
-        """May this handshake in? ``local`` = loopback TCP or the Unix socket."""
+    def login(self, user: str, password: str, local: bool) -> str | None:
+        """How this handshake gets in (PASSWORD, LOOPBACK or LOCAL), or None. ``local`` = loopback TCP or the Unix socket."""
         if local and not password and self.loopback_free:
-            return True
+            return LOOPBACK
         if self.path is None:
-            return local
+            return LOCAL if local else None
         self._refresh()
         stored = self._users.get(user)
         if stored is None:
             password_matches(password, password)  # the same work as for a known user
-            return False
-        return password_matches(stored, password)
+            return None
+        return PASSWORD if password_matches(stored, password) else None
 
     def may_call(self, user: str, endpoint: str) -> bool:
         allowed = self.endpoint_users.get(endpoint)

@@ -68,11 +68,12 @@ from typing import TYPE_CHECKING, Any, cast
 
 from cruised.core import services
 from cruised.core.dispatch import FutureReply, Job
+from cruised.doors import access
 from cruised.doors.qipc import remote as qremote
 from cruised.doors.qipc import wire as qwire
-from cruised.doors.qipc.auth import Authenticator, UsersFileError, is_loopback
+from cruised.doors.qipc.auth import PASSWORD, Authenticator, UsersFileError, is_loopback, peer_may_run_code
 from cruised.doors.qipc.wire import MSG_ASYNC, MSG_RESPONSE, MSG_SYNC, Header, WireError
-from cruised.doors.sockets import SocketInUse, bind_tcp, next_job_id
+from cruised.doors.sockets import SocketInUse, bind_tcp, next_job_id, peer_credentials
 from cruised.pool import nesting, qcall
 from cruised.pool.wire import frames
 from cruised.pool.wire.frames import Kind, Status
@@ -171,6 +172,7 @@ class QipcDoor:
             raise
         self._sweeper = self.loop.call_later(1.0, self._sweep)
         log.info("qipc listening on %s:%s%s%s", self.listen_host, self.port, " (TLS)" if tls else "", f" and {self.unix_name}" if self.unix_name else "")
+        log.info("%s", access.qipc_line(self.host.config, f"{self.listen_host}:{self.port}"))
 
     def _bind_tcp(self, host: str, port: int) -> socket.socket:
         sock = bind_tcp(host, port, "qipc.listen")
@@ -235,6 +237,7 @@ class QipcDoor:
             "connections": len(self.connections),
             "logins": dict(self.logins),
             "refused": dict(self.refused),
+            "auth": access.qipc_auth(self.host.config),
         }
 
     # -- the door's own answers (small; pykx serializes them) ----------------------------
@@ -311,6 +314,8 @@ class QConnection(asyncio.BufferedProtocol):
         self.transport: asyncio.Transport | None = None
         self.peer: Any = None
         self.user: str | None = None  # set once logged in
+        #: how it logged in (auth.PASSWORD, LOOPBACK or LOCAL): decides whether it may run code
+        self.login: str | None = None
         self.cap = 0
         self.closed = False
         self.partial_since: float | None = self.loop.time()
@@ -429,7 +434,8 @@ class QConnection(asyncio.BufferedProtocol):
             return
         hs = qwire.parse_handshake(bytes(self._hs[: self._hs_len - 1]))
         local = self.unix or is_loopback(self.peer)
-        if not self.door.authenticator().login(hs.user, hs.password, local):
+        how = self.door.authenticator().login(hs.user, hs.password, local)
+        if how is None:
             self.door.logins["failed"] += 1
             self.door.host.auth_failed("qipc")
             log.warning("qipc: login refused for user %s from %s", ascii(hs.user[:40]), "unix" if self.unix else self.peer)
@@ -437,6 +443,7 @@ class QConnection(asyncio.BufferedProtocol):
             return
         self.door.logins["ok"] += 1
         self.user = hs.user
+        self.login = how
         self.cap = hs.agreed
         self._hs = bytearray()
         self.partial_since = None
@@ -732,7 +739,40 @@ class QConnection(asyncio.BufferedProtocol):
 
     # -- pykx.remote ---------------------------------------------------------------------------
 
+    def code_refusal(self) -> str | None:
+        """Why this handle may not run pykx.remote code (a q error line naming the setting), or None.
+
+        Code is arbitrary Python in a worker, as the workers' user and with their q
+        connections: it needs ``qipc.remote_functions`` and a login that proves who
+        sent it (a password from users_file, or an allowed peer uid on the Unix socket).
+        """
+        cfg = self.host.config
+        if not cfg.qipc.remote_functions:
+            return "cruised: pykx.remote functions are off on this door (qipc.remote_functions: false); endpoint calls work"
+        if self.login == PASSWORD:
+            return None
+        if self.unix:
+            sock = self.transport.get_extra_info("socket") if self.transport is not None else None
+            try:
+                _, uid, gid = peer_credentials(sock) if sock is not None else (-1, -1, -1)
+            except OSError:
+                uid = gid = -1
+            if peer_may_run_code(uid, gid, cfg.daemon.allow_uids, cfg.daemon.allow_gids, os.getuid()):
+                return None
+            return (
+                f"cruised: pykx.remote needs a password login from qipc.users_file, or a peer uid in daemon.allow_uids "
+                f"(uid {uid} is not); loopback trust covers endpoint calls only"
+            )
+        return (
+            "cruised: pykx.remote needs a password login from qipc.users_file; loopback trust (qipc.allow_loopback_without_password) covers endpoint calls only"
+        )
+
     async def _remote(self, header: Header, buf: bytearray, p: qwire.Peek, kind: str) -> None:
+        refusal = self.code_refusal()
+        if refusal is not None:
+            log.warning("qipc: %s pykx.remote %s refused: %s", self.who(), kind, refusal)
+            self.refuse(header, refusal, "remote_functions")
+            return
         pool = self.host.config.qipc.remote_pool
         disp = self.host.dispatcher(pool)
         if disp is None:
