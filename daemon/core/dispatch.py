@@ -63,11 +63,14 @@ import time
 from collections import OrderedDict, deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from cruised.config import PoolConfig
 from cruised.pool.wire import frames
 from cruised.pool.wire.frames import Status
+
+if TYPE_CHECKING:
+    from cruised.core.envbuild import PoolEnv
 
 # per-call comparisons against plain globals, not Enum class attributes (see pool/wire/frames.py)
 _NOT_RUN, _UNKNOWN_FUNCTION = Status.NOT_RUN, Status.UNKNOWN_FUNCTION
@@ -317,6 +320,8 @@ class Dispatcher:
         #: workers per state, kept by ``_set_state`` so sizing decisions are O(1) per request
         self.counts: dict[WorkerState, int] = {s: 0 for s in WorkerState}
         self.on_change: Callable[[], None] = lambda: None  # readiness/status watchers
+        #: the pool's code env built by cruised (core/envbuild.py), if it has one: no worker starts before it is ready
+        self.env: PoolEnv | None = None
 
     def _set_state(self, worker: Worker, state: WorkerState) -> None:
         """The only place a worker changes state (the counts depend on it)."""
@@ -583,7 +588,9 @@ class Dispatcher:
         self.manage()
 
     def _queue_timeout_message(self, job: Job, now: float) -> str:
-        return f"waited {now - job.admitted:.3g}s in pool {self.name!r}'s queue (queue_timeout {self.config.queue_timeout:g}s); not run"
+        why = self.env.unavailable() if self.env is not None else None  # a code env still building says so
+        env = f"; {why}" if why else ""
+        return f"waited {now - job.admitted:.3g}s in pool {self.name!r}'s queue (queue_timeout {self.config.queue_timeout:g}s{env}); not run"
 
     def _first_held(self) -> Job | None:
         """The oldest job still held (not started, not answered), dropping the others from the front."""
@@ -850,6 +857,8 @@ class Dispatcher:
         want = max(cfg.cruise - live, min(waiting - starting, cfg.max - live))
         if want <= 0:
             return
+        if self.env is not None and not self.env.ready:
+            return  # its code env is being built (or failed): envbuild calls manage() once it is ready
         now = self.clock.time()
         if now < self.next_spawn_at:
             if self._manage_timer is None:
@@ -918,6 +927,8 @@ class Dispatcher:
                 self._kill(w, reason)
 
     def ready(self) -> bool:
+        if self.env is not None and not self.env.ready:
+            return False
         warm = self.counts[IDLE] + self.counts[BUSY]
         if self.config.q is not None and self.config.q.required:
             # every warm worker connected, and at least min of them
@@ -939,6 +950,7 @@ class Dispatcher:
             "held_total": self.counters.held,
             "exits": dict(self.counters.exits),
             "q": self._q_status(),
+            "env": self.env.status() if self.env is not None else None,
             "worker_list": [
                 {"id": w.id, "pid": w.pid, "state": w.state.value, "requests": w.requests, "error": w.error, "q": w.q} for w in self.workers.values()
             ],

@@ -38,6 +38,7 @@ from typing import TYPE_CHECKING
 
 from cruised import config as config_mod
 from cruised.config import Config, ConfigErrors
+from cruised.core import envbuild
 
 if TYPE_CHECKING:
     from cruised.core.supervisor import Pool, Supervisor
@@ -123,8 +124,9 @@ class Reloader:
         problem: str | None = None
         try:
             for pool in new_pools.values():
-                pool.launcher.start_template()
+                pool.launcher.start_template()  # a pool with code_env starts building it (core/envbuild.py)
                 pool.dispatcher.manage()
+            await envbuild.wait_built(p.launcher for p in new_pools.values())  # the old generation serves meanwhile
             problem = await self._wait_ready(new_pools)
         except asyncio.CancelledError:
             # shutting down: hand the half-warm pools to the supervisor's own stop

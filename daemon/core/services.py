@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from cruised.config import Config
+from cruised.core import envbuild
 from cruised.core.dispatch import Dispatcher, WorkerState
 
 if TYPE_CHECKING:
@@ -54,8 +55,11 @@ def pool_unavailable(disp: Dispatcher) -> str | None:
     attempt failed".
     """
     c = disp.counts
-    if c[WorkerState.IDLE] + c[WorkerState.BUSY] == 0 and disp.last_error:
-        return disp.last_error
+    if c[WorkerState.IDLE] + c[WorkerState.BUSY] == 0:
+        if disp.env is not None and not disp.env.ready:
+            return disp.env.unavailable()  # "building env (12s): ...", or why its build failed
+        if disp.last_error:
+            return disp.last_error
     return None
 
 
@@ -105,6 +109,8 @@ def readiness(sup: Supervisor) -> list[str]:
     reasons = []
     for name, pool in sup.pools.items():
         d = pool.dispatcher
+        if not envbuild.required(d.config):
+            continue  # the daemon is ready without it (a code env pool, by default)
         if not d.ready():
             warm = d.counts[WorkerState.IDLE] + d.counts[WorkerState.BUSY]
             detail = f": {d.last_error}" if d.last_error else ""
@@ -113,6 +119,8 @@ def readiness(sup: Supervisor) -> list[str]:
         disp = sup.dispatcher(ep.pool)
         if disp is None:
             reasons.append(f"endpoint {name}: no pool {ep.pool!r}")
+            continue
+        if not envbuild.required(disp.config):
             continue
         st = endpoint_state(disp, name)
         if st.state != "loaded":

@@ -58,7 +58,7 @@ from typing import TYPE_CHECKING, Any
 from cruised import __version__
 from cruised.client import paths
 from cruised.config import Config
-from cruised.core import services
+from cruised.core import envbuild, services
 from cruised.core.dispatch import Dispatcher
 from cruised.core.launcher import PoolLauncher
 from cruised.core.reload import Reloader
@@ -145,6 +145,7 @@ class Pool:
         self.launcher = PoolLauncher(loop, name, pool_cfg, config.daemon)
         self.dispatcher = Dispatcher(name, pool_cfg, LoopClock(loop), self.launcher)
         self.launcher.dispatcher = self.dispatcher
+        self.dispatcher.env = self.launcher.env  # a code env to build first (core/envbuild.py), or None
         self.launcher.endpoints = services.worker_specs(config, name)
         self.failed_endpoints: set[str] = set()  # already logged as failing to load
         if config.qipc.listen:
@@ -304,7 +305,8 @@ class Supervisor:
     def _status_line(self) -> str:
         """systemd's STATUS=: the pool summary, plus why a pool cannot start (what `systemctl status` should show)."""
         errors = [f"{name}: {p.dispatcher.last_error}" for name, p in self.pools.items() if p.dispatcher.last_error]
-        return self.summary() + (f"; last error {'; '.join(errors)}" if errors else "")
+        building = envbuild.status_note(p.launcher for p in self.all_pools())  # "; pool x building env (12s): ..."
+        return self.summary() + building + (f"; last error {'; '.join(errors)}" if errors else "")
 
     def _healthy(self) -> bool:
         """Worth a watchdog ping: the loop runs (we are in it) and still reacts to signals."""
@@ -331,7 +333,7 @@ class Supervisor:
     def _check_ready(self) -> None:
         for pool in self.pools.values():
             services.log_new_failures(pool)
-        if not self.ready.is_set() and all(p.dispatcher.ready() for p in self.pools.values()):
+        if not self.ready.is_set() and all(p.dispatcher.ready() for p in self.pools.values() if envbuild.required(p.dispatcher.config)):
             self.ready.set()
             self.state = "ready"
             # Everything built so far (imports, config, pools, doors) lives as long as the daemon:
