@@ -876,36 +876,38 @@ async def _build(cache: Cache, key: str, python: str, interp: Interpreter, defin
         os.close(fd)
 
 
-async def _shared_build(
-    cache: Cache, key: str, python: str, interp: Interpreter, definition: Definition, builder: Builder, timeout: float, echo: Callable[[str, str], None] | None
-) -> tuple[_Build, Path]:
-    """Join this process's build of ``key``, or start it; a waiter that is cancelled leaves, and the last one cancels the build."""
+def _join_build(cache: Cache, key: str, python: str, interp: Interpreter, definition: Definition, builder: Builder, timeout: float) -> _Build:
+    """This process's build of ``key``: the one running, or a new one started now."""
     ident = str(cache.root / key)
     build = _builds.get(ident)
     loop = asyncio.get_running_loop()
-    if build is None or build.task is None or build.task.done() or build.task.get_loop() is not loop:
-        build = _Build(key)
-        build.task = loop.create_task(_build(cache, key, python, interp, definition, builder, timeout, build))
-        _builds[ident] = build
+    if build is not None and build.task is not None and not build.task.done() and build.task.get_loop() is loop:
+        return build
+    build = _Build(key)
+    build.task = loop.create_task(_build(cache, key, python, interp, definition, builder, timeout, build))
+    _builds[ident] = build
 
-        def forget(_: asyncio.Task[Path], build: _Build = build) -> None:
-            if _builds.get(ident) is build:
-                del _builds[ident]
+    def forget(_: asyncio.Task[Path]) -> None:
+        if _builds.get(ident) is build:
+            del _builds[ident]
 
-        build.task.add_done_callback(forget)
+    build.task.add_done_callback(forget)
+    return build
+
+
+async def _wait_build(build: _Build, echo: Callable[[str, str], None] | None) -> Path:
+    """Wait for ``build`` (shielded: other pools may wait for it too); the last waiter to be cancelled cancels the build."""
     task = build.task
     assert task is not None
     build.waiters += 1
     echoing = echo is not None and echo not in build.echoes
-    if echoing:
-        assert echo is not None
+    if echo is not None and echoing:
         build.echoes.append(echo)
     try:
-        return build, await asyncio.shield(task)
+        return await asyncio.shield(task)
     finally:
         build.waiters -= 1
-        if echoing:
-            assert echo is not None
+        if echo is not None and echoing:
             build.echoes.remove(echo)
         if build.waiters == 0 and not task.done():
             task.cancel()  # the last waiter left (shutdown, or its pool was dropped): stop the builder
@@ -1023,8 +1025,8 @@ class PoolEnv:
             if target is None:
                 self.state = "building"
                 log.info("pool=%s code env %s not built yet: building it (%s)", self.pool, key, builder.name)
-                build, target = await _shared_build(self.cache, key, python, interp, definition, builder, self.timeout, self.echo)
-                self._build = build
+                build = self._build = _join_build(self.cache, key, python, interp, definition, builder, self.timeout)
+                target = await _wait_build(build, self.echo)  # its progress shows in this pool's status meanwhile
                 built_here = built_here or build.ran
             # hold it (shared) so that a prune cannot remove it under the pool; then make sure it is still the published env
             fd = await self.cache.lock(key, exclusive=False, deadline=deadline)
