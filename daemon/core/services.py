@@ -113,7 +113,8 @@ def readiness(sup: Supervisor) -> list[str]:
             continue  # the daemon is ready without it (a code env pool, by default)
         if not d.ready():
             warm = d.counts[WorkerState.IDLE] + d.counts[WorkerState.BUSY]
-            detail = f": {d.last_error}" if d.last_error else ""
+            why = pool_unavailable(d) or d.last_error  # with a code env: "building env (12s): ..."
+            detail = f": {why}" if why else ""
             reasons.append(f"pool {name}: {warm}/{d.config.min} warm workers{detail}")
     for name, (_, _, ep) in sup.config.endpoints().items():
         disp = sup.dispatcher(ep.pool)

@@ -234,7 +234,7 @@ def test_a_build_in_progress_is_shown_refused_and_killed_by_shutdown(
             ready = get(unix(d), "/readyz")
             assert ready.status == 503
             reasons = json.dumps(ready.json())
-            assert "pool gate" in reasons and "building env" in reasons and "pool slow" not in reasons and "s/slow" not in reasons
+            assert "pool gate: 0/1 warm workers: building env (" in reasons and "pool slow" not in reasons and "s/slow" not in reasons
             wait_for(lambda: any("pool slow building env" in m and "pool gate building env" in m for m in listener.messages), 30, 0.05, "STATUS=")
             assert not any("READY=1" in m for m in listener.messages)
 
