@@ -56,6 +56,14 @@ class JsonObject(dict[str, Any]):
     """A mapping that must survive ``json.dumps`` (a test query: an endpoint's request body)."""
 
 
+class PythonSpec(str):
+    """An interpreter: a path, or a version such as ``"3.11"`` (a string: YAML reads 3.10 as the number 3.1)."""
+
+
+#: ``code_env.python: "3.11"``: a version, found when the env is built (python3.11 on PATH, or by uv)
+PYTHON_VERSION = re.compile(r"^(\d+)\.(\d+)$")
+
+
 #: service and endpoint names are URL path segments
 _NAME = re.compile(r"^[A-Za-z0-9_.-]+$")
 DEFAULT_HTTP_PORT = 9580
@@ -111,8 +119,19 @@ class DaemonConfig:
     allow_uids: list[int] = doc("if set, only these peer uids (SO_PEERCRED) may connect", factory=list)
     allow_gids: list[int] = doc("if set, only these peer gids may connect", factory=list)
     access_log: bool = doc("one log line per answered request (logger cruised.access: pool, endpoint, outcome, queue_ms, exec_ms, peer)", True)
+    env_dir: str | None = doc(
+        "where code envs (pools.<name>.code_env) are built and kept, one per definition; default: envs/ in the state directory "
+        "($STATE_DIRECTORY, /var/lib/cruised when writable, else $XDG_STATE_HOME/cruised or ~/.local/state/cruised)",
+        None,
+    )
+    env_builder: str = doc("how code envs are built: auto (uv when an uv executable is found, else python -m venv + pip), uv, or pip", "auto")
+    env_build_timeout: Duration = doc("longest one code env build may take; the builder is then killed and its pool fails", Duration(900))
 
     def validate(self, path: str, errors: list[ConfigError]) -> None:
+        if self.env_builder not in ("auto", "uv", "pip"):
+            errors.append(ConfigError(f"{path}.env_builder", f"must be auto, uv or pip, got {self.env_builder!r}"))
+        if self.env_build_timeout <= 0:
+            errors.append(ConfigError(f"{path}.env_build_timeout", f"must be positive, got {self.env_build_timeout}"))
         if self.max_message_bytes < 4096:
             errors.append(ConfigError(f"{path}.max_message_bytes", f"must be at least 4KiB, got {int(self.max_message_bytes)}"))
         if self.max_connections < 1:
@@ -193,6 +212,33 @@ class QConfig:
 
 
 @dataclass(frozen=True)
+class CodeEnvConfig:
+    """``pools.<name>.code_env``: a code env cruised builds itself from a definition (daemon/core/envbuild.py)."""
+
+    requirements: list[str] = doc(
+        "requirement lines, as a requirements file holds them (numpy==1.26.4, --find-links DIR, --no-index, --index-url URL); "
+        "paths are relative to the config file",
+        factory=list,
+    )
+    requirements_file: str | None = doc("…or a requirements file (its own relative paths are relative to it)", None)
+    python: PythonSpec | None = doc(
+        'the base interpreter: a path, or a version in quotes ("3.11": python3.11 on PATH, or found by uv); default: the daemon\'s', None
+    )
+
+    def validate(self, path: str, errors: list[ConfigError]) -> None:
+        from cruised.core import envbuild
+
+        if self.requirements and self.requirements_file is not None:
+            errors.append(ConfigError(f"{path}.requirements_file", "give requirements or requirements_file, not both"))
+            return
+        if self.python is not None and os.sep not in self.python and not PYTHON_VERSION.match(self.python):
+            errors.append(ConfigError(f"{path}.python", f'no command {self.python!r} on PATH (give an interpreter path, or a version such as "3.11")'))
+        problem = envbuild.check(self)
+        if problem is not None:
+            errors.append(ConfigError(f"{path}.{problem.where}", problem.message))
+
+
+@dataclass(frozen=True)
 class PoolConfig:
     min: int = doc("DSS floor: workers warm before the pool counts as ready", 1)
     cruise: int = doc("DSS cruise: workers kept alive; surplus retires when idle", 2)
@@ -221,8 +267,18 @@ class PoolConfig:
         None,
     )
     q: QConfig | None = doc("kdb+ connection held by every worker (the q global); omitted: none", None)
+    code_env: CodeEnvConfig | None = doc("a code env built by cruised from a definition (DSS: the service's code env); omitted: none", None)
+    required: bool | None = doc(
+        "readiness (/readyz, systemd READY=1) waits for this pool (min warm workers; with code_env, its build first); "
+        "default: true, but false for a pool with code_env: the daemon is ready without it, and it serves once built",
+        None,
+    )
 
     def validate(self, path: str, errors: list[ConfigError]) -> None:
+        if self.code_env is not None and self.python is not None:
+            errors.append(
+                ConfigError(f"{path}.code_env", f"give {path}.python (an interpreter someone built) or {path}.code_env (a definition cruised builds), not both")
+            )
         for name in ("cruise", "max"):
             if getattr(self, name) < 1:
                 errors.append(ConfigError(f"{path}.{name}", f"must be positive, got {getattr(self, name)}"))
@@ -555,6 +611,10 @@ def _convert(tp: Any, value: Any, path: str, base: Path | None) -> Any:
         if not 0 <= mode <= 0o7777:
             raise ConfigError(path, f"mode out of range: {value!r}")
         return FileMode(mode)
+    if tp is PythonSpec:
+        if not isinstance(value, str):
+            raise ConfigError(path, f'expected an interpreter path or a version in quotes, such as "3.11" (YAML reads 3.10 as the number 3.1), got {value!r}')
+        return PythonSpec(value)
     if tp is JsonObject:
         if not isinstance(value, dict):
             raise ConfigError(path, f"expected a mapping (a JSON object: the request body), got {type(value).__name__}")
@@ -582,7 +642,20 @@ def _convert(tp: Any, value: Any, path: str, base: Path | None) -> Any:
     raise ConfigError(path, f"unsupported type {tp}")  # a schema bug, not a user error
 
 
-_PATH_FIELDS = {"init", "code", "python", "password_file", "api_keys_file", "users_file", "ca_file", "tls_ca_file", "tls_cert", "tls_key"}
+_PATH_FIELDS = {
+    "init",
+    "code",
+    "python",
+    "password_file",
+    "api_keys_file",
+    "users_file",
+    "ca_file",
+    "tls_ca_file",
+    "tls_cert",
+    "tls_key",
+    "requirements_file",
+    "env_dir",
+}
 #: lists of paths, each resolved like the fields above
 _PATH_LIST_FIELDS = {"folders"}
 
@@ -630,7 +703,9 @@ def _build(cls: type[_S], raw: Any, path: str, base: Path | None) -> _S:
             errors.append(exc)
             continue
         if f.name == "python" and isinstance(value, str):
-            if os.sep not in value:
+            if cls is CodeEnvConfig and PYTHON_VERSION.match(value):
+                pass  # a version: resolved when the env is built (core/envbuild.py)
+            elif os.sep not in value:
                 value = shutil.which(value) or value  # a bare command name: found on PATH, like a shell would
             elif base is not None:
                 # not resolve(): a venv's bin/python is a symlink, and following it would leave the venv
@@ -639,6 +714,10 @@ def _build(cls: type[_S], raw: Any, path: str, base: Path | None) -> _S:
             value = str((base / os.path.expanduser(value)).resolve())
         elif f.name in _PATH_LIST_FIELDS and isinstance(value, list) and base is not None:
             value = [str((base / os.path.expanduser(v)).resolve()) for v in value]
+        elif cls is CodeEnvConfig and f.name == "requirements" and base is not None:
+            from cruised.core import envbuild
+
+            value = envbuild.resolve_paths(value, str(base))  # --find-links wheels, ./pkg: relative to the config file
         kwargs[f.name] = value
     if errors:
         raise ConfigErrors(errors)

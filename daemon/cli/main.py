@@ -1,4 +1,4 @@
-"""Command line: ``cruised serve | status | metrics | check-config | call | test | reload``.
+"""Command line: ``cruised serve | status | metrics | check-config | call | test | reload | env``.
 
 Exit codes: 0 success, 1 a command ran and reported failure, 2 bad usage or
 configuration (including another daemon already on the socket).
@@ -16,6 +16,7 @@ from typing import Any
 
 from cruised import __version__
 from cruised import config as config_mod
+from cruised.cli import env as env_cli
 from cruised.client import paths
 from cruised.client.errors import CruisedError
 from cruised.config import ConfigErrors
@@ -117,6 +118,8 @@ def cmd_status(args: argparse.Namespace) -> int:
         )
         if p.get("last_error"):
             print(f"  last error: {p['last_error']}")
+        if p.get("env"):
+            print(f"  {env_cli.status_line(p['env'])}")  # a code env cruised builds: building, ready or failed
         if p.get("q"):
             qs = p["q"]
             req = ", required" if qs["required"] else ""
@@ -194,6 +197,7 @@ def build_parser() -> argparse.ArgumentParser:
     from cruised.cli import endpoints as endpoints_cli
 
     endpoints_cli.add_commands(sub)
+    env_cli.add_commands(sub)  # cruised env build | list | prune
     for command in {id(p): p for p in sub.choices.values()}.values():  # every command, aliases once
         _global_options(command, defaults=False)
     return parser

@@ -79,6 +79,7 @@ from cruised.pool.wire import frames
 from cruised.pool.wire.frames import Status
 
 if TYPE_CHECKING:
+    from cruised.core.envbuild import PoolEnv
     from cruised.core.poolstatus import PoolStatus
 
 log = logging.getLogger("cruised.dispatch")
@@ -296,6 +297,9 @@ class Dispatcher:
         self.counts: dict[int, int] = {s: 0 for s in WorkerState}
         self.on_change: Callable[[], None] = lambda: None  # readiness/status watchers
         from cruised.core.poolstatus import PoolStatus  # it reads this module's worker states: imported once the module is complete
+
+        #: the pool's code env built by cruised (core/envbuild.py), if it has one: no worker starts before it is ready
+        self.env: PoolEnv | None = None
 
         self._report: PoolStatus = PoolStatus(self)
 
@@ -556,7 +560,9 @@ class Dispatcher:
         self.manage()
 
     def _queue_timeout_message(self, job: Job, now: float) -> str:
-        return f"waited {now - job.admitted:.3g}s in pool {self.name!r}'s queue (queue_timeout {self.config.queue_timeout:g}s); not run"
+        why = self.env.unavailable() if self.env is not None else None  # a code env still building says so
+        env = f"; {why}" if why else ""
+        return f"waited {now - job.admitted:.3g}s in pool {self.name!r}'s queue (queue_timeout {self.config.queue_timeout:g}s{env}); not run"
 
     def _first_held(self) -> Job | None:
         """The oldest job still held (not started, not answered), dropping the others from the front."""
@@ -788,6 +794,8 @@ class Dispatcher:
         want = max(cfg.cruise - live, min(waiting - starting, cfg.max - live))
         if want <= 0:
             return
+        if self.env is not None and not self.env.ready:
+            return  # its code env is being built (or failed): envbuild calls manage() once it is ready
         now = self.clock.time()
         if now < self.next_spawn_at:
             if self._manage_timer is None:
@@ -849,6 +857,8 @@ class Dispatcher:
                 self._kill(w, reason)
 
     def ready(self) -> bool:
+        if self.env is not None and not self.env.ready:
+            return False
         warm = self.counts[WorkerState.IDLE] + self.counts[WorkerState.BUSY]
         if self.config.q is not None and self.config.q.required:
             # every warm worker connected, and at least min of them

@@ -60,6 +60,7 @@ class Pool:
         self.launcher = PoolLauncher(loop, name, pool_cfg, config.daemon)
         self.dispatcher = Dispatcher(name, pool_cfg, LoopClock(loop), self.launcher, worker_ids=worker_ids)
         self.launcher.dispatcher = self.dispatcher
+        self.dispatcher.env = self.launcher.env  # a code env to build first (core/envbuild.py), or None
         self.launcher.endpoints = services.worker_specs(config, name)
         self.failed_endpoints: set[str] = set()  # already logged as failing to load
         if config.qipc.listen:

@@ -32,7 +32,7 @@ import sys
 from typing import Any
 
 from cruised.config import DaemonConfig, PoolConfig
-from cruised.core import codeenv
+from cruised.core import codeenv, envbuild
 from cruised.core.channel import Channel
 from cruised.core.dispatch import (
     BACKOFF_FIRST,
@@ -74,6 +74,8 @@ class PoolLauncher:
         self.daemon = daemon
         self.dispatcher: Dispatcher | None = None
         self.python = pool.python or sys.executable  # a code env runs the pool under its own interpreter
+        #: a code env cruised builds (pools.<name>.code_env): ``python`` is its interpreter once built
+        self.env = envbuild.PoolEnv.of(name, pool, daemon)
         #: this pool's endpoints as the workers load them (pool/endpoint.py); set by the supervisor
         self.endpoints: dict[str, dict[str, Any]] = {}
         self._stderr: codeenv.TemplateOutput | None = None
@@ -97,6 +99,8 @@ class PoolLauncher:
         self._restart_timer = None
         if self.closing:
             return
+        if self.env is not None and not self.env.start(self):
+            return  # building it in the background (this is called again once built), or its build failed
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         env = dict(os.environ)
         env.update(self.pool.env)
@@ -454,6 +458,8 @@ class PoolLauncher:
         self.closing = True
         if self._restart_timer is not None:
             self._restart_timer.cancel()
+        if self.env is not None:
+            self.env.close()  # stops a build only this pool waits for; releases the env for `cruised env prune`
         self._close_ctl()
         for w in list(self._by_pid.values()):
             self._worker_gone(w, None)

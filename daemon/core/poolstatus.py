@@ -76,7 +76,10 @@ class PoolStatus:
             "held_total": d.counters.held,
             "exits": dict(d.counters.exits),
             "q": self.q_document(),
-            "worker_list": [{"id": w.id, "pid": w.pid, "state": WorkerState.name(w.state), "requests": w.requests, "error": w.error, "q": w.q} for w in d.workers.values()],
+            "env": d.env.status() if d.env is not None else None,
+            "worker_list": [
+                {"id": w.id, "pid": w.pid, "state": WorkerState.name(w.state), "requests": w.requests, "error": w.error, "q": w.q} for w in d.workers.values()
+            ],
         }
 
     def q_document(self) -> dict[str, Any] | None:

@@ -44,6 +44,7 @@ from typing import TYPE_CHECKING
 
 from cruised import config as config_mod
 from cruised.config import Config, ConfigErrors
+from cruised.core import envbuild
 
 if TYPE_CHECKING:
     from cruised.core.generation import Pool
@@ -124,7 +125,8 @@ class Reloader:
         self.warming.extend(new_pools)
         problem: str | None = None
         try:
-            gen.start()
+            gen.start()  # a pool with code_env starts building it (core/envbuild.py)
+            await envbuild.wait_built(p.launcher for p in gen.pools.values())  # the old generation serves meanwhile
             problem = await self._wait_ready(gen.pools)
         except asyncio.CancelledError:
             # shutting down: hand the half-warm pools to the supervisor's own stop (all_pools)

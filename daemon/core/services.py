@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from cruised.config import Config
+from cruised.core import envbuild
 from cruised.core.dispatch import Dispatcher, WorkerState
 
 if TYPE_CHECKING:
@@ -55,8 +56,11 @@ def pool_unavailable(disp: Dispatcher) -> str | None:
     attempt failed".
     """
     c = disp.counts
-    if c[WorkerState.IDLE] + c[WorkerState.BUSY] == 0 and disp.last_error:
-        return disp.last_error
+    if c[WorkerState.IDLE] + c[WorkerState.BUSY] == 0:
+        if disp.env is not None and not disp.env.ready:
+            return disp.env.unavailable()  # "building env (12s): ...", or why its build failed
+        if disp.last_error:
+            return disp.last_error
     return None
 
 
@@ -111,14 +115,19 @@ def readiness(config: Config, dispatchers: Mapping[str, Dispatcher]) -> list[str
     """
     reasons = []
     for name, d in dispatchers.items():
+        if not envbuild.required(d.config):
+            continue  # the daemon is ready without it (a code env pool, by default)
         if not d.ready():
             warm = d.counts[WorkerState.IDLE] + d.counts[WorkerState.BUSY]
-            detail = f": {d.last_error}" if d.last_error else ""
+            why = pool_unavailable(d) or d.last_error  # with a code env: "building env (12s): ..."
+            detail = f": {why}" if why else ""
             reasons.append(f"pool {name}: {warm}/{d.config.min} warm workers{detail}")
     for name, (_, _, ep) in config.endpoints().items():
         disp = dispatchers.get(ep.pool)
         if disp is None:
             reasons.append(f"endpoint {name}: no pool {ep.pool!r}")
+            continue
+        if not envbuild.required(disp.config):
             continue
         st = endpoint_state(disp, name)
         if st.state != "loaded":

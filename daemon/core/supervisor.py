@@ -68,7 +68,7 @@ from typing import TYPE_CHECKING, Any
 from cruised import __version__
 from cruised.client import paths
 from cruised.config import Config
-from cruised.core import services
+from cruised.core import envbuild, services
 from cruised.core.dispatch import Dispatcher
 from cruised.core.generation import Generation, Pool
 from cruised.core.reload import Reloader
@@ -315,7 +315,8 @@ class Supervisor:
     def _status_line(self) -> str:
         """systemd's STATUS=: the pool summary, plus why a pool cannot start (what `systemctl status` should show)."""
         errors = [f"{name}: {d.last_error}" for name, d in self._serving.dispatchers.items() if d.last_error]
-        return self.summary() + (f"; last error {'; '.join(errors)}" if errors else "")
+        building = envbuild.status_note(p.launcher for p in self.all_pools())  # "; pool x building env (12s): ..."
+        return self.summary() + building + (f"; last error {'; '.join(errors)}" if errors else "")
 
     def _healthy(self) -> bool:
         """Worth a watchdog ping: the loop runs (we are in it) and still reacts to signals."""
@@ -343,7 +344,7 @@ class Supervisor:
         pools = self._serving.pools
         for pool in pools.values():
             services.log_new_failures(pool)
-        if not self.ready.is_set() and all(p.dispatcher.ready() for p in pools.values()):
+        if not self.ready.is_set() and all(p.dispatcher.ready() for p in pools.values() if envbuild.required(p.dispatcher.config)):
             self.ready.set()
             self.state = "ready"
             # Everything built so far (imports, config, pools, doors) lives as long as the daemon:
