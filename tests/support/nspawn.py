@@ -243,6 +243,10 @@ def _requirements(src: Path) -> tuple[list[str], list[str]]:
     return list(data["project"].get("dependencies", [])), list(data.get("build-system", {}).get("requires", []))
 
 
+#: wheelhouses kept in the cache (the current one included)
+KEEP_WHEELHOUSES = 3
+
+
 def wheelhouse(src: Path) -> Path:
     """Wheels for everything ``pip install .`` of ``src`` needs (cruised itself excepted), cached by the requirement list."""
     deps, build = _requirements(src)
@@ -273,9 +277,12 @@ def wheelhouse(src: Path) -> Path:
                 shutil.rmtree(build_dir, ignore_errors=True)
                 raise Unavailable(f"cannot build the wheelhouse (is the package index reachable?): {' '.join(argv[3:])}:\n{_tail(out.stderr, 15)}")
         (build_dir / ".cruised-complete").write_text("\n".join(deps + build) + "\n")
-        for old in cache.glob(f"wheels-{tag}-*"):
-            shutil.rmtree(old, ignore_errors=True)
         build_dir.rename(target)
+        # keep the newest few: another checkout's suite (other requirements) may be installing from
+        # its own wheelhouse right now, and removing it under that install fails it
+        others = sorted((p for p in cache.glob(f"wheels-{tag}-*") if p != target), key=lambda p: p.stat().st_mtime, reverse=True)
+        for old in others[KEEP_WHEELHOUSES - 1 :]:
+            shutil.rmtree(old, ignore_errors=True)
     return target
 
 
