@@ -20,7 +20,7 @@ import pytest
 from cruised.pool import nesting
 from support.daemon import Daemon, pool_config
 from support.httphelp import call, error_of, unix, write
-from support.qraw import ASYNC, RawQ, kx, sym
+from support.qraw import ASYNC, RawQ, kx, q_compress, sym
 
 EPS = """
 import os
@@ -191,3 +191,16 @@ def test_the_limit_is_documented_where_callers_read_it() -> None:
     qdocs = (Path(__file__).resolve().parents[2] / "docs" / "q-developers.md").read_text()
     assert f"nested deeper than {nesting.MAX_DEPTH} levels" in readme
     assert f"nested deeper than {nesting.MAX_DEPTH} levels" in qdocs
+
+
+def test_q_compressed_message_nested_100k_deep_leaves_the_supervisor_up(d: Daemon) -> None:
+    # q compresses what it sends to another host; pykx decompresses only by deserializing, which
+    # overflowed the supervisor's stack on this message: the door decompresses it in Python
+    with RawQ(d.status()["qipc"]["port"]) as q:
+        before = q_pid(q)
+        q.send_bytes(q_compress(q_call([sym("t/takes")], DEEP)))
+        with pytest.raises(kx.QError, match=rf"nested deeper than {nesting.MAX_DEPTH} levels"):
+            q.recv()
+        assert q_pid(q) == before
+    assert d.proc is not None and d.proc.poll() is None
+    no_crash(d)

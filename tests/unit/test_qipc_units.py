@@ -30,7 +30,7 @@ from cruised.doors.qipc.door import RESERVE, build_qcall
 from cruised.pool import qcall
 from cruised.pool.wire import frames
 from cruised.pool.wire.frames import Kind
-from support.qraw import kx
+from support.qraw import kx, q_compress
 
 # -- config --------------------------------------------------------------------------------
 
@@ -382,3 +382,33 @@ def test_http_exposure_names_keyless_services_only_beyond_loopback() -> None:
     assert access.http_exposure(cfg(None)) is None
     line = access.http_line(cfg("0.0.0.0:9580"), "0.0.0.0:9580")
     assert "API keys for keyed" in line and "no key for open" in line
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.binary(min_size=0, max_size=3000), st.integers(min_value=1, max_value=40))
+def test_decompress_inverts_kdb_compression(body: bytes, repeat: int) -> None:
+    plain = bytes([1, 1, 0, 0]) + struct.pack("<I", 8 + len(body) * repeat) + body * repeat  # repeats give back-references
+    packed = q_compress(plain)
+    assert packed[2] == 1
+    assert bytes(qwire.decompress(packed, little=True)) == plain
+
+
+def test_decompress_of_a_pykx_message_deserializes_to_the_same_object() -> None:
+    obj = kx.toq({"a": list(range(500)), "b": ["x" * 40] * 50})
+    plain = bytes(kx.serialize(obj, mode=6, wait=1).copy())
+    again = kx.deserialize(bytes(qwire.decompress(q_compress(plain), little=True)))
+    assert again.py() == obj.py()
+
+
+@pytest.mark.parametrize(
+    ("mangle", "error"),
+    [
+        (lambda b: b[:-3], "ends early"),
+        (lambda b: b[:12] + b"\xff\x07\x09" + b[15:], "points outside"),  # a reference before anything was written
+        (lambda b: b[:8] + struct.pack("<I", 8) + b[12:], "too small"),
+    ],
+)
+def test_decompress_refuses_a_malformed_stream(mangle: Any, error: str) -> None:
+    plain = bytes([1, 1, 0, 0]) + struct.pack("<I", 8 + 600) + bytes(range(200)) * 3
+    with pytest.raises(qwire.WireError, match=error):
+        qwire.decompress(mangle(q_compress(plain)), little=True)

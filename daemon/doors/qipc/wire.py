@@ -99,6 +99,68 @@ def uncompressed_size(msg: bytes | bytearray | memoryview, little: bool) -> int:
     return int.from_bytes(bytes(msg[8:12]), "little" if little else "big")
 
 
+def decompress(msg: bytes | bytearray | memoryview, little: bool) -> bytearray:
+    """The plain message of a compressed one (kdb+'s IPC compression): header included, its
+    compressed flag cleared and its length the plain length.
+
+    In Python and without deserializing anything: pykx decompresses only by deserializing,
+    which recurses once per nesting level in C, so a small compressed message holding a list
+    nested 10^5 deep would overflow the supervisor's stack before its depth could be checked.
+    Here the depth is checked afterwards on plain bytes (``nesting``), as for any message.
+    The cost is about a microsecond per byte; q compresses only what it sends to another
+    host, and only messages above 2000 bytes that shrink to under half.
+
+    The stream: after the 8-byte header, the plain length (u32), then groups of one flag
+    byte and eight items; a set bit is a back-reference (a byte indexing a table of earlier
+    positions by the XOR of two bytes, and a run length), a clear bit a literal byte. A
+    stream that reads or writes out of bounds is a WireError, never an IndexError.
+    """
+    size = uncompressed_size(msg, little)
+    if size <= HEADER_SIZE:
+        raise WireError(f"declared size {size} is too small")
+    src = bytes(msg)
+    dst = bytearray(size)
+    dst[0:4] = src[0:4]
+    dst[2] = 0  # not compressed any more
+    dst[4:8] = size.to_bytes(4, "little" if little else "big")
+    table = [0] * 256  # XOR of two bytes -> the last position they were seen at
+    s = p = HEADER_SIZE
+    d = HEADER_SIZE + 4
+    bit = flags = run = 0
+    try:
+        while s < size:
+            if bit == 0:
+                flags, bit = src[d], 1
+                d += 1
+            ref = flags & bit
+            if ref:
+                r, run = table[src[d]], src[d + 1]
+                d += 2
+                n = 2 + run
+                if r < HEADER_SIZE or s + n > size:
+                    raise WireError(f"a back-reference at byte {d - 2} points outside the message")
+                if r + n <= s:
+                    dst[s : s + n] = dst[r : r + n]
+                else:  # overlapping: byte by byte, each copy may repeat the one before
+                    for m in range(n):
+                        dst[s + m] = dst[r + m]
+                s += 2
+            else:
+                dst[s] = src[d]
+                d += 1
+                s += 1
+            while p < s - 1:
+                table[dst[p] ^ dst[p + 1]] = p
+                p += 1
+            if ref:
+                s += run
+                p = s
+            bit = (bit << 1) & 0xFF
+    except IndexError:
+        raise WireError("compressed message ends early") from None
+    return dst
+
+
 class Reader:
     """Bounds-checked reads of the few q shapes routing needs."""
 
