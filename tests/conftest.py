@@ -6,6 +6,8 @@ path through pytest's ``pythonpath`` setting), never from this file.
 
 from __future__ import annotations
 
+import shutil
+import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -44,3 +46,11 @@ def start_daemon(tmp_path: Path) -> Iterator[Callable[..., Daemon]]:
 @pytest.fixture
 def daemon(start_daemon: Callable[..., Daemon]) -> Daemon:
     return start_daemon()
+
+
+@pytest.fixture
+def short_dir() -> Iterator[Path]:
+    # Unix socket paths must stay under ~107 bytes: not under pytest's tmp_path
+    d = Path(tempfile.mkdtemp(prefix="crs", dir="/tmp"))
+    yield d
+    shutil.rmtree(d, ignore_errors=True)

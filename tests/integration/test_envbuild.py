@@ -18,13 +18,11 @@ import json
 import re
 import shutil
 import signal
-import socket
 import subprocess
 import sys
-import tempfile
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +33,7 @@ from cruised.client import errors
 from cruised.core import envbuild
 from support.daemon import Daemon, pool_config, wait_for
 from support.httphelp import call, error_of, get, unix, write
+from support.notify import NotifyListener
 from support.wheels import HeldIndex, builder_processes, wheelhouse
 
 pytestmark = pytest.mark.skipif(envbuild.find_uv() is None, reason="uv is not installed (the test extra has it): these tests build with it")
@@ -158,38 +157,6 @@ def test_two_versions_serve_side_by_side_and_a_restart_reuses_both(start_daemon:
     print(f"restart: code env pools ready {elapsed:.2f}s after start, nothing built")
 
 
-class NotifyListener:
-    """systemd's side of NOTIFY_SOCKET: every datagram, in order."""
-
-    def __init__(self, address: str) -> None:
-        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-        self.sock.bind(address)
-        self.sock.settimeout(0.05)
-        self.messages: list[str] = []
-        self.running = True
-        self.thread = threading.Thread(target=self._read, daemon=True)
-        self.thread.start()
-
-    def _read(self) -> None:
-        while self.running:
-            try:
-                self.messages.append(self.sock.recv(4096).decode())
-            except (TimeoutError, OSError):
-                continue
-
-    def close(self) -> None:
-        self.running = False
-        self.thread.join(5)
-        self.sock.close()
-
-
-@pytest.fixture
-def short_dir() -> Iterator[Path]:
-    d = Path(tempfile.mkdtemp(prefix="cre", dir="/tmp"))  # Unix socket paths stay short
-    yield d
-    shutil.rmtree(d, ignore_errors=True)
-
-
 def test_a_build_in_progress_is_shown_refused_and_killed_by_shutdown(
     start_daemon: Callable[..., Daemon], tmp_path: Path, wheels: Path, short_dir: Path
 ) -> None:
@@ -235,8 +202,8 @@ def test_a_build_in_progress_is_shown_refused_and_killed_by_shutdown(
             assert ready.status == 503
             reasons = json.dumps(ready.json())
             assert "pool gate: 0/1 warm workers: building env (" in reasons and "pool slow" not in reasons and "s/slow" not in reasons
-            wait_for(lambda: any("pool slow building env" in m and "pool gate building env" in m for m in listener.messages), 30, 0.05, "STATUS=")
-            assert not any("READY=1" in m for m in listener.messages)
+            wait_for(lambda: any("pool slow building env" in m and "pool gate building env" in m for m in listener.snapshot()), 30, 0.05, "STATUS=")
+            assert not any("READY=1" in m for m in listener.snapshot())
 
             # the index answers: the build finishes, the pool starts and serves
             index.release()

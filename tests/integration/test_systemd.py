@@ -16,10 +16,8 @@ import signal
 import socket
 import subprocess
 import sys
-import tempfile
-import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +27,7 @@ from cruised import config
 from cruised.config import DaemonConfig
 from cruised.ops import systemd
 from support.daemon import Daemon, pool_config, wait_for
+from support.notify import NotifyListener
 
 ROOT = Path(__file__).resolve().parents[2]
 UNITS = ROOT / "systemd"
@@ -40,46 +39,6 @@ def add(x: int, y: int) -> int:
 
 def systemd_environment() -> dict[str, str | None]:
     return {k: os.environ.get(k) for k in ("NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID", "LISTEN_FDS", "LISTEN_PID", "LISTEN_FDNAMES")}
-
-
-class NotifyListener:
-    """What systemd would receive: every datagram on a NOTIFY_SOCKET, in order."""
-
-    def __init__(self, address: str) -> None:
-        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-        self.sock.bind(address)
-        self.sock.settimeout(0.05)
-        self.messages: list[str] = []
-        self.lock = threading.Lock()
-        self.running = True
-        self.thread = threading.Thread(target=self._read, daemon=True)
-        self.thread.start()
-
-    def _read(self) -> None:
-        while self.running:
-            try:
-                data = self.sock.recv(4096)
-            except (TimeoutError, OSError):
-                continue
-            with self.lock:
-                self.messages.append(data.decode())
-
-    def snapshot(self) -> list[str]:
-        with self.lock:
-            return list(self.messages)
-
-    def close(self) -> None:
-        self.running = False
-        self.thread.join(5)
-        self.sock.close()
-
-
-@pytest.fixture
-def short_dir() -> Iterator[Path]:
-    # Unix socket paths must stay under ~107 bytes: not under pytest's tmp_path
-    d = Path(tempfile.mkdtemp(prefix="crs", dir="/tmp"))
-    yield d
-    shutil.rmtree(d, ignore_errors=True)
 
 
 def fields(message: str) -> dict[str, str]:
