@@ -198,9 +198,21 @@ def build_parser() -> argparse.ArgumentParser:
 
     endpoints_cli.add_commands(sub)
     env_cli.add_commands(sub)  # cruised env build | list | prune
-    for command in {id(p): p for p in sub.choices.values()}.values():  # every command, aliases once
+    for command in _commands(parser):
         _global_options(command, defaults=False)
     return parser
+
+
+def _commands(parser: argparse.ArgumentParser) -> list[argparse.ArgumentParser]:
+    """Every command's parser, nested ones too (``env build``), aliases once."""
+    found: dict[int, argparse.ArgumentParser] = {}
+    for action in parser._actions:  # argparse keeps its subparsers private
+        if isinstance(action, argparse._SubParsersAction):
+            for command in action.choices.values():
+                if id(command) not in found:
+                    found[id(command)] = command
+                    found.update((id(c), c) for c in _commands(command))
+    return list(found.values())
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -18,6 +18,7 @@ REQUIRED = {
     "call": ["svc/ep"],
     "test": [],
     "reload": [],
+    "env": ["list"],  # and its other subcommands: global options reach nested commands too
 }
 
 
