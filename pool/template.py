@@ -238,7 +238,13 @@ def main() -> int:
     msg, _ = recv(ctl)
     if msg is None:
         return 0
-    return serve(ctl, msg)
+    me = os.getpid()
+    try:
+        return serve(ctl, msg)
+    except (BrokenPipeError, ConnectionResetError):
+        if os.getpid() != me:
+            raise  # a forked worker's own failure: its exit says so
+        return 0  # the supervisor closed the channel (it stopped while we started): nothing to serve, nothing to report
 
 
 if __name__ == "__main__":
