@@ -534,6 +534,10 @@ class Dispatcher:
         if deadline > worker.exec_timer_at:
             self._arm_exec(worker, deadline)  # armed for an earlier call: wait for this one's deadline
             return
+        # A reply already sent means the call ended before the timer could fire (a loop delayed
+        # under load): read it first, as _expire_queue does for held calls. If it answers the
+        # call, _exec_timeout finds the job answered and kills nothing.
+        self.launcher.drain(worker)
         self._exec_timeout(worker, job)  # this call's own deadline (the loop's resolution, as before)
 
     def _exec_timeout(self, worker: Worker, job: Job) -> None:

@@ -101,3 +101,17 @@ def test_worker_exit_drops_its_exec_timer() -> None:
     assert w.exec_timer is None
     clock.advance_to(100.0)  # nothing left to fire against the gone worker (its replacement may time out starting)
     assert w not in launcher.killed
+
+
+def test_a_reply_already_sent_when_the_deadline_fires_answers_the_call() -> None:
+    # under load the loop may run the timer before reading a reply that is already in the socket
+    d, clock, launcher, sink, w = setup(2.0)
+    submit(d, sink, 1)
+    pending = [w]
+    launcher.drain = lambda worker: reply(d, pending.pop()) if pending and worker is w else None  # type: ignore[method-assign]  # the reply waiting in the channel
+    clock.advance_to(2.0)
+    assert answers(sink) == [(1, Status.OK)] and launcher.killed == []
+    assert w.state == WorkerState.IDLE
+    submit(d, sink, 2)  # and the next call still has its own deadline
+    clock.advance_to(4.0)
+    assert launcher.killed == [w] and answers(sink)[-1] == (2, Status.EXEC_TIMEOUT)
