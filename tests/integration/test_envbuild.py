@@ -256,7 +256,9 @@ def test_reload_moves_a_pool_from_1_0_to_2_0_under_load(start_daemon: Callable[.
 
     def http_client() -> None:
         conn: http.client.HTTPConnection | None = None
-        while not stop.is_set():
+        for _ in range(20_000):  # bounded; normally ended by `stop`
+            if stop.is_set():
+                break
             try:
                 conn = conn or target.connection(30)
                 conn.request("POST", "/public/api/v1/s/ver/run", body=b"{}")
@@ -276,7 +278,9 @@ def test_reload_moves_a_pool_from_1_0_to_2_0_under_load(start_daemon: Callable[.
             return str(verpkg.__version__)
 
         with d.session(pool="ver") as s:
-            while not stop.is_set():
+            for _ in range(20_000):  # bounded; normally ended by `stop`
+                if stop.is_set():
+                    break
                 try:
                     record(True, "shipped " + s.call(version))
                 except Exception as exc:  # noqa: BLE001 - every failure is counted
