@@ -178,8 +178,8 @@ class FairQueue:
         else:
             flow = active[0]
             tag = flow.tag
-            for f in active:  # few flows wait at a time; ties go to the one waiting longest
-                if f.tag < tag:
+            for f in active:  # few flows wait at a time; a tie goes to the shorter flow (a newcomer)
+                if f.tag < tag or (f.tag == tag and len(f.jobs) < len(flow.jobs)):
                     flow, tag = f, f.tag
         job = flow.jobs.popleft()
         self.n -= 1
