@@ -218,6 +218,7 @@ class Job:
     exec_limit: float = field(default=0.0, init=False)  # the execution timeout in force once it started (0 = not started)
     flow: Flow | None = field(default=None, init=False)  # its share of the pool, once it had to wait
     waits: bool = field(default=False, init=False)  # counted in ``flow.waiting`` (queued or held; see Dispatcher._left)
+    charge: float = field(default=0.0, init=False)  # virtual time its flow was charged when it left the queue (FairQueue.pop)
 
     def settle(self) -> bool:
         """Mark the job answered; True the first time only, when its answer is to be sent.
@@ -585,8 +586,8 @@ class Dispatcher:
             worker.requests += 1
             if job.started is not None:
                 self.exec_avg += EWMA_WEIGHT * (now - job.started - self.exec_avg)
-                if job.flow is not None:  # it waited: its flow's cost estimate learns (fair order)
-                    self.queue.learn(job.flow, now - job.started)
+                if job.charge:  # it left the queue: its flow is charged its real time (fair order)
+                    self.queue.learn(job, now - job.started)
             if status == Status.UNKNOWN_FUNCTION and job.key is not None:
                 CodeCache.forget(worker.known, job.key)
             if job.settle():

@@ -20,10 +20,11 @@ Order: start-time fair queueing (SFQ), not deficit round robin
     idle spell banks no credit.
 
     Why SFQ: the cost of a call is unknown when it is picked (DRR needs it to
-    charge the quantum), while SFQ charges the flow's moving average of its
-    calls' execution time (learned as they finish), so a caller of 1 s
-    queries and one of 10 ms calls get equal *worker time*, not equal call
-    counts. It needs no quantum to tune, and a newly waiting flow's first
+    charge the quantum), while SFQ can charge an estimate (the flow's moving
+    average execution time) and correct the tag by the real time once the
+    call finishes (``learn``), so a caller of 1 s queries and one of 10 ms
+    calls get equal *worker time*, not equal call counts, and a wrong first
+    estimate costs nothing lasting. It needs no quantum to tune, and a newly waiting flow's first
     call goes ahead of a backlogged flow at once, whatever the weights (DRR
     would let the backlogged flow finish its round first). The pool has few
     flows at a time, so the smallest tag is found by a scan of the waiting
@@ -70,7 +71,7 @@ COST_EWMA = 0.2
 class Flow:
     """One share of the pool: a caller (or a connection), its waiting jobs and its place in the order."""
 
-    __slots__ = ("active", "cost", "jobs", "key", "name", "tag", "unused", "waiting", "weight")
+    __slots__ = ("active", "cost", "jobs", "key", "learned", "name", "tag", "unused", "waiting", "weight")
 
     def __init__(self, key: Any, name: str, weight: float, cost: float) -> None:
         self.key = key
@@ -78,7 +79,8 @@ class Flow:
         self.weight = weight
         self.jobs: deque[Job] = deque()  # queued, FIFO; held ones are on their worker
         self.tag = 0.0  # virtual start tag of its next call
-        self.cost = cost  # moving average of its calls' execution time (s)
+        self.cost = cost  # moving average of its calls' execution time (s): what a call is charged when it starts
+        self.learned = False  # cost is its own (a call of it finished), not the pool's average it started with
         self.waiting = 0  # its jobs queued or held (not started, not answered)
         self.unused = 0  # credit its connections hold and have not spent
         self.active = False  # in FairQueue.active: it has queued jobs
@@ -153,6 +155,8 @@ class FairQueue:
         for job in reversed(jobs):
             flow = job.flow
             assert flow is not None
+            flow.tag -= job.charge  # charged again when it is taken again
+            job.charge = 0.0
             flow.jobs.appendleft(job)
             self.n += 1
             if not flow.active:
@@ -184,7 +188,8 @@ class FairQueue:
         job = flow.jobs.popleft()
         self.n -= 1
         self.vtime = flow.tag
-        flow.tag += flow.cost / flow.weight
+        job.charge = charge = flow.cost / flow.weight
+        flow.tag += charge
         if not flow.jobs:
             flow.active = False
             active.remove(flow)
@@ -224,9 +229,18 @@ class FairQueue:
             flow.active = False
             self.active.remove(flow)
 
-    def learn(self, flow: Flow, exec_s: float) -> None:
-        """One of ``flow``'s calls ran ``exec_s`` seconds: the estimate its next calls are charged."""
-        flow.cost += COST_EWMA * (exec_s - flow.cost)
+    def learn(self, job: Job, exec_s: float) -> None:
+        """``job`` (taken by ``pop``) ran ``exec_s`` seconds: its flow's tag is corrected from the
+        estimate it was charged to the real time, and the estimate learns."""
+        flow = job.flow
+        assert flow is not None
+        flow.tag += exec_s / flow.weight - job.charge
+        job.charge = 0.0
+        if flow.learned:
+            flow.cost += COST_EWMA * (exec_s - flow.cost)
+        else:  # its first call: the pool's average it started with says nothing about this caller
+            flow.cost = exec_s
+            flow.learned = True
 
     def top(self, n: int) -> tuple[list[tuple[str, int]], int]:
         """The ``n`` flows with the most waiting calls, as (name, waiting), and the sum of the rest."""

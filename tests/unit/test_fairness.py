@@ -81,16 +81,31 @@ def test_weights_split_the_calls_3_to_1_while_both_wait() -> None:
     assert n_a == 300, n_a
 
 
+def run(q: FairQueue, n: int, cost: dict[str, float]) -> list[str]:
+    """Pop ``n`` jobs, each finishing at once after ``cost[its caller]`` seconds; the callers in order."""
+    out = []
+    for _ in range(n):
+        j = q.pop()
+        assert j is not None
+        q.learn(j, cost[j.caller])
+        out.append(j.caller)
+    return out
+
+
 def test_costs_are_worker_time_so_long_calls_get_fewer_turns() -> None:
     q = FairQueue()
-    queue_up(q, [fifo_job("slow", t) for t in range(200)] + [fifo_job("fast", t) for t in range(200)])
-    q.learn(q.flows["slow"], 1.0)  # its calls take 100x longer than fast's (moving average)
-    for _ in range(30):
-        q.learn(q.flows["slow"], 1.0)
-        q.learn(q.flows["fast"], 0.01)
-    first = [q.pop() for _ in range(101)]
-    n_slow = sum(1 for j in first if j is not None and j.caller == "slow")
-    assert 1 <= n_slow <= 3, f"equal worker time: about one slow call per hundred fast ones, got {n_slow}"
+    queue_up(q, [fifo_job("slow", t) for t in range(300)] + [fifo_job("fast", t) for t in range(300)], cost=1.0)
+    order = run(q, 202, {"slow": 1.0, "fast": 0.01})  # slow's calls take 100x longer than fast's
+    n_slow = order.count("slow")
+    assert 2 <= n_slow <= 4, f"equal worker time: about one slow call per hundred fast ones, got {n_slow}"
+
+
+def test_a_wrong_first_estimate_is_corrected_when_the_call_finishes() -> None:
+    q = FairQueue()
+    queue_up(q, [fifo_job("a", t) for t in range(200)], cost=0.01)
+    queue_up(q, [fifo_job("b", t) for t in range(200)], cost=5.0)  # b's flow started with a pessimistic pool average
+    order = run(q, 200, {"a": 0.01, "b": 0.01})
+    assert 90 <= order.count("b") <= 110, f"b gets its half once its real cost is known: {order.count('b')}"
 
 
 def test_connection_mode_makes_each_connection_its_own_flow_and_none_one_for_all() -> None:
