@@ -18,8 +18,9 @@ Invariants:
 * a job that timed out in the queue, or whose client left, never runs;
 * a job is never re-run (at-most-once): a crash answers it, it does not
   requeue it;
-* the queue and the workers' hold lists never hold more than ``queue_size``
-  jobs together, less the credit granted and not spent (``reserved``);
+* the queue, the workers' hold lists and the credit granted and not spent
+  (``reserved``: places promised to pipelined callers) never add up to more
+  than ``queue_size``;
 * a CALL that spends credit is never refused QueueFull (its place was reserved).
 
 Fair sharing (daemon/core/fairness.py)
@@ -390,7 +391,11 @@ class Dispatcher:
         """``job`` is no longer waiting (it started, or left the queue unanswered or answered)."""
         if job.waits:
             job.waits = False
-            job.flow.waiting -= 1  # type: ignore[union-attr]  # a job that waits has its flow
+            flow = job.flow
+            assert flow is not None  # a job that waits has its flow
+            flow.waiting -= 1
+            if not flow.waiting:
+                self.queue.idle(flow)
 
     # -- credit (see "Credit" in daemon/core/fairness.py) ------------------------------------
 
@@ -399,6 +404,7 @@ class Dispatcher:
         acct = self.accounts.get(client)
         if acct is None:
             acct = self.accounts[client] = Account(client, self.queue.flow_of(caller, client, self.exec_avg))
+            acct.flow.accounts += 1
         return self._grant(acct, 1)
 
     def close_credit(self, client: Any) -> None:
@@ -407,6 +413,7 @@ class Dispatcher:
         if acct is None:
             return
         acct.flow.unused -= acct.unused
+        acct.flow.accounts -= 1
         self.reserved -= acct.unused
         acct.unused = 0
         self._top_up()

@@ -66,12 +66,15 @@ if TYPE_CHECKING:
 EVERYONE = "*"
 #: weight of the newest call in a flow's cost average
 COST_EWMA = 0.2
+#: flows kept with nothing waiting (their tags and cost estimates) before idle ones are forgotten:
+#: caller names can come from clients (a q user), so the table must not grow without bound
+MAX_IDLE_FLOWS = 1024
 
 
 class Flow:
     """One share of the pool: a caller (or a connection), its waiting jobs and its place in the order."""
 
-    __slots__ = ("active", "cost", "jobs", "key", "learned", "name", "tag", "unused", "waiting", "weight")
+    __slots__ = ("accounts", "active", "cost", "jobs", "key", "learned", "name", "tag", "unused", "waiting", "weight")
 
     def __init__(self, key: Any, name: str, weight: float, cost: float) -> None:
         self.key = key
@@ -83,6 +86,7 @@ class Flow:
         self.learned = False  # cost is its own (a call of it finished), not the pool's average it started with
         self.waiting = 0  # its jobs queued or held (not started, not answered)
         self.unused = 0  # credit its connections hold and have not spent
+        self.accounts = 0  # credit accounts of its connections: while there are any, it is kept
         self.active = False  # in FairQueue.active: it has queued jobs
 
 
@@ -123,6 +127,8 @@ class FairQueue:
         key: Any = caller if mode == "caller" else (client if mode == "connection" else EVERYONE)
         flow = self.flows.get(key)
         if flow is None:
+            if len(self.flows) >= MAX_IDLE_FLOWS:
+                self._forget_idle()
             if mode == "connection":
                 same = sum(1 for f in self.flows.values() if f.name.startswith(caller + "#"))
                 name = f"{caller}#{same + 1}"
@@ -135,7 +141,17 @@ class FairQueue:
     def forget(self, key: Any) -> None:
         """Drop an idle flow (its connection closed): nothing waits in it, no credit is out."""
         flow = self.flows.get(key)
-        if flow is not None and not flow.waiting and not flow.unused and not flow.jobs:
+        if flow is not None and not (flow.waiting or flow.accounts or flow.jobs):
+            del self.flows[key]
+
+    def idle(self, flow: Flow) -> None:
+        """``flow`` has nothing waiting any more: with ``fairness: connection`` (a flow per HTTP
+        request or q handle) it is forgotten at once; a caller's is kept (see MAX_IDLE_FLOWS)."""
+        if self.mode == "connection" and not (flow.accounts or flow.active) and self.flows.get(flow.key) is flow:
+            del self.flows[flow.key]
+
+    def _forget_idle(self) -> None:
+        for key in [k for k, f in self.flows.items() if not (f.waiting or f.accounts or f.active)]:
             del self.flows[key]
 
     # -- the queue -----------------------------------------------------------------------

@@ -155,7 +155,7 @@ def consistent(d: Dispatcher) -> None:
         assert flow.waiting == waiting, (flow.name, flow.waiting, waiting)
         assert flow.unused == sum(a.unused for a in d.accounts.values() if a.flow is flow)
     assert d.reserved == sum(a.unused for a in d.accounts.values())
-    assert d.queue.n + d.held_count + d.reserved <= d.config.queue_size or not d.accounts
+    assert d.queue.n + d.held_count + d.reserved <= d.config.queue_size
 
 
 def test_a_single_call_goes_ahead_of_a_backlog_of_another_caller() -> None:
@@ -303,3 +303,37 @@ def test_fairness_settings_are_checked_with_their_key_paths() -> None:
         parse({"metrics": {"top_callers": 0}})
     cfg = parse({"pools": {"p": {"queue_size": 1}, "q": {"fairness": "none"}}})
     assert cfg.pools["p"].caller_limit() == 1 and cfg.pools["q"].caller_limit() == 16
+
+
+def test_idle_flows_are_forgotten_per_connection_at_once_and_per_caller_beyond_a_bound() -> None:
+    d = pool(fairness="connection")
+    sink = Sink()
+    for _ in range(3):
+        d.submit(job(Sink(), caller="web"))  # one runs, two wait: each request its own flow
+    assert len(d.queue.flows) == 2
+    (w,) = d.workers.values()
+    for _ in range(3):
+        reply(d, w)
+    assert d.queue.flows == {}, "nothing waits: no flow is kept"
+    q = FairQueue()
+    from cruised.core.fairness import MAX_IDLE_FLOWS
+
+    for i in range(MAX_IDLE_FLOWS + 5):
+        q.flow_of(f"user{i}", sink, 0.01)
+    assert len(q.flows) <= MAX_IDLE_FLOWS
+
+
+def test_a_connection_with_credit_keeps_its_flow() -> None:
+    d = pool(fairness="connection")
+    conn, sink = Conn(), Sink()
+    d.open_credit(conn, "etl")
+    for _ in range(3):
+        d.submit(job(sink, client=conn, caller="etl", credited=True))
+    (w,) = d.workers.values()
+    for _ in range(3):
+        reply(d, w)
+    (flow,) = d.queue.flows.values()
+    assert flow is d.accounts[conn].flow
+    consistent(d)
+    d.drop_client(conn)
+    assert d.queue.flows == {}
