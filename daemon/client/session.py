@@ -935,8 +935,6 @@ def function(session: Session) -> Callable[[Callable[..., T]], Callable[..., T]]
         raise TypeError(f"cruised.function expects a cruised.session(), got {type(session).__name__}")
 
     def decorate(fn: Callable[..., T]) -> Callable[..., T]:
-        import functools
-
         @functools.wraps(fn)
         def remote(*args: Any, **kwargs: Any) -> T:
             return session.call(fn, *args, **kwargs)

@@ -86,7 +86,7 @@ from typing import TYPE_CHECKING, Any, Final, Protocol
 
 from cruised.config import PoolConfig
 from cruised.core.codecache import CodeCache
-from cruised.core.fairness import Account, FairQueue, Flow
+from cruised.core.fairness import COST_EWMA, Account, FairQueue, Flow
 from cruised.core.observers import AnsweredFeed, Observer
 from cruised.pool.wire import frames
 from cruised.pool.wire.frames import Status
@@ -290,11 +290,13 @@ class Dispatcher:
         self.queue = FairQueue(config.fairness, config.shares)
         #: per flow: most waiting calls + unspent credit while another flow waits (PoolConfig.caller_limit)
         self.caller_limit = config.caller_limit()
+        self._by_caller = config.fairness == "caller"  # flows are keyed by caller name (FairQueue.flow_of)
         #: credit is granted in batches of this many (fewer CREDIT frames; a map refills in batches anyway)
         self.credit_batch = max(1, self.caller_limit // 2)
         #: connections that asked for credit (a pipelined map), by client
         self.accounts: dict[Any, Account] = {}
         self.reserved = 0  # credit granted and not spent: places in the queue nobody else may take
+        self._credit_due = 0  # replies until pump looks for credit to grant again (_top_up)
         #: every held job in the order it left the queue (= deadline order); started ones are skipped lazily
         self.held: deque[Job] = deque()
         self.held_count = 0  # jobs in all workers' hold lists (admission counts them as queued)
@@ -355,37 +357,49 @@ class Dispatcher:
                 return
             self._start(self.idle.pop(), job)
             return
-        waiting = self.queue.n + self.held_count
-        flow = job.flow = self.queue.flow_of(job.caller, job.client, self.exec_avg)
-        if not (job.credited and self._spend(job)):
-            refusal = self._refusal(flow, waiting)
-            if refusal is not None:
-                self._finish(job, Status.QUEUE_FULL, refusal, "rejected")
+        queue = self.queue
+        waiting = queue.n + self.held_count
+        acct = self.accounts.get(job.client) if job.credited else None
+        if acct is not None and acct.unused:
+            # _spend, inline (a pipelined map's every call): its place was reserved, it is never refused
+            acct.unused -= 1
+            flow = acct.flow
+            flow.unused -= 1
+            self.reserved -= 1
+        else:
+            # flow_of, its commonest case inline: a known caller's flow
+            known = queue.flows.get(job.caller) if self._by_caller else None
+            flow = known if known is not None else queue.flow_of(job.caller, job.client, self.exec_avg)
+            if waiting + self.reserved >= self.config.queue_size or (flow.waiting + flow.unused >= self.caller_limit and waiting > flow.waiting):
+                self._finish(job, Status.QUEUE_FULL, self._refusal(flow, waiting), "rejected")
                 return
+        job.flow = flow
         job.deadline = now + self.config.queue_timeout
         flow.waiting += 1
         job.waits = True
-        self.queue.append(job)
+        # queue.append, inline
+        flow.jobs.append(job)
+        queue.n += 1
+        if not flow.active:
+            queue.activate(flow)
         if self._queue_timer is None:  # an armed one fires no later than this newest deadline
             self._arm_queue_timer()
         if not self.idle:
             self._prefetch()
         self.manage()
 
-    def _refusal(self, flow: Flow, waiting: int) -> str | None:
-        """Why a call of ``flow`` that spends no credit finds no place (``waiting``: queued + held); None if it does."""
+    def _refusal(self, flow: Flow, waiting: int) -> str:
+        """Why a call of ``flow`` that spends no credit found no place (``waiting``: queued + held):
+        the queue is full (with the credit reserved), or the caller has its share while others wait."""
         size = self.config.queue_size
         if waiting + self.reserved >= size:
             busy = self.counts[WorkerState.BUSY]
             reserved = f" + {self.reserved} reserved for pipelined callers" if self.reserved else ""
             return f"pool {self.name!r} is full: queue {waiting}{reserved}/{size}, {busy} busy workers"
         holding = flow.waiting + flow.unused
-        if holding >= self.caller_limit and waiting > flow.waiting:
-            return (
-                f"pool {self.name!r}: caller {flow.name!r} already has {holding} of its queue "
-                f"(max_queued_per_caller {self.caller_limit}) while other callers wait"
-            )
-        return None
+        return (
+            f"pool {self.name!r}: caller {flow.name!r} already has {holding} of its queue (max_queued_per_caller {self.caller_limit}) while other callers wait"
+        )
 
     def _left(self, job: Job) -> None:
         """``job`` is no longer waiting (it started, or left the queue unanswered or answered)."""
@@ -445,10 +459,17 @@ class Dispatcher:
     def _top_up(self) -> None:
         """Send credit to connections whose flows have room for a batch of it (calls left the queue)."""
         batch = self.credit_batch
+        self._credit_due = max(1, batch // 4)
+        room = self.config.queue_size - self.queue.n - self.held_count - self.reserved
+        if room < batch:
+            return  # the commonest answer, after every reply of a pipelined pool: nothing to grant yet
+        limit = self.caller_limit
         for acct in self.accounts.values():
-            granted = self._grant(acct, batch)
-            if granted:
-                acct.client.credit(self.name, granted)
+            flow = acct.flow
+            if limit - flow.waiting - flow.unused >= batch:
+                granted = self._grant(acct, batch)
+                if granted:
+                    acct.client.credit(self.name, granted)
 
     def drop_client(self, client: Any) -> None:
         """The client left: forget its queued jobs; a running one finishes, its reply is dropped."""
@@ -593,8 +614,16 @@ class Dispatcher:
             worker.requests += 1
             if job.started is not None:
                 self.exec_avg += EWMA_WEIGHT * (now - job.started - self.exec_avg)
-                if job.charge:  # it left the queue: its flow is charged its real time (fair order)
-                    self.queue.learn(job, now - job.started)
+                if job.charge:  # it left the queue: its flow is charged its real time (FairQueue.learn, inline)
+                    flow = job.flow
+                    assert flow is not None
+                    ran = now - job.started
+                    flow.tag += ran / flow.weight - job.charge
+                    job.charge = 0.0
+                    if flow.learned:
+                        flow.cost += COST_EWMA * (ran - flow.cost)
+                    else:
+                        flow.cost, flow.learned = ran, True
             if status == Status.UNKNOWN_FUNCTION and job.key is not None:
                 CodeCache.forget(worker.known, job.key)
             if job.settle():
@@ -620,7 +649,13 @@ class Dispatcher:
             return
         nxt = worker.held.popleft()
         self.held_count -= 1
-        self._left(nxt)
+        if nxt.waits:  # _left, inline: every held job passes here
+            nxt.waits = False
+            flow = nxt.flow
+            assert flow is not None
+            flow.waiting -= 1
+            if not flow.waiting:
+                self.queue.idle(flow)
         nxt.held = False
         worker.job = nxt
         if not nxt.answered and worker.state == WorkerState.BUSY:
@@ -676,14 +711,24 @@ class Dispatcher:
         while queue.n and self.idle:
             job = queue.pop()
             assert job is not None
-            self._left(job)
+            if job.waits:  # _left, inline
+                job.waits = False
+                flow = job.flow
+                assert flow is not None
+                flow.waiting -= 1
+                if not flow.waiting:
+                    queue.idle(flow)
             if job.cancelled or job.answered:
                 continue
             self._start(self.idle.pop(), job)
         if queue.n:
             self._prefetch(replied)
         if self.accounts:
-            self._top_up()
+            # calls left the queue: maybe room for a batch of credit. Looked at every few replies (a
+            # grant is a batch: it waits for that much room anyway), and whenever the queue is empty
+            self._credit_due -= 1
+            if self._credit_due <= 0 or not queue.n:
+                self._top_up()
         self.manage()
 
     def _queue_timeout_message(self, job: Job, now: float) -> str:
