@@ -417,9 +417,23 @@ class Dispatcher:
         """``client`` (it has ``credit(pool, n)``) asks for credit: the credit it has now (its first grant)."""
         acct = self.accounts.get(client)
         if acct is None:
-            acct = self.accounts[client] = Account(client, self.queue.flow_of(caller, client, self.exec_avg))
+            acct = self.accounts[client] = Account(client, caller, self.queue.flow_of(caller, client, self.exec_avg))
             acct.flow.accounts += 1
         return self._grant(acct, 1)
+
+    def adopt_credit(self, old: Dispatcher) -> None:
+        """A reload made this the pool's serving dispatcher: the connections' unspent credit on
+        ``old`` is theirs here (their next calls come here), honoured even beyond this queue's room."""
+        for client, acct in list(old.accounts.items()):
+            unused = acct.unused
+            old.close_credit(client)
+            mine = self.accounts.get(client)
+            if mine is None:
+                mine = self.accounts[client] = Account(client, acct.caller, self.queue.flow_of(acct.caller, client, self.exec_avg))
+                mine.flow.accounts += 1
+            mine.unused += unused
+            mine.flow.unused += unused
+            self.reserved += unused
 
     def close_credit(self, client: Any) -> None:
         """``client`` needs no more credit: what it did not spend is free for everyone again."""

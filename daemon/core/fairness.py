@@ -7,8 +7,9 @@ Callers
     the q door the q user. ``pools.<name>.fairness`` says what a *flow* (one
     share of the pool) is: ``caller`` (the default: one flow per caller),
     ``connection`` (one per connection, for one service account with many
-    clients) or ``none`` (one flow for everybody: plain FIFO, as before).
-    ``pools.<name>.shares`` weights callers (default 1).
+    clients; on the HTTP door every request is its own) or ``none`` (one flow
+    for everybody: plain FIFO, as before). ``pools.<name>.shares`` weights
+    callers (default 1; with ``connection``, each connection of the caller).
 
 Order: start-time fair queueing (SFQ), not deficit round robin
     Each flow has a virtual start tag; the next call is the head of the
@@ -46,7 +47,10 @@ Credit (flow control for pipelined submitters, ``map``)
     queue (``reserved``) so nobody else can take those places, and against
     the flow's holding, so a flow's credit never exceeds its
     ``max_queued_per_caller``: a ``map`` keeps the workers busy while the
-    rest of the queue stays open to the other callers.
+    rest of the queue stays open to the other callers. A reload hands each
+    connection's unspent credit to the new generation's pool
+    (``Dispatcher.adopt_credit``), so a map running across a reload keeps
+    its promise (even if the new ``queue_size`` is smaller, until spent).
 
 Nothing here runs, times or answers a call: ``FairQueue`` only orders the
 dispatcher's waiting jobs and keeps per-flow counts; the dispatcher owns
@@ -93,10 +97,11 @@ class Flow:
 class Account:
     """A connection's credit in one pool (see "Credit" above)."""
 
-    __slots__ = ("client", "flow", "unused")
+    __slots__ = ("caller", "client", "flow", "unused")
 
-    def __init__(self, client: Any, flow: Flow) -> None:
+    def __init__(self, client: Any, caller: str, flow: Flow) -> None:
         self.client = client  # has ``credit(pool, n)``: sends a CREDIT frame
+        self.caller = caller
         self.flow = flow
         self.unused = 0
 

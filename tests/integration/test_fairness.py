@@ -397,3 +397,24 @@ def test_the_q_door_shares_by_q_user(doors: Daemon) -> None:
     counts = requests_by_caller(doors)
     assert counts.get(("bob", "rejected"), 0) == 0 and counts.get(("bob", "ok"), 0) > 20
     assert counts.get(("alice", "ok"), 0) >= 601
+
+
+def test_a_map_keeps_its_credit_across_a_reload(start_daemon: Callable[..., Daemon]) -> None:
+    """The reload swaps the pool's dispatcher in the middle of the map: the map's unspent credit
+    moves to the new one, so no call is refused and each reaches the daemon once."""
+    d = open_to_all(start_daemon(fair_config(min=1, cruise=1, max=1, queue_size=4)))
+    s = d.session(pool="p")
+    got: list[int] = []
+    mapping = threading.Thread(target=lambda: got.extend(s.map(work, range(300))))
+    mapping.start()
+    from support.daemon import wait_for
+
+    wait_for(lambda: len(got) >= 50, 30, what="the map under way")
+    with d.session() as r:
+        ok, message = r.reload()
+    assert ok, message
+    mapping.join(60)
+    assert got == list(range(300))
+    counts = requests_by_caller(d)
+    assert counts.get(("root", "ok"), 0) == 300 and counts.get(("root", "rejected"), 0) == 0, counts
+    s.close()

@@ -337,3 +337,21 @@ def test_a_connection_with_credit_keeps_its_flow() -> None:
     consistent(d)
     d.drop_client(conn)
     assert d.queue.flows == {}
+
+
+def test_a_reload_hands_unspent_credit_to_the_new_dispatcher() -> None:
+    old, new = pool(queue_size=16), pool(queue_size=4)
+    conn, sink = Conn(), Sink()
+    assert old.open_credit(conn, "alice") == 8
+    old.submit(job(sink, client=conn, caller="alice", credited=True))  # runs: 7 left
+    new.adopt_credit(old)
+    assert old.accounts == {} and old.reserved == 0
+    assert new.accounts[conn].unused == 7 and new.reserved == 7, "honoured, though the new queue is smaller"
+    for _ in range(5):
+        new.submit(job(sink, client=conn, caller="alice", credited=True))  # 1 runs, 4 wait: the queue is full
+    assert not [r for r in sink.replies if r[1] == Status.QUEUE_FULL]
+    other = Sink()
+    new.submit(job(other, caller="bob"))
+    assert [r[1] for r in other.replies] == [Status.QUEUE_FULL]
+    new.close_credit(conn)
+    consistent(new)
