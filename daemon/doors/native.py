@@ -163,7 +163,7 @@ class ClientConnection:
                     timeout=timeout_ms / 1000 if timeout_ms else None,
                     shared=shared,
                     caller=self.caller,
-                    credited=bool(status & frames.CREDITED),
+                    credited=status & frames.CREDITED != 0,
                 )
                 disp.submit(job)
             elif status & frames.CARRIES_FD:
