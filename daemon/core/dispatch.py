@@ -1030,6 +1030,11 @@ class Dispatcher:
 
     def stop_accepting(self) -> None:
         self.accepting = False
+        # A map waiting for credit with nothing in flight would wait for good: one more credit
+        # lets it send a call, whose answer (shutting down, or no such pool after a reload that
+        # removed it) ends the map. (A reload that keeps the pool moved the accounts already.)
+        for acct in self.accounts.values():
+            acct.client.credit(self.name, 1)
         _cancel(self._manage_timer)
         self._manage_timer = None
 

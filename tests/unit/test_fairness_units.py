@@ -355,3 +355,15 @@ def test_a_reload_hands_unspent_credit_to_the_new_dispatcher() -> None:
     assert [r[1] for r in other.replies] == [Status.QUEUE_FULL]
     new.close_credit(conn)
     consistent(new)
+
+
+def test_a_pool_that_stops_accepting_gives_each_waiting_map_one_last_credit() -> None:
+    d = pool(queue_size=2)
+    busy, waiting = Conn(), Conn()
+    assert d.open_credit(busy, "alice") == 1
+    assert d.open_credit(waiting, "bob") == 1
+    d.stop_accepting()
+    assert busy.grants == [1] and waiting.grants == [1], "each sends one more call and hears why"
+    sink = Sink()
+    d.submit(job(sink, client=waiting, caller="bob", credited=True))
+    assert [r[1] for r in sink.replies] == [Status.SHUTTING_DOWN]
