@@ -382,8 +382,15 @@ class _Connection:
             gate.users += 1
             if gate.state == "open":
                 return gate
+
+            def answered(slot: _Pending) -> None:
+                # on the thread that delivers the answer, before the frames after it: a grant
+                # the daemon sends right after opening finds the gate open
+                if slot.error is None and slot.status == Status.OK and slot.frame is not None:
+                    gate.opened(frames.CREDIT_COUNT.unpack_from(slot.frame, frames.HEADER_SIZE)[0])
+
             try:
-                status, frame = self._credit_request(pool, 1)
+                status, _ = self._credit_request(pool, 1, answered)
             except BaseException:
                 gate.users -= 1
                 raise
@@ -391,7 +398,6 @@ class _Connection:
                 gate.users -= 1
                 gate.state = "unsupported"
                 return None
-            gate.opened(frames.CREDIT_COUNT.unpack_from(frame, frames.HEADER_SIZE)[0])
             return gate
 
     def close_credit(self, gate: CreditGate) -> None:
@@ -409,8 +415,8 @@ class _Connection:
             finally:
                 gate.state = "closed"
 
-    def _credit_request(self, pool: str, want: int) -> tuple[int, bytearray]:
-        (slot,) = self.send([(Kind.CREDIT, [frames.pack_name(pool), frames.CREDIT_COUNT.pack(want)])])
+    def _credit_request(self, pool: str, want: int, callback: Callable[[_Pending], None] | None = None) -> tuple[int, bytearray]:
+        (slot,) = self.send([(Kind.CREDIT, [frames.pack_name(pool), frames.CREDIT_COUNT.pack(want)])], callback)
         self.wait(slot)
         if slot.error is not None:
             raise slot.error
