@@ -40,7 +40,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Iterable
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, cast
 
 from cruised.core.dispatch import WorkerState
 from cruised.doors.sockets import bind_tcp
@@ -91,9 +91,9 @@ class _Answer(asyncio.Protocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         host = self.host
         line = agent_line(host.state == "stopping", host.draining, counted_pools(host))
-        assert isinstance(transport, asyncio.WriteTransport)
-        transport.write(line.encode())
-        transport.close()  # after the write is flushed
+        writer = cast(asyncio.WriteTransport, transport)  # a stream transport (uvloop's is no WriteTransport subclass)
+        writer.write(line.encode())
+        writer.close()  # after the write is flushed
 
     def connection_lost(self, exc: BaseException | None) -> None:
         pass
