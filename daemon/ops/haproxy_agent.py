@@ -43,6 +43,7 @@ from collections.abc import Iterable
 from typing import TYPE_CHECKING, cast
 
 from cruised.core.dispatch import WorkerState
+from cruised.doors import access
 from cruised.doors.sockets import bind_tcp
 
 if TYPE_CHECKING:
@@ -118,7 +119,7 @@ class HaproxyAgent:
         except BaseException:
             sock.close()
             raise
-        log.info("haproxy agent-check listening on %s (answers up ready maxconn:N / drain / down; no data is read)", self.address)
+        log.info("%s", access.agent_line(self.address))
 
     def close(self) -> None:
         if self.server is not None:
