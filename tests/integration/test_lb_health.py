@@ -23,6 +23,7 @@ import pytest
 
 import cruised
 from cruised.client.http import Response, Target, run_path
+from cruised.pool.wire.frames import Kind, Status
 from support.daemon import Daemon, pool_config, wait_for
 from support.httphelp import call, error_of, get, persistent, tcp, unix, write
 
@@ -198,6 +199,11 @@ def test_drain_finishes_in_flight_work_refuses_new_work_and_ready_resumes(start_
 def test_a_reload_keeps_the_drain_and_sigterm_still_stops(start_daemon: Callable[..., Daemon], tmp_path: Path) -> None:
     d = start_daemon(lb_config(tmp_path))
     first = d.status()["generation"]
+    with d.session() as s:
+        for bad in (b'{"drain": 1}', b"[true]", b"{not json"):
+            status, frame = s._request(Kind.DRAIN, [bad])  # the CLI never sends these
+            assert status == Status.BAD_REQUEST and (b"DRAIN payload" in frame or b"malformed request" in frame), (bad, bytes(frame))
+        assert s.drain() == {"draining": False, "state": "serving", "queued": 0, "running": 0}, "asking changes nothing"
     assert d.cli("drain").returncode == 0
     out = d.cli("reload")
     assert out.returncode == 0, out
