@@ -361,7 +361,7 @@ class Worker:
             # a function that forked returns here in the child too: it must leave before it can
             # write a result into the caller's shared file (reply() would stop it only later)
             self.channel._only_the_worker()
-            parts = bundle.pack(result)
+            parts = bundle.pack(result, check_refs=False)  # a shipped class is not in our __main__: pickle raises for it
             if shared is not None and bundle.shareable(parts, pickle_in_file):  # large results go back through the file
                 parts = bundle.share(parts, shared, self.spec.max_message_bytes, with_pickle=pickle_in_file)
         except BaseException as exc:

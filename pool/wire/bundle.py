@@ -19,8 +19,10 @@ process that loads it has another ``__main__``) or to a module registered by
 value, is pickled by value instead (``byvalue``: cloudpickle). Its output loads
 with plain ``pickle.loads`` where cloudpickle is importable. The test for a
 reference is a search of the pickle stream for the module's name as pickle
-writes it (``_marks``): ~50 ns for a call's few arguments; a false positive (a
-string that is exactly ``__main__``) only takes the by-value way.
+writes it (``_marks``): ~150 ns for a call's few arguments, ~0.3 ms per MB of
+stream beyond the large strings of ``_big_inband``; a false positive (a
+string that is exactly ``__main__``) only takes the by-value way. A worker skips
+the search (``check_refs``).
 """
 
 from __future__ import annotations
@@ -61,9 +63,14 @@ def by_value(module: str) -> None:
         _marks = (*_marks, _mark(module))
 
 
+#: the pickler's frame size (pickle._Framer._FRAME_SIZE_TARGET; FRAME_SIZE_TARGET in the C pickler)
+_FRAME = 64 << 10
+
+
 def _refers_by_value(data: bytes) -> bool:
     """True if a pickle stream refers to ``__main__`` or to a module registered by value."""
-    return _MAIN in data or (bool(_marks) and any(m in data for m in _marks))
+    # find(), not `in`: twice as fast on a short stream (CPython 3.11)
+    return data.find(_MAIN) >= 0 or any(data.find(m) >= 0 for m in _marks)
 
 
 def dumps(obj: Any) -> bytes:
@@ -122,16 +129,25 @@ def _big_inband(obj: Any) -> bool:
     return False
 
 
-def pack(obj: Any) -> list[bytes | memoryview]:
+def pack(obj: Any, check_refs: bool = True) -> list[bytes | memoryview]:
+    """``obj`` as a bundle's parts. ``check_refs=False`` where a plain pickle cannot refer to
+    ``__main__`` by mistake: in a worker, a class shipped from the client is not an attribute
+    of the worker's ``__main__``, so plain pickle raises for it and the by-value way is taken
+    anyway; the search of the stream is saved (~150 ns a call)."""
     buffers: list[pickle.PickleBuffer] = []
     try:
         if type(obj) in _SCANNED and _big_inband(obj):  # the type test first: most results are scalars
             chunks = _Chunks()
             pickle.Pickler(chunks, PROTOCOL, buffer_callback=buffers.append).dump(obj)
+            # A payload of _FRAME or more (the large string this path is for) is a chunk of its
+            # own, and every other chunk is a frame of under 2 * _FRAME: a module's name is in a
+            # frame, so the payloads, most of the bytes, need no search.
+            by_value = check_refs and any(type(c) is bytes and len(c) < 2 * _FRAME and _refers_by_value(c) for c in chunks)
             data = b"".join(chunks)
         else:
             data = pickle.dumps(obj, protocol=PROTOCOL, buffer_callback=buffers.append)
-        by_value = _MAIN in data or (bool(_marks) and any(m in data for m in _marks))  # _refers_by_value, inline
+            # _refers_by_value, inline: this runs for every call's arguments
+            by_value = check_refs and (data.find(_MAIN) >= 0 or (bool(_marks) and _refers_by_value(data)))
     except (pickle.PicklingError, TypeError, AttributeError):
         by_value = True
     if by_value:
