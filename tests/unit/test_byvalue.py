@@ -94,3 +94,15 @@ def test_slots_survive_the_round_trip(in_main) -> None:
 def test_a_module_registered_by_value_is_searched_for(in_main) -> None:
     assert bundle._mark("__main__") == b"\x8c\x08__main__"
     assert bundle._mark("m" * 300).startswith(b"\x8d")
+
+
+def test_a_class_is_pickled_once_per_process(in_main) -> None:
+    @in_main
+    @dataclasses.dataclass
+    class Tick:
+        sym: str
+
+    first, second = bundle.dumps(Tick("a")), bundle.dumps(Tick("a"))
+    assert first == second and b"_class_from" in first, "the class's stream is reused, not rebuilt"
+    assert pickle.loads(second) == Tick("a") and type(pickle.loads(second)) is Tick
+    assert far_side(lambda t: [t, t.sym], Tick("b")) == [Tick("b"), "b"]
