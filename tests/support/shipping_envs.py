@@ -9,7 +9,10 @@ cells, through nbclient). Each returns ``{case: "ok" | reason}`` parsed from the
 carrying the environment's output.
 
 ``env`` is the environment of the process that runs the cases: CRUISED_SOCKET
-for a daemon, or SHIPPING_BACKEND=cloudpickle for the reference.
+for a daemon, or SHIPPING_BACKEND=cloudpickle for the reference
+(SHIPPING_REFERENCE_LIB=dill: the same with dill). ``python -m support.shipping_envs``
+(from tests/) prints the table of every case in every environment, cruised's
+beside the references' (docs/shipping.md has one).
 """
 
 from __future__ import annotations
@@ -179,3 +182,47 @@ def run_notebook(env: dict[str, str], cwd: Path) -> dict[str, str]:
 
 
 RUNNERS = {"script": run_script, "repl": run_repl, "ipython": run_ipython, "notebook": run_notebook}
+
+
+BACKENDS = ("cruised", "cloudpickle", "dill")
+
+
+def run_backend(backend: str, where: str, cwd: Path, socket: str = "") -> dict[str, str]:
+    """One column of the table: the matrix in ``where`` against cruised (on ``socket``) or a reference."""
+    env = {"CRUISED_SOCKET": socket} if backend == "cruised" else {"SHIPPING_BACKEND": "cloudpickle", "SHIPPING_REFERENCE_LIB": backend}
+    return RUNNERS[where](env, cwd)
+
+
+def table(results: dict[tuple[str, str], dict[str, str]]) -> str:
+    """Markdown: one row per case, one column per (backend, environment) run."""
+    columns = list(results)
+    cases = list(next(iter(results.values())))
+    lines = ["| case | " + " | ".join(f"{b}: {w}" for b, w in columns) + " |", "|---|" + ":-:|" * len(columns)]
+    for case in cases:
+        lines.append(f"| `{case}` | " + " | ".join("✓" if results[c].get(case) == "ok" else "✗" for c in columns) + " |")
+    passed = [f"{sum(v == 'ok' for v in results[c].values())}/{len(cases)}" for c in columns]
+    lines.append("| **passed** | " + " | ".join(passed) + " |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    """``cd tests && python -m support.shipping_envs``: the matrix in every environment, against
+    a daemon started here and the references (cloudpickle, dill), as a Markdown table."""
+    import tempfile
+
+    from support.daemon import Daemon, pool_config
+
+    work = Path(tempfile.mkdtemp(prefix="matrix"))
+    d = Daemon({"pools": {"default": pool_config(min=1, cruise=1, max=1, exec_timeout="60s")}}, work).start()
+    results: dict[tuple[str, str], dict[str, str]] = {}
+    try:
+        for backend in BACKENDS:
+            for where in ENVIRONMENTS:
+                results[backend, where] = run_backend(backend, where, work, d.socket)
+    finally:
+        d.cleanup()
+    print(table(results))
+
+
+if __name__ == "__main__":
+    main()
