@@ -62,11 +62,28 @@ def serve() -> None:
         _send(out, reply)
 
 
+def _in_process(blob: bytes) -> bytes:
+    """``serve``'s step in this process: the round trip without a second process."""
+    try:
+        fn, args, kwargs = pickler.loads(blob)
+        return bytes(pickler.dumps((True, fn(*args, **kwargs))))
+    except BaseException as exc:  # noqa: BLE001 - the caller's exception, shipped back
+        return bytes(pickler.dumps((False, exc)))
+
+
 class ReferenceSession:
     def __init__(self) -> None:
+        #: SHIPPING_REFERENCE_WHERE=in-process: loads in the very process that pickled, which
+        #: has every class already (identity is then no test), for comparison only
+        self.in_process = os.environ.get("SHIPPING_REFERENCE_WHERE") == "in-process"
         self.proc = subprocess.Popen([sys.executable, "-c", _WORKER.format(path=sys.path)], stdin=subprocess.PIPE, stdout=subprocess.PIPE)
 
     def call(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        if self.in_process:
+            ok, value = pickler.loads(_in_process(pickler.dumps((fn, args, kwargs))))
+            if ok:
+                return value
+            raise value
         assert self.proc.stdin is not None and self.proc.stdout is not None
         _send(self.proc.stdin, pickler.dumps((fn, args, kwargs)))
         reply = _recv(self.proc.stdout)
