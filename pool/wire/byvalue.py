@@ -77,7 +77,7 @@ def _class_from(tracker_id: str, blob: bytes) -> type:
     return pickle.loads(blob)  # type: ignore[no-any-return]  # a stream of one class, by _blob
 
 
-def _blob(cls: type, rv: tuple[Any, ...]) -> tuple[Any, ...]:
+def _blob(cls: type) -> tuple[Any, ...]:
     """The reduction of a class pickled by value: ``_class_from(tracker id, its stream)``.
 
     cloudpickle writes a class's whole definition (every method's code, its globals) each
@@ -97,7 +97,7 @@ def _blob(cls: type, rv: tuple[Any, ...]) -> tuple[Any, ...]:
             Pickler(out, protocol=5, inline=cls).dump(cls)
         finally:
             _in_progress.discard(cls)
-        cached = _blobs[cls] = (rv[1][4], out.getvalue())  # rv[1][4]: the tracker id, in the skeleton's arguments
+        cached = _blobs[cls] = (_cp._get_or_create_tracker_id(cls), out.getvalue())  # the id the stream carries
     return (_class_from, cached)
 
 
@@ -116,7 +116,7 @@ class Pickler(cloudpickle.Pickler):  # type: ignore[misc]  # cloudpickle ships n
         if type(rv) is tuple and len(rv) == 6 and rv[0] in _SKELETONS and rv[5] is _cp._class_setstate:
             _complete.add(obj)  # pickled from here: this process's class is the original
             if obj is not self.inline and obj not in _in_progress:
-                return _blob(obj, rv)
+                return _blob(obj)
             newargs = rv[1]
             slots = obj.__dict__.get("__slots__") if rv[0] is _cp._make_skeleton_class else None
             if slots:  # not empty: typing.NamedTuple's `__slots__ = ()` may not be set at creation

@@ -106,3 +106,20 @@ def test_a_class_is_pickled_once_per_process(in_main) -> None:
     assert first == second and b"_class_from" in first, "the class's stream is reused, not rebuilt"
     assert pickle.loads(second) == Tick("a") and type(pickle.loads(second)) is Tick
     assert far_side(lambda t: [t, t.sym], Tick("b")) == [Tick("b"), "b"]
+
+
+def test_an_enum_class_is_found_by_its_tracker_id(in_main) -> None:
+    import enum
+
+    from cruised.pool.wire import byvalue
+
+    @in_main
+    class Side(enum.Enum):
+        BUY = 1
+        SELL = -1
+
+    data = bundle.dumps(Side.SELL)
+    assert pickle.loads(data) is Side.SELL
+    tracker_id, _ = byvalue._blobs[Side]
+    assert byvalue._class_from(tracker_id, b"not a pickle: never read for a known class") is Side
+    assert far_side(lambda s: s, Side.BUY) is Side.BUY
