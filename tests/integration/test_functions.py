@@ -261,7 +261,7 @@ def test_functions_from_a_script_and_the_plain_repl(daemon: Daemon) -> None:
     )
     out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
     assert "RESULT 30 lam" in out.stdout, out.stderr
-    # the interactive interpreter: source of REPL functions is not retrievable, dill ships them anyway
+    # the interactive interpreter: source of REPL functions is not retrievable, cloudpickle ships them anyway
     repl = subprocess.run(
         [sys.executable, "-i", "-q"],
         input=(f"import cruised\ns = cruised.session(socket={daemon.socket!r})\ndef sq(x):\n    return x * x\n\nprint('REPL', s.call(sq, 9))\n"),
