@@ -19,11 +19,11 @@ from __future__ import annotations
 
 import ast
 import os
-import pty
 import select
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 MATRIX = Path(__file__).with_name("shipping_matrix.py")
@@ -83,30 +83,38 @@ def repl_lines(cell: str) -> list[str]:
 
 def run_repl(env: dict[str, str], cwd: Path) -> dict[str, str]:
     """A plain ``python`` REPL on a pty: each line is typed once the REPL has asked for it."""
-    # PYTHON_BASIC_REPL: 3.13's REPL auto-indents typed lines, which would indent ours twice
-    pid, fd = pty.fork()
-    if pid == 0:  # the child: the REPL, in the pty
-        try:
-            os.chdir(cwd)
-            os.execve(sys.executable, [sys.executable, "-q", "-i"], {**_env(env), "PYTHON_BASIC_REPL": "1", "TERM": "dumb"})
-        finally:
-            os._exit(127)
+    main_fd, tty_fd = os.openpty()
+    # PYTHON_BASIC_REPL: 3.13's REPL auto-indents typed lines, which would indent ours twice.
+    # Popen, not pty.fork: no fork of this (maybe multi-threaded) process
+    proc = subprocess.Popen(
+        [sys.executable, "-q", "-i"],
+        stdin=tty_fd,
+        stdout=tty_fd,
+        stderr=tty_fd,
+        env={**_env(env), "PYTHON_BASIC_REPL": "1", "TERM": "dumb"},
+        cwd=cwd,
+        start_new_session=True,
+    )
+    os.close(tty_fd)
     out = bytearray()
     deadline = time.monotonic() + TIMEOUT
 
-    def read_until(predicate: object) -> None:
-        while not (callable(predicate) and predicate()):
+    def read_until(predicate: Callable[[], bool], exiting: bool = False) -> None:
+        while not predicate():
             if time.monotonic() > deadline:
                 raise AssertionError(f"the REPL stalled:\n{out[-6000:].decode(errors='replace')}")
-            ready, _, _ = select.select([fd], [], [], 0.5)
-            if ready:
-                try:
-                    chunk = os.read(fd, 65536)
-                except OSError:  # EIO: the REPL exited
+            ready, _, _ = select.select([main_fd], [], [], 0.5)
+            if not ready:
+                continue
+            try:
+                chunk = os.read(main_fd, 65536)
+            except OSError:  # EIO: the REPL exited and closed the pty
+                chunk = b""
+            if not chunk:
+                if exiting:
                     return
-                if not chunk:
-                    return
-                out.extend(chunk)
+                raise AssertionError(f"the REPL exited with {proc.wait(5)}:\n{out[-6000:].decode(errors='replace')}")
+            out.extend(chunk)
 
     def prompted() -> bool:
         return out.endswith((b">>> ", b"... "))
@@ -116,17 +124,14 @@ def run_repl(env: dict[str, str], cwd: Path) -> dict[str, str]:
         for cell in cells():
             for line in repl_lines(cell):
                 del out[-4:]  # the prompt answered: the next prompt is the one to wait for
-                os.write(fd, line.encode() + b"\n")
+                os.write(main_fd, line.encode() + b"\n")
                 read_until(prompted)
-        os.write(fd, b"exit()\n")
-        read_until(lambda: False)
+        os.write(main_fd, b"exit()\n")
+        read_until(lambda: False, exiting=True)
     finally:
-        try:
-            os.kill(pid, 9)
-        except ProcessLookupError:
-            pass
-        os.waitpid(pid, 0)
-        os.close(fd)
+        proc.kill()
+        proc.wait()
+        os.close(main_fd)
     return parse(out.decode(errors="replace"))
 
 
