@@ -169,13 +169,8 @@ def run_notebook(env: dict[str, str], cwd: Path) -> dict[str, str]:
 
     nb = nbformat.v4.new_notebook()
     nb.cells = [nbformat.v4.new_code_cell(c) for c in cells()]
-    saved = dict(os.environ)
-    os.environ.update(_env(env))  # the kernel inherits this process's environment
-    try:
-        NotebookClient(nb, timeout=TIMEOUT, kernel_name="python3", allow_errors=True, resources={"metadata": {"path": str(cwd)}}).execute()
-    finally:
-        os.environ.clear()
-        os.environ.update(saved)
+    client = NotebookClient(nb, timeout=TIMEOUT, kernel_name="python3", allow_errors=True, resources={"metadata": {"path": str(cwd)}})
+    client.execute(env=_env(env))  # passed on to the kernel manager's start_kernel: the kernel's environment
     text: list[str] = []
     for cell in nb.cells:
         for output in cell.get("outputs", []):
