@@ -10,7 +10,6 @@ pids inside are read without entering it.
 from __future__ import annotations
 
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -22,23 +21,9 @@ from typing import NamedTuple
 import pytest
 
 from support.daemon import Daemon, pool_config, wait_for
+from support.deploy import UNSHARE, namespace_init, unshare_unavailable
 
-UNSHARE = ["unshare", "--pid", "--fork", "--mount-proc"]
-
-
-def _unshare_works() -> str | None:
-    if shutil.which("unshare") is None:
-        return "unshare (util-linux) is not installed"
-    try:
-        probe = subprocess.run([*UNSHARE, "true"], capture_output=True, text=True, timeout=30)
-    except (OSError, subprocess.TimeoutExpired) as exc:
-        return f"unshare cannot run: {exc}"
-    if probe.returncode != 0:
-        return f"a new PID namespace is not permitted here (unshare: {probe.stderr.strip()})"
-    return None
-
-
-pytestmark = pytest.mark.skipif(bool(_unshare_works()), reason=_unshare_works() or "")
+pytestmark = pytest.mark.skipif(bool(unshare_unavailable()), reason=unshare_unavailable() or "")
 
 
 class NsProc(NamedTuple):
@@ -66,23 +51,6 @@ def members(ns: str) -> list[NsProc]:
             continue
         found.append(NsProc(int(entry), int(fields["NSpid"].split()[-1]), int(fields["PPid"]), fields["State"].split()[0]))
     return found
-
-
-def namespace_init(outer: int) -> int:
-    """The host pid of the namespace's PID 1: the child ``unshare --fork`` (host pid ``outer``) started."""
-
-    def child() -> int | None:
-        for entry in os.listdir("/proc"):
-            if entry.isdigit():
-                try:
-                    status = Path(f"/proc/{entry}/status").read_text()
-                except (FileNotFoundError, ProcessLookupError):
-                    continue
-                if f"\nPPid:\t{outer}\n" in status:
-                    return int(entry)
-        return None
-
-    return int(wait_for(child, what="unshare's child"))
 
 
 def add(x: int, y: int) -> int:

@@ -98,7 +98,13 @@ def group_members(pgid: int) -> list[str]:
 
 class Daemon:
     def __init__(
-        self, config: dict[str, Any] | str, workdir: Path, env: dict[str, str] | None = None, args: list[str] | None = None, prefix: list[str] | None = None
+        self,
+        config: dict[str, Any] | str,
+        workdir: Path,
+        env: dict[str, str] | None = None,
+        args: list[str] | None = None,
+        prefix: list[str] | None = None,
+        command: list[str] | None = None,
     ) -> None:
         self.workdir = workdir
         self.config_path = workdir / "config.yaml"
@@ -120,13 +126,15 @@ class Daemon:
         #: a command the daemon runs under (``unshare --pid --fork``): ``proc`` is then that command's
         #: process; a test that finds the daemon's own pid sets ``signal_pid`` so signals reach it
         self.prefix = prefix or []
+        #: how cruised itself is started: this interpreter's, or an installed entry point (the image's)
+        self.command = command or [sys.executable, "-m", "cruised"]
         self.signal_pid: int | None = None
         self.proc: subprocess.Popen[bytes] | None = None
 
     def start(self, wait_ready: bool = True) -> Daemon:
         self._log = open(self.log_path, "ab")
         self.proc = subprocess.Popen(
-            [*self.prefix, sys.executable, "-m", "cruised", "serve", "--config", str(self.config_path), *self.args],
+            [*self.prefix, *self.command, "serve", "--config", str(self.config_path), *self.args],
             stdin=subprocess.DEVNULL,
             stdout=self._log,
             stderr=subprocess.STDOUT,
