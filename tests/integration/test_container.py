@@ -221,7 +221,7 @@ def test_the_image_install_serves_as_its_user_as_pid_1(image_root: Path) -> None
         assert module.startswith(str(site)), f"workers must run the installed copy, not the checkout: {module}"
 
         tcp = httphelp.tcp(d)
-        for path in ("/healthz", "/readyz"):
+        for path in ("/livez", "/healthz", "/readyz"):
             assert httphelp.get(tcp, path).status == 200, path
         metrics = httphelp.get(tcp, "/metrics")
         assert metrics.status == 200 and b"cruised_workers{" in metrics.body

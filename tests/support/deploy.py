@@ -70,6 +70,15 @@ def env_pairs(args: str) -> dict[str, str]:
     return pairs
 
 
+def tool(name: str) -> str | None:
+    """A command-line tool on PATH, or beside this interpreter (.ci/run may pip-install one into the venv)."""
+    import os
+    import shutil
+    import sys
+
+    return shutil.which(name) or shutil.which(name, path=os.path.dirname(sys.executable))
+
+
 def listen_port(listen: str) -> int:
     return int(listen.rpartition(":")[2])
 
