@@ -128,6 +128,7 @@ class Termination:
     sigterm_at: float
     exit_code: int | None  # None: SIGKILLed at the grace
     ended: float
+    readyz_after_hook: int | None  # /readyz between the hook's end and SIGTERM
 
 
 def kubelet_terminate(d: Daemon, grace: float, remove_endpoint: Callable[[], None]) -> Termination:
@@ -143,6 +144,10 @@ def kubelet_terminate(d: Daemon, grace: float, remove_endpoint: Callable[[], Non
         code, output = hook.returncode, hook.stdout + hook.stderr
     except subprocess.TimeoutExpired:
         code, output = -1, "preStop still running at the grace"
+    try:
+        readyz: int | None = httphelp.get(httphelp.tcp(d), "/readyz").status
+    except OSError:
+        readyz = None
     sigterm_at = time.monotonic()
     d.signal(signal.SIGTERM)  # the kubelet sends it after preStop, whatever the hook returned
     assert d.proc is not None
@@ -152,7 +157,7 @@ def kubelet_terminate(d: Daemon, grace: float, remove_endpoint: Callable[[], Non
         d.proc.kill()  # SIGKILL at the grace: the daemon's process group goes too (cleanup checks)
         d.proc.wait()
         exit_code = None
-    return Termination(started, code, output, sigterm_at, exit_code, time.monotonic())
+    return Termination(started, code, output, sigterm_at, exit_code, time.monotonic(), readyz)
 
 
 def run_load(router: Router) -> list[threading.Thread]:
@@ -186,7 +191,7 @@ def test_prompt_endpoint_removal_loses_no_call(start_daemon: Callable[..., Daemo
     assert t.prestop_code == 0, t.prestop_output
     assert t.exit_code == 0, d.log()[-3000:]
     assert t.ended - t.started < grace
-    assert router.readyz_503_at is not None and router.readyz_503_at < t.sigterm_at, "readyz must say 503 while the hook drains"
+    assert t.readyz_after_hook == 503, "after the hook, until SIGTERM, the pod must say it is not ready"
     assert len(router.outcomes) >= 10
 
 
@@ -196,11 +201,12 @@ def test_lagging_endpoint_removal_fails_only_refused_calls_and_the_one_past_the_
     d = start_daemon(pod_config(short_dir, shutdown_grace="30s"))
     router = Router(httphelp.tcp(d), follow_readiness=False)  # the endpoint is never removed in time
     long_call: list[Outcome] = []
+    # the long call first, alone, so it is surely running (not queued) when the kubelet starts
+    long_thread = threading.Thread(target=lambda: long_call.append(router.call(20_000)), daemon=True)
+    long_thread.start()
+    wait_for(lambda: d.status()["pools"]["default"]["workers"]["busy"] == 1, what="the long call running")
     threads = run_load(router)
     try:
-        long_thread = threading.Thread(target=lambda: long_call.append(router.call(20_000)), daemon=True)
-        long_thread.start()
-        wait_for(lambda: d.status()["pools"]["default"]["workers"]["busy"] >= 1 and len(router.outcomes) > 20, what="the long call running")
         t = kubelet_terminate(d, grace, remove_endpoint=lambda: None)
         long_thread.join(timeout=30)
     finally:
