@@ -140,6 +140,11 @@ def test_cruised_as_pid_1_serves_reaps_orphans_and_drains_on_sigterm(start_daemo
         assert not zombies, zombies
         assert s.call(add, 2, 2) == 4  # the pool still serves
 
+        # PID 1 forwards what it does not act on itself: SIGHUP reaches the supervisor as a reload
+        d.signal(signal.SIGHUP)
+        wait_for(lambda: d.status()["generation"] == 2, 30, 0.05, "generation 2 after SIGHUP to PID 1")
+        assert s.call(add, 3, 3) == 6
+
         # SIGTERM to PID 1, as the container runtime sends it: the call in flight finishes, exit 0
         running = s.submit(wait_for_file, str(gate), "ran")
         wait_for(lambda: d.status()["pools"]["default"]["workers"]["busy"] == 1, what="a busy worker")
