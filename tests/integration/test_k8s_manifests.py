@@ -28,7 +28,7 @@ import yaml
 from cruised import config as config_mod
 from support import httphelp
 from support.daemon import Daemon, wait_for
-from support.deploy import CONTAINER_CONFIG, CONTAINERFILE, K8S, containerfile, env_pairs, exec_form, listen_port, local_config, tool
+from support.deploy import CONTAINER_CONFIG, CONTAINERFILE, K8S, containerfile, env_pairs, exec_form, listen_port, pod_config, tool
 
 OVERLAYS = ("keda", "hpa")
 #: the oldest Kubernetes the manifests promise (every field used is GA there) and the newest the validator knows
@@ -225,11 +225,8 @@ def test_the_numbers_agree_with_each_other_and_with_the_config(tmp_path: Path) -
 def test_the_probes_answer_on_a_daemon_started_with_the_shipped_config(start_daemon: Callable[..., Daemon], short_dir: Path) -> None:
     docs = render("keda")
     c = container(one(docs, "Deployment"))
-    (short_dir / "qusers").mkdir()
-    (short_dir / "qusers" / "qusers").write_text("gw:secret\n")
-    text = shipped_config(docs)
-    cfg = yaml.safe_load(text)
-    d = start_daemon(local_config(text, {str(Path(cfg["qipc"]["users_file"]).parent): str(short_dir / "qusers")}))
+    assert shipped_config(docs) == (K8S / "base" / "config.yaml").read_text()
+    d = start_daemon(pod_config(short_dir))
     tcp = httphelp.tcp(d)
     paths = {probe: c[probe]["httpGet"]["path"] for probe in ("startupProbe", "readinessProbe", "livenessProbe")}
     for probe, path in paths.items():

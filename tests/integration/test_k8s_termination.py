@@ -36,7 +36,7 @@ import yaml
 from cruised.client.http import Target, request, run_path
 from support import httphelp
 from support.daemon import Daemon, wait_for
-from support.deploy import K8S, local_config
+from support.deploy import K8S, pod_config
 
 #: the scaled-down timeline: drain timeout, grace (both from the kubelet's side), the daemon's own
 DRAIN_TIMEOUT = 4.0
@@ -54,13 +54,9 @@ def work(ms=0):
 """
 
 
-def pod_config(short_dir: Path, shutdown_grace: str) -> dict[str, Any]:
+def scaled_pod(short_dir: Path, shutdown_grace: str) -> dict[str, Any]:
     """The ConfigMap's config, its timeline in seconds, plus an endpoint to call over TCP."""
-    text = (K8S / "base" / "config.yaml").read_text()
-    users_dir = str(Path(yaml.safe_load(text)["qipc"]["users_file"]).parent)
-    (short_dir / "qusers").mkdir()
-    (short_dir / "qusers" / "qusers").write_text("gw:secret\n")
-    cfg = local_config(text, {users_dir: str(short_dir / "qusers")})
+    cfg = pod_config(short_dir)
     cfg["daemon"].update({"shutdown_grace": shutdown_grace, "kill_grace": "1s"})
     cfg["pools"]["default"].update({"queue_timeout": "1s", "exec_timeout": "30s"})
     code = httphelp.write(short_dir / "work.py", WORK)
@@ -179,7 +175,7 @@ def finish(router: Router, threads: list[threading.Thread]) -> None:
 
 def test_prompt_endpoint_removal_loses_no_call(start_daemon: Callable[..., Daemon], short_dir: Path) -> None:
     grace = 12.0  # > DRAIN_TIMEOUT + the longest call, as the Deployment's grace is
-    d = start_daemon(pod_config(short_dir, shutdown_grace="5s"))
+    d = start_daemon(scaled_pod(short_dir, shutdown_grace="5s"))
     router = Router(httphelp.tcp(d))
     threads = run_load(router)
     try:
@@ -198,7 +194,7 @@ def test_prompt_endpoint_removal_loses_no_call(start_daemon: Callable[..., Daemo
 def test_lagging_endpoint_removal_fails_only_refused_calls_and_the_one_past_the_grace(start_daemon: Callable[..., Daemon], short_dir: Path) -> None:
     grace = 8.0
     # shutdown_grace longer than the kubelet's grace: the daemon would wait, the kubelet does not
-    d = start_daemon(pod_config(short_dir, shutdown_grace="30s"))
+    d = start_daemon(scaled_pod(short_dir, shutdown_grace="30s"))
     router = Router(httphelp.tcp(d), follow_readiness=False)  # the endpoint is never removed in time
     long_call: list[Outcome] = []
     # the long call first, alone, so it is surely running (not queued) when the kubelet starts

@@ -24,7 +24,7 @@ import yaml
 
 from support import httphelp
 from support.daemon import Daemon
-from support.deploy import DEPLOY, K8S, ROOT, local_config, tool
+from support.deploy import DEPLOY, K8S, ROOT, pod_config, tool
 
 PROMETHEUS = DEPLOY / "prometheus"
 RULES = PROMETHEUS / "rules.yaml"
@@ -201,11 +201,7 @@ def exposed_names(text: str) -> set[str]:
 
 
 def test_every_metric_name_the_queries_use_exists_on_a_live_daemon(start_daemon: Callable[..., Daemon], short_dir: Path) -> None:
-    text = (K8S / "base" / "config.yaml").read_text()
-    users_dir = str(Path(yaml.safe_load(text)["qipc"]["users_file"]).parent)
-    (short_dir / "qusers").mkdir()
-    (short_dir / "qusers" / "qusers").write_text("gw:secret\n")
-    d = start_daemon(local_config(text, {users_dir: str(short_dir / "qusers")}))
+    d = start_daemon(pod_config(short_dir))
     scraped = httphelp.get(httphelp.tcp(d), "/metrics")  # where Prometheus scrapes it: the HTTP door on TCP
     assert scraped.status == 200
     exposed = exposed_names(scraped.body.decode())

@@ -96,6 +96,16 @@ def local_config(text: str, paths: dict[str, str]) -> dict[str, Any]:
     return config
 
 
+def pod_config(into: Path) -> dict[str, Any]:
+    """The ConfigMap's config (deploy/k8s/base/config.yaml), servable here: the q users file (a
+    Secret in the pod) a stand-in under ``into``, the doors on loopback (``local_config``)."""
+    text = (K8S / "base" / "config.yaml").read_text()
+    users_dir = str(Path(yaml.safe_load(text)["qipc"]["users_file"]).parent)
+    (into / "qusers").mkdir()
+    (into / "qusers" / "qusers").write_text("gw:secret\n")
+    return local_config(text, {users_dir: str(into / "qusers")})
+
+
 # -- the container's process model, emulated: a new PID namespace, a non-root user ----------------
 
 #: cruised as PID 1 of a new PID namespace, as a container runtime starts its entrypoint
