@@ -61,6 +61,11 @@ def die_with_parent(parent: int) -> None:
     before, we were reparented and ``getppid()`` no longer names it. No pid is special:
     in a container the supervisor may well be pid 1 (``unshare --pid``, a pod), and an
     orphan's new parent need not be 1 either (a subreaper adopts it).
+
+    PDEATHSIG follows the *thread* that forked us, not the process: the supervisor starts
+    templates from its event-loop thread (daemon/core/launcher.py), which lives as long as it
+    does, and a template forks workers from its only thread. The control socket's EOF is the
+    second line of defence either way.
     """
     try:
         libc = ctypes.CDLL(None, use_errno=True)
