@@ -28,7 +28,7 @@ import yaml
 from cruised import config as config_mod
 from support import httphelp
 from support.daemon import Daemon, wait_for
-from support.deploy import CONTAINER_CONFIG, CONTAINERFILE, K8S, containerfile, env_pairs, exec_form, listen_port, pod_config, tool
+from support.deploy import CONTAINER_CONFIG, CONTAINERFILE, K8S, PreStop, containerfile, env_pairs, exec_form, listen_port, pod_config, tool
 
 OVERLAYS = ("keda", "hpa")
 #: the oldest Kubernetes the manifests promise (every field used is GA there) and the newest the validator knows
@@ -156,12 +156,14 @@ def test_the_numbers_agree_with_each_other_and_with_the_config(tmp_path: Path) -
     assert all(p.min == p.max for p in cfg.pools.values()), "a pod's pool is warm at full size: the autoscaler adds pods, not workers"
 
     # the termination timeline: drain can finish, and SIGKILL comes after everything else
-    command = c["lifecycle"]["preStop"]["exec"]["command"]
-    assert command[:4] == ["cruised", "drain", "--wait", "--timeout"] and len(command) == 5
-    drain = float(command[4])
+    hook = PreStop.of(c["lifecycle"]["preStop"]["exec"]["command"])
+    drain = hook.timeout  # the linger counts in it
     grace = pod["terminationGracePeriodSeconds"]
     longest_exec = max(p.exec_timeout for p in cfg.pools.values())
-    assert drain >= max(p.queue_timeout + p.exec_timeout for p in cfg.pools.values()), "a queued call may wait queue_timeout, then run exec_timeout"
+    assert 0 < hook.linger <= 10, "long enough for kube-proxy and ingresses to stop routing, short enough not to stall a rollout"
+    assert c["readinessProbe"]["periodSeconds"] <= hook.linger, "the readiness probe sees the drain within the linger"
+    # a call accepted at the linger's last moment may wait queue_timeout, then run exec_timeout
+    assert drain >= hook.linger + max(p.queue_timeout + p.exec_timeout for p in cfg.pools.values())
     assert grace > drain + longest_exec
     assert grace > drain + cfg.daemon.shutdown_grace + cfg.daemon.kill_grace + 2.0  # + the templates' last 2 s
 

@@ -12,6 +12,8 @@ preStop hook is the Deployment's own command.
 * Endpoints removed promptly (before the hook's drain lands, the ideal
   ordering): no call fails, the hook returns 0 once in-flight calls are done,
   and the daemon exits 0 on SIGTERM well within the grace.
+* Endpoint removal lagging, but less than the hook's ``--linger``: no call
+  fails either (what arrives in the linger runs).
 * Endpoint removal lagging past the grace (traffic keeps coming): every call
   accepted before the drain is answered, except one still running at the
   SIGKILL; what fails is only that call and calls refused without running
@@ -36,10 +38,11 @@ import yaml
 from cruised.client.http import Target, request, run_path
 from support import httphelp
 from support.daemon import Daemon, wait_for
-from support.deploy import K8S, pod_config
+from support.deploy import K8S, PreStop, pod_config
 
-#: the scaled-down timeline: drain timeout, grace (both from the kubelet's side), the daemon's own
-DRAIN_TIMEOUT = 4.0
+#: the scaled-down timeline: the hook's linger and drain timeout (the linger counts in it)
+LINGER = 1.5
+DRAIN_TIMEOUT = LINGER + 4.0
 SHORT_CALL_MS = 150
 MAX_CALLS_PER_CLIENT = 400  # bounded load: a client stops at this count whatever happens
 CLIENTS = 3
@@ -130,9 +133,8 @@ class Termination:
 def kubelet_terminate(d: Daemon, grace: float, remove_endpoint: Callable[[], None]) -> Termination:
     """The kubelet's sequence for a deleted pod: endpoint removal and preStop, SIGTERM, SIGKILL at the grace."""
     deployment = yaml.safe_load((K8S / "base" / "deployment.yaml").read_text())
-    command = deployment["spec"]["template"]["spec"]["containers"][0]["lifecycle"]["preStop"]["exec"]["command"]
-    assert command[:4] == ["cruised", "drain", "--wait", "--timeout"]
-    command = [*command[:4], f"{DRAIN_TIMEOUT:g}"]  # the hook as shipped, its timeout scaled down
+    shipped = PreStop.of(deployment["spec"]["template"]["spec"]["containers"][0]["lifecycle"]["preStop"]["exec"]["command"])
+    command = shipped._replace(linger=LINGER, timeout=DRAIN_TIMEOUT).command()  # the hook as shipped, scaled down
     started = time.monotonic()
     remove_endpoint()
     try:
@@ -189,6 +191,26 @@ def test_prompt_endpoint_removal_loses_no_call(start_daemon: Callable[..., Daemo
     assert t.ended - t.started < grace
     assert t.readyz_after_hook == 503, "after the hook, until SIGTERM, the pod must say it is not ready"
     assert len(router.outcomes) >= 10
+
+
+def test_endpoint_removal_lagging_within_the_linger_loses_no_call(start_daemon: Callable[..., Daemon], short_dir: Path) -> None:
+    grace = 14.0
+    d = start_daemon(scaled_pod(short_dir, shutdown_grace="5s"))
+    router = Router(httphelp.tcp(d), follow_readiness=False)  # only the lagging "endpoint controller" takes the pod out
+    threads = run_load(router)
+    lag = threading.Timer(LINGER / 2, router.listed.clear)
+    try:
+        t = kubelet_terminate(d, grace, remove_endpoint=lag.start)
+    finally:
+        lag.cancel()
+        finish(router, threads)
+    assert router.readyz_503_at is not None and router.readyz_503_at - t.started < LINGER / 2, "readyz said it before the endpoint went"
+    late = [o for o in router.outcomes if o.sent > router.readyz_503_at]
+    assert late, "calls kept coming after readyz said 503: the lag this test is about"
+    failed = [o for o in router.outcomes if o.status != 200]
+    assert not failed, failed[:5]
+    assert t.prestop_code == 0, t.prestop_output
+    assert t.exit_code == 0, d.log()[-3000:]
 
 
 def test_lagging_endpoint_removal_fails_only_refused_calls_and_the_one_past_the_grace(start_daemon: Callable[..., Daemon], short_dir: Path) -> None:

@@ -146,3 +146,21 @@ def namespace_init(outer: int) -> int:
         return None
 
     return int(wait_for(child, what="unshare's child"))
+
+
+class PreStop(NamedTuple):
+    """The Deployment's preStop hook, ``cruised drain --wait --linger L --timeout T``, read into its numbers."""
+
+    linger: float
+    timeout: float
+
+    @classmethod
+    def of(cls, command: list[str]) -> PreStop:
+        assert command[:3] == ["cruised", "drain", "--wait"], f"the preStop hook is not a waiting drain: {command}"
+        options = dict(zip(command[3::2], command[4::2], strict=True))
+        assert set(options) == {"--linger", "--timeout"}, f"the preStop hook takes --linger and --timeout: {command}"
+        return cls(float(options["--linger"]), float(options["--timeout"]))
+
+    def command(self) -> list[str]:
+        """The hook as the kubelet execs it, with these numbers (a test scales the timeline down)."""
+        return ["cruised", "drain", "--wait", "--linger", f"{self.linger:g}", "--timeout", f"{self.timeout:g}"]
