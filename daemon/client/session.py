@@ -26,7 +26,7 @@ Flow control
     finds the pool (or its caller's share) full is refused at once.
 
 Registration
-    A function is dill-pickled once per session and sent once per connection
+    A function is pickled (shipping.py) once per session and sent once per connection
     (REGISTER, pipelined in front of its first CALL). Later calls carry only
     the 16-byte content key and the arguments. If the daemon no longer knows
     the key (it restarted), the call is answered UNKNOWN_FUNCTION without
@@ -471,6 +471,7 @@ _FILE_DONE = frozenset(
         Status.QUEUE_FULL,
         Status.QUEUE_TIMEOUT,
         Status.SHUTTING_DOWN,
+        Status.DRAINING,
         Status.NO_SUCH_POOL,
         Status.BAD_REQUEST,
         Status.VERSION_MISMATCH,
@@ -684,6 +685,19 @@ class Session:
         if not isinstance(info, dict) or "ok" not in info:
             raise _error_for(status, frame)
         return bool(info["ok"]), str(info.get("message", ""))
+
+    def drain(self, on: bool | None = None, linger: float = 0.0) -> dict[str, Any]:
+        """Start (True) or end (False) the daemon's drain, or only ask (None): the DRAIN frame's reply,
+        ``{"draining": bool, "state": "serving"|"draining"|"drained", "queued": n, "running": n,
+        "accepting": bool}``. ``linger``: with True, the daemon says it is draining (/readyz, the
+        HAProxy agent) at once but takes new calls for that many seconds more."""
+        request: dict[str, Any] = {} if on is None else {"drain": on}
+        if linger:
+            request["linger"] = linger
+        status, frame = self._request(Kind.DRAIN, [json.dumps(request).encode()])
+        if status != Status.OK:
+            raise _error_for(status, frame)
+        return dict(json.loads(bytes(frame[frames.HEADER_SIZE :])))
 
     def metrics(self) -> str:
         """The daemon's Prometheus metrics, as text (what ``GET /metrics`` serves)."""

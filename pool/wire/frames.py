@@ -43,6 +43,15 @@ PASS_FDS (8)   client -> sup: empty; reply: ``u32`` feature bits
                none). From the reply on, CALLs on this connection may carry a
                shared file (see "Shared file" below); the daemon reads a
                connection with recvmsg only after this
+DRAIN (10)     client -> sup: JSON ``{"drain": true|false}`` starts or ends
+               a drain (``cruised drain`` / ``cruised ready``), ``{}`` or
+               empty only asks; ``"linger": s`` with ``true`` keeps taking
+               new calls s seconds more; reply JSON ``{"draining": bool,
+               "state": "serving"|"draining"|"drained", "queued": n,
+               "running": n, "accepting": bool}`` (calls still queued or
+               running in every pool, retiring ones included). While
+               draining (after the linger), every door refuses new calls
+               (DRAINING); queued and running ones finish
 CREDIT (11)    client -> sup, a request: pool name (u8 len + utf-8) + ``u32
                want`` (1: open flow control on that pool, 0: close it);
                reply: ``u32`` credit granted now (0 after a close).
@@ -91,10 +100,10 @@ REPLY (64)     every reply: ``status`` says how to read the payload
 Call head: ``u8 len + pool name, u32 timeout_ms (0 = pool default), 16-byte
 function key``, then the args bundle. Register head: ``u8 len + pool name,
 16-byte key, u16 len + JSON meta ({"python": "3.11", "libraries": {...},
-"name": ...})``, then the dill blob of the function. The q door defines
+"name": ...})``, then the cloudpickle blob of the function. The q door defines
 pykx.remote functions with the same DEFINE frame: meta ``{"source": true,
 "name": ..., "libraries": {...}}`` and the source text the client sent
-instead of a dill blob (pool/qcall.py ``load_source``).
+instead of a cloudpickle blob (pool/qcall.py ``load_source``).
 
 A *bundle* is a pickle (protocol 5) with its out-of-band buffers, so numpy
 arrays cross without extra copies: ``u16 nbuf, u64 length x (nbuf + 1)``, then
@@ -170,6 +179,9 @@ API_ERROR (18)             a worker, for an ENDPOINT (below)
 NOT_RUN (19)               a worker to the supervisor, empty: a HELD call's
                            deadline had passed, so it did not start; the
                            client gets QUEUE_TIMEOUT
+DRAINING (21)              the daemon, a refusal: it is draining (``cruised
+                           drain``; never ran): send the call to another
+                           daemon, or retry after ``cruised ready``
 =========================  ===================================================
 
 Endpoint calls
@@ -270,6 +282,7 @@ class _Kind(Constants):
     RELOAD: Final = 6
     METRICS: Final = 7
     PASS_FDS: Final = 8
+    DRAIN: Final = 10
     CREDIT: Final = 11
     DEFINE: Final = 16
     ENDPOINT: Final = 17
@@ -304,6 +317,7 @@ class _Status(Constants):
     CUSTOM_RESPONSE: Final = 17  # endpoint: the function returned its own HTTP response
     API_ERROR: Final = 18  # endpoint: the function raised an error carrying an HTTP status
     NOT_RUN: Final = 19  # worker -> supervisor: a HELD call's queue deadline passed before it could start
+    DRAINING: Final = 21  # the daemon is draining (cruised drain): new calls are refused, running ones finish
 
 
 Kind: Final = _Kind()
