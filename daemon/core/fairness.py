@@ -251,7 +251,9 @@ class FairQueue:
         return first
 
     def take(self, job: Job) -> None:
-        """Remove ``job`` (its flow's head, see ``oldest``) from the queue, out of the fair order."""
+        """Remove queued ``job`` (anywhere in its flow; usually a head, see ``oldest``) from the
+        queue, out of the fair order. Its flow still counts it as waiting: the caller says when
+        it stops (Dispatcher._left), or uses ``remove``."""
         flow = job.flow
         assert flow is not None
         flow.jobs.remove(job)
@@ -259,6 +261,18 @@ class FairQueue:
         if not flow.jobs:
             flow.active = False
             self.active.remove(flow)
+
+    def remove(self, job: Job) -> None:
+        """Withdraw queued ``job`` for good (a cancelled call): out of the queue and out of its
+        flow's count of waiting calls (what Dispatcher._left does for the others)."""
+        self.take(job)
+        if job.waits:
+            job.waits = False
+            flow = job.flow
+            assert flow is not None
+            flow.waiting -= 1
+            if not flow.waiting:
+                self.idle(flow)
 
     def learn(self, job: Job, exec_s: float) -> None:
         """``job`` (taken by ``pop``) ran ``exec_s`` seconds: its flow's tag is corrected from the

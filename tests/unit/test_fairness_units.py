@@ -367,3 +367,14 @@ def test_a_pool_that_stops_accepting_gives_each_waiting_map_one_last_credit() ->
     sink = Sink()
     d.submit(job(sink, client=waiting, caller="bob", credited=True))
     assert [r[1] for r in sink.replies] == [Status.SHUTTING_DOWN]
+
+
+def test_a_withdrawn_queued_call_leaves_its_flows_count_too() -> None:
+    d = pool()
+    sink = Sink()
+    jobs = [job(sink, caller="alice") for _ in range(4)]  # one runs, three wait
+    for j in jobs:
+        d.submit(j)
+    d.queue.remove(jobs[2])  # what a cancelled queued call does
+    assert list(d.queue) == [jobs[1], jobs[3]] and d.queue.flows["alice"].waiting == 2
+    consistent(d)
