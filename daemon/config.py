@@ -238,6 +238,10 @@ class CodeEnvConfig:
             errors.append(ConfigError(f"{path}.{problem.where}", problem.message))
 
 
+#: pools.<name>.fairness values (daemon/core/fairness.py)
+FAIRNESS = ("caller", "connection", "none")
+
+
 @dataclass(frozen=True)
 class PoolConfig:
     min: int = doc("DSS floor: workers warm before the pool counts as ready", 1)
@@ -254,6 +258,16 @@ class PoolConfig:
         "calls a busy worker may hold behind its running one, saving a round trip per call under pipelined load; "
         "only while the pool is at max and its calls average under 2 ms (0 = never)",
         4,
+    )
+    fairness: str = doc(
+        "how the pool is shared (daemon/core/fairness.py): caller (weighted fair queueing across callers: the peer's user, "
+        "the HTTP API key's name, the q user), connection (every connection its own caller) or none (one FIFO, as the DSS queue)",
+        "caller",
+    )
+    shares: dict[str, float] = doc("caller -> weight of its share of the pool under contention (default 1), e.g. {alice: 3, etl: 1}", factory=dict)
+    max_queued_per_caller: int = doc(
+        "calls one caller may have waiting while another caller waits; a pipelined map gets at most this much credit (0 = half of queue_size, at least 1)",
+        0,
     )
     libraries: dict[str, str] = doc("alias -> module imported in every worker, e.g. {np: numpy}", factory=dict)
     init: str | None = doc("Python file run once in every worker at start", None)
@@ -290,6 +304,15 @@ class PoolConfig:
         for name in ("queue_timeout", "exec_timeout", "idle_timeout", "start_timeout"):
             if getattr(self, name) <= 0:
                 errors.append(ConfigError(f"{path}.{name}", f"must be positive, got {getattr(self, name)}"))
+        if self.fairness not in FAIRNESS:
+            errors.append(ConfigError(f"{path}.fairness", f"must be one of {', '.join(FAIRNESS)}, got {self.fairness!r}"))
+        for caller, weight in self.shares.items():
+            if not 0 < weight <= 1000:
+                errors.append(ConfigError(f"{path}.shares.{caller}", f"a weight must be above 0 and at most 1000, got {weight:g}"))
+        if self.max_queued_per_caller < 0:
+            errors.append(ConfigError(f"{path}.max_queued_per_caller", f"must not be negative, got {self.max_queued_per_caller}"))
+        elif self.max_queued_per_caller > self.queue_size:
+            errors.append(ConfigError(f"{path}.max_queued_per_caller", f"must be at most queue_size ({self.queue_size}), got {self.max_queued_per_caller}"))
         if self.cruise > self.max >= 1:
             errors.append(ConfigError(f"{path}.cruise", f"must be <= max ({self.max}), got {self.cruise}"))
         if self.min > self.cruise >= 1:
@@ -307,6 +330,12 @@ class PoolConfig:
             else:
                 if os.geteuid() != 0:
                     errors.append(ConfigError(f"{path}.user", "switching workers to another user needs the daemon to run as root"))
+
+    def caller_limit(self) -> int:
+        """``max_queued_per_caller`` in force: as set, else half the queue (at least 1); the whole queue with fairness none."""
+        if self.fairness == "none":
+            return self.queue_size
+        return self.max_queued_per_caller or max(1, self.queue_size // 2)
 
     def credentials(self) -> tuple[int, int] | None:
         """(uid, gid) the workers run as, or None to keep the daemon's."""
@@ -351,12 +380,27 @@ class EndpointConfig:
                 errors.append(ConfigError(f"{path}.folders[{i}]", f"no such directory: {folder}"))
 
 
-def _key_problem(key: str) -> str | None:
+def _named_key(entry: str) -> tuple[str, str]:
+    """(key, caller name) of an ``api_keys`` entry: ``key`` or ``name:key`` (a key has no ':')."""
+    import hashlib
+
+    name, sep, key = entry.partition(":")
+    if sep:
+        return key, name
+    return entry, "key-" + hashlib.sha256(entry.encode()).hexdigest()[:8]
+
+
+def _key_problem(entry: str) -> str | None:
     # the message must never contain the key itself: config errors get logged
+    name, sep, key = entry.partition(":")
+    if sep and (not name or any(c.isspace() for c in name)):
+        return "has an empty name or whitespace in its name (name:key)"
+    if not sep:
+        key = entry
     if not key:
         return "is empty"
     if any(c.isspace() for c in key) or ":" in key:
-        return "contains whitespace or ':' (it is sent as an HTTP Basic user name)"
+        return "contains whitespace or a second ':' (it is sent as an HTTP Basic user name; name:key names it)"
     return None
 
 
@@ -365,10 +409,11 @@ class ServiceConfig:
     endpoints: dict[str, EndpointConfig] = doc("the service's endpoints: POST /public/api/v1/<service>/<endpoint>/run", factory=dict)
     api_keys: list[str] = doc(
         "if set (here or in api_keys_file), callers over TCP must send one: as the HTTP Basic user with a blank "
-        "password (as DSS clients do) or as `Authorization: Bearer <key>`; the Unix socket needs none",
+        "password (as DSS clients do) or as `Authorization: Bearer <key>`; the Unix socket needs none. Written "
+        "`name:key`, the key has a name: the caller its calls are for (pools.<name>.shares)",
         factory=list,
     )
-    api_keys_file: str | None = doc("a file of further keys, one per line (# comments); re-read on reload", None)
+    api_keys_file: str | None = doc("a file of further keys (or name:key), one per line (# comments); re-read on reload", None)
     description: str = doc("free text shown in status", "")
 
     def file_keys(self) -> list[str]:
@@ -379,7 +424,13 @@ class ServiceConfig:
             return [ln.strip() for ln in fh if ln.strip() and not ln.lstrip().startswith("#")]
 
     def keys(self) -> list[str]:
+        """Every key, as written (``key`` or ``name:key``)."""
         return list(self.api_keys) + self.file_keys()
+
+    def named_keys(self) -> list[tuple[str, str]]:
+        """(key, caller) of every key: a ``name:key`` entry's caller is its name, a bare key's
+        ``key-`` and the first 8 hex digits of its SHA-256 (stable, and it does not give the key away)."""
+        return [_named_key(entry) for entry in self.keys()]
 
     def validate(self, path: str, errors: list[ConfigError]) -> None:
         for name in self.endpoints:
@@ -522,6 +573,19 @@ class QipcConfig:
 
 
 @dataclass(frozen=True)
+class MetricsConfig:
+    caller_labels: bool = doc(
+        "add a caller label to cruised_requests_total (the top_callers callers of each pool by name, the rest as other); off: one series less per caller",
+        False,
+    )
+    top_callers: int = doc('callers shown by name in cruised_caller_queue_depth and the caller label; the rest are summed as caller="other"', 10)
+
+    def validate(self, path: str, errors: list[ConfigError]) -> None:
+        if not 1 <= self.top_callers <= 1000:
+            errors.append(ConfigError(f"{path}.top_callers", f"must be between 1 and 1000, got {self.top_callers}"))
+
+
+@dataclass(frozen=True)
 class HealthConfig:
     """What a load balancer asks of this daemon: /livez and /readyz live on the HTTP door; this is the agent."""
 
@@ -558,6 +622,7 @@ class Config:
     services: dict[str, ServiceConfig] = doc("named endpoint services (Dataiku API-node style)", factory=dict)
     http: HttpConfig = doc("the HTTP front door", factory=HttpConfig)
     qipc: QipcConfig = doc("the kdb+ IPC front door (docs/q-developers.md)", factory=QipcConfig)
+    metrics: MetricsConfig = doc("what /metrics shows beyond the fixed series", factory=MetricsConfig)
     health: HealthConfig = doc("load-balancer health: the HAProxy agent-check listener (docs/operations.md)", factory=HealthConfig)
 
     def validate(self, path: str, errors: list[ConfigError]) -> None:

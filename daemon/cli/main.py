@@ -127,6 +127,12 @@ def cmd_status(args: argparse.Namespace) -> int:
         )
         if p.get("last_error"):
             print(f"  last error: {p['last_error']}")
+        fair = p.get("fairness")
+        if fair and (fair["waiting"] or fair["credit"]):
+            # who the queue is waiting for (the top callers by depth), and who holds credit for a map
+            waits = [f"{c['caller']} {c['waiting']}" for c in fair["waiting"]] + ([f"others {fair['waiting_others']}"] if fair["waiting_others"] else [])
+            credit = ", ".join(f"{c['caller']} {c['unspent']}" for c in fair["credit"])
+            print(f"  waiting by caller ({fair['mode']}): {', '.join(waits) or 'none'}" + (f"; unspent credit: {credit}" if credit else ""))
         if p.get("env"):
             print(f"  {env_cli.status_line(p['env'])}")  # a code env cruised builds: building, ready or failed
         if p.get("q"):

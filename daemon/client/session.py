@@ -18,6 +18,13 @@ Threading model
     runs only while futures from ``submit`` are outstanding, since nobody else
     is guaranteed to read for them.
 
+Flow control
+    ``map`` sends only calls it has credit for (daemon/client/credit.py): the
+    daemon reserves a place in the queue for each, so no call of a ``map`` is
+    refused QueueFull or sent twice, and a ``map`` holds at most its caller's
+    share of the queue. ``call`` and ``submit`` use no credit: a call that
+    finds the pool (or its caller's share) full is refused at once.
+
 Registration
     A function is pickled (shipping.py) once per session and sent once per connection
     (REGISTER, pipelined in front of its first CALL). Later calls carry only
@@ -28,6 +35,7 @@ Registration
 
 from __future__ import annotations
 
+import functools
 import itertools
 import json
 import pickle
@@ -42,6 +50,7 @@ from concurrent.futures import Future
 from typing import Any, TypeVar
 
 from cruised.client import errors, paths, shipping
+from cruised.client.credit import CreditGate
 from cruised.pool.wire import bundle, frames, sharedfile, sockopt
 from cruised.pool.wire.framebuf import FrameBuffer
 from cruised.pool.wire.frames import Kind, Status
@@ -54,7 +63,7 @@ IDLE_CHECK_AFTER = 0.25
 #: requests up to this size are joined into one buffer before sending; larger ones go out as a scatter list
 SMALL_SEND = 64 << 10
 CONNECT_TIMEOUT = 5.0
-#: calls ``map`` keeps in flight; the shipped pool's queue (16) holds them all without rejections
+#: calls ``map`` keeps in flight at most (its credit may allow fewer)
 DEFAULT_WINDOW = 16
 
 
@@ -118,6 +127,10 @@ class _Connection:
         #: the daemon announced FILE_PICKLE: large pickle streams may travel in shared files
         self.file_pickle = False
         self._pass_fds_lock = threading.Lock()
+        #: flow control (credit) per pool, for the maps running on this connection
+        self.gates: dict[str, CreditGate] = {}
+        #: held while a gate is opened or closed (a round trip each), so maps open and close one at a time
+        self._credit_lock = threading.Lock()
 
     def stale(self) -> bool:
         """True if the daemon hung up while we were idle (e.g. it restarted).
@@ -145,7 +158,13 @@ class _Connection:
 
     # -- sending -----------------------------------------------------------------
 
-    def send(self, requests: list[tuple[int, list[Any]]], callback: Callable[[_Pending], None] | None = None, result_file: bool = False) -> list[_Pending]:
+    def send(
+        self,
+        requests: list[tuple[int, list[Any]]],
+        callback: Callable[[_Pending], None] | None = None,
+        result_file: bool = False,
+        credited: bool = False,
+    ) -> list[_Pending]:
         """Register a pending slot per (kind, payload parts) request and send them all in one sendmsg.
 
         A CALL whose arguments are large (out-of-band buffers, or a pickle
@@ -153,7 +172,7 @@ class _Connection:
         frame; with ``result_file`` every CALL gets a file, for a result
         expected to be large. ``callback`` is attached to the last slot before
         anything is sent, so it can never miss a reply that another thread
-        reads first.
+        reads first. ``credited``: each CALL spends a credit (the caller took them from its gate).
         """
         if self.broken is not None:
             raise self.broken
@@ -166,7 +185,7 @@ class _Connection:
         for kind, parts in requests:
             rid = next(self.ids)
             slot = _Pending()
-            status = 0
+            status = frames.CREDITED if credited and kind == Kind.CALL else 0
             # parts: the call head, then the args bundle (index, pickle, then out-of-band buffers);
             # the cheap tests first: a small call passes them all in a few nanoseconds
             if (
@@ -181,7 +200,7 @@ class _Connection:
                 if shared_parts is not bundled or result_file:
                     parts = [parts[0], *shared_parts]
                     slot.shared = shared
-                    status = frames.CARRIES_FD | (frames.PICKLE_IN_FILE if self.file_pickle else 0)
+                    status |= frames.CARRIES_FD | (frames.PICKLE_IN_FILE if self.file_pickle else 0)
                     if len(fds) == sharedfile.SCM_MAX_FD:
                         out, fds = [], []
                         batches.append((out, fds))
@@ -334,13 +353,75 @@ class _Connection:
             self._deliver(frame, header[3], header[4])
 
     def _deliver(self, frame: bytearray, status: int, reqid: int) -> None:
-        if reqid == 0 and status != Status.OK:
-            # a connection-level refusal (access, limits, a frame the daemon could not parse)
-            self._fail(_error_for(status, frame))
+        if reqid == 0:
+            self._unsolicited(frame, status)
             return
         slot = self.pending.pop(reqid, None)
         if slot is not None:
             slot.resolve(status, frame)
+
+    def _unsolicited(self, frame: bytearray, status: int) -> None:
+        """A frame that answers no request: a credit grant, or a connection-level refusal."""
+        if status != Status.OK:
+            # a connection-level refusal (access, limits, a frame the daemon could not parse)
+            self._fail(_error_for(status, frame))
+        elif frame[frames.KIND_OFFSET] == Kind.CREDIT:
+            pool, n = frames.parse_credit(frame)
+            gate = self.gates.get(pool)
+            if gate is not None:
+                gate.granted(n)
+
+    # -- flow control (daemon/client/credit.py) ------------------------------------
+
+    def open_credit(self, pool: str) -> CreditGate | None:
+        """This connection's gate on ``pool``, open (credit granted); None if the daemon grants no credit."""
+        with self._credit_lock:
+            gate = self.gates.setdefault(pool, CreditGate(pool))
+            if gate.state == "unsupported":
+                return None
+            gate.users += 1
+            if gate.state == "open":
+                return gate
+
+            def answered(slot: _Pending) -> None:
+                # on the thread that delivers the answer, before the frames after it: a grant
+                # the daemon sends right after opening finds the gate open
+                if slot.error is None and slot.status == Status.OK and slot.frame is not None:
+                    gate.opened(frames.CREDIT_COUNT.unpack_from(slot.frame, frames.HEADER_SIZE)[0])
+
+            try:
+                status, _ = self._credit_request(pool, 1, answered)
+            except BaseException:
+                gate.users -= 1
+                raise
+            if status != Status.OK:  # a daemon without flow control (or no such pool: the calls will say so)
+                gate.users -= 1
+                gate.state = "unsupported"
+                return None
+            return gate
+
+    def close_credit(self, gate: CreditGate) -> None:
+        """A map is done with ``gate``; the last one gives its unspent credit back to the pool."""
+        with self._credit_lock:
+            gate.users -= 1
+            if gate.users or gate.state != "open":
+                return
+            gate.closing()
+            try:
+                if self.broken is None:
+                    self._credit_request(gate.pool, 0)
+            except (errors.CruisedError, OSError):
+                pass  # the connection is gone: so is its credit, daemon-side
+            finally:
+                gate.state = "closed"
+
+    def _credit_request(self, pool: str, want: int, callback: Callable[[_Pending], None] | None = None) -> tuple[int, bytearray]:
+        (slot,) = self.send([(Kind.CREDIT, [frames.pack_name(pool), frames.CREDIT_COUNT.pack(want)])], callback)
+        self.wait(slot)
+        if slot.error is not None:
+            raise slot.error
+        assert slot.frame is not None
+        return slot.status, slot.frame
 
     def _fail(self, exc: BaseException) -> None:
         with self.cond:
@@ -684,9 +765,11 @@ class Session:
         calls: list[tuple[tuple[Any, ...], dict[str, Any]]],
         force_register: bool = False,
         callback: Callable[[_Pending], None] | None = None,
+        credited: bool = False,
     ) -> list[_Pending]:
         """Calls of one function, (args, kwargs) each, in one ``sendmsg`` (and its code first when
-        this connection has not registered it); their slots, ``callback`` on the last."""
+        this connection has not registered it); their slots, ``callback`` on the last. ``credited``:
+        each call spends a credit of the pool's gate (taken by the caller)."""
         timeout_ms = self._timeout_ms()
         reg_key = (self.pool, shipped.key)
         register = force_register or reg_key not in conn.registered
@@ -697,7 +780,7 @@ class Session:
         head = shipped.call_head(self.pool, timeout_ms)
         for args, kwargs in calls:
             requests.append((Kind.CALL, [head, *bundle.pack((args, kwargs))]))
-        slots = conn.send(requests, callback, shipped.big_results)
+        slots = conn.send(requests, callback, shipped.big_results, credited)
         if register:
             conn.registered[reg_key] = slots[0]
             return slots[1:]
@@ -784,41 +867,65 @@ class Session:
     def map(self, fn: Callable[..., T], *iterables: Iterable[Any], window: int = DEFAULT_WINDOW) -> Iterator[T]:
         """Like ``map(fn, *iterables)``, pipelined: up to ``window`` calls in flight, results in order.
 
-        A call the pool rejects as full is resubmitted once an earlier call has
-        finished, so ``map`` over more items than the queue holds still completes.
+        The calls go out as the daemon grants credit (see "Flow control"): a
+        ``map`` over more items than the queue holds runs at the pool's full
+        speed with no call refused or sent twice, and leaves the rest of the
+        queue to other callers.
         """
         shipped = self._ship(fn)
         conn = self._connection()
+        gate = conn.open_credit(self.pool)  # None: a daemon without flow control; then only the window limits
+        try:
+            yield from self._map(conn, shipped, zip(*iterables, strict=False), max(1, window), gate)  # as map(): stop at the shortest
+        finally:
+            if gate is not None:
+                conn.close_credit(gate)
+
+    def _map(self, conn: _Connection, shipped: _Shipped, items: Iterator[tuple[Any, ...]], window: int, gate: CreditGate | None) -> Iterator[Any]:
         inflight: deque[tuple[tuple[Any, ...], _Pending]] = deque()
+        exhausted = False
 
         def result(args: tuple[Any, ...], slot: _Pending) -> Any:
             retried = False
-            for tries in itertools.count():
+            while True:
                 final, value = self._outcome(conn, shipped, conn.wait(slot), retried)
-                if not final:
-                    retried = True
-                elif isinstance(value, errors.QueueFull) and tries < 50:
-                    time.sleep(min(0.2, 0.001 * 2**tries))  # the pool is saturated: back off, then resubmit
-                elif isinstance(value, _Value):
-                    return value.value
-                else:
+                if final:
+                    if isinstance(value, _Value):
+                        return value.value
                     raise value
+                retried = True  # the daemon lost the code (it restarted): register again, call again
                 slot = self._send_call(conn, shipped, args, {}, retried)
 
         # Refills go out in batches: once half the window has been consumed, the other half is
         # sent in one sendmsg, so the daemon reads many calls per recv (and we make one syscall
-        # per batch, not per call). At least window/2 calls stay in flight.
-        window = max(1, window)
+        # per batch, not per call). With credit, a batch is what the credit allows.
         low = window // 2
-        items = zip(*iterables, strict=False)  # as map() does: stop at the shortest
 
         def refill() -> None:
-            batch = list(itertools.islice(items, window - len(inflight)))
+            nonlocal exhausted
+            room = window - len(inflight)
+            if gate is not None:
+                room = gate.take(room)
+            batch = list(itertools.islice(items, room))
+            if len(batch) < room:
+                exhausted = True
+                if gate is not None:
+                    gate.give_back(room - len(batch))
             if batch:
-                inflight.extend(zip(batch, self._send_calls(conn, shipped, [(args, {}) for args in batch]), strict=True))  # one slot per call
+                slots = self._send_calls(conn, shipped, [(args, {}) for args in batch], credited=gate is not None)
+                inflight.extend(zip(batch, slots, strict=True))  # one slot per call
 
         refill()
-        while inflight:
+        while inflight or not exhausted:
+            if not inflight:
+                # items left, nothing in flight, no credit (the queue is full of other callers'
+                # calls): wait for the daemon's next grant
+                assert gate is not None
+                grant = _Pending()
+                if gate.on_grant(functools.partial(grant.resolve, Status.OK, None)):
+                    conn.wait(grant)
+                refill()
+                continue
             yield result(*inflight.popleft())
             if len(inflight) <= low:
                 refill()
@@ -848,8 +955,6 @@ def function(session: Session) -> Callable[[Callable[..., T]], Callable[..., T]]
         raise TypeError(f"cruised.function expects a cruised.session(), got {type(session).__name__}")
 
     def decorate(fn: Callable[..., T]) -> Callable[..., T]:
-        import functools
-
         @functools.wraps(fn)
         def remote(*args: Any, **kwargs: Any) -> T:
             return session.call(fn, *args, **kwargs)

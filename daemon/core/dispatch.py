@@ -1,4 +1,4 @@
-r"""One pool's request flow: admission, the bounded FIFO queue, dispatch, deadlines, sizing.
+r"""One pool's request flow: admission, the bounded fair queue, dispatch, deadlines, sizing.
 
 The dispatcher is the single owner of its pool's queue, worker table and
 every deadline. It does no I/O itself: workers are reached through a
@@ -9,7 +9,7 @@ Request states::
 
     submit --> [idle worker] --------------------------> RUNNING --> reply
           \--> [queue has room] --> QUEUED --(worker)--> RUNNING --> reply
-          \--> [queue full] --> QueueFull                     \--> exec deadline: ExecutionTimeout,
+          \--> [queue or caller's share full] --> QueueFull    \--> exec deadline: ExecutionTimeout,
                          QUEUED --(queue deadline)--> QueueTimeout    worker killed and replaced
                                                               \--> worker died: WorkerCrashed
 
@@ -18,8 +18,20 @@ Invariants:
 * a job that timed out in the queue, or whose client left, never runs;
 * a job is never re-run (at-most-once): a crash answers it, it does not
   requeue it;
-* the queue and the workers' hold lists never hold more than ``queue_size``
-  jobs together.
+* the queue, the workers' hold lists and the credit granted and not spent
+  (``reserved``: places promised to pipelined callers) never add up to more
+  than ``queue_size``;
+* a CALL that spends credit is never refused QueueFull (its place was reserved).
+
+Fair sharing (daemon/core/fairness.py)
+    The queue is a ``FairQueue``: every job belongs to a flow (its caller, its
+    connection, or one for all with ``fairness: none``), and ``pump`` and
+    ``_prefetch`` take the next job in start-time fair queueing order, FIFO
+    within a flow, so held calls follow the same order as the rest. A flow's
+    waiting calls (queued or held: ``Flow.waiting``) and unspent credit are
+    capped at ``max_queued_per_caller`` while another flow waits. Queue
+    deadlines are still admission + queue_timeout: the oldest queued job is
+    the oldest of the flows' heads (``FairQueue.oldest``).
 
 Holding (prefetch)
     Under pipelined load a worker idles for one supervisor round trip between
@@ -74,6 +86,7 @@ from typing import TYPE_CHECKING, Any, Final, Protocol
 
 from cruised.config import PoolConfig
 from cruised.core.codecache import CodeCache
+from cruised.core.fairness import COST_EWMA, Account, FairQueue, Flow
 from cruised.core.observers import AnsweredFeed, Observer
 from cruised.pool.wire import frames
 from cruised.pool.wire.frames import Status
@@ -189,6 +202,8 @@ class Job:
     timeout: float | None = None  # per-call execution timeout, if the caller set one
     endpoint: str = "function"
     door: str = "native"  # which front door admitted it (native, http, qipc): a metrics label
+    caller: str = ""  # who sent it (the door's name for them: daemon/core/fairness.py "Callers")
+    credited: bool = False  # the client spends a credit on it (a CALL flagged CREDITED): never QueueFull
     #: the call's shared file (pool/wire/sharedfile.py), sent with the frame to whichever worker runs it;
     #: closed by ``settle``, or when the job is dropped
     shared: Any = None
@@ -202,6 +217,9 @@ class Job:
     answered: bool = field(default=False, init=False)
     cancelled: bool = field(default=False, init=False)  # client went away: do not run, do not reply
     exec_limit: float = field(default=0.0, init=False)  # the execution timeout in force once it started (0 = not started)
+    flow: Flow | None = field(default=None, init=False)  # its share of the pool, once it had to wait
+    waits: bool = field(default=False, init=False)  # counted in ``flow.waiting`` (queued or held; see Dispatcher._left)
+    charge: float = field(default=0.0, init=False)  # virtual time its flow was charged when it left the queue (FairQueue.pop)
 
     def settle(self) -> bool:
         """Mark the job answered; True the first time only, when its answer is to be sent.
@@ -268,7 +286,17 @@ class Dispatcher:
         #: counts for ``cruised status``, and who watches this pool (Metrics.attach appends itself)
         self.counters = self._answers.counters
         self.observers: list[Observer] = self._answers.observers
-        self.queue: deque[Job] = deque()
+        #: the waiting jobs, in flows (daemon/core/fairness.py); ``queue.n`` is how many
+        self.queue = FairQueue(config.fairness, config.shares)
+        #: per flow: most waiting calls + unspent credit while another flow waits (PoolConfig.caller_limit)
+        self.caller_limit = config.caller_limit()
+        self._by_caller = config.fairness == "caller"  # flows are keyed by caller name (FairQueue.flow_of)
+        #: credit is granted in batches of this many (fewer CREDIT frames; a map refills in batches anyway)
+        self.credit_batch = max(1, self.caller_limit // 2)
+        #: connections that asked for credit (a pipelined map), by client
+        self.accounts: dict[Any, Account] = {}
+        self.reserved = 0  # credit granted and not spent: places in the queue nobody else may take
+        self._credit_due = 0  # replies until pump looks for credit to grant again (_top_up)
         #: every held job in the order it left the queue (= deadline order); started ones are skipped lazily
         self.held: deque[Job] = deque()
         self.held_count = 0  # jobs in all workers' hold lists (admission counts them as queued)
@@ -325,36 +353,151 @@ class Dispatcher:
             job.settle()
             job.sink.refuse(job, Status.UNKNOWN_FUNCTION, "function not registered with this daemon")
             return
-        if self.idle and not self.queue:
+        if self.idle and not self.queue.n:
+            if job.credited and self._spend(job):
+                self._start(self.idle.pop(), job)
+                self._top_up()  # the place it had reserved is free again
+                return
             self._start(self.idle.pop(), job)
             return
-        waiting = len(self.queue) + self.held_count
-        if waiting >= self.config.queue_size:
-            busy = self.counts[WorkerState.BUSY]
-            self._finish(
-                job,
-                Status.QUEUE_FULL,
-                f"pool {self.name!r} is full: queue {waiting}/{self.config.queue_size}, {busy} busy workers",
-                "rejected",
-            )
-            return
+        queue = self.queue
+        waiting = queue.n + self.held_count
+        acct = self.accounts.get(job.client) if job.credited else None
+        if acct is not None and acct.unused:
+            # _spend, inline (a pipelined map's every call): its place was reserved, it is never refused
+            acct.unused -= 1
+            flow = acct.flow
+            flow.unused -= 1
+            self.reserved -= 1
+        else:
+            # flow_of, its commonest case inline: a known caller's flow
+            known = queue.flows.get(job.caller) if self._by_caller else None
+            flow = known if known is not None else queue.flow_of(job.caller, job.client, self.exec_avg)
+            if waiting + self.reserved >= self.config.queue_size or (flow.waiting + flow.unused >= self.caller_limit and waiting > flow.waiting):
+                self._finish(job, Status.QUEUE_FULL, self._refusal(flow, waiting), "rejected")
+                return
+        job.flow = flow
         job.deadline = now + self.config.queue_timeout
-        self.queue.append(job)
+        flow.waiting += 1
+        job.waits = True
+        # queue.append, inline
+        flow.jobs.append(job)
+        queue.n += 1
+        if not flow.active:
+            queue.activate(flow)
         if self._queue_timer is None:  # an armed one fires no later than this newest deadline
             self._arm_queue_timer()
         if not self.idle:
             self._prefetch()
         self.manage()
 
+    def _refusal(self, flow: Flow, waiting: int) -> str:
+        """Why a call of ``flow`` that spends no credit found no place (``waiting``: queued + held):
+        the queue is full (with the credit reserved), or the caller has its share while others wait."""
+        size = self.config.queue_size
+        if waiting + self.reserved >= size:
+            busy = self.counts[WorkerState.BUSY]
+            reserved = f" + {self.reserved} reserved for pipelined callers" if self.reserved else ""
+            return f"pool {self.name!r} is full: queue {waiting}{reserved}/{size}, {busy} busy workers"
+        holding = flow.waiting + flow.unused
+        return (
+            f"pool {self.name!r}: caller {flow.name!r} already has {holding} of its queue (max_queued_per_caller {self.caller_limit}) while other callers wait"
+        )
+
+    def _left(self, job: Job) -> None:
+        """``job`` is no longer waiting (it started, or left the queue unanswered or answered)."""
+        if job.waits:
+            job.waits = False
+            flow = job.flow
+            assert flow is not None  # a job that waits has its flow
+            flow.waiting -= 1
+            if not flow.waiting:
+                self.queue.idle(flow)
+
+    # -- credit (see "Credit" in daemon/core/fairness.py) ------------------------------------
+
+    def open_credit(self, client: Any, caller: str) -> int:
+        """``client`` (it has ``credit(pool, n)``) asks for credit: the credit it has now (its first grant)."""
+        acct = self.accounts.get(client)
+        if acct is None:
+            acct = self.accounts[client] = Account(client, caller, self.queue.flow_of(caller, client, self.exec_avg))
+            acct.flow.accounts += 1
+        return self._grant(acct, 1)
+
+    def adopt_credit(self, old: Dispatcher) -> None:
+        """A reload made this the pool's serving dispatcher: the connections' unspent credit on
+        ``old`` is theirs here (their next calls come here), honoured even beyond this queue's room."""
+        for client, acct in list(old.accounts.items()):
+            unused = acct.unused
+            old.close_credit(client)
+            mine = self.accounts.get(client)
+            if mine is None:
+                mine = self.accounts[client] = Account(client, acct.caller, self.queue.flow_of(acct.caller, client, self.exec_avg))
+                mine.flow.accounts += 1
+            mine.unused += unused
+            mine.flow.unused += unused
+            self.reserved += unused
+
+    def close_credit(self, client: Any) -> None:
+        """``client`` needs no more credit: what it did not spend is free for everyone again."""
+        acct = self.accounts.pop(client, None)
+        if acct is None:
+            return
+        acct.flow.unused -= acct.unused
+        acct.flow.accounts -= 1
+        self.reserved -= acct.unused
+        acct.unused = 0
+        self._top_up()
+
+    def _spend(self, job: Job) -> bool:
+        """Spend one of ``job``'s connection's credits on it; False if it has none (a call like any other)."""
+        acct = self.accounts.get(job.client)
+        if acct is None or not acct.unused:
+            return False
+        acct.unused -= 1
+        acct.flow.unused -= 1
+        self.reserved -= 1
+        return True
+
+    def _grant(self, acct: Account, least: int) -> int:
+        """Grant ``acct`` what its flow and the queue have room for, if that is ``least`` or more; the grant."""
+        flow = acct.flow
+        room = min(
+            self.caller_limit - flow.waiting - flow.unused,
+            self.config.queue_size - self.queue.n - self.held_count - self.reserved,
+        )
+        if room < least:
+            return 0
+        acct.unused += room
+        flow.unused += room
+        self.reserved += room
+        return room
+
+    def _top_up(self) -> None:
+        """Send credit to connections whose flows have room for a batch of it (calls left the queue)."""
+        batch = self.credit_batch
+        self._credit_due = max(1, batch // 4)
+        room = self.config.queue_size - self.queue.n - self.held_count - self.reserved
+        if room < batch:
+            return  # the commonest answer, after every reply of a pipelined pool: nothing to grant yet
+        limit = self.caller_limit
+        for acct in self.accounts.values():
+            flow = acct.flow
+            if limit - flow.waiting - flow.unused >= batch:
+                granted = self._grant(acct, batch)
+                if granted:
+                    acct.client.credit(self.name, granted)
+
     def drop_client(self, client: Any) -> None:
         """The client left: forget its queued jobs; a running one finishes, its reply is dropped."""
-        if any(j.client is client for j in self.queue):
-            kept = deque(j for j in self.queue if j.client is not client)
-            for j in self.queue:
-                if j.client is client:
-                    j.cancelled = True
-                    j.settle()
-            self.queue = kept
+        for j in self.queue.remove_client(client):
+            self._left(j)
+            j.cancelled = True
+            j.settle()
+        if client in self.accounts:
+            self.close_credit(client)
+        if self.queue.mode == "connection":
+            self.queue.forget(client)
         for w in self.workers.values():
             if w.job is not None and w.job.client is client:
                 w.job.cancelled = True
@@ -399,6 +542,7 @@ class Dispatcher:
         key = job.key
         parts = [] if key is None else self.code_cache.parts_for(worker.known, key)
         if parts is None:
+            self._left(job)
             self._code_gone(job)
             return False
         frames.set_reqid(job.frame, job.id)
@@ -417,7 +561,7 @@ class Dispatcher:
     def _prefetch(self, only: Worker | None = None) -> None:
         """Give busy workers (or just ``only``, whose hold list shrank) queued jobs to hold, when
         that cannot make anyone wait longer."""
-        if not self.queue or self.idle:
+        if not self.queue.n or self.idle:
             return
         k = self.config.prefetch
         counts = self.counts
@@ -434,9 +578,12 @@ class Dispatcher:
         if only is not None:  # after a reply (pump): only that worker's list has room; fill it
             if self._may_hold(only, limit):
                 queue = self.queue
-                while queue and len(only.held) < k:
-                    job = queue.popleft()
-                    if not (job.cancelled or job.answered):
+                while queue.n and len(only.held) < k:
+                    job = queue.pop()
+                    assert job is not None
+                    if job.cancelled or job.answered:
+                        self._left(job)
+                    else:
                         self._hold(only, job)
             if not armed:
                 self._arm_queue_timer()
@@ -446,13 +593,16 @@ class Dispatcher:
             for w in takers:
                 if len(w.held) != depth:
                     continue
-                while self.queue:
-                    job = self.queue.popleft()
-                    if not (job.cancelled or job.answered) and self._hold(w, job):
+                while self.queue.n:
+                    job = self.queue.pop()
+                    assert job is not None
+                    if job.cancelled or job.answered:
+                        self._left(job)
+                    elif self._hold(w, job):
                         break
-                if not self.queue:
+                if not self.queue.n:
                     break
-            if not self.queue:
+            if not self.queue.n:
                 break
         if not armed:
             self._arm_queue_timer()
@@ -481,6 +631,16 @@ class Dispatcher:
             worker.requests += 1
             if job.started is not None:
                 self.exec_avg += EWMA_WEIGHT * (now - job.started - self.exec_avg)
+                if job.charge:  # it left the queue: its flow is charged its real time (FairQueue.learn, inline)
+                    flow = job.flow
+                    assert flow is not None
+                    ran = now - job.started
+                    flow.tag += ran / flow.weight - job.charge
+                    job.charge = 0.0
+                    if flow.learned:
+                        flow.cost += COST_EWMA * (ran - flow.cost)
+                    else:
+                        flow.cost, flow.learned = ran, True
             if status == Status.UNKNOWN_FUNCTION and job.key is not None:
                 CodeCache.forget(worker.known, job.key)
             if job.settle():
@@ -506,6 +666,13 @@ class Dispatcher:
             return
         nxt = worker.held.popleft()
         self.held_count -= 1
+        if nxt.waits:  # _left, inline: every held job passes here
+            nxt.waits = False
+            flow = nxt.flow
+            assert flow is not None
+            flow.waiting -= 1
+            if not flow.waiting:
+                self.queue.idle(flow)
         nxt.held = False
         worker.job = nxt
         if not nxt.answered and worker.state == WorkerState.BUSY:
@@ -557,13 +724,28 @@ class Dispatcher:
     def pump(self, replied: Worker | None = None) -> None:
         """Hand queued jobs to idle workers, oldest job first; then maybe to busy ones to hold
         (after a reply only ``replied`` has room that was not offered before)."""
-        while self.queue and self.idle:
-            job = self.queue.popleft()
+        queue = self.queue
+        while queue.n and self.idle:
+            job = queue.pop()
+            assert job is not None
+            if job.waits:  # _left, inline
+                job.waits = False
+                flow = job.flow
+                assert flow is not None
+                flow.waiting -= 1
+                if not flow.waiting:
+                    queue.idle(flow)
             if job.cancelled or job.answered:
                 continue
             self._start(self.idle.pop(), job)
-        if self.queue:
+        if queue.n:
             self._prefetch(replied)
+        if self.accounts:
+            # calls left the queue: maybe room for a batch of credit. Looked at every few replies (a
+            # grant is a batch: it waits for that much room anyway), and whenever the queue is empty
+            self._credit_due -= 1
+            if self._credit_due <= 0 or not queue.n:
+                self._top_up()
         self.manage()
 
     def _queue_timeout_message(self, job: Job, now: float) -> str:
@@ -594,19 +776,23 @@ class Dispatcher:
             # deadline passed and answer NOT_RUN. It stays in the hold list to pair that reply.
             job.finished = now
             self._finish(job, Status.QUEUE_TIMEOUT, self._queue_timeout_message(job, now), "queue_timeout")
-        while self.queue and (self.queue[0].deadline <= now or self.queue[0].cancelled):
-            job = self.queue.popleft()
+        queue = self.queue
+        while (job := queue.oldest()) is not None and (job.deadline <= now or job.cancelled):
+            queue.take(job)
+            self._left(job)
             if job.cancelled:
                 continue
             job.finished = now
             self._finish(job, Status.QUEUE_TIMEOUT, self._queue_timeout_message(job, now), "queue_timeout")
+        if self.accounts:
+            self._top_up()
         self._arm_queue_timer()
 
     def _arm_queue_timer(self) -> None:
         # Deadlines are admission order plus one queue_timeout, so the oldest queued job (and the
         # oldest held one) always expires first: one timer per pool suffices.
         first = self._first_held() if self.held else None
-        deadlines = [j.deadline for j in (self.queue[0] if self.queue else None, first) if j is not None]
+        deadlines = [j.deadline for j in (self.queue.oldest(), first) if j is not None]
         if not deadlines:
             return
         at = min(deadlines)
@@ -718,14 +904,17 @@ class Dispatcher:
             for j in worker.held:
                 j.held = False
                 j.worker = None
+                if j.cancelled or j.answered:
+                    self._left(j)  # the requeued ones still wait
                 if j.cancelled:
                     j.settle()  # its client left: nobody is answered, but its file is released
             worker.held.clear()
             if self._aborted is not None:  # shutting down: the queue was already answered
                 for j in requeue:
+                    self._left(j)
                     self._finish(j, Status.SHUTTING_DOWN, self._aborted, "rejected")
             else:
-                self.queue.extendleft(reversed(requeue))
+                self.queue.requeue(requeue)
                 self._arm_queue_timer()
             log.info(
                 "worker=%s pool=%s died holding %d calls that had not started: requeued %s head=%s",
@@ -753,9 +942,11 @@ class Dispatcher:
             self.idle.remove(worker)
         self.workers.pop(worker.id, None)
         self._answers.worker_exit(reason)
-        if self.queue and self.idle:
+        if self.queue.n and self.idle:
             self.pump()
         else:
+            if self.accounts:
+                self._top_up()
             self.manage()
         self.on_change()
 
@@ -789,12 +980,12 @@ class Dispatcher:
 
     def manage(self) -> None:
         """Keep ``cruise`` workers alive; grow toward ``max`` while requests wait."""
-        if not self.accepting and not self.queue:
+        if not self.accepting and not self.queue.n:
             return  # draining for shutdown: replace a worker only while queued requests still need one
         cfg = self.config
         c = self.counts
         live = c[WorkerState.STARTING] + c[WorkerState.IDLE] + c[WorkerState.BUSY]  # self.live(), inline: every call
-        waiting = len(self.queue)  # cancelled jobs leave the queue at once (drop_client)
+        waiting = self.queue.n  # cancelled jobs leave the queue at once (drop_client)
         if live >= cfg.max or (live >= cfg.cruise and not waiting):
             return  # the steady states: nothing to decide
         starting = self.counts[WorkerState.STARTING]
@@ -843,6 +1034,11 @@ class Dispatcher:
     def stop_accepting(self) -> None:
         self.accepting = False
         self.refusal = (Status.SHUTTING_DOWN, "cruised is shutting down; not accepting new requests")
+        # A map waiting for credit with nothing in flight would wait for good: one more credit
+        # lets it send a call, whose answer (shutting down, or no such pool after a reload that
+        # removed it) ends the map. (A reload that keeps the pool moved the accounts already.)
+        for acct in self.accounts.values():
+            acct.client.credit(self.name, 1)
         _cancel(self._manage_timer)
         self._manage_timer = None
 
@@ -859,12 +1055,12 @@ class Dispatcher:
         return len(self.queue) + self.held_count, running
 
     def idle_now(self) -> bool:
-        return not self.queue and all(w.job is None for w in self.workers.values())
+        return not self.queue.n and all(w.job is None for w in self.workers.values())
 
     def abort_queue(self, message: str) -> None:
         self._aborted = message  # held jobs of workers that end from now on get the same answer
-        while self.queue:
-            job = self.queue.popleft()
+        for job in self.queue.clear():
+            self._left(job)
             if not job.cancelled:
                 self._finish(job, Status.SHUTTING_DOWN, message, "rejected")
 

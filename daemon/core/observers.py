@@ -49,6 +49,7 @@ class Answered(NamedTuple):
     queue_s: float
     exec_s: float | None  # None if it never ran
     at: float  # wall-clock time of the answer, for log lines
+    caller: str  # who sent it (daemon/core/fairness.py "Callers")
 
 
 # tuple.__new__ straight, not Answered(...): the generated __new__ is a Python frame, 0.4 us a request
@@ -57,7 +58,8 @@ _answered = tuple.__new__
 
 def answer_record(job: Job, outcome: str, queue_s: float, exec_s: float | None) -> Answered:
     """What observers are told of ``job``, answered with ``outcome`` now."""
-    return _answered(Answered, (job.endpoint, job.door, job.client, job.started is not None or bool(job.deadline), outcome, queue_s, exec_s, time.time()))
+    waited = job.started is not None or bool(job.deadline)
+    return _answered(Answered, (job.endpoint, job.door, job.client, waited, outcome, queue_s, exec_s, time.time(), job.caller))
 
 
 class Observer(Protocol):
@@ -108,7 +110,7 @@ class AnsweredFeed:
         # answer_record, inline (a call less per request pays for the NamedTuple)
         waited = job.started is not None or bool(job.deadline)
         exec_s = end - job.started if job.started is not None else None
-        batch.append(_answered(Answered, (job.endpoint, job.door, job.client, waited, outcome, start - job.admitted, exec_s, time.time())))
+        batch.append(_answered(Answered, (job.endpoint, job.door, job.client, waited, outcome, start - job.admitted, exec_s, time.time(), job.caller)))
         if len(batch) >= ANSWERED_BATCH:
             self.flush()
         elif self._timer is None:

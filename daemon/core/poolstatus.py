@@ -28,6 +28,9 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("cruised.dispatch")  # the dispatcher's events, under its logger as before
 
+#: callers shown by name in the status's ``fairness.waiting`` (the rest are summed)
+TOP_CALLERS = 10
+
 
 class PoolStatus:
     """The status and q reports of ``dispatcher``'s pool."""
@@ -64,10 +67,17 @@ class PoolStatus:
         cfg = d.config
         states = {WorkerState.name(s): n for s, n in d.counts.items() if s != WorkerState.GONE}
         now = d.clock.time()
-        oldest = now - d.queue[0].admitted if d.queue else 0.0
+        first = d.queue.oldest()
+        oldest = now - first.admitted if first is not None else 0.0
         return {
             "workers": states,
-            "queue": {"depth": len(d.queue) + d.held_count, "held": d.held_count, "capacity": cfg.queue_size, "oldest_s": round(oldest, 6)},
+            "queue": {
+                "depth": d.queue.n + d.held_count,
+                "held": d.held_count,
+                "capacity": cfg.queue_size,
+                "oldest_s": round(oldest, 6),
+            },
+            "fairness": self.fairness_document(),
             "limits": {"min": cfg.min, "cruise": cfg.cruise, "max": cfg.max},
             "ready": d.ready(),
             "python": d.python,
@@ -80,6 +90,20 @@ class PoolStatus:
             "worker_list": [
                 {"id": w.id, "pid": w.pid, "state": WorkerState.name(w.state), "requests": w.requests, "error": w.error, "q": w.q} for w in d.workers.values()
             ],
+        }
+
+    def fairness_document(self) -> dict[str, Any]:
+        """How the pool is shared now: the callers with the most calls waiting (queued or held), the
+        rest summed, and the credit granted to pipelined callers (daemon/core/fairness.py)."""
+        d = self.dispatcher
+        top, rest = d.queue.top(TOP_CALLERS)
+        return {
+            "mode": d.config.fairness,
+            "max_queued_per_caller": d.caller_limit,
+            "waiting": [{"caller": name, "waiting": n} for name, n in top],
+            "waiting_others": rest,
+            "reserved": d.reserved,
+            "credit": sorted(({"caller": a.flow.name, "unspent": a.unused} for a in d.accounts.values()), key=lambda c: str(c["caller"])),
         }
 
     def q_document(self) -> dict[str, Any] | None:

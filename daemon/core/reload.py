@@ -142,6 +142,10 @@ class Reloader:
             self._drain(new_pools, drain=False)
             return False, f"generation {gen.number} did not start, generation {sup.serving.number} keeps serving: {problem}"
         old_pools = list(sup.install(gen).pools.values())
+        for old in old_pools:
+            new = gen.pools.get(old.name)
+            if new is not None:  # pipelined callers' credit follows them (core/fairness.py "Credit")
+                new.dispatcher.adopt_credit(old.dispatcher)
         self.retiring.extend(old_pools)
         self._drain(old_pools, drain=True)
         return True, f"generation {gen.number} serving ({summary(new_cfg)})"

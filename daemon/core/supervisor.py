@@ -166,7 +166,7 @@ class Supervisor:
         self._stop = asyncio.Event()
         self._fast = False
         self.ready = asyncio.Event()
-        self.metrics = Metrics(lambda: self._serving.dispatchers)
+        self.metrics = Metrics(lambda: self._serving.dispatchers, caller_labels=config.metrics.caller_labels, top_callers=config.metrics.top_callers)
         self.access_log = AccessLog(call_later=self.loop.call_later) if config.daemon.access_log else None
         self.notifier: systemd.Notifier | None = None
         self.agent: HaproxyAgent | None = None  # the HAProxy agent-check listener, only when health.agent is set

@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any
 
 from cruised.core.channel import Channel
 from cruised.core.dispatch import Job
-from cruised.doors.sockets import next_job_id, peer_credentials
+from cruised.doors.sockets import next_job_id, peer_credentials, uid_caller
 from cruised.pool.wire import frames, sharedfile
 from cruised.pool.wire.frames import Kind, Status
 
@@ -118,6 +118,8 @@ class ClientConnection:
         self.host = server.host
         self.peer = peer
         self.peer_text = f"pid:{peer[0]},uid:{peer[1]},gid:{peer[2]}"  # the access log's peer= field
+        #: who its jobs are for (daemon/core/fairness.py): the peer's user
+        self.caller = uid_caller(peer[1])
         self.channel = Channel(
             server.loop,
             sock,
@@ -160,6 +162,8 @@ class ClientConnection:
                     key=key,
                     timeout=timeout_ms / 1000 if timeout_ms else None,
                     shared=shared,
+                    caller=self.caller,
+                    credited=status & frames.CREDITED != 0,
                 )
                 disp.submit(job)
             elif status & frames.CARRIES_FD:
@@ -170,13 +174,15 @@ class ClientConnection:
                 self.channel.write([frames.frame(Kind.REPLY, reqid, frames.FEATURES.pack(frames.FILE_PICKLE))])
             elif kind == Kind.REGISTER:
                 self._register(buf, reqid)
+            elif kind == Kind.CREDIT:
+                self._credit_request(buf, reqid)
             elif kind == Kind.CHECK:
                 pool, _ = frames.unpack_name(buf, frames.HEADER_SIZE)
                 disp = self.host.dispatcher(pool)
                 if disp is None:
                     self._refuse(reqid, Status.NO_SUCH_POOL, self.host.no_such_pool(pool))
                     return
-                disp.submit(Job(id=next_job_id(), kind=Kind.CHECK, frame=buf, sink=self, client=self, client_reqid=reqid, endpoint="check"))
+                disp.submit(Job(id=next_job_id(), kind=Kind.CHECK, frame=buf, sink=self, client=self, client_reqid=reqid, endpoint="check", caller=self.caller))
             elif kind == Kind.STATUS:
                 self._reply_json(reqid, self.host.status())
             elif kind == Kind.PING:
@@ -213,6 +219,24 @@ class ClientConnection:
         frames.set_reqid(buf, 0)
         disp.register(key, buf)
         self.channel.write([frames.frame(Kind.REPLY, reqid)])
+
+    def _credit_request(self, buf: bytearray, reqid: int) -> None:
+        """Open (want 1) or close (want 0) flow control on a pool; the reply is the credit granted now."""
+        pool, want = frames.parse_credit(buf)
+        disp = self.host.dispatcher(pool)
+        if disp is None:
+            self._refuse(reqid, Status.NO_SUCH_POOL, self.host.no_such_pool(pool))
+            return
+        granted = 0
+        if want:
+            granted = disp.open_credit(self, self.caller)
+        else:
+            disp.close_credit(self)
+        self.channel.write([frames.frame(Kind.REPLY, reqid, frames.CREDIT_COUNT.pack(granted))])
+
+    def credit(self, pool: str, n: int) -> None:
+        """The pool grants this connection ``n`` more credits (daemon/core/fairness.py)."""
+        self.channel.write([frames.credit_frame(pool, n)])
 
     def _drain(self, buf: bytearray, reqid: int) -> None:
         """DRAIN: ``{"drain": bool, "linger": seconds}`` starts (linger optional) or ends a drain, ``{}`` (or

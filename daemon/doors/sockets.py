@@ -8,8 +8,10 @@ unique across doors in the access log.
 
 from __future__ import annotations
 
+import functools
 import itertools
 import os
+import pwd
 import socket
 import stat
 import struct
@@ -26,6 +28,26 @@ def peer_credentials(sock: socket.socket) -> tuple[int, int, int]:
     creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
     pid, uid, gid = struct.unpack("3i", creds)
     return pid, uid, gid
+
+
+@functools.lru_cache(maxsize=1024)
+def uid_caller(uid: int) -> str:
+    """The caller a peer uid is (daemon/core/fairness.py): its user name, ``uid:<n>`` if it has
+    none, ``unknown`` if the kernel did not say. Cached: the user database is read once per uid."""
+    if uid < 0:
+        return "unknown"
+    try:
+        return pwd.getpwuid(uid).pw_name
+    except KeyError:
+        return f"uid:{uid}"
+
+
+def peer_caller(sock: socket.socket | None) -> str:
+    """``uid_caller`` of the peer of a Unix socket."""
+    try:
+        return uid_caller(peer_credentials(sock)[1])  # type: ignore[arg-type]  # None: AttributeError below
+    except (OSError, AttributeError):
+        return "unknown"
 
 
 def bind_unix(path: str, mode: int) -> socket.socket:

@@ -297,7 +297,7 @@ class AccessLog:
             # the values now, the text when the queue is written: off the requests' path
             direct[0].queue_line((self._render, pool, batch), self.call_later)
             return
-        for endpoint, _, client, _, outcome, queue_s, exec_s, _ in batch:  # Answered, in field order
+        for endpoint, _, client, _, outcome, queue_s, exec_s, _, _ in batch:  # Answered, in field order
             msg = _access_message(pool, endpoint, outcome, queue_s, exec_s, client)
             self.log.info("%s", msg, extra={"fields": _access_fields(pool, endpoint, outcome, queue_s, exec_s, client)})
 
@@ -308,7 +308,7 @@ class AccessLog:
         fmt = self._direct[1]
         text = isinstance(fmt, TextFormatter)
         lines = []
-        for endpoint, _, client, _, outcome, queue_s, exec_s, at in batch:  # Answered, in field order
+        for endpoint, _, client, _, outcome, queue_s, exec_s, at, _ in batch:  # Answered, in field order
             msg = _access_message(pool, endpoint, outcome, queue_s, exec_s, client)
             fields = None if text else _access_fields(pool, endpoint, outcome, queue_s, exec_s, client)
             lines.append(fmt.access_line(msg, fields, at))

@@ -35,7 +35,11 @@ Invariants
     for shipped functions, ``check`` for library checks, ``<service>/<endpoint>``
     for named endpoints; at most ``MAX_ENDPOINTS`` per pool, the rest count as
     ``other``), ``outcome`` (``OUTCOMES``), ``reason`` (``EXIT_REASONS``),
-    ``state`` and ``limit`` (fixed sets).
+    ``state`` and ``limit`` (fixed sets), ``caller`` (the first
+    ``metrics.top_callers`` callers of a pool on the requests counter, only
+    with ``metrics.caller_labels``; the top ``metrics.top_callers`` by queue
+    depth in ``cruised_caller_queue_depth``, at each scrape; the rest are
+    ``other`` in both).
     Counts are exact: each answered request is counted once, by the dispatcher's
     ``AnsweredFeed.observe`` (which runs once per job, guarded by ``Job.answered``).
 
@@ -102,6 +106,8 @@ LIMITS = ("min", "cruise", "max")
 #: distinct endpoint label values per pool (each costs ~40 series); more is a cardinality bug upstream
 MAX_ENDPOINTS = 128
 OTHER_ENDPOINT = "other"
+#: the ``caller`` label of the callers beyond metrics.top_callers
+OTHER_CALLER = "other"
 
 #: 100 µs .. 60 s, roughly 1-2.5-5 per decade: enough to read a p99 of a 1 ms call and of a 30 s one
 BUCKETS = (
@@ -153,8 +159,10 @@ _LE = [floatToGoString(b) for b in BUCKETS] + ["+Inf"]
 class RequestCollector:
     """The per-request series, kept as plain numbers (see the module docstring), exposed at scrape time."""
 
-    def __init__(self) -> None:
-        self.requests: dict[tuple[str, str, str, str], _Count] = {}  # pool, endpoint, outcome, door
+    def __init__(self, caller_labels: bool = False) -> None:
+        self.caller_labels = caller_labels
+        #: pool, endpoint, outcome, door (and caller, with caller_labels)
+        self.requests: dict[tuple[str, ...], _Count] = {}
         self.duration: dict[tuple[str, str], _Hist] = {}  # pool, endpoint
         self.queue_wait: dict[tuple[str], _Hist] = {}  # pool
         self.exec: dict[tuple[str, str], _Hist] = {}  # pool, endpoint
@@ -176,12 +184,10 @@ class RequestCollector:
                 family.add_metric(list(labels), buckets, h.sum)
         return families
 
-    @staticmethod
-    def _families() -> tuple[CounterMetricFamily, HistogramMetricFamily, HistogramMetricFamily, HistogramMetricFamily]:
+    def _families(self) -> tuple[CounterMetricFamily, HistogramMetricFamily, HistogramMetricFamily, HistogramMetricFamily]:
+        labels = ["pool", "endpoint", "outcome", "door"] + (["caller"] if self.caller_labels else [])
         return (
-            CounterMetricFamily(
-                "cruised_requests", "Answered requests by pool, endpoint, outcome and front door.", labels=["pool", "endpoint", "outcome", "door"]
-            ),
+            CounterMetricFamily("cruised_requests", "Answered requests by pool, endpoint, outcome and front door (and caller, if configured).", labels=labels),
             HistogramMetricFamily("cruised_request_duration_seconds", "Admission to reply.", labels=["pool", "endpoint"]),
             HistogramMetricFamily("cruised_queue_wait_seconds", "Admission to dispatch to a worker (or to giving up).", labels=["pool"]),
             HistogramMetricFamily("cruised_exec_seconds", "Dispatch to a worker until its reply (or timeout, or death).", labels=["pool", "endpoint"]),
@@ -201,13 +207,18 @@ class _Children:
 class Metrics:
     """The Observer behind /metrics. One per supervisor; ``attach`` it to each pool's dispatcher."""
 
-    def __init__(self, dispatchers: Callable[[], Mapping[str, Dispatcher]], process: bool = True) -> None:
+    def __init__(
+        self, dispatchers: Callable[[], Mapping[str, Dispatcher]], process: bool = True, *, caller_labels: bool = False, top_callers: int = 10
+    ) -> None:
         # *_created series would double the exposition for a timestamp Prometheus (text format) ignores.
         # The switch is process-wide; only the supervisor process uses prometheus_client.
         disable_created_metrics()
         self.registry = CollectorRegistry()
         r = self.registry
-        self.series = RequestCollector()
+        self.series = RequestCollector(caller_labels)
+        self.caller_labels = caller_labels
+        self.top_callers = top_callers
+        self._callers: dict[str, set[str]] = {}  # per pool: the callers with a label of their own
         r.register(self.series)
         self.exits = Counter("cruised_worker_exits", "Worker processes gone, by reason.", ["pool", "reason"], registry=r)
         self.auth_failures = Counter(
@@ -223,10 +234,10 @@ class Metrics:
         )
         #: 1 while the daemon drains (``cruised drain``: new calls refused, /readyz 503, the agent says ``drain``), else 0
         self.draining = Gauge("cruised_draining", "1 while the daemon is draining (cruised drain): new calls are refused until cruised ready.", registry=r)
-        r.register(PoolCollector(dispatchers))
+        r.register(PoolCollector(dispatchers, top_callers))
         if process:
             ProcessCollector(namespace="cruised", registry=r)
-        self._children: dict[tuple[str, str, str, str], _Children] = {}
+        self._children: dict[tuple[str, ...], _Children] = {}
         self._endpoints: dict[str, set[str]] = {}
         self._capped: set[str] = set()  # pools that hit MAX_ENDPOINTS (warned once)
 
@@ -235,8 +246,9 @@ class Metrics:
         if self not in dispatcher.observers:
             dispatcher.observers.append(self)
         pool = dispatcher.name
-        for outcome in OUTCOMES:
-            self.series.requests.setdefault((pool, "function", outcome, "native"), _Count())
+        if not self.caller_labels:
+            for outcome in OUTCOMES:
+                self.series.requests.setdefault((pool, "function", outcome, "native"), _Count())
         for reason in EXIT_REASONS:
             self.exits.labels(pool, reason)
         self.series.queue_wait.setdefault((pool,), _Hist())
@@ -246,8 +258,9 @@ class Metrics:
     def requests_done(self, pool: str, batch: list[Answered]) -> None:
         children = self._children
         # each Answered unpacked in its field order: one step, not eight attribute reads a request
-        for endpoint, door, _, waited, outcome, queue_s, exec_s, _ in batch:
-            key = (pool, endpoint, outcome, door)
+        with_caller = self.caller_labels
+        for endpoint, door, _, waited, outcome, queue_s, exec_s, _, caller in batch:
+            key: tuple[str, ...] = (pool, endpoint, outcome, door, caller) if with_caller else (pool, endpoint, outcome, door)
             c = children.get(key)
             if c is None:
                 c = self._resolve(key)
@@ -273,8 +286,8 @@ class Metrics:
         """A refused login, key or peer (brute-force attempts show up here)."""
         self.auth_failures.labels(door).inc()
 
-    def _resolve(self, key: tuple[str, str, str, str]) -> _Children:
-        pool, endpoint, outcome, door = key
+    def _resolve(self, key: tuple[str, ...]) -> _Children:
+        pool, endpoint, outcome, door = key[:4]
         outcome = OUTCOME_ALIASES.get(outcome, outcome)
         if outcome not in OUTCOMES:
             log.warning("pool=%s unexpected request outcome %r counted as error", pool, outcome)
@@ -289,9 +302,19 @@ class Metrics:
                 endpoint, cache = OTHER_ENDPOINT, False  # do not let the cache grow with them either
             else:
                 seen.add(endpoint)
+        labels: tuple[str, ...] = (pool, endpoint, outcome, door)
+        if self.caller_labels:
+            callers = self._callers.setdefault(pool, set())
+            caller = key[4]
+            if caller not in callers:
+                if len(callers) >= self.top_callers:
+                    caller, cache = OTHER_CALLER, False  # bounded: later callers share one series
+                else:
+                    callers.add(caller)
+            labels += (caller,)
         series = self.series
         c = _Children(
-            series.requests.setdefault((pool, endpoint, outcome, door), _Count()),
+            series.requests.setdefault(labels, _Count()),
             series.duration.setdefault((pool, endpoint), _Hist()),
             series.queue_wait.setdefault((pool,), _Hist()),
             series.exec.setdefault((pool, endpoint), _Hist()),
@@ -310,15 +333,16 @@ class Metrics:
 class PoolCollector:
     """Gauges read from the live dispatchers at each scrape (nothing cached, nothing to drift)."""
 
-    def __init__(self, dispatchers: Callable[[], Mapping[str, Dispatcher]]) -> None:
+    def __init__(self, dispatchers: Callable[[], Mapping[str, Dispatcher]], top_callers: int = 10) -> None:
         self.dispatchers = dispatchers
+        self.top_callers = top_callers
 
     def describe(self) -> Iterable[Metric]:
         return list(self._families())
 
     def collect(self) -> Iterable[Metric]:
         families = self._families()
-        depth, capacity, workers, limits, q_connected, q_required, oldest, held = families
+        depth, capacity, workers, limits, q_connected, q_required, oldest, held, callers = families
         for name, d in self.dispatchers().items():
             held.add_metric([name], d.counters.held)
             depth.add_metric([name], len(d.queue) + d.held_count)
@@ -339,7 +363,13 @@ class PoolCollector:
             q = getattr(d, "q_connected", None)
             q_connected.add_metric([name], q() if callable(q) else 0)
             q_required.add_metric([name], 1 if d.config.q is not None and d.config.q.required else 0)
-            oldest.add_metric([name], d.clock.time() - d.queue[0].admitted if d.queue else 0.0)
+            first = d.queue.oldest()
+            oldest.add_metric([name], d.clock.time() - first.admitted if first is not None else 0.0)
+            top, rest = d.queue.top(self.top_callers)
+            for caller, waiting in top:
+                callers.add_metric([name, caller], waiting)
+            if rest:
+                callers.add_metric([name, OTHER_CALLER], rest)
         return families
 
     @staticmethod
@@ -352,6 +382,7 @@ class PoolCollector:
         GaugeMetricFamily,
         GaugeMetricFamily,
         CounterMetricFamily,
+        GaugeMetricFamily,
     ]:
         return (
             GaugeMetricFamily("cruised_queue_depth", "Requests waiting for a worker (in the queue or held by a busy one).", labels=["pool"]),
@@ -365,4 +396,9 @@ class PoolCollector:
             ),
             GaugeMetricFamily("cruised_oldest_queued_seconds", "Age of the oldest queued request (0 if none).", labels=["pool"]),
             CounterMetricFamily("cruised_held_calls", "Calls handed to a busy worker to wait behind its running one (prefetch).", labels=["pool"]),
+            GaugeMetricFamily(
+                "cruised_caller_queue_depth",
+                "Calls waiting (queued or held) by caller: the top metrics.top_callers callers by depth, the rest as other.",
+                labels=["pool", "caller"],
+            ),
         )

@@ -52,6 +52,17 @@ DRAIN (10)     client -> sup: JSON ``{"drain": true|false}`` starts or ends
                running in every pool, retiring ones included). While
                draining (after the linger), every door refuses new calls
                (DRAINING); queued and running ones finish
+CREDIT (11)    client -> sup, a request: pool name (u8 len + utf-8) + ``u32
+               want`` (1: open flow control on that pool, 0: close it);
+               reply: ``u32`` credit granted now (0 after a close).
+               sup -> client, unsolicited, reqid 0, only to a connection
+               that opened flow control: pool name + ``u32`` more credit.
+               Each credit lets the client send one CALL flagged
+               ``CREDITED`` that is never refused QUEUE_FULL: its place in
+               the queue was reserved (daemon/core/fairness.py "Credit").
+               The daemon grants more as calls leave the queue; credit not
+               spent when the client closes (or disconnects) is released.
+               An older client ignores a reqid-0 frame with status OK
 DEFINE (16)    sup -> wkr: the REGISTER payload, unchanged (kind patched,
                reqid 0), ahead of the first CALL of that function a worker
                gets
@@ -97,6 +108,9 @@ instead of a cloudpickle blob (pool/qcall.py ``load_source``).
 A *bundle* is a pickle (protocol 5) with its out-of-band buffers, so numpy
 arrays cross without extra copies: ``u16 nbuf, u64 length x (nbuf + 1)``, then
 the pickle bytes, then each buffer.
+
+Credited call: a CALL whose ``status`` has ``CREDITED`` set spends one credit
+(see CREDIT above); one sent without credit left is admitted like any other.
 
 Shared file: a CALL whose ``status`` has ``CARRIES_FD`` set comes with one
 file descriptor, the call's shared file (pool/wire/sharedfile.py). Its args
@@ -269,6 +283,7 @@ class _Kind(Constants):
     METRICS: Final = 7
     PASS_FDS: Final = 8
     DRAIN: Final = 10
+    CREDIT: Final = 11
     DEFINE: Final = 16
     ENDPOINT: Final = 17
     SETUP: Final = 18
@@ -313,6 +328,10 @@ CARRIES_FD: Final = 0x8000
 #: in a CALL's ``status``: the client reads a result's pickle stream from the shared file, when
 #: the worker puts it there (it is large); set only after PASS_FDS announced ``FILE_PICKLE``
 PICKLE_IN_FILE: Final = 0x4000
+#: in a CALL's ``status``: the call spends one of the connection's credits (Kind.CREDIT)
+CREDITED: Final = 0x2000
+#: a CREDIT frame's count (after the pool's name): the request's want, the answer's and a grant's credit
+CREDIT_COUNT = struct.Struct("<I")
 #: the PASS_FDS answer's payload: a u32 of feature bits (an empty payload: none)
 FEATURES = struct.Struct("<I")
 #: feature: pickle streams may travel in the shared file, both ways
@@ -341,6 +360,19 @@ HELD_DEADLINE = struct.Struct("<q")
 def held_frame(reqid: int, deadline_ns: int) -> bytes:
     """The HELD frame that precedes a prefetched call: start it only before ``deadline_ns``."""
     return HEADER.pack(HEADER_SIZE - SIZE_FIELD + HELD_DEADLINE.size, VERSION, Kind.HELD, 0, reqid) + HELD_DEADLINE.pack(deadline_ns)
+
+
+def credit_frame(pool: str, n: int) -> bytes:
+    """The daemon's unsolicited grant of ``n`` more credits on ``pool`` (reqid 0)."""
+    return frame(Kind.CREDIT, 0, pack_name(pool) + CREDIT_COUNT.pack(n))
+
+
+def parse_credit(buf: bytes | bytearray | memoryview) -> tuple[str, int]:
+    """(pool, count) of a CREDIT frame: a request's want, or a grant."""
+    pool, off = unpack_name(buf, HEADER_SIZE)
+    if off + CREDIT_COUNT.size > len(buf):
+        raise FrameError("truncated credit count")
+    return pool, CREDIT_COUNT.unpack_from(buf, off)[0]
 
 
 def set_reqid(buf: bytearray, reqid: int) -> None:

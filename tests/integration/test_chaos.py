@@ -34,7 +34,9 @@ def clients_for(d: Daemon, ledger: Path, n: int, **kw) -> list[RawClient]:
 
 
 def test_random_worker_kills_while_eight_clients_pipeline(start_daemon, tmp_path: Path) -> None:
-    d = start_daemon({"pools": {"default": pool_config(min=2, cruise=3, max=4, queue_size=64)}})
+    # every connection its own flow: the fair order (daemon/core/fairness.py) takes turns between
+    # the eight while workers die under them
+    d = start_daemon({"pools": {"default": pool_config(min=2, cruise=3, max=4, queue_size=64, fairness="connection")}})
     daemon_pid = d.status()["pid"]
     rss0, fds0 = resources(daemon_pid)
     ledger = tmp_path / "ledger"
@@ -57,8 +59,9 @@ def test_random_worker_kills_while_eight_clients_pipeline(start_daemon, tmp_path
 def test_held_calls_survive_crashes_and_kills_exactly_once(start_daemon, tmp_path: Path) -> None:
     """A pool at max with short calls holds queued calls on busy workers (prefetch); crashes and
     SIGKILLs land while calls are held: every held call still runs at most once, or never if it
-    was answered as not run."""
-    d = start_daemon({"pools": {"default": pool_config(min=2, cruise=2, max=2, queue_size=256, prefetch=2)}})
+    was answered as not run. Each connection is its own flow, so held calls are taken in the fair
+    order across the four (and requeued into their flows when their worker dies)."""
+    d = start_daemon({"pools": {"default": pool_config(min=2, cruise=2, max=2, queue_size=256, prefetch=2, fairness="connection")}})
     ledger = tmp_path / "ledger"
     clients = clients_for(d, ledger, 4)
     killer = BusyKiller(d.status, every=0.2, seed=11, limit=20)

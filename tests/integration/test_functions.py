@@ -54,12 +54,14 @@ def above_threshold(x: int) -> bool:
 @pytest.mark.parametrize("window", [1, 2, 7, 64])
 def test_map_keeps_order_through_batched_refills_and_a_full_queue(start_daemon, window: int) -> None:
     """map sends its refills in batches (half a window at a time); with a queue smaller than the
-    window, QueueFull answers are resubmitted: every result arrives, in order, exactly once."""
+    window, it sends only what its credit allows: every result arrives, in order, exactly once,
+    and no call is refused."""
     d = start_daemon({"pools": {"default": pool_config(min=1, cruise=1, max=1, queue_size=3)}})
     s = cruised.session(socket=d.socket)
     try:
         assert list(s.map(lambda x, y: x * y, range(150), range(1, 151), window=window)) == [x * (x + 1) for x in range(150)]
         assert list(s.map(lambda x: x, [], window=window)) == []
+        assert d.status()["pools"]["default"]["requests"] == {"ok": 150}, "each call reached the daemon once, none refused"
     finally:
         s.close()
 

@@ -303,12 +303,31 @@ def test_gauges_follow_the_dispatcher_and_q_connected_hook() -> None:
     disp.q_connected = lambda: 3  # type: ignore[attr-defined]  # the q-connection feature's hook
     job = _job()
     job.admitted = clock.now
+    job.flow = disp.queue.flow_of("alice", job.client, 0.01)
+    job.flow.waiting += 1
     disp.queue.append(job)
     clock.now += 2.5
     m = parse(metrics.render().decode())
     assert value(m, "cruised_q_connected_workers", pool="p") == 3
     assert value(m, "cruised_queue_depth", pool="p") == 1
     assert value(m, "cruised_oldest_queued_seconds", pool="p") == 2.5
+    assert value(m, "cruised_caller_queue_depth", pool="p", caller="alice") == 1
+
+
+def test_callers_beyond_the_top_fold_into_other() -> None:
+    disp, _ = _dispatcher()
+    metrics = Metrics(lambda: {"p": disp}, process=False, caller_labels=True, top_callers=2)
+    for caller, waiting in (("a", 5), ("b", 3), ("c", 2), ("d", 1)):
+        disp.queue.flow_of(caller, None, 0.01).waiting = waiting
+    for caller in ("a", "b", "c", "d", "a"):
+        job = _job()
+        job.caller = caller
+        observe_one(metrics, "p", job, "ok", 0.0, 0.001)
+    m = parse(metrics.render().decode())
+    depth = {dict(k[1])["caller"]: v for k, v in m.items() if k[0] == "cruised_caller_queue_depth"}
+    assert depth == {"a": 5, "b": 3, "other": 3}
+    requests = {dict(k[1])["caller"]: v for k, v in m.items() if k[0] == "cruised_requests_total"}
+    assert requests == {"a": 2, "b": 1, "other": 2}, "the first top_callers callers by name, later ones as other"
 
 
 def test_registries_are_private() -> None:

@@ -119,10 +119,21 @@ def ready_all(d: Dispatcher) -> None:
             d.on_worker_ready(w, {"pid": 1, "python": "3.11"})
 
 
-def job(sink: Sink, client: Any = None, timeout: float | None = None, key: bytes = KEY) -> Job:
+def job(sink: Sink, client: Any = None, timeout: float | None = None, key: bytes = KEY, caller: str = "", credited: bool = False) -> Job:
     reqid = next(_ids)
     frame = bytearray(frames.frame(Kind.CALL, reqid, frames.call_head("p", 0, key)))
-    return Job(id=next(_ids), kind=Kind.CALL, frame=frame, sink=sink, client=client or sink, client_reqid=reqid, key=key, timeout=timeout)
+    return Job(
+        id=next(_ids),
+        kind=Kind.CALL,
+        frame=frame,
+        sink=sink,
+        client=client or sink,
+        client_reqid=reqid,
+        key=key,
+        timeout=timeout,
+        caller=caller,
+        credited=credited,
+    )
 
 
 def reply(d: Dispatcher, w: Worker, status: int = Status.OK) -> None:

@@ -383,8 +383,8 @@ def test_observers_see_answered_requests_in_batches() -> None:
     assert d.counters.requests == {"ok": 1} and rec.batches == []  # counted, not yet shown
     clock.advance(ANSWERED_EVERY)
     ((first,),) = rec.batches
-    endpoint, door, client, waited, outcome, queue_s, exec_s, at = first
-    assert (endpoint, door, client, waited, outcome) == ("function", "native", sink, True, "ok")
+    endpoint, door, client, waited, outcome, queue_s, exec_s, at, caller = first
+    assert (endpoint, door, client, waited, outcome, caller) == ("function", "native", sink, True, "ok", "")
     assert queue_s == 0.0 and exec_s == pytest.approx(0.004) and at > 0
     for _ in range(ANSWERED_BATCH):  # a full batch goes at once, without the timer
         d.submit(job(sink))

@@ -83,13 +83,23 @@ def test_test_queries_must_be_json_objects(project: Path) -> None:
 
 
 def test_api_keys_are_checked_without_being_echoed(project: Path) -> None:
-    (project / "keys").write_text("# comment\n\ngood-key\nbad:key\n")
-    errs = errors(project, {"services": {"svc": {"api_keys": ["fine", "with space"], "api_keys_file": "keys"}}})
+    (project / "keys").write_text("# comment\n\ngood-key\nbad:key:more\nalice:named-key\n")
+    errs = errors(project, {"services": {"svc": {"api_keys": ["fine", "with space", ":nameless"], "api_keys_file": "keys"}}})
     assert errs == [
-        "services.svc.api_keys[1]: key contains whitespace or ':' (it is sent as an HTTP Basic user name)",
-        "services.svc.api_keys_file: key number 2 contains whitespace or ':' (it is sent as an HTTP Basic user name)",
+        "services.svc.api_keys[1]: key contains whitespace or a second ':' (it is sent as an HTTP Basic user name; name:key names it)",
+        "services.svc.api_keys[2]: key has an empty name or whitespace in its name (name:key)",
+        "services.svc.api_keys_file: key number 2 contains whitespace or a second ':' (it is sent as an HTTP Basic user name; name:key names it)",
     ]
-    assert not any("with space" in e or "bad:key" in e for e in errs)
+    assert not any("with space" in e or "key:more" in e or "nameless" in e for e in errs)
+
+
+def test_a_named_api_key_is_its_caller_and_a_bare_one_a_digest(project: Path) -> None:
+    from cruised.config import ServiceConfig
+
+    svc = ServiceConfig(api_keys=["alice:k1", "k2"])
+    (k1, alice), (k2, digest) = svc.named_keys()
+    assert (k1, alice, k2) == ("k1", "alice", "k2")
+    assert digest.startswith("key-") and len(digest) == 12 and "k2" not in digest
     errs = errors(project, {"services": {"svc": {"api_keys_file": "absent"}}})
     assert errs == [f"services.svc.api_keys_file: cannot read {project / 'absent'}: No such file or directory"]
     (project / "keys").write_text("good-key\nother\n")

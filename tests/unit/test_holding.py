@@ -289,7 +289,10 @@ class Model:
 @pytest.mark.parametrize("seed", range(60))
 def test_model_every_job_answered_once_and_never_run_twice(seed: int) -> None:
     rng = random.Random(seed)
-    d, clock, launcher = make(min=2, cruise=2, max=3, queue_size=8, queue_timeout=1.0, exec_timeout=2.0, prefetch=rng.choice([1, 2, 4]))
+    fairness = rng.choice(["caller", "connection", "none"])  # every invariant holds whatever the order (daemon/core/fairness.py)
+    d, clock, launcher = make(
+        min=2, cruise=2, max=3, queue_size=8, queue_timeout=1.0, exec_timeout=2.0, prefetch=rng.choice([1, 2, 4]), fairness=fairness, shares={"a": 3.0}
+    )
     model = Model(d, clock, launcher)
     ready_all(d)
     for w in d.workers.values():
@@ -301,7 +304,7 @@ def test_model_every_job_answered_once_and_never_run_twice(seed: int) -> None:
             if rng.random() < 0.9:
                 short_calls(d)
             s = Sink()
-            j = job(s)
+            j = job(s, caller=rng.choice("abc"))
             sinks.append(s)
             jobs.append(j)
             d.submit(j)
@@ -341,6 +344,7 @@ def test_model_every_job_answered_once_and_never_run_twice(seed: int) -> None:
         elif status in (Status.QUEUE_TIMEOUT, Status.QUEUE_FULL, Status.SHUTTING_DOWN):
             assert j.id not in ran, f"job {j.id} answered {Status.name(status)} but ran"
     assert d.held_count == sum(len(w.held) for w in d.workers.values())
+    assert d.queue.n == 0 and all(f.waiting == 0 and not f.jobs for f in d.queue.flows.values()), "every flow's count came back to 0"
 
 
 def test_a_requeued_held_job_is_sent_again_with_its_shared_file() -> None:

@@ -283,11 +283,11 @@ class HttpDoor:
     async def run(self, request: web.Request) -> web.StreamResponse:
         t0 = now()
         steps = self.steps
-        name, pool = steps.route(request.match_info["service"], request.match_info["endpoint"], caller_of(request))
+        name, pool, who = steps.route(request.match_info["service"], request.match_info["endpoint"], caller_of(request))
         frame = await self._read_frame(request, name)
         disp = steps.admit(name, pool)
         sink = HttpReply(self.loop)
-        job = steps.submit(disp, name, frame, sink)
+        job = steps.submit(disp, name, frame, sink, who)
         del frame
         try:
             status, buf, message = await sink.future

@@ -447,7 +447,7 @@ class FastConnection(asyncio.Protocol):
         self.reader.finish(self.buf, req)
         try:
             path = f"/public/api/v1/{req.service}/{req.endpoint}/run"
-            name, pool = steps.route(req.service, req.endpoint, Caller(self.sock, self.remote, "POST", path, req.authorization, self.unix))
+            name, pool, who = steps.route(req.service, req.endpoint, Caller(self.sock, self.remote, "POST", path, req.authorization, self.unix))
         except Refusal as refusal:
             del self.buf[: req.end]
             self._send(refusal.response, req.close)
@@ -464,7 +464,7 @@ class FastConnection(asyncio.Protocol):
             self._send(refusal.response, req.close)
             return
         sink = self.call = FastReply(self, disp, name, t0, req.close)
-        steps.submit(disp, name, frame, sink)
+        steps.submit(disp, name, frame, sink, who)
 
     def answered(self, sink: FastReply, job: Job, status: int, buf: bytearray | None, message: str) -> None:
         """The call's answer (called by the dispatcher, possibly inside submit): send it, then serve what waits."""

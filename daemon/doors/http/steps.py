@@ -44,7 +44,7 @@ from multidict import CIMultiDict
 
 from cruised.core import services
 from cruised.core.dispatch import Dispatcher, Job, ReplySink
-from cruised.doors.sockets import next_job_id, peer_credentials
+from cruised.doors.sockets import next_job_id, peer_caller, peer_credentials
 from cruised.pool.wire import frames
 from cruised.pool.wire.frames import Kind, Status
 
@@ -122,11 +122,13 @@ def presented_key(authorization: str | None) -> bytes | None:
     return None
 
 
-def key_matches(presented: bytes, keys: list[bytes]) -> bool:
-    ok = False
-    for key in keys:  # every key is compared, so the time taken says nothing about which one (if any) matched
-        ok |= hmac.compare_digest(presented, key)
-    return ok
+def key_caller(presented: bytes, keys: list[tuple[bytes, str]]) -> str | None:
+    """The caller name of the (key, name) ``presented`` matches; None if it matches none."""
+    found: str | None = None
+    for key, name in keys:  # every key is compared, so the time taken says nothing about which one (if any) matched
+        if hmac.compare_digest(presented, key) and found is None:
+            found = name
+    return found
 
 
 @dataclass(slots=True)
@@ -183,21 +185,21 @@ class Steps:
     def __init__(self, host: DoorHost) -> None:
         self.host = host
         self._keys_config: Config | None = None
-        self._keys: dict[str, list[bytes]] = {}
+        self._keys: dict[str, list[tuple[bytes, str]]] = {}  # per service: (key, its caller name)
 
     # -- access -------------------------------------------------------------------------
 
-    def _service_keys(self) -> dict[str, list[bytes]]:
+    def _service_keys(self) -> dict[str, list[tuple[bytes, str]]]:
         cfg = self.host.config
         if cfg is not self._keys_config:  # a reload swapped the config: read the keys (and key files) again
-            keys: dict[str, list[bytes]] = {}
+            keys: dict[str, list[tuple[bytes, str]]] = {}
             for name, service in cfg.services.items():
                 try:
-                    keys[name] = [k.encode() for k in service.keys()]
+                    keys[name] = [(k.encode(), caller) for k, caller in service.named_keys()]
                 except OSError as exc:
                     # validated at load; unreadable now: refuse everyone rather than open the service
                     log.error("service=%s api_keys_file %s unreadable (%s): refusing TCP calls", name, service.api_keys_file, exc.strerror)
-                    keys[name] = [os.urandom(32).hex().encode()]
+                    keys[name] = [(os.urandom(32).hex().encode(), "")]
             self._keys, self._keys_config = keys, cfg
         return self._keys
 
@@ -214,18 +216,20 @@ class Steps:
         log.warning("http: refused pid=%s uid=%s gid=%s on %s: not in daemon.allow_uids/allow_gids", pid, uid, gid, caller.path)
         raise Refusal(error_response(403, "AccessDenied", f"uid {uid} / gid {gid} may not use this daemon (daemon.allow_uids, daemon.allow_gids)"))
 
-    def check_access(self, caller: Caller, service: str | None) -> None:
+    def check_access(self, caller: Caller, service: str | None) -> str:
         """Refusal unless the caller may go on: peer credentials over the Unix socket, API keys over TCP.
+        Returns who it is (daemon/core/fairness.py "Callers"): the peer's user over the Unix socket,
+        the API key's name over TCP (``http:<address>`` where no key is needed).
 
         ``service`` None (``/status``, ``/metrics``): any service's key will do.
         """
         if caller.over_unix:
             self._check_peer(caller)
-            return
+            return peer_caller(caller.sock)
         all_keys = self._service_keys()
         keys = all_keys.get(service, []) if service is not None else [k for ks in all_keys.values() for k in ks]
         if not keys:
-            return
+            return f"http:{caller.remote}"
         what = f"service {service!r}" if service is not None else caller.path
         challenge = {"WWW-Authenticate": 'Basic realm="cruised", charset="UTF-8"'}
         presented = presented_key(caller.authorization)
@@ -240,26 +244,28 @@ class Steps:
                     headers=challenge,
                 )
             )
-        if not key_matches(presented, keys):
+        name = key_caller(presented, keys)
+        if name is None:
             log.info("http: 401 %s %s from %s: wrong API key", caller.method, caller.path, caller.remote)
             self.host.auth_failed("http")
             raise Refusal(error_response(401, "Unauthorized", f"invalid API key for {what}", headers=challenge))
+        return name
 
     # -- a call -------------------------------------------------------------------------
 
-    def route(self, service: str, endpoint: str, caller: Caller) -> tuple[str, str]:
-        """Service, access, endpoint: ("service/endpoint", its pool); else Refusal (404, 401, 403)."""
+    def route(self, service: str, endpoint: str, caller: Caller) -> tuple[str, str, str]:
+        """Service, access, endpoint: ("service/endpoint", its pool, who calls); else Refusal (404, 401, 403)."""
         cfg = self.host.config
         svc = cfg.services.get(service)
         if svc is None:
             known = ", ".join(sorted(cfg.services)) or "none configured"
             raise Refusal(error_response(404, "NotFound", f"no service {service!r} (services: {known})"))
-        self.check_access(caller, service)
+        who = self.check_access(caller, service)
         ep = svc.endpoints.get(endpoint)
         if ep is None:
             known = ", ".join(sorted(svc.endpoints)) or "none"
             raise Refusal(error_response(404, "NotFound", f"service {service!r} has no endpoint {endpoint!r} (endpoints: {known})"))
-        return f"{service}/{endpoint}", ep.pool
+        return f"{service}/{endpoint}", ep.pool, who
 
     def max_body(self) -> int:
         """The largest request body accepted (daemon.max_message_bytes of the serving config)."""
@@ -288,9 +294,9 @@ class Steps:
         return disp
 
     @staticmethod
-    def submit(disp: Dispatcher, name: str, frame: bytearray, sink: ReplySink) -> Job:
-        """Queue the ENDPOINT frame; ``sink`` (also the job's client, for drop_client) gets the answer."""
-        job = Job(id=next_job_id(), kind=Kind.ENDPOINT, frame=frame, sink=sink, client=sink, client_reqid=0, endpoint=name, door="http")
+    def submit(disp: Dispatcher, name: str, frame: bytearray, sink: ReplySink, caller: str = "") -> Job:
+        """Queue the ENDPOINT frame for ``caller``; ``sink`` (also the job's client, for drop_client) gets the answer."""
+        job = Job(id=next_job_id(), kind=Kind.ENDPOINT, frame=frame, sink=sink, client=sink, client_reqid=0, endpoint=name, door="http", caller=caller)
         disp.submit(job)
         return job
 

@@ -73,7 +73,7 @@ from cruised.doors.qipc import remote as qremote
 from cruised.doors.qipc import wire as qwire
 from cruised.doors.qipc.auth import PASSWORD, Authenticator, UsersFileError, is_loopback, peer_may_run_code
 from cruised.doors.qipc.wire import MSG_ASYNC, MSG_RESPONSE, MSG_SYNC, Header, WireError
-from cruised.doors.sockets import SocketInUse, bind_tcp, next_job_id, peer_credentials
+from cruised.doors.sockets import SocketInUse, bind_tcp, next_job_id, peer_caller, peer_credentials
 from cruised.pool import nesting, qcall
 from cruised.pool.wire import frames
 from cruised.pool.wire.frames import Kind, Status
@@ -318,6 +318,8 @@ class QConnection(asyncio.BufferedProtocol):
         self.transport: asyncio.Transport | None = None
         self.peer: Any = None
         self.user: str | None = None  # set once logged in
+        #: who its calls are for (daemon/core/fairness.py): the q user, else the peer's user (Unix socket) or address
+        self.caller = ""
         #: how it logged in (auth.PASSWORD, LOOPBACK or LOCAL): decides whether it may run code
         self.login: str | None = None
         self.cap = 0
@@ -448,6 +450,7 @@ class QConnection(asyncio.BufferedProtocol):
         self.door.logins["ok"] += 1
         self.user = hs.user
         self.login = how
+        self.caller = self._caller_name()
         self.cap = hs.agreed
         self._hs = bytearray()
         self.partial_since = None
@@ -455,6 +458,13 @@ class QConnection(asyncio.BufferedProtocol):
         self.transport.write(bytes([self.cap]))
         log.debug("qipc: %s logged in (capability %s)", self.who(), hs.capability)
         self._task = self.loop.create_task(self._serve())
+
+    def _caller_name(self) -> str:
+        if self.user:
+            return self.user
+        if self.unix and self.transport is not None:
+            return peer_caller(self.transport.get_extra_info("socket"))
+        return f"q:{self.peer[0]}" if isinstance(self.peer, tuple) and self.peer else "q:unknown"
 
     # -- reading messages -----------------------------------------------------------------
 
@@ -672,7 +682,9 @@ class QConnection(asyncio.BufferedProtocol):
         prefix = bytes([qwire.T_LIST, 0]) + p.nargs.to_bytes(4, "little" if header.little else "big", signed=True)
         head = {"target": "endpoint", "name": name, "cap": self.cap, "mode": mode}
         frame = build_qcall(buf, RESERVE + p.args_at, RESERVE + header.total, prefix, head, header.little)
-        job = Job(id=next_job_id(), kind=Kind.QCALL, frame=frame, sink=QReply(self.loop), client=self, client_reqid=0, endpoint=name, door="qipc")
+        job = Job(
+            id=next_job_id(), kind=Kind.QCALL, frame=frame, sink=QReply(self.loop), client=self, client_reqid=0, endpoint=name, door="qipc", caller=self.caller
+        )
         if mode == "callback":
             while len(self._callbacks) >= self.host.config.qipc.callback_concurrency:
                 await asyncio.wait(list(self._callbacks), return_when=asyncio.FIRST_COMPLETED)
@@ -811,6 +823,7 @@ class QConnection(asyncio.BufferedProtocol):
             client_reqid=0,
             endpoint="check",
             door="qipc",
+            caller=self.caller,
         )
         disp.submit(job)
         assert isinstance(job.sink, QReply)
@@ -844,6 +857,7 @@ class QConnection(asyncio.BufferedProtocol):
                 key=key,
                 endpoint="function",
                 door="qipc",
+                caller=self.caller,
             )
             disp.submit(job)
             assert isinstance(job.sink, QReply)
