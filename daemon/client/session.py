@@ -33,6 +33,7 @@ import json
 import pickle
 import select
 import socket
+import ssl
 import threading
 import time
 import weakref
@@ -41,7 +42,8 @@ from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future
 from typing import Any, TypeVar
 
-from cruised.client import errors, paths, shipping
+from cruised.client import errors, paths, shipping, tls
+from cruised.client.tls import TLS
 from cruised.pool.wire import bundle, frames, sharedfile, sockopt
 from cruised.pool.wire.framebuf import FrameBuffer
 from cruised.pool.wire.frames import Kind, Status
@@ -84,19 +86,25 @@ class _Pending:
 
 
 class _Connection:
-    def __init__(self, path: str) -> None:
+    def __init__(self, path: str, remote: paths.RemoteAddress | None = None) -> None:
+        """A connection to the daemon's Unix socket at ``path``, or over mutual TLS to ``remote``
+        (``path`` is then its ``tls://host:port`` text, for messages)."""
         self.path = path
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        sock.settimeout(CONNECT_TIMEOUT)
-        try:
-            sock.connect(path)
-        except OSError as exc:
-            sock.close()
-            reason = exc.strerror or str(exc)
-            raise errors.DaemonUnavailable(f"no cruised daemon answers at {path} ({reason}); {_start_hint(path)}") from None
-        sock.settimeout(None)
-        sockopt.size_buffers(sock)
-        self.sock = sock
+        self.sock: Any
+        if remote is not None:
+            self.sock = _connect_tls(remote)
+        else:
+            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            sock.settimeout(CONNECT_TIMEOUT)
+            try:
+                sock.connect(path)
+            except OSError as exc:
+                sock.close()
+                reason = exc.strerror or str(exc)
+                raise errors.DaemonUnavailable(f"no cruised daemon answers at {path} ({reason}); {_start_hint(path)}") from None
+            sock.settimeout(None)
+            sockopt.size_buffers(sock)
+            self.sock = sock
         self.send_lock = threading.Lock()
         #: held by the thread currently reading the socket (leader/follower)
         self.read_lock = threading.Lock()
@@ -113,8 +121,9 @@ class _Connection:
         self.last_used = time.monotonic()
         self.files = sharedfile.FilePool()
         #: whether this connection passes shared files: None until the first call with large
-        #: buffers asks the daemon (PASS_FDS), "asking" until it answers, then True or False
-        self.pass_fds: bool | str | None = None
+        #: buffers asks the daemon (PASS_FDS), "asking" until it answers, then True or False.
+        #: Never over TCP: a descriptor cannot cross hosts, large arguments go inline
+        self.pass_fds: bool | str | None = False if remote is not None else None
         #: the daemon announced FILE_PICKLE: large pickle streams may travel in shared files
         self.file_pickle = False
         self._pass_fds_lock = threading.Lock()
@@ -316,7 +325,8 @@ class _Connection:
         except OSError as exc:
             n, err = 0, exc
         if n == 0:
-            self._fail(errors.DaemonUnavailable(f"connection to cruised at {self.path} lost ({err or 'closed by the daemon'})"))
+            why = tls.describe_tls_error(err) if isinstance(err, ssl.SSLError) else (err or "closed by the daemon")
+            self._fail(errors.DaemonUnavailable(f"connection to cruised at {self.path} lost ({why})"))
             return
         while True:
             frame = fb.next(n)
@@ -395,6 +405,22 @@ _FILE_DONE = frozenset(
         Status.VERSION_MISMATCH,
     }
 )
+
+
+def _connect_tls(remote: paths.RemoteAddress) -> tls.TlsSocket:
+    where = f"tls://{remote.host}:{remote.port}"
+    if remote.tls is None:
+        raise ValueError(
+            f"{where}: the remote door is mutual TLS only: pass tls=cruised.TLS(cert_file=..., key_file=..., ca_file=...) (or CRUISED_TLS_CERT/KEY/CA)"
+        )
+    try:
+        return tls.connect(remote.host, remote.port, remote.tls, CONNECT_TIMEOUT)
+    except ssl.SSLError as exc:
+        raise errors.DaemonUnavailable(f"TLS handshake with cruised at {where} failed: {tls.describe_tls_error(exc)}") from None
+    except OSError as exc:
+        if isinstance(exc, FileNotFoundError) and str(exc).startswith("cruised.TLS"):
+            raise
+        raise errors.DaemonUnavailable(f"no cruised daemon answers at {where} ({exc.strerror or exc})") from None
 
 
 def _sendall(sock: socket.socket, parts: list[Any], fds: list[int] | None = None) -> None:
@@ -505,15 +531,38 @@ class Session:
         pool: str = "default",
         libraries: dict[str, str] | None = None,
         timeout: float | None = None,
+        host: str | None = None,
+        port: int | None = None,
+        tls: TLS | None = None,
+        connections: int = 1,
     ) -> None:
         if libraries is not None and not isinstance(libraries, dict):
             raise TypeError("libraries must be a dict of alias -> module name, e.g. {'np': 'numpy'}")
+        if not isinstance(connections, int) or connections < 1:
+            raise ValueError(f"connections must be a positive integer, got {connections!r}")
         self.socket_path = socket
+        #: a remote daemon (its mutual-TLS door), or None for a Unix socket
+        self.remote: paths.RemoteAddress | None = None
+        if host is not None or port is not None:
+            if socket is not None:
+                raise ValueError("give socket= (a local daemon) or host=/port= (a remote one), not both")
+            if host is None or port is None:
+                raise ValueError("a remote daemon needs both host= and port= (its remote.listen)")
+            if tls is None:
+                raise ValueError("the remote door is mutual TLS only: pass tls=cruised.TLS(cert_file=..., key_file=..., ca_file=...)")
+            self.remote = paths.RemoteAddress(host, int(port), tls)
+        elif tls is not None:
+            raise ValueError("tls= goes with host= and port= (a remote daemon)")
         self.pool = pool
         self.timeout = timeout
         self._libraries: dict[str, str] = dict(libraries or {})
         self._lock = threading.Lock()
         self._conn: _Connection | None = None
+        #: ``connections`` > 1: the further connections (opened when first used) that ``map``, ``call``
+        #: and ``submit`` spread over; through a load balancer each may land on another daemon
+        self.connections = connections
+        self._extra: list[_Connection | None] = [None] * (connections - 1)
+        self._turn = itertools.count()
         self._shipped: weakref.WeakKeyDictionary[Any, _Shipped] = weakref.WeakKeyDictionary()
         self._libs_checked = not self._libraries
 
@@ -523,6 +572,7 @@ class Session:
         with self._lock:
             if socket is not None:
                 self.socket_path = socket
+                self.remote = None
             if pool is not None:
                 self.pool = pool
             if timeout is not None:
@@ -530,6 +580,10 @@ class Session:
             if self._conn is not None:
                 self._conn.close()
                 self._conn = None
+            for i, conn in enumerate(self._extra):
+                if conn is not None:
+                    conn.close()
+                    self._extra[i] = None
         if libraries:
             self.libraries(libraries)
         self.ping()
@@ -537,7 +591,22 @@ class Session:
 
     @property
     def path(self) -> str:
-        return self.socket_path or paths.client_socket()
+        """Where this session connects: a Unix socket path, or ``tls://host:port``."""
+        target = self._target()
+        return str(target) if isinstance(target, paths.RemoteAddress) else target
+
+    def _target(self) -> paths.RemoteAddress | str:
+        if self.remote is not None:
+            return self.remote
+        if self.socket_path:
+            return self.socket_path
+        return paths.client_address() or paths.client_socket()
+
+    def _open(self) -> _Connection:
+        target = self._target()
+        if isinstance(target, paths.RemoteAddress):
+            return _Connection(str(target), target)
+        return _Connection(target)
 
     def add_library(self, *names: str) -> None:
         """Import these modules (under their own names) for this session's functions; checked now."""
@@ -570,8 +639,27 @@ class Session:
             return conn
         with self._lock:
             if self._conn is None or self._conn.broken is not None:
-                self._conn = _Connection(self.path)
+                self._conn = self._open()
             return self._conn
+
+    def _connection_at(self, i: int) -> _Connection:
+        """Connection ``i`` of ``connections`` (0 is the session's first, the one ``_connection`` returns)."""
+        if i == 0:
+            return self._connection()
+        conn = self._extra[i - 1]
+        if conn is not None and not conn.stale():
+            return conn
+        with self._lock:
+            conn = self._extra[i - 1]
+            if conn is None or conn.broken is not None:
+                conn = self._extra[i - 1] = self._open()
+            return conn
+
+    def _next_connection(self) -> _Connection:
+        """The connection for one call: the first, or with ``connections`` > 1 each in turn."""
+        if self.connections == 1:
+            return self._connection()
+        return self._connection_at(next(self._turn) % self.connections)
 
     def _request(self, kind: int, parts: list[Any]) -> tuple[int, bytearray]:
         conn = self._connection()
@@ -616,6 +704,10 @@ class Session:
             if self._conn is not None:
                 self._conn.close()
                 self._conn = None
+            for i, conn in enumerate(self._extra):
+                if conn is not None:
+                    conn.close()
+                    self._extra[i] = None
 
     def __enter__(self) -> Session:
         return self
@@ -718,7 +810,7 @@ class Session:
     def call(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
         """Run ``fn(*args, **kwargs)`` in a worker and return its result."""
         shipped = self._ship(fn)
-        conn = self._connection()
+        conn = self._connection() if self.connections == 1 else self._next_connection()
         retried = False
         while True:
             slot = conn.wait(self._send_call(conn, shipped, args, kwargs, retried))
@@ -738,7 +830,7 @@ class Session:
     def submit(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> Future[T]:
         """Start ``fn(*args, **kwargs)`` and return a ``concurrent.futures.Future``."""
         shipped = self._ship(fn)
-        conn = self._connection()
+        conn = self._connection() if self.connections == 1 else self._next_connection()
         fut: Future[T] = Future()
         fut.set_running_or_notify_cancel()
         uncount = conn.track_async()
@@ -772,12 +864,17 @@ class Session:
 
         A call the pool rejects as full is resubmitted once an earlier call has
         finished, so ``map`` over more items than the queue holds still completes.
+
+        With ``connections`` > 1 every connection gets its own ``window``, and each
+        call goes to the connection with the fewest calls outstanding, so a
+        faster daemon gets more of them: through a load balancer that puts each
+        connection on another daemon, one ``map`` uses every host.
         """
         shipped = self._ship(fn)
-        conn = self._connection()
-        inflight: deque[tuple[tuple[Any, ...], _Pending]] = deque()
+        conns = [self._connection()] if self.connections == 1 else [self._connection_at(i) for i in range(self.connections)]
+        inflight: deque[tuple[tuple[Any, ...], _Connection, _Pending]] = deque()
 
-        def result(args: tuple[Any, ...], slot: _Pending) -> Any:
+        def result(args: tuple[Any, ...], conn: _Connection, slot: _Pending) -> Any:
             retried = False
             for tries in itertools.count():
                 final, value = self._outcome(conn, shipped, conn.wait(slot), retried)
@@ -792,16 +889,35 @@ class Session:
                 slot = self._send_call(conn, shipped, args, {}, retried)
 
         # Refills go out in batches: once half the window has been consumed, the other half is
-        # sent in one sendmsg, so the daemon reads many calls per recv (and we make one syscall
-        # per batch, not per call). At least window/2 calls stay in flight.
-        window = max(1, window)
+        # sent in one sendmsg per connection, so the daemon reads many calls per recv (and we make
+        # one syscall per batch, not per call). At least window/2 calls stay in flight.
+        window = max(1, window) * len(conns)
         low = window // 2
         items = zip(*iterables, strict=False)  # as map() does: stop at the shortest
 
         def refill() -> None:
             batch = list(itertools.islice(items, window - len(inflight)))
-            if batch:
-                inflight.extend(zip(batch, self._send_calls(conn, shipped, [(args, {}) for args in batch]), strict=True))  # one slot per call
+            if not batch:
+                return
+            if len(conns) == 1:
+                conn = conns[0]
+                slots = self._send_calls(conn, shipped, [(args, {}) for args in batch])
+                inflight.extend((args, conn, slot) for args, slot in zip(batch, slots, strict=True))  # one slot per call
+                return
+            outstanding = [0] * len(conns)
+            index = {id(c): i for i, c in enumerate(conns)}
+            for _, c, slot in inflight:
+                if not slot.done:
+                    outstanding[index[id(c)]] += 1
+            lanes: list[list[tuple[Any, ...]]] = [[] for _ in conns]
+            order = []
+            for args in batch:
+                i = min(range(len(conns)), key=outstanding.__getitem__)
+                outstanding[i] += 1
+                lanes[i].append(args)
+                order.append(i)
+            sent = [iter(self._send_calls(c, shipped, [(args, {}) for args in lane])) if lane else iter(()) for c, lane in zip(conns, lanes, strict=True)]
+            inflight.extend((args, conns[i], next(sent[i])) for args, i in zip(batch, order, strict=True))
 
         refill()
         while inflight:
@@ -824,8 +940,16 @@ def session(
     pool: str = "default",
     libraries: dict[str, str] | None = None,
     timeout: float | None = None,
+    host: str | None = None,
+    port: int | None = None,
+    tls: TLS | None = None,
+    connections: int = 1,
 ) -> Session:
-    return Session(socket=socket, pool=pool, libraries=libraries, timeout=timeout)
+    """A session with a local daemon (``socket``, else ``CRUISED_ADDRESS``/``CRUISED_SOCKET``/the
+    default) or, with ``host``, ``port`` and ``tls``, a remote one over mutual TLS. ``connections``:
+    how many connections ``map``, ``call`` and ``submit`` spread over (behind a load balancer,
+    several daemons)."""
+    return Session(socket=socket, pool=pool, libraries=libraries, timeout=timeout, host=host, port=port, tls=tls, connections=connections)
 
 
 def function(session: Session) -> Callable[[Callable[..., T]], Callable[..., T]]:

@@ -3,6 +3,7 @@
 Data flow (paths from the repository root; daemon/ is the ``cruised`` package, pool/ is ``cruised.pool``)::
 
     native client ──frames──> NativeServer / ClientConnection   daemon/doors/native.py ─┐
+    remote client ─mTLS frames─> RemoteDoor / RemoteConnection  daemon/doors/remote.py ─┤
     HTTP client ──requests──> HttpDoor (aiohttp + fast path)    daemon/doors/http/ ─────┤
     q, pykx ─────kdb+ IPC───> QipcDoor / QConnection            daemon/doors/qipc/ ─────┤
         each door sees the daemon only through DoorHost (daemon/doors/host.py),         │
@@ -82,6 +83,7 @@ from cruised.pool import heap
 if TYPE_CHECKING:
     from cruised.doors.http.app import HttpDoor
     from cruised.doors.qipc.door import QipcDoor
+    from cruised.doors.remote import RemoteDoor
 
 log = logging.getLogger("cruised.supervisor")
 
@@ -141,6 +143,7 @@ class Supervisor:
         self.native: NativeServer | None = None
         self.http: HttpDoor | None = None  # imported only when enabled
         self.qipc: QipcDoor | None = None  # the kdb+ IPC door, only when qipc.listen is set
+        self.remote: RemoteDoor | None = None  # the mutual-TLS native door, only when remote.listen is set
         self.started = time.time()
         self.state = "starting"
         self._signals: asyncio.Queue[int] = asyncio.Queue()
@@ -254,6 +257,19 @@ class Supervisor:
                 self.native.stop_listening()
                 if self.http is not None:
                     await self.http.close()
+                raise
+        if self.config.remote.listen:
+            from cruised.doors.remote import RemoteDoor
+
+            self.remote = RemoteDoor(self)
+            try:
+                await self.remote.start()
+            except BaseException:
+                self.native.stop_listening()
+                if self.http is not None:
+                    await self.http.close()
+                if self.qipc is not None:
+                    await self.qipc.close()
                 raise
         for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR1):
             self.loop.add_signal_handler(sig, self._signals.put_nowait, sig)
@@ -392,6 +408,8 @@ class Supervisor:
             await self.http.stop_listening()
         if self.qipc is not None:
             self.qipc.stop_listening()
+        if self.remote is not None:
+            self.remote.stop_listening()
         dispatchers = self.all_dispatchers()
         for d in dispatchers:
             d.stop_accepting()
@@ -418,6 +436,11 @@ class Supervisor:
             end = self.loop.time() + 1.0
             while self.native.connections and self.loop.time() < end:
                 await asyncio.sleep(0.01)
+        if self.remote is not None:
+            self.remote.close_all()
+            end = self.loop.time() + 1.0
+            while self.remote.connections and self.loop.time() < end:
+                await asyncio.sleep(0.01)
         for d in self.all_dispatchers():
             d.flush_answered()  # the last access lines, before the loop (and its timers) goes
         log.info("stopped")
@@ -434,6 +457,7 @@ class Supervisor:
             "generation": self._serving.number,
             "http": self.http.describe() if self.http is not None else None,
             "qipc": self.qipc.describe() if self.qipc is not None else None,
+            "remote": self.remote.describe() if self.remote is not None else None,
             "pools": self.pool_status(),
             "retiring_pools": len(self.reloader.retiring),
             "services": services.describe(self.config, self._serving.dispatchers),

@@ -116,8 +116,11 @@ class ClientConnection:
     def __init__(self, server: NativeServer, sock: socket.socket, peer: tuple[int, int, int]) -> None:
         self.server = server
         self.host = server.host
-        self.peer = peer
+        #: (pid, uid, gid) here; ``tls:<name>@<ip>:<port>`` on the remote door (daemon/doors/remote.py)
+        self.peer: tuple[int, int, int] | str = peer
         self.peer_text = f"pid:{peer[0]},uid:{peer[1]},gid:{peer[2]}"  # the access log's peer= field
+        #: who is calling, for per-caller policies: the peer uid here, the client certificate's allowed name on the remote door
+        self.caller: int | str = peer[1]
         self.channel = Channel(
             server.loop,
             sock,
