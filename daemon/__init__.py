@@ -16,6 +16,7 @@ __version__ = "0.1.0"
 from cruised.client.errors import (
     CruisedError,
     DaemonUnavailable,
+    Draining,
     ExecutionTimeout,
     QConnectionError,
     QueueFull,
@@ -33,6 +34,7 @@ __all__ = [
     "CruisedError",
     "CustomResponse",
     "DaemonUnavailable",
+    "Draining",
     "ExecutionTimeout",
     "QConnectionError",
     "QueueFull",

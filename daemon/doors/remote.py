@@ -62,7 +62,7 @@ RECV_SIZE = 256 << 10
 #: plaintext handed to OpenSSL per write: a large reply is encrypted and queued in pieces
 WRITE_CHUNK = 1 << 20
 #: frames a remote client may not send: shared files cannot cross hosts, operator actions are local
-_LOCAL_ONLY = {Kind.PASS_FDS: "file descriptors cannot cross a TCP connection", Kind.RELOAD: "reload"}
+_LOCAL_ONLY = {Kind.PASS_FDS: "file descriptors cannot cross a TCP connection", Kind.RELOAD: "reload", Kind.DRAIN: "drain"}
 
 
 class RemoteDoor:

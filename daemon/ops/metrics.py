@@ -16,7 +16,7 @@ Data flow::
     GET /metrics (HTTP door), METRICS frame (`cruised metrics`)
         -> Supervisor.render_metrics() -> Metrics.render() -> generate_latest(own registry)
               RequestCollector: the request counter and histograms above
-              counters above
+              counters above, cruised_draining (set by Supervisor.set_draining)
               + PoolCollector: queue depth, worker states, limits... read from each
                 dispatcher at scrape time (nothing to keep in sync)
               + ProcessCollector: the supervisor's own fds, memory, CPU
@@ -61,6 +61,7 @@ from typing import TYPE_CHECKING
 from prometheus_client import (
     CollectorRegistry,
     Counter,
+    Gauge,
     Info,
     ProcessCollector,
     disable_created_metrics,
@@ -221,6 +222,8 @@ class Metrics:
         Info("cruised_build", "Version of cruised and of the supervisor's Python.", registry=r).info(
             {"version": __version__, "python": "{}.{}.{}".format(*sys.version_info[:3])}
         )
+        #: 1 while the daemon drains (``cruised drain``: new calls refused, /readyz 503, the agent says ``drain``), else 0
+        self.draining = Gauge("cruised_draining", "1 while the daemon is draining (cruised drain): new calls are refused until cruised ready.", registry=r)
         r.register(PoolCollector(dispatchers))
         if process:
             ProcessCollector(namespace="cruised", registry=r)

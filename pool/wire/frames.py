@@ -43,6 +43,13 @@ PASS_FDS (8)   client -> sup: empty; reply: ``u32`` feature bits
                none). From the reply on, CALLs on this connection may carry a
                shared file (see "Shared file" below); the daemon reads a
                connection with recvmsg only after this
+DRAIN (10)     client -> sup: JSON ``{"drain": true|false}`` starts or ends
+               a drain (``cruised drain`` / ``cruised ready``), ``{}`` or
+               empty only asks; reply JSON ``{"draining": bool, "state":
+               "serving"|"draining"|"drained", "queued": n, "running": n}``
+               (calls still queued or running in every pool, retiring ones
+               included). While draining, every door refuses new calls
+               (DRAINING); queued and running ones finish
 DEFINE (16)    sup -> wkr: the REGISTER payload, unchanged (kind patched,
                reqid 0), ahead of the first CALL of that function a worker
                gets
@@ -156,6 +163,9 @@ API_ERROR (18)             a worker, for an ENDPOINT (below)
 NOT_RUN (19)               a worker to the supervisor, empty: a HELD call's
                            deadline had passed, so it did not start; the
                            client gets QUEUE_TIMEOUT
+DRAINING (21)              the daemon, a refusal: it is draining (``cruised
+                           drain``; never ran): send the call to another
+                           daemon, or retry after ``cruised ready``
 =========================  ===================================================
 
 Endpoint calls
@@ -256,6 +266,7 @@ class _Kind(Constants):
     RELOAD: Final = 6
     METRICS: Final = 7
     PASS_FDS: Final = 8
+    DRAIN: Final = 10
     DEFINE: Final = 16
     ENDPOINT: Final = 17
     SETUP: Final = 18
@@ -289,6 +300,7 @@ class _Status(Constants):
     CUSTOM_RESPONSE: Final = 17  # endpoint: the function returned its own HTTP response
     API_ERROR: Final = 18  # endpoint: the function raised an error carrying an HTTP status
     NOT_RUN: Final = 19  # worker -> supervisor: a HELD call's queue deadline passed before it could start
+    DRAINING: Final = 21  # the daemon is draining (cruised drain): new calls are refused, running ones finish
 
 
 Kind: Final = _Kind()

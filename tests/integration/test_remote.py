@@ -122,6 +122,8 @@ def test_local_operations_and_file_passing_are_refused_remotely(pki: Pki, served
     with remote_session(pki, port) as s:
         with pytest.raises(cruised.CruisedError, match="local operation"):
             s.reload()
+        with pytest.raises(cruised.CruisedError, match="local operation"):
+            s.drain(True)
         status, frame = s._request(Kind.PASS_FDS, [])
         assert status == Status.BAD_REQUEST and b"cannot cross" in frame
         assert s.call(lambda: 5) == 5  # the connection still serves
