@@ -18,6 +18,18 @@ Threading model
     runs only while futures from ``submit`` are outstanding, since nobody else
     is guaranteed to read for them.
 
+Remote daemons
+    ``session(host=, port=, tls=cruised.TLS(...))`` (or ``CRUISED_ADDRESS=tls://h:p``)
+    speaks the same frames over mutual TLS 1.3 (daemon/client/tls.py) to a daemon's
+    ``remote.listen``; large arguments go inline (no shared files across hosts).
+    ``connections=N`` opens N connections: ``call`` and ``submit`` take them in
+    turn, and ``map`` gives each call to the one with the fewest outstanding, so
+    behind a load balancer that puts each connection on another daemon (HAProxy
+    ``balance leastconn``, deploy/haproxy/cruised.cfg) one session uses every host.
+    A call refused as draining (``cruised drain``: it never ran) is resent by
+    ``call`` and ``map`` on a new connection for up to ``DRAIN_REROUTE`` seconds;
+    the old one closes once the calls it holds are answered.
+
 Registration
     A function is dill-pickled once per session and sent once per connection
     (REGISTER, pipelined in front of its first CALL). Later calls carry only
@@ -58,6 +70,9 @@ SMALL_SEND = 64 << 10
 CONNECT_TIMEOUT = 5.0
 #: calls ``map`` keeps in flight; the shipped pool's queue (16) holds them all without rejections
 DEFAULT_WINDOW = 16
+#: a remote session resends a call its daemon refused as draining (it never ran) on a new
+#: connection, which a load balancer puts on another daemon, for up to this long
+DRAIN_REROUTE = 15.0
 
 
 def _start_hint(path: str) -> str:
@@ -114,6 +129,9 @@ class _Connection:
         self.broken: BaseException | None = None
         self.ids = itertools.count(1)
         self.registered: dict[tuple[str, bytes], _Pending] = {}
+        #: its daemon is draining: the session sends new calls elsewhere, and this one closes
+        #: once the calls it still holds are answered (Session._reroute)
+        self.retiring = False
         self.async_outstanding = 0
         self.bg: threading.Thread | None = None
         #: replies received and not yet delivered (no size limit: the daemon's are trusted)
@@ -351,6 +369,8 @@ class _Connection:
         slot = self.pending.pop(reqid, None)
         if slot is not None:
             slot.resolve(status, frame)
+            if self.retiring and not self.pending:
+                self._fail(errors.DaemonUnavailable(f"connection to cruised at {self.path} closed: its daemon is draining"))
 
     def _fail(self, exc: BaseException) -> None:
         with self.cond:
@@ -656,6 +676,25 @@ class Session:
                 conn = self._extra[i - 1] = self._open()
             return conn
 
+    def _reroute(self, conn: _Connection, tries: int) -> _Connection:
+        """``conn``'s daemon refused a call as draining: a new connection in its place (through a load
+        balancer, to another daemon); ``conn`` closes once the calls it holds are answered. Waits a
+        little first, more each time (the balancer may send the new one to the draining daemon
+        until its next health check)."""
+        with self._lock:
+            at = 0
+            if self._conn is conn:
+                self._conn = None
+            for i, c in enumerate(self._extra):
+                if c is conn:
+                    self._extra[i] = None
+                    at = i + 1
+        conn.retiring = True
+        if not conn.pending:
+            conn.close()
+        time.sleep(min(0.5, 0.02 * 2**tries))
+        return self._connection_at(at)
+
     def _next_connection(self) -> _Connection:
         """The connection for one call: the first, or with ``connections`` > 1 each in turn."""
         if self.connections == 1:
@@ -821,6 +860,8 @@ class Session:
         shipped = self._ship(fn)
         conn = self._connection() if self.connections == 1 else self._next_connection()
         retried = False
+        rerouted: float | None = None  # the deadline of resending a call refused as draining
+        tries = 0
         while True:
             slot = conn.wait(self._send_call(conn, shipped, args, kwargs, retried))
             if slot.status == Status.OK and slot.shared is None and slot.error is None:
@@ -833,6 +874,14 @@ class Session:
             if final:
                 if isinstance(value, _Value):
                     return value.value  # type: ignore[no-any-return]  # fn's result: T by fn's signature
+                if isinstance(value, errors.Draining) and self.remote is not None:
+                    if rerouted is None:
+                        rerouted = time.monotonic() + DRAIN_REROUTE
+                    if time.monotonic() < rerouted:
+                        conn = self._reroute(conn, tries)
+                        tries += 1
+                        retried = False
+                        continue
                 raise value
             retried = True
 
@@ -885,6 +934,7 @@ class Session:
 
         def result(args: tuple[Any, ...], conn: _Connection, slot: _Pending) -> Any:
             retried = False
+            rerouted: float | None = None
             for tries in itertools.count():
                 final, value = self._outcome(conn, shipped, conn.wait(slot), retried)
                 if not final:
@@ -893,6 +943,12 @@ class Session:
                     time.sleep(min(0.2, 0.001 * 2**tries))  # the pool is saturated: back off, then resubmit
                 elif isinstance(value, _Value):
                     return value.value
+                elif isinstance(value, errors.Draining) and self.remote is not None and (rerouted is None or time.monotonic() < rerouted):
+                    rerouted = rerouted or time.monotonic() + DRAIN_REROUTE
+                    new = self._reroute(conn, tries)
+                    if conn in conns:
+                        conns[conns.index(conn)] = new  # the rest of the map goes there too
+                    conn, retried = new, False
                 else:
                     raise value
                 slot = self._send_call(conn, shipped, args, {}, retried)
@@ -916,8 +972,9 @@ class Session:
             outstanding = [0] * len(conns)
             index = {id(c): i for i, c in enumerate(conns)}
             for _, c, slot in inflight:
-                if not slot.done:
-                    outstanding[index[id(c)]] += 1
+                i = index.get(id(c))  # None: a connection retired since (its daemon is draining)
+                if i is not None and not slot.done:
+                    outstanding[i] += 1
             lanes: list[list[tuple[Any, ...]]] = [[] for _ in conns]
             order = []
             for args in batch:

@@ -46,7 +46,10 @@ Drain (``cruised drain`` / ``cruised ready``, the DRAIN frame)
     /readyz answers 503 and the HAProxy agent (daemon/ops/haproxy_agent.py)
     ``drain``. The flag outlives a reload (``_build`` applies it to each new
     generation) and is undone only by ``cruised ready``; SIGTERM during a
-    drain shuts down as always.
+    drain shuts down as always. With ``health.drain_grace`` the refusing
+    starts that long after the probes and the agent change (``refusing``),
+    so a load balancer has stopped sending first; the drain report says
+    ``drained`` only once refusing and idle.
 
 Operations
     Metrics (daemon/ops/metrics.py) and the access log (daemon/ops/logs.py) are
@@ -158,6 +161,10 @@ class Supervisor:
         self.state = "starting"
         #: ``cruised drain`` in force (see "Drain" above); read by ``_build``, so set before generation 1
         self.draining = False
+        #: new calls are refused (``Dispatcher.set_draining``): at once with a drain, or once
+        #: health.drain_grace has passed (``_grace``, the timer until then)
+        self.refusing = False
+        self._grace: asyncio.TimerHandle | None = None
         self._signals: asyncio.Queue[int] = asyncio.Queue()
         self._stop = asyncio.Event()
         self._fast = False
@@ -195,7 +202,7 @@ class Supervisor:
         for pool in gen.pools.values():
             pool.dispatcher.on_change = self._check_ready
             self._attach_observers(pool)
-            if self.draining:  # a reload during a drain: the new pools refuse new calls too
+            if self.refusing:  # a reload during a drain: the new pools refuse new calls too
                 pool.dispatcher.set_draining(True)
         return gen
 
@@ -247,13 +254,39 @@ class Supervisor:
     # -- drain -------------------------------------------------------------------
 
     def set_draining(self, on: bool) -> None:
-        """Refuse new calls on every door (True) or take them again (False); see "Drain" above."""
+        """Refuse new calls on every door (True) or take them again (False); see "Drain" above.
+
+        With ``health.drain_grace`` the probes and the agent say so at once, but new calls are
+        refused only once the grace has passed: a load balancer checking every second has
+        stopped sending by then, so no call it had already picked this daemon for is refused."""
+        grace = float(self.config.health.drain_grace)
         if on != self.draining:
-            log.info("%s", "drain: refusing new calls; queued and running ones finish" if on else "ready: taking new calls again")
+            if on and grace > 0:
+                log.info("drain: /readyz 503 and the agent says drain; new calls taken for %gs more (health.drain_grace), then refused", grace)
+            else:
+                log.info("%s", "drain: refusing new calls; queued and running ones finish" if on else "ready: taking new calls again")
+        was = self.draining
         self.draining = on
+        if not on:
+            if self._grace is not None:
+                self._grace.cancel()
+                self._grace = None
+            self._refuse_new(False)
+        elif not was:
+            if grace > 0:
+                self._grace = self.loop.call_later(grace, self._refuse_new, True)
+            else:
+                self._refuse_new(True)
+        # a drain asked for again changes nothing: a grace already running runs on
+        self.metrics.draining.set(1 if on else 0)  # systemd's STATUS= shows it at its next refresh (_status_line)
+
+    def _refuse_new(self, on: bool) -> None:
+        if on and self._grace is not None:
+            log.info("drain: grace over, refusing new calls; queued and running ones finish")
+        self._grace = None
+        self.refusing = on
         for pool in (*self._serving.pools.values(), *self.reloader.warming):
             pool.dispatcher.set_draining(on)
-        self.metrics.draining.set(1 if on else 0)  # systemd's STATUS= shows it at its next refresh (_status_line)
 
     def drain_report(self) -> dict[str, Any]:
         """``{"draining", "state", "queued", "running"}`` over every pool (retiring ones too): what ``drain --wait`` polls."""
@@ -262,7 +295,8 @@ class Supervisor:
             q, r = d.in_flight()
             queued += q
             running += r
-        state = "serving" if not self.draining else ("drained" if queued + running == 0 else "draining")
+        # not drained while the grace runs: calls may still come, and a restart then would lose them
+        state = "serving" if not self.draining else ("drained" if self.refusing and queued + running == 0 else "draining")
         return {"draining": self.draining, "state": state, "queued": queued, "running": running}
 
     def drain(self, on: bool | None) -> dict[str, Any]:
@@ -459,6 +493,9 @@ class Supervisor:
     async def _shutdown(self) -> None:
         self.state = "stopping"
         self.reloader.cancel()
+        if self._grace is not None:  # stopping refuses new calls by itself
+            self._grace.cancel()
+            self._grace = None
         if self.notifier is not None:
             self.notifier.stopping_now()
         if self.native is not None:

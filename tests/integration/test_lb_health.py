@@ -233,3 +233,26 @@ def test_before_the_pool_is_warm_readyz_is_503_and_the_agent_says_down(start_dae
     d.wait_ready()
     wait_for(lambda: agent(d) == "up ready maxconn:2\n", 30, 0.05, "the agent to count both warm workers")
     assert get(unix(d), "/readyz").status == 200
+
+
+def test_drain_grace_takes_calls_until_the_balancer_has_looked_then_refuses(start_daemon: Callable[..., Daemon], tmp_path: Path) -> None:
+    """health.drain_grace: the probes and the agent say drain at once, new calls are still run for the grace, then refused."""
+    cfg = lb_config(tmp_path)
+    cfg["health"]["drain_grace"] = "1.5s"
+    d = start_daemon(cfg)
+    target = tcp(d, api_key=KEY)
+    with d.session() as s:
+        report = s.drain(True)
+        assert report["draining"] and report["state"] == "draining"  # idle, but not drained while the grace runs
+        assert agent(d) == "drain\n"
+        assert get(target, "/readyz").status == 503
+        assert s.call(add, 1, 1) == 2  # in the grace: run, not refused
+        wait_for(lambda: s.drain()["state"] == "drained", 10, 0.02, "the grace to pass")
+        drained_calls_refused_everywhere(d, [unix(d), target])
+        assert "grace over, refusing new calls" in d.log()
+        assert s.drain(False)["state"] == "serving"
+        assert s.call(add, 2, 2) == 4
+        s.drain(True)
+        s.drain(False)  # `cruised ready` within the grace: nothing is ever refused
+        assert s.call(add, 3, 3) == 6
+        assert agent(d).startswith("up ready maxconn:")
