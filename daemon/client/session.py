@@ -967,7 +967,7 @@ class Session:
             if len(conns) == 1:
                 conn = conns[0]
                 slots = self._send_calls(conn, shipped, [(args, {}) for args in batch])
-                inflight.extend((args, conn, slot) for args, slot in zip(batch, slots, strict=True))  # one slot per call
+                inflight.extend(zip(batch, itertools.repeat(conn), slots))  # one slot per call
                 return
             outstanding = [0] * len(conns)
             index = {id(c): i for i, c in enumerate(conns)}
