@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 import pickle
+import shutil
 import socket
 import ssl
 from collections.abc import Iterator
@@ -293,3 +294,46 @@ def test_client_says_tls_is_required(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("CRUISED_ADDRESS", "tcp://h:1")
     with pytest.raises(ValueError, match="tls://host:port"):
         cruised.session().ping()
+
+
+def _recipe(name: str) -> str:
+    """A shell block of docs/scaling.md, marked ``<!-- recipe: name -->``."""
+    import re
+
+    text = (Path(__file__).resolve().parents[2] / "docs" / "scaling.md").read_text()
+    m = re.search(rf"<!-- recipe: {name} -->\n```sh\n(.*?)```", text, re.S)
+    assert m, f"docs/scaling.md has no {name} recipe"
+    return m.group(1)
+
+
+@pytest.mark.skipif(shutil.which("openssl") is None, reason="no openssl command (Debian package openssl)")
+def test_the_docs_openssl_recipe_makes_certificates_the_daemon_serves_and_revokes(tmp_path: Path) -> None:
+    import signal
+    import subprocess
+
+    pki = tmp_path / "pki"
+    pki.mkdir()
+    made = subprocess.run(["bash", "-euo", "pipefail", "-c", _recipe("certificates")], cwd=pki, capture_output=True, text=True, timeout=120)
+    assert made.returncode == 0, made.stderr
+    remote = {
+        "listen": "127.0.0.1:0",
+        "cert_file": str(pki / "server.pem"),
+        "key_file": str(pki / "server.key"),
+        "client_ca_file": str(pki / "ca.pem"),
+        "crl_file": str(pki / "crl.pem"),
+        "allowed_clients": ["alice"],
+    }
+    d = Daemon({"pools": {"default": pool_config()}, "remote": remote}, tmp_path).start()
+    try:
+        port = remote_port(d)
+        alice = cruised.TLS(cert_file=str(pki / "alice.pem"), key_file=str(pki / "alice.key"), ca_file=str(pki / "ca.pem"))
+        with cruised.session(host="127.0.0.1", port=port, tls=alice) as s:
+            assert s.call(lambda: "served") == "served"
+        revoked = subprocess.run(["bash", "-euo", "pipefail", "-c", _recipe("revoke")], cwd=pki, capture_output=True, text=True, timeout=120)
+        assert revoked.returncode == 0, revoked.stderr
+        d.signal(signal.SIGHUP)
+        wait_for(lambda: "remote door: certificates reloaded" in d.log(), 60, 0.05, "the reload")
+        with pytest.raises(cruised.DaemonUnavailable, match="revoked"):
+            cruised.session(host="127.0.0.1", port=port, tls=alice).call(os.getpid)
+    finally:
+        d.cleanup_or_fail()
