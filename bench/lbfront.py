@@ -182,6 +182,14 @@ class Haproxy:
         self.proc = None
 
 
+def launch(binary: str, ports: Ports, workdir: Path) -> Haproxy:
+    """HAProxy on the shipped config rewritten for ``ports`` (its config, log and stats socket in ``workdir``), started."""
+    stats = str(workdir / "haproxy.sock")
+    cfg = workdir / "haproxy.cfg"
+    cfg.write_text(rewrite(SHIPPED.read_text(), ports, stats))
+    return Haproxy(binary, cfg, stats, workdir / "haproxy.log").start()
+
+
 def status_of(row: dict[str, Any]) -> str:
     """A server's state word in ``show stat`` (UP, DOWN, DRAIN, NOLB, ``UP 1/2`` while it changes...)."""
     return str(row.get("status", ""))

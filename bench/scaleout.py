@@ -152,10 +152,7 @@ def run(calls: int, clients: int) -> dict[str, Any]:
     try:
         for d in daemons:
             d.start()
-        stats = str(work / "haproxy.sock")
-        cfg = work / "haproxy.cfg"
-        cfg.write_text(lbfront.rewrite(lbfront.SHIPPED.read_text(), ports, stats))
-        front = lbfront.Haproxy(binary, cfg, stats, work / "haproxy.log").start()
+        front = lbfront.launch(binary, ports, work)
         deadline = time.monotonic() + 30
         while any(r["status"] != "UP" for r in front.servers("cruised_http").values()):
             if time.monotonic() > deadline:

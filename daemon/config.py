@@ -425,6 +425,17 @@ def parse_listen(text: str) -> tuple[str, int]:
     return host, int(port_text)
 
 
+def check_host_port(value: str, where: str, example: str, errors: list[ConfigError]) -> None:
+    """A listening address whose port must be given (no HTTP default): ``host:port`` or ``[v6]:port``."""
+    if ":" not in value:
+        errors.append(ConfigError(where, f"expected host:port (e.g. {example}), got {value!r}"))
+        return
+    try:
+        parse_listen(value)
+    except ValueError as exc:
+        errors.append(ConfigError(where, str(exc)))
+
+
 @dataclass(frozen=True)
 class HttpConfig:
     enabled: bool = doc("serve the HTTP front door: endpoints, /status, /healthz, /readyz, /metrics", True)
@@ -485,13 +496,7 @@ class RemoteConfig:
             errors.append(ConfigError(f"{path}.handshake_timeout", f"must be positive, got {self.handshake_timeout}"))
         if self.listen is None:
             return
-        if ":" not in self.listen:
-            errors.append(ConfigError(f"{path}.listen", f"expected host:port (e.g. 0.0.0.0:7443), got {self.listen!r}"))
-        else:
-            try:
-                parse_listen(self.listen)
-            except ValueError as exc:
-                errors.append(ConfigError(f"{path}.listen", str(exc)))
+        check_host_port(self.listen, f"{path}.listen", "0.0.0.0:7443", errors)
         missing = False
         for name in ("cert_file", "key_file", "client_ca_file", "crl_file"):
             value = getattr(self, name)
@@ -550,13 +555,7 @@ class QipcConfig:
 
     def validate(self, path: str, errors: list[ConfigError]) -> None:
         if self.listen is not None:
-            if ":" not in self.listen:
-                errors.append(ConfigError(f"{path}.listen", f"expected host:port (e.g. 127.0.0.1:5010), got {self.listen!r}"))
-            else:
-                try:
-                    parse_listen(self.listen)
-                except ValueError as exc:
-                    errors.append(ConfigError(f"{path}.listen", str(exc)))
+            check_host_port(self.listen, f"{path}.listen", "127.0.0.1:5010", errors)
         if (self.tls_cert is None) != (self.tls_key is None):
             errors.append(ConfigError(f"{path}.tls_cert", "tls_cert and tls_key go together"))
         for name in ("tls_cert", "tls_key"):
@@ -612,13 +611,7 @@ class HealthConfig:
         if self.drain_grace < 0:
             errors.append(ConfigError(f"{path}.drain_grace", f"must not be negative, got {self.drain_grace}"))
         if self.agent is not None:
-            if ":" not in self.agent:
-                errors.append(ConfigError(f"{path}.agent", f"expected host:port (e.g. 127.0.0.1:9581), got {self.agent!r}"))
-            else:
-                try:
-                    parse_listen(self.agent)
-                except ValueError as exc:
-                    errors.append(ConfigError(f"{path}.agent", str(exc)))
+            check_host_port(self.agent, f"{path}.agent", "127.0.0.1:9581", errors)
 
     def check_references(self, config: Config, errors: list[ConfigError]) -> None:
         for i, name in enumerate(self.pools):

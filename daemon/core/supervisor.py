@@ -315,54 +315,7 @@ class Supervisor:
         sock, owned_path = self._native_listener()
         systemd.clear_environment()  # before any template starts: children must not inherit them
         self.native = NativeServer(self, sock, owned_path)
-        if self.config.http.enabled:
-            from cruised.doors.http.app import HttpDoor
-
-            self.http = HttpDoor(self, paths.default_http_socket(self.socket_path, self.config.http.socket))
-            try:
-                await self.http.start()
-            except BaseException:
-                self.native.stop_listening()
-                raise
-        if self.config.health.agent:
-            from cruised.ops.haproxy_agent import HaproxyAgent
-
-            self.agent = HaproxyAgent(self)
-            try:
-                await self.agent.start()
-            except BaseException:
-                self.native.stop_listening()
-                if self.http is not None:
-                    await self.http.close()
-                raise
-        if self.config.qipc.listen:
-            from cruised.doors.qipc.door import QipcDoor
-
-            self.qipc = QipcDoor(self)
-            try:
-                await self.qipc.start()
-            except BaseException:
-                self.native.stop_listening()
-                if self.http is not None:
-                    await self.http.close()
-                if self.agent is not None:
-                    self.agent.close()
-                raise
-        if self.config.remote.listen:
-            from cruised.doors.remote import RemoteDoor
-
-            self.remote = RemoteDoor(self)
-            try:
-                await self.remote.start()
-            except BaseException:
-                self.native.stop_listening()
-                if self.http is not None:
-                    await self.http.close()
-                if self.qipc is not None:
-                    await self.qipc.close()
-                if self.agent is not None:
-                    self.agent.close()
-                raise
+        await self._open_doors()
         for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR1):
             self.loop.add_signal_handler(sig, self._signals.put_nowait, sig)
         log.info("cruised %s listening on %s (pid %s, python %s)", __version__, self.socket_path, _pid(), sys.version.split()[0])
@@ -395,6 +348,45 @@ class Supervisor:
             for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR1):
                 self.loop.remove_signal_handler(sig)
         return 0
+
+    async def _open_doors(self) -> None:
+        """The doors besides the native one, each set here once it listens; if one cannot start, the
+        ones already open (the native door too) are closed and its error raised."""
+        assert self.native is not None
+        try:
+            if self.config.http.enabled:
+                from cruised.doors.http.app import HttpDoor
+
+                http = HttpDoor(self, paths.default_http_socket(self.socket_path, self.config.http.socket))
+                await http.start()
+                self.http = http
+            if self.config.health.agent:
+                from cruised.ops.haproxy_agent import HaproxyAgent
+
+                agent = HaproxyAgent(self)
+                await agent.start()
+                self.agent = agent
+            if self.config.qipc.listen:
+                from cruised.doors.qipc.door import QipcDoor
+
+                qipc = QipcDoor(self)
+                await qipc.start()
+                self.qipc = qipc
+            if self.config.remote.listen:
+                from cruised.doors.remote import RemoteDoor
+
+                remote = RemoteDoor(self)
+                await remote.start()
+                self.remote = remote
+        except BaseException:
+            self.native.stop_listening()
+            if self.http is not None:
+                await self.http.close()
+            if self.agent is not None:
+                self.agent.close()
+            if self.qipc is not None:
+                await self.qipc.close()
+            raise
 
     def _native_listener(self) -> tuple[socket.socket, str | None]:
         """The native door's listening socket and the path to remove at exit.

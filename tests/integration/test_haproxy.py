@@ -113,10 +113,7 @@ def farm(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Farm]:
             d.start(wait_ready=False)
         for d in daemons:
             d.wait_ready()
-        stats = str(root / "haproxy.sock")
-        cfg = root / "haproxy.cfg"
-        cfg.write_text(lbfront.rewrite(lbfront.SHIPPED.read_text(), ports, stats))
-        front = lbfront.Haproxy(HAPROXY, cfg, stats, root / "haproxy.log").start()
+        front = lbfront.launch(HAPROXY, ports, root)
         farm = Farm(daemons, front, ports, pki)
         wait_for(farm.servers_up, 30, 0.1, "every server UP in HAProxy")
         yield farm

@@ -337,3 +337,22 @@ def test_the_docs_openssl_recipe_makes_certificates_the_daemon_serves_and_revoke
             cruised.session(host="127.0.0.1", port=port, tls=alice).call(os.getpid)
     finally:
         d.cleanup_or_fail()
+
+
+def test_a_taken_remote_port_stops_the_start_and_closes_the_doors_opened_before(pki: Pki, tmp_path: Path) -> None:
+    taken = socket.socket()
+    taken.bind(("127.0.0.1", 0))
+    taken.listen(1)
+    try:
+        port = taken.getsockname()[1]
+        cfg = {**remote_config(pki, ["alice"]), "http": {"listen": "127.0.0.1:0"}, "health": {"agent": "127.0.0.1:0"}}
+        cfg["remote"]["listen"] = f"127.0.0.1:{port}"
+        d = Daemon(cfg, tmp_path).start(wait_ready=False)
+        try:
+            assert d.wait_exit(60) != 0
+            assert f"cannot listen on 127.0.0.1:{port} (remote.listen)" in d.log()
+            assert not os.path.exists(d.socket)  # the native door, opened first, is gone with it
+        finally:
+            d.cleanup_or_fail()
+    finally:
+        taken.close()
