@@ -584,6 +584,8 @@ class Session:
         self.connections = connections
         self._extra: list[_Connection | None] = [None] * (connections - 1)
         self._turn = itertools.count()
+        #: connections left because their daemon is draining, until their last reply (Session._reroute)
+        self._retired: list[_Connection] = []
         self._shipped: weakref.WeakKeyDictionary[Any, _Shipped] = weakref.WeakKeyDictionary()
         self._libs_checked = not self._libraries
 
@@ -689,9 +691,11 @@ class Session:
                 if c is conn:
                     self._extra[i] = None
                     at = i + 1
-        conn.retiring = True
-        if not conn.pending:
-            conn.close()
+            # not closed here: another thread may be sending on it right now. It closes when its last
+            # outstanding reply arrives (_Connection._deliver), else with the session
+            if not conn.retiring:
+                conn.retiring = True
+                self._retired = [c for c in self._retired if c.broken is None] + [conn]
         time.sleep(min(0.5, 0.02 * 2**tries))
         return self._connection_at(at)
 
@@ -756,6 +760,9 @@ class Session:
                 if conn is not None:
                     conn.close()
                     self._extra[i] = None
+            for conn in self._retired:
+                conn.close()
+            self._retired = []
 
     def __enter__(self) -> Session:
         return self
@@ -863,7 +870,14 @@ class Session:
         rerouted: float | None = None  # the deadline of resending a call refused as draining
         tries = 0
         while True:
-            slot = conn.wait(self._send_call(conn, shipped, args, kwargs, retried))
+            try:
+                slot = conn.wait(self._send_call(conn, shipped, args, kwargs, retried))
+            except errors.DaemonUnavailable:
+                if not conn.retiring:
+                    raise
+                # the connection closed under us as its daemon drains: nothing of this call was sent
+                conn, retried = self._connection() if self.connections == 1 else self._next_connection(), False
+                continue
             if slot.status == Status.OK and slot.shared is None and slot.error is None:
                 # the commonest answer, read here: what _outcome would do with it, in fewer steps
                 frame = slot.frame
