@@ -46,7 +46,7 @@ import ssl
 from typing import TYPE_CHECKING, Any, cast
 
 from cruised.config import Config, RemoteConfig
-from cruised.doors import mtls
+from cruised.doors import access, mtls
 from cruised.doors.native import ClientConnection
 from cruised.doors.sockets import bind_tcp
 from cruised.pool.wire import frames
@@ -92,14 +92,7 @@ class RemoteDoor:
         self.listen_host, self.port = sock.getsockname()[:2]
         self.server = await self.loop.create_server(self._stream, sock=sock, backlog=512)
         self._sweeper = self.loop.call_later(1.0, self._sweep_stalled)
-        log.info(
-            "remote door listening on %s:%s (TCP, mutual TLS 1.3): shipped code from client certificates signed by %s and named in remote.allowed_clients (%s)%s",
-            self.listen_host,
-            self.port,
-            self.cfg.client_ca_file,
-            ", ".join(self.cfg.allowed_clients),
-            f"; revocations from {self.cfg.crl_file}" if self.cfg.crl_file else "",
-        )
+        log.info("%s", access.remote_line(self.host.config, f"{self.listen_host}:{self.port}"))
 
     def _stream(self) -> TlsStream:
         return TlsStream(self, self.context, self.allowed)
@@ -164,10 +157,7 @@ class RemoteDoor:
         return {
             "listen": f"{self.listen_host}:{self.port}" if self.port else None,
             "port": self.port,
-            "tls": "1.3, client certificate required",
-            "client_ca_file": self.cfg.client_ca_file,
-            "crl_file": self.cfg.crl_file,
-            "allowed_clients": list(self.cfg.allowed_clients),
+            "auth": access.remote_auth(self.host.config),
             "connections": len(self.connections),
             "callers": sorted({str(c.caller) for c in self.connections}),
             "refused": dict(self.refused),
