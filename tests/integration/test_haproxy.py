@@ -301,6 +301,18 @@ def test_every_daemon_serves_and_none_holds_more_calls_than_workers(farm: Farm) 
             before[n], "cruised_queue_wait_seconds_bucket", pool="web", le="0.05"
         )
         assert waited == answered and quick >= 0.95 * waited, (quick, waited)
+    # HAProxy's own Prometheus exporter (the stats frontend) shows the same servers
+    conn = http.client.HTTPConnection("127.0.0.1", farm.ports.front_stats, timeout=10)
+    try:
+        conn.request("GET", "/metrics")
+        resp = conn.getresponse()
+        exposed = resp.read().decode()
+    finally:
+        conn.close()
+    assert resp.status == 200
+    for n in range(len(farm.daemons)):
+        assert metric(exposed, "haproxy_server_status", proxy="cruised_http", server=f"cruised{n + 1}", state="UP") == 1
+    assert 'haproxy_server_max_sessions{proxy="cruised_http",server="cruised1"}' in exposed
 
 
 def test_drain_one_no_failures_no_new_work_and_ready_brings_it_back(farm: Farm) -> None:
