@@ -97,6 +97,10 @@ def test_call_libraries_large_array_error_and_map(pki: Pki, served: tuple[Daemon
         fut = s.submit(add, 1, b=2)
         assert fut.result(timeout=30) == 3
         assert s.status()["remote"]["callers"] == ["alice"]
+        shown = d.cli("status")
+        assert shown.returncode == 0, shown.stderr
+        assert "remote door on 127.0.0.1:" in shown.stdout and "(alice)" in shown.stdout
+        assert "allowed clients: alice, bob.team.example" in shown.stdout
     log = d.log()
     assert "remote: alice connected from 127.0.0.1:" in log and "CN=alice" in log
     assert "peer=tls:alice@127.0.0.1:" in log  # the access log names the caller
