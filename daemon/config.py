@@ -262,7 +262,7 @@ class PoolConfig:
     group: str | None = doc("…and this group (default: the user's primary group)", None)
     python: str | None = doc(
         "the pool's code env: the interpreter its workers run (/path/to/venv/bin/python); it needs no cruised "
-        "install (the daemon puts its own worker package on that interpreter's path), only `dill` for shipped functions; "
+        "install (the daemon puts its own worker package on that interpreter's path), only `cloudpickle` for shipped functions (the daemon supplies its own when the env has none); "
         "default: the daemon's own Python",
         None,
     )

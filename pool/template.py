@@ -135,11 +135,11 @@ def serve(ctl: socket.socket, config: dict[str, Any]) -> int:
         send(ctl, {"op": "hello", "ok": False, "error": str(exc), "python": worker_mod.PYTHON})
         return worker_mod.PRELOAD_FAILED_EXIT
     try:
-        # Every shipped function is a dill pickle: imported here once, it is shared by every
-        # worker instead of costing each new worker ~17 ms (far more in a burst) on its first call.
-        import dill  # noqa: F401 - imported for its effect: loaded once here, shared by every forked worker
+        # Every shipped function is a cloudpickle stream (pool/wire/byvalue.py): imported here once,
+        # it is shared by every worker instead of costing each new worker its import on its first call.
+        from cruised.pool.wire import byvalue  # noqa: F401 - imported for its effect: loaded once here, shared by every forked worker
     except ImportError:
-        pass  # an interpreter without dill can still serve endpoints; shipped calls report the error
+        pass  # an interpreter without cloudpickle can still serve endpoints; shipped calls report the error
     for name in config.get("warm_modules") or []:
         try:
             importlib.import_module(name)

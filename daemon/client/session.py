@@ -31,7 +31,7 @@ Remote daemons
     the old one closes once the calls it holds are answered.
 
 Registration
-    A function is dill-pickled once per session and sent once per connection
+    A function is pickled (shipping.py) once per session and sent once per connection
     (REGISTER, pipelined in front of its first CALL). Later calls carry only
     the 16-byte content key and the arguments. If the daemon no longer knows
     the key (it restarted), the call is answered UNKNOWN_FUNCTION without

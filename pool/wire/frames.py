@@ -87,10 +87,10 @@ REPLY (64)     every reply: ``status`` says how to read the payload
 Call head: ``u8 len + pool name, u32 timeout_ms (0 = pool default), 16-byte
 function key``, then the args bundle. Register head: ``u8 len + pool name,
 16-byte key, u16 len + JSON meta ({"python": "3.11", "libraries": {...},
-"name": ...})``, then the dill blob of the function. The q door defines
+"name": ...})``, then the cloudpickle blob of the function. The q door defines
 pykx.remote functions with the same DEFINE frame: meta ``{"source": true,
 "name": ..., "libraries": {...}}`` and the source text the client sent
-instead of a dill blob (pool/qcall.py ``load_source``).
+instead of a cloudpickle blob (pool/qcall.py ``load_source``).
 
 A *bundle* is a pickle (protocol 5) with its out-of-band buffers, so numpy
 arrays cross without extra copies: ``u16 nbuf, u64 length x (nbuf + 1)``, then

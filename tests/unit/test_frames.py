@@ -76,7 +76,7 @@ def test_bundle_round_trip_keeps_arrays_out_of_band() -> None:
     assert np.shares_memory(obj["a"], np.frombuffer(flat, dtype=np.uint8))
 
 
-def test_bundle_falls_back_to_dill_for_lambdas() -> None:
+def test_bundle_pickles_lambdas_by_value() -> None:
     k = 3
     parts = bundle.pack(lambda x: x + k)
     fn = bundle.unpack(b"".join(bytes(p) for p in parts))
