@@ -15,6 +15,7 @@ import pickle
 import shutil
 import socket
 import ssl
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -40,7 +41,7 @@ def remote_config(pki: Pki, allowed: list[str], crl: bool = False, **pool: Any) 
     return {
         "pools": {"default": pool_config(max=2, cruise=2, min=1, **pool)},
         "daemon": {"max_message_bytes": "256MiB"},
-        "remote": pki.remote_section("127.0.0.1:0", allowed, crl=crl),
+        "remote": {**pki.remote_section("127.0.0.1:0", allowed, crl=crl), "handshake_timeout": "1s"},
     }
 
 
@@ -184,6 +185,11 @@ def test_garbage_before_the_handshake_is_refused(pki: Pki, served: tuple[Daemon,
         except OSError:
             pass
     wait_for(lambda: d.status()["remote"]["refused"]["handshake"] > before, 10, what="the garbage counted as a refused handshake")
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as silent:  # connects, never says a word
+        t0 = time.monotonic()
+        assert silent.recv(100) == b""  # closed by the daemon after remote.handshake_timeout (1 s here)
+        assert time.monotonic() - t0 < 8
+    assert "no complete handshake within 1s (remote.handshake_timeout)" in d.log()
     with remote_session(pki, port) as s:
         assert s.call(lambda: "still serving") == "still serving"
 
