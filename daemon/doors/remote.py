@@ -392,16 +392,10 @@ class RemoteConnection(ClientConnection):
     """A remote client: the native door's frame handling, behind the remote door's restrictions."""
 
     def __init__(self, door: RemoteDoor, stream: TlsStream, identity: str, subject: str) -> None:
-        # not ClientConnection.__init__: the stream is the TLS transport, not a Channel on a socket
-        self.server = door  # type: ignore[assignment]  # RemoteDoor has what ClientConnection uses of its server (host, loop, connections)
-        self.host = door.host
+        # RemoteDoor has what ClientConnection uses of its server (host, loop, connections)
+        super().__init__(door, None, f"tls:{identity}@{stream.where}", caller=identity, stream=stream)  # type: ignore[arg-type]
         self.stream = stream
-        self.channel = stream  # type: ignore[assignment]  # TlsStream implements the part of Channel that ClientConnection calls
-        #: who is calling: the allowed certificate name (the Unix door's equivalent is the peer uid)
-        self.caller = identity
         self.subject = subject
-        self.peer = f"tls:{identity}@{stream.where}"
-        self.peer_text = self.peer  # the access log's peer= field
 
     def on_frame(self, channel: Any, buf: bytearray, kind: int, status: int, reqid: int) -> None:
         if status & frames.CARRIES_FD and kind == Kind.CALL:
