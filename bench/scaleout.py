@@ -62,7 +62,7 @@ def config(host: str, ports: lbfront.Ports, code: str, remote: dict[str, Any] | 
         "pools": {"web": fixed, "default": fixed},
         "services": {"bench": {"endpoints": {n: {"code": code, "function": n, "pool": "web"} for n in ("nap", "add")}}},
         "http": {"listen": f"{host}:{ports.http}"},
-        "health": {"agent": f"{host}:{ports.agent}", "pools": ["web"], "drain_grace": "2s"},
+        "health": {"agent": f"{host}:{ports.agent}", "pools": ["web"]},
     }
     if remote is not None:
         cfg["remote"] = {**remote, "listen": f"{host}:{ports.remote}"}

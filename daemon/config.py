@@ -597,19 +597,11 @@ class HealthConfig:
         None,
     )
     pools: list[str] = doc("the pools whose warm workers the agent's maxconn counts (the pools HAProxy's traffic uses); empty: every pool", factory=list)
-    drain_grace: Duration = doc(
-        "after `cruised drain`, how long new calls are still taken while /readyz answers 503 and the agent says drain, so a "
-        "load balancer stops sending before the daemon refuses (set it above HAProxy's check and agent intervals: "
-        "deploy/haproxy/cruised.cfg wants 2s); 0: refuse at once",
-        Duration(0),
-    )
 
     def address(self) -> tuple[str, int] | None:
         return parse_listen(self.agent) if self.agent else None
 
     def validate(self, path: str, errors: list[ConfigError]) -> None:
-        if self.drain_grace < 0:
-            errors.append(ConfigError(f"{path}.drain_grace", f"must not be negative, got {self.drain_grace}"))
         if self.agent is not None:
             check_host_port(self.agent, f"{path}.agent", "127.0.0.1:9581", errors)
 

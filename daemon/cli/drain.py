@@ -8,6 +8,13 @@ polls the daemon until none is left (exit 0) or ``--timeout`` passes (exit 1,
 with what is still in flight): a Kubernetes ``preStop`` hook or a rolling
 upgrade script runs ``cruised drain --wait --timeout 100`` and then stops
 the daemon. The drain lasts until ``cruised ready`` (a reload keeps it).
+
+``--linger S`` says "draining" at once (readyz 503, agent ``drain``) but
+takes new calls for S seconds more: long enough for whoever routes to this
+daemon to notice (Kubernetes removes a terminating pod from its Service's
+endpoints while the preStop hook already runs; HAProxy reads the agent once
+per ``inter``). Calls that still arrive in that window run instead of being
+refused. ``--wait`` counts the linger in its ``--timeout``.
 """
 
 from __future__ import annotations
@@ -24,7 +31,8 @@ POLL_INTERVAL = 0.1
 
 
 def _line(report: dict[str, Any]) -> str:
-    return f"{report['state']}: {report['queued']} queued, {report['running']} running"
+    lingering = " (still taking new calls: --linger)" if report["draining"] and report.get("accepting") else ""
+    return f"{report['state']}: {report['queued']} queued, {report['running']} running{lingering}"
 
 
 def cmd_drain(args: argparse.Namespace) -> int:
@@ -32,12 +40,12 @@ def cmd_drain(args: argparse.Namespace) -> int:
 
     try:
         with Session(socket=args.socket) as s:
-            report = s.drain(True)
+            deadline = time.monotonic() + args.timeout
+            report = s.drain(True, args.linger)
             if not args.wait:
                 print(_line(report))
                 return 0
-            deadline = time.monotonic() + args.timeout
-            while report["queued"] + report["running"] > 0:
+            while report["state"] != "drained":  # during a linger, new calls may still come
                 if time.monotonic() >= deadline:
                     print(f"cruised: drain timed out after {args.timeout:g}s: {_line(report)} (still draining)", file=sys.stderr)
                     return 1
@@ -69,7 +77,14 @@ def cmd_ready(args: argparse.Namespace) -> int:
 def add_commands(sub: Any) -> None:
     p = sub.add_parser("drain", help="refuse new calls on every door (readyz 503, agent 'drain'); queued and running ones finish")
     p.add_argument("--wait", action="store_true", help="return once no call is queued or running (exit 1 if --timeout passes first)")
-    p.add_argument("--timeout", type=_seconds, default=300.0, help="with --wait: seconds to wait at most (default 300)")
+    p.add_argument("--timeout", type=_seconds, default=300.0, help="with --wait: seconds to wait at most, the linger included (default 300)")
+    p.add_argument(
+        "--linger",
+        type=_seconds,
+        default=0.0,
+        help="say 'draining' at once (readyz 503, agent 'drain') but take new calls this many seconds more, "
+        "while load balancers and endpoint controllers notice (default 0)",
+    )
     p.set_defaults(func=cmd_drain)
 
     p = sub.add_parser("ready", help="end a drain: take new calls again")

@@ -38,6 +38,9 @@ def _load(path: str | None) -> config_mod.Config:
 
 def cmd_serve(args: argparse.Namespace) -> int:
     _setup_logging(args.log_level, args.log_format)
+    from cruised.ops import pid1
+
+    pid1.serve_as_init()  # as a container's pid 1: fork, stay init (daemon/ops/pid1.py); returns in the supervisor
     try:
         cfg = _load(args.config)
     except ConfigErrors as exc:

@@ -736,10 +736,15 @@ class Session:
             raise _error_for(status, frame)
         return bool(info["ok"]), str(info.get("message", ""))
 
-    def drain(self, on: bool | None = None) -> dict[str, Any]:
+    def drain(self, on: bool | None = None, linger: float = 0.0) -> dict[str, Any]:
         """Start (True) or end (False) the daemon's drain, or only ask (None): the DRAIN frame's reply,
-        ``{"draining": bool, "state": "serving"|"draining"|"drained", "queued": n, "running": n}``."""
-        status, frame = self._request(Kind.DRAIN, [json.dumps({} if on is None else {"drain": on}).encode()])
+        ``{"draining": bool, "state": "serving"|"draining"|"drained", "queued": n, "running": n,
+        "accepting": bool}``. ``linger``: with True, the daemon says it is draining (/readyz, the
+        HAProxy agent) at once but takes new calls for that many seconds more."""
+        request: dict[str, Any] = {} if on is None else {"drain": on}
+        if linger:
+            request["linger"] = linger
+        status, frame = self._request(Kind.DRAIN, [json.dumps(request).encode()])
         if status != Status.OK:
             raise _error_for(status, frame)
         return dict(json.loads(bytes(frame[frames.HEADER_SIZE :])))

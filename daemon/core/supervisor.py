@@ -46,10 +46,11 @@ Drain (``cruised drain`` / ``cruised ready``, the DRAIN frame)
     /readyz answers 503 and the HAProxy agent (daemon/ops/haproxy_agent.py)
     ``drain``. The flag outlives a reload (``_build`` applies it to each new
     generation) and is undone only by ``cruised ready``; SIGTERM during a
-    drain shuts down as always. With ``health.drain_grace`` the refusing
-    starts that long after the probes and the agent change (``refusing``),
-    so a load balancer has stopped sending first; the drain report says
-    ``drained`` only once refusing and idle.
+    drain shuts down as always. ``drain --linger S`` splits the two halves:
+    /readyz and the agent say so at once, but the dispatchers go on taking
+    calls for S more seconds, for load balancers and endpoint controllers
+    that take that long to stop sending (Kubernetes removes a pod from its
+    Service while the preStop hook already runs).
 
 Operations
     Metrics (daemon/ops/metrics.py) and the access log (daemon/ops/logs.py) are
@@ -161,10 +162,9 @@ class Supervisor:
         self.state = "starting"
         #: ``cruised drain`` in force (see "Drain" above); read by ``_build``, so set before generation 1
         self.draining = False
-        #: new calls are refused (``Dispatcher.set_draining``): at once with a drain, or once
-        #: health.drain_grace has passed (``_grace``, the timer until then)
+        #: the dispatchers refuse new calls (a drain, once its linger is over); read by ``_build`` too
         self.refusing = False
-        self._grace: asyncio.TimerHandle | None = None
+        self._linger: asyncio.TimerHandle | None = None
         self._signals: asyncio.Queue[int] = asyncio.Queue()
         self._stop = asyncio.Event()
         self._fast = False
@@ -253,37 +253,30 @@ class Supervisor:
 
     # -- drain -------------------------------------------------------------------
 
-    def set_draining(self, on: bool) -> None:
+    def set_draining(self, on: bool, linger: float = 0.0) -> None:
         """Refuse new calls on every door (True) or take them again (False); see "Drain" above.
 
-        With ``health.drain_grace`` the probes and the agent say so at once, but new calls are
-        refused only once the grace has passed: a load balancer checking every second has
-        stopped sending by then, so no call it had already picked this daemon for is refused."""
-        grace = float(self.config.health.drain_grace)
+        ``linger`` seconds (a drain only): advertise the drain (/readyz 503, the agent's ``drain``)
+        at once but take new calls until they pass. A drain already refusing never goes back to
+        taking calls; a second drain replaces a pending linger (0: refuse now)."""
+        if self._linger is not None:
+            self._linger.cancel()
+            self._linger = None
         if on != self.draining:
-            if on and grace > 0:
-                log.info("drain: /readyz 503 and the agent says drain; new calls taken for %gs more (health.drain_grace), then refused", grace)
-            else:
-                log.info("%s", "drain: refusing new calls; queued and running ones finish" if on else "ready: taking new calls again")
-        was = self.draining
+            log.info("%s", "drain: not ready; queued and running calls finish" if on else "ready: taking new calls again")
         self.draining = on
-        if not on:
-            if self._grace is not None:
-                self._grace.cancel()
-                self._grace = None
-            self._refuse_new(False)
-        elif not was:
-            if grace > 0:
-                self._grace = self.loop.call_later(grace, self._refuse_new, True)
-            else:
-                self._refuse_new(True)
-        # a drain asked for again changes nothing: a grace already running runs on
         self.metrics.draining.set(1 if on else 0)  # systemd's STATUS= shows it at its next refresh (_status_line)
+        if on and linger > 0 and not self.refusing:
+            log.info("drain: taking new calls for %.3gs more (--linger), then refusing them", linger)
+            self._linger = self.loop.call_later(linger, self._refuse, True)
+        else:
+            self._refuse(on)
 
-    def _refuse_new(self, on: bool) -> None:
-        if on and self._grace is not None:
-            log.info("drain: grace over, refusing new calls; queued and running ones finish")
-        self._grace = None
+    def _refuse(self, on: bool) -> None:
+        """Every serving and warming dispatcher refuses new calls with DRAINING (True), or takes them."""
+        self._linger = None
+        if on and not self.refusing:
+            log.info("drain: refusing new calls")
         self.refusing = on
         for pool in (*self._serving.pools.values(), *self.reloader.warming):
             pool.dispatcher.set_draining(on)
@@ -295,14 +288,16 @@ class Supervisor:
             q, r = d.in_flight()
             queued += q
             running += r
-        # not drained while the grace runs: calls may still come, and a restart then would lose them
+        # "drained" only once new calls are refused: while a linger lasts, more may still come
         state = "serving" if not self.draining else ("drained" if self.refusing and queued + running == 0 else "draining")
-        return {"draining": self.draining, "state": state, "queued": queued, "running": running}
+        report: dict[str, Any] = {"draining": self.draining, "state": state, "queued": queued, "running": running}
+        report["accepting"] = not self.refusing
+        return report
 
-    def drain(self, on: bool | None) -> dict[str, Any]:
-        """The DRAIN frame (DoorHost): start or end a drain, or only report (``on`` None)."""
+    def drain(self, on: bool | None, linger: float = 0.0) -> dict[str, Any]:
+        """The DRAIN frame (DoorHost): start or end a drain (``linger``: see ``set_draining``), or only report (``on`` None)."""
         if on is not None:
-            self.set_draining(on)
+            self.set_draining(on, linger)
         return self.drain_report()
 
     def auth_failed(self, door: str) -> None:
@@ -485,9 +480,9 @@ class Supervisor:
     async def _shutdown(self) -> None:
         self.state = "stopping"
         self.reloader.cancel()
-        if self._grace is not None:  # stopping refuses new calls by itself
-            self._grace.cancel()
-            self._grace = None
+        if self._linger is not None:  # stopping refuses new calls by itself
+            self._linger.cancel()
+            self._linger = None
         if self.notifier is not None:
             self.notifier.stopping_now()
         if self.native is not None:

@@ -44,8 +44,9 @@ class DoorHost(Protocol):
         """``cruised drain`` is in force: every door refuses new calls (DRAINING) until ``cruised ready``."""
         ...
 
-    def drain(self, on: bool | None) -> dict[str, Any]:
-        """Start (True) or end (False) a drain, or only report (None): ``{"draining", "state", "queued", "running"}``."""
+    def drain(self, on: bool | None, linger: float = 0.0) -> dict[str, Any]:
+        """Start (True; taking calls ``linger`` seconds more) or end (False) a drain, or only report (None):
+        ``{"draining", "state", "queued", "running", "accepting"}``."""
         ...
 
     def dispatcher(self, pool: str) -> Dispatcher | None:

@@ -230,16 +230,17 @@ class ClientConnection:
         self.channel.write([frames.frame(Kind.REPLY, reqid)])
 
     def _drain(self, buf: bytearray, reqid: int) -> None:
-        """DRAIN: ``{"drain": bool}`` starts or ends a drain, ``{}`` (or nothing) only asks; the reply is the drain report."""
+        """DRAIN: ``{"drain": bool, "linger": seconds}`` starts (linger optional) or ends a drain, ``{}`` (or
+        nothing) only asks; the reply is the drain report."""
         raw = bytes(buf[frames.HEADER_SIZE :])
-        request = json.loads(raw) if raw.strip() else {}
-        on = request.get("drain") if isinstance(request, dict) else None
-        if not isinstance(request, dict) or not (on is None or isinstance(on, bool)):
-            self._refuse(reqid, Status.BAD_REQUEST, 'a DRAIN payload is {"drain": true|false} or {}')
+        request = _drain_request(json.loads(raw) if raw.strip() else {})
+        if request is None:
+            self._refuse(reqid, Status.BAD_REQUEST, 'a DRAIN payload is {"drain": true, "linger": seconds (optional, 0 to 86400)}, {"drain": false} or {}')
             return
+        on, linger = request
         if on is not None:
             log.info("drain %s by client pid=%s uid=%s", "started" if on else "ended", self.peer[0], self.peer[1])
-        self._reply_json(reqid, self.host.drain(on))
+        self._reply_json(reqid, self.host.drain(on, linger))
 
     def on_close(self, channel: Channel, error: BaseException | None) -> None:
         self.server.connections.discard(self)
@@ -264,3 +265,15 @@ class ClientConnection:
 
     def _reply_json(self, reqid: int, obj: Any, status: int = Status.OK) -> None:
         self.channel.write([frames.frame(Kind.REPLY, reqid, json.dumps(obj).encode(), status)])
+
+
+def _drain_request(request: object) -> tuple[bool | None, float] | None:
+    """A DRAIN payload's ``(drain, linger)``, or None when it is not one (``linger`` only with ``"drain": true``)."""
+    if not isinstance(request, dict) or set(request) - {"drain", "linger"}:
+        return None
+    on, linger = request.get("drain"), request.get("linger", 0)
+    if not (on is None or isinstance(on, bool)) or isinstance(linger, bool) or not isinstance(linger, (int, float)):
+        return None
+    if not 0 <= linger < 86400 or (linger and on is not True):
+        return None
+    return on, float(linger)

@@ -319,7 +319,7 @@ class PoolCollector:
 
     def collect(self) -> Iterable[Metric]:
         families = self._families()
-        depth, capacity, workers, limits, q_connected, oldest, held = families
+        depth, capacity, workers, limits, q_connected, q_required, oldest, held = families
         for name, d in self.dispatchers().items():
             held.add_metric([name], d.counters.held)
             depth.add_metric([name], len(d.queue) + d.held_count)
@@ -339,12 +339,20 @@ class PoolCollector:
             # the q-connection feature adds Dispatcher.q_connected(); until then no worker holds one
             q = getattr(d, "q_connected", None)
             q_connected.add_metric([name], q() if callable(q) else 0)
+            q_required.add_metric([name], 1 if d.config.q is not None and d.config.q.required else 0)
             oldest.add_metric([name], d.clock.time() - d.queue[0].admitted if d.queue else 0.0)
         return families
 
     @staticmethod
     def _families() -> tuple[
-        GaugeMetricFamily, GaugeMetricFamily, GaugeMetricFamily, GaugeMetricFamily, GaugeMetricFamily, GaugeMetricFamily, CounterMetricFamily
+        GaugeMetricFamily,
+        GaugeMetricFamily,
+        GaugeMetricFamily,
+        GaugeMetricFamily,
+        GaugeMetricFamily,
+        GaugeMetricFamily,
+        GaugeMetricFamily,
+        CounterMetricFamily,
     ]:
         return (
             GaugeMetricFamily("cruised_queue_depth", "Requests waiting for a worker (in the queue or held by a busy one).", labels=["pool"]),
@@ -352,6 +360,10 @@ class PoolCollector:
             GaugeMetricFamily("cruised_workers", "Worker processes by state.", labels=["pool", "state"]),
             GaugeMetricFamily("cruised_pool_size_limits", "The pool's min, cruise and max.", labels=["pool", "limit"]),
             GaugeMetricFamily("cruised_q_connected_workers", "Workers holding a live q connection.", labels=["pool"]),
+            # what an alert on a lost q connection needs to know: only a required pool stops serving without it
+            GaugeMetricFamily(
+                "cruised_q_required", "1 if the pool's q connection is required (pools.<name>.q.required): it is ready only while connected.", labels=["pool"]
+            ),
             GaugeMetricFamily("cruised_oldest_queued_seconds", "Age of the oldest queued request (0 if none).", labels=["pool"]),
             CounterMetricFamily("cruised_held_calls", "Calls handed to a busy worker to wait behind its running one (prefetch).", labels=["pool"]),
         )

@@ -45,10 +45,12 @@ PASS_FDS (8)   client -> sup: empty; reply: ``u32`` feature bits
                connection with recvmsg only after this
 DRAIN (10)     client -> sup: JSON ``{"drain": true|false}`` starts or ends
                a drain (``cruised drain`` / ``cruised ready``), ``{}`` or
-               empty only asks; reply JSON ``{"draining": bool, "state":
-               "serving"|"draining"|"drained", "queued": n, "running": n}``
-               (calls still queued or running in every pool, retiring ones
-               included). While draining, every door refuses new calls
+               empty only asks; ``"linger": s`` with ``true`` keeps taking
+               new calls s seconds more; reply JSON ``{"draining": bool,
+               "state": "serving"|"draining"|"drained", "queued": n,
+               "running": n, "accepting": bool}`` (calls still queued or
+               running in every pool, retiring ones included). While
+               draining (after the linger), every door refuses new calls
                (DRAINING); queued and running ones finish
 DEFINE (16)    sup -> wkr: the REGISTER payload, unchanged (kind patched,
                reqid 0), ahead of the first CALL of that function a worker

@@ -39,7 +39,7 @@ pytestmark = pytest.mark.skipif(HAPROXY is None, reason="no haproxy binary (.ci/
 
 WORKERS = 2  # per pool, per daemon
 DELAY = 0.02  # seconds each call sleeps: the daemons' capacity, not the test machine's cores, sets the pace
-GRACE = 2.0  # health.drain_grace, as deploy/haproxy/cruised.cfg asks: above its 1 s check and agent intervals
+LINGER = 2.0  # cruised drain --linger, as docs/scaling.md asks behind deploy/haproxy/cruised.cfg: above its 1 s check and agent intervals
 IDS = ("d1", "d2", "d3")
 
 ENDPOINT = """
@@ -72,7 +72,7 @@ def daemon_config(n: int, host: str, ports: lbfront.Ports, pki: Pki, code: str) 
         "http": {"listen": f"{host}:{ports.http}"},
         "qipc": {"listen": f"{host}:{ports.q}", "unix": False},  # the same port on every host: no abstract socket to clash
         "remote": pki.remote_section(f"{host}:{ports.remote}", ["alice"]),
-        "health": {"agent": f"{host}:{ports.agent}", "pools": ["web"], "drain_grace": f"{GRACE}s"},
+        "health": {"agent": f"{host}:{ports.agent}", "pools": ["web"]},
     }
 
 
@@ -320,7 +320,7 @@ def test_drain_one_no_failures_no_new_work_and_ready_brings_it_back(farm: Farm) 
     with farm.session(connections=3) as s:
         running = [load.start() for load in loads(farm, s, limit=400)]
         wait_for(lambda: all(len(load.served()) == 3 for load in running), 20, 0.05, "every door served by every daemon")
-        drained = d2.cli("drain")
+        drained = d2.cli("drain", "--linger", str(LINGER))
         t_drained = time.monotonic()  # the drain began before this (the CLI is a new interpreter: it takes a while)
         assert drained.returncode == 0, drained.stderr
         wait_for(
@@ -330,9 +330,9 @@ def test_drain_one_no_failures_no_new_work_and_ready_brings_it_back(farm: Farm) 
             "HAProxy to see the drain",
         )
         t_seen = time.monotonic()
-        assert t_seen - t_drained < GRACE  # the agent (agent-inter 1s) or /readyz (inter 1s, fall 1) told it within the grace
-        wait_for(lambda: farm.status("cruised_q", 1).startswith("DOWN") and farm.status("cruised_native", 1).startswith("DOWN"), GRACE, 0.02, "the TCP doors")
-        t_refusing = t_drained + GRACE + 0.5  # d2 refuses new calls from here on: its open connections' callers go elsewhere
+        assert t_seen - t_drained < LINGER  # the agent (agent-inter 1s) or /readyz (inter 1s, fall 1) told it within the linger
+        wait_for(lambda: farm.status("cruised_q", 1).startswith("DOWN") and farm.status("cruised_native", 1).startswith("DOWN"), LINGER, 0.02, "the TCP doors")
+        t_refusing = t_drained + LINGER + 0.5  # d2 refuses new calls from here on: its open connections' callers go elsewhere
         wait_for(lambda: all(sum(load.served(t_refusing).values()) >= 20 for load in running), 30, 0.05, "load to go on without d2")
         for load in running:
             assert not load.errors(), f"{load.door}: {load.errors()[:3]}"

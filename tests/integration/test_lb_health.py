@@ -159,7 +159,7 @@ def test_drain_finishes_in_flight_work_refuses_new_work_and_ready_resumes(start_
             assert agent(d) == "drain\n"
             assert "cruised_draining 1.0" in d.cli("metrics").stdout
             st = d.status()
-            assert st["draining"] is True and st["drain"] == {"draining": True, "state": "draining", "queued": 1, "running": 1}
+            assert st["draining"] is True and st["drain"] == {"draining": True, "state": "draining", "queued": 1, "running": 1, "accepting": False}
             assert "DRAINING" in d.cli("status").stdout
 
             timed_out = d.cli("drain", "--wait", "--timeout", "0.3")
@@ -200,10 +200,18 @@ def test_a_reload_keeps_the_drain_and_sigterm_still_stops(start_daemon: Callable
     d = start_daemon(lb_config(tmp_path))
     first = d.status()["generation"]
     with d.session() as s:
-        for bad in (b'{"drain": 1}', b"[true]", b"{not json"):
+        for bad in (
+            b'{"drain": 1}',
+            b"[true]",
+            b"{not json",
+            b'{"linger": 5}',
+            b'{"drain": true, "linger": -1}',
+            b'{"drain": true, "linger": "5"}',
+            b'{"drain": true, "wait": 1}',
+        ):
             status, frame = s._request(Kind.DRAIN, [bad])  # the CLI never sends these
             assert status == Status.BAD_REQUEST and (b"DRAIN payload" in frame or b"malformed request" in frame), (bad, bytes(frame))
-        assert s.drain() == {"draining": False, "state": "serving", "queued": 0, "running": 0}, "asking changes nothing"
+        assert s.drain() == {"draining": False, "state": "serving", "queued": 0, "running": 0, "accepting": True}, "asking changes nothing"
     assert d.cli("drain").returncode == 0
     out = d.cli("reload")
     assert out.returncode == 0, out
@@ -235,24 +243,34 @@ def test_before_the_pool_is_warm_readyz_is_503_and_the_agent_says_down(start_dae
     assert get(unix(d), "/readyz").status == 200
 
 
-def test_drain_grace_takes_calls_until_the_balancer_has_looked_then_refuses(start_daemon: Callable[..., Daemon], tmp_path: Path) -> None:
-    """health.drain_grace: the probes and the agent say drain at once, new calls are still run for the grace, then refused."""
-    cfg = lb_config(tmp_path)
-    cfg["health"]["drain_grace"] = "1.5s"
-    d = start_daemon(cfg)
-    target = tcp(d, api_key=KEY)
+def test_a_lingering_drain_says_so_at_once_but_takes_calls_until_the_linger_ends(start_daemon: Callable[..., Daemon], tmp_path: Path) -> None:
+    """``drain --linger S``: readyz 503 and the agent's ``drain`` at once, calls on every door still run for S seconds."""
+    d = start_daemon(lb_config(tmp_path))
+    targets = [unix(d), tcp(d, KEY)]
+    out = d.cli("drain", "--linger", "600")
+    assert out.returncode == 0 and out.stdout.strip() == "draining: 0 queued, 0 running (still taking new calls: --linger)", out
+    assert get(targets[0], "/readyz").status == 503 and agent(d) == "drain\n"
     with d.session() as s:
-        report = s.drain(True)
-        assert report["draining"] and report["state"] == "draining"  # idle, but not drained while the grace runs
-        assert agent(d) == "drain\n"
-        assert get(target, "/readyz").status == 503
-        assert s.call(add, 1, 1) == 2  # in the grace: run, not refused
-        wait_for(lambda: s.drain()["state"] == "drained", 10, 0.02, "the grace to pass")
-        drained_calls_refused_everywhere(d, [unix(d), target])
-        assert "grace over, refusing new calls" in d.log()
-        assert s.drain(False)["state"] == "serving"
-        assert s.call(add, 2, 2) == 4
-        s.drain(True)
-        s.drain(False)  # `cruised ready` within the grace: nothing is ever refused
-        assert s.call(add, 3, 3) == 6
-        assert agent(d).startswith("up ready maxconn:")
+        assert s.call(add, 1, 1) == 2
+    for target in targets:
+        assert call(target, "t/add", {"a": 1, "b": 2}).json()["response"] == 3
+    assert q_add(d) == 42
+    assert d.status()["drain"] == {"draining": True, "state": "draining", "queued": 0, "running": 0, "accepting": True}, (
+        "not drained while calls may still come"
+    )
+
+    out = d.cli("drain")  # a second drain without a linger cuts it short
+    assert out.returncode == 0 and out.stdout.strip() == "drained: 0 queued, 0 running", out
+    drained_calls_refused_everywhere(d, targets)
+    assert d.cli("drain", "--linger", "600").stdout.strip() == "drained: 0 queued, 0 running", "a drain that refuses never takes calls again"
+    assert d.cli("ready").returncode == 0
+
+    # the linger ends by itself, and `--wait` waits for it: "drained" only once new calls are refused
+    waited = d.cli("drain", "--wait", "--linger", "0.5", "--timeout", "60")
+    assert waited.returncode == 0 and waited.stdout.strip() == "drained: 0 queued, 0 running", waited
+    drained_calls_refused_everywhere(d, targets)
+    timed_out = d.cli("ready"), d.cli("drain", "--wait", "--linger", "600", "--timeout", "0.3")
+    assert timed_out[1].returncode == 1 and "(still taking new calls: --linger)" in timed_out[1].stderr, timed_out
+    assert d.cli("ready").returncode == 0
+    with d.session() as s:
+        assert s.call(add, 3, 4) == 7, "ready ends a lingering drain too"
