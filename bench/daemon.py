@@ -62,19 +62,25 @@ def http_supported(extra: dict[str, Any]) -> str | None:
 
 
 class BenchDaemon:
-    def __init__(self, workers: int, with_http: bool = True) -> None:
+    def __init__(self, workers: int, with_http: bool = True, config: dict[str, Any] | None = None) -> None:
+        """``config``: this daemon's own settings instead of the benchmark's pools and HTTP door
+        (its ``daemon.socket`` is still set here); bench/scaleout.py runs three such daemons."""
         self.dir = Path(tempfile.mkdtemp(prefix="crbench"))
         self.socket = str(self.dir / "cruised.sock")
         self.http_socket = ""
         self.http_note: str | None = None
         cfg: dict[str, Any] = {"daemon": {"socket": self.socket}, "pools": pools(workers)}
+        if config is not None:
+            cfg = {**config, "daemon": {**config.get("daemon", {}), "socket": self.socket}}
+            with_http = False
+            self.http_note = "own config"
         if with_http:
             extra = http_config(self.dir, str(self.dir / "http.sock"))
             self.http_note = http_supported(extra)
             if self.http_note is None:
                 cfg.update(extra)
                 self.http_socket = str(self.dir / "http.sock")
-        else:
+        elif config is None:
             self.http_note = "disabled"
         self.config_path = self.dir / "config.yaml"
         self.config_path.write_text(yaml.safe_dump(cfg))

@@ -3,7 +3,7 @@
 Public API (everything else is internal)::
 
     import cruised
-    s = cruised.session()
+    s = cruised.session()                # a remote daemon: session(host=, port=, tls=cruised.TLS(...))
     @cruised.function(s)
     def f(x): ...
 
@@ -25,9 +25,11 @@ from cruised.client.errors import (
     WorkerCrashed,
 )
 from cruised.client.session import Session, function, session
+from cruised.client.tls import TLS
 from cruised.pool.api import ApiError, CustomResponse
 
 __all__ = [
+    "TLS",
     "ApiError",
     "CruisedError",
     "CustomResponse",

@@ -476,6 +476,17 @@ def parse_listen(text: str) -> tuple[str, int]:
     return host, int(port_text)
 
 
+def check_host_port(value: str, where: str, example: str, errors: list[ConfigError]) -> None:
+    """A listening address whose port must be given (no HTTP default): ``host:port`` or ``[v6]:port``."""
+    if ":" not in value:
+        errors.append(ConfigError(where, f"expected host:port (e.g. {example}), got {value!r}"))
+        return
+    try:
+        parse_listen(value)
+    except ValueError as exc:
+        errors.append(ConfigError(where, str(exc)))
+
+
 @dataclass(frozen=True)
 class HttpConfig:
     enabled: bool = doc("serve the HTTP front door: endpoints, /status, /healthz, /readyz, /metrics", True)
@@ -498,6 +509,67 @@ class HttpConfig:
                 errors.append(ConfigError(f"{path}.listen", str(exc)))
         if self.retry_after < 0:
             errors.append(ConfigError(f"{path}.retry_after", f"must not be negative, got {self.retry_after}"))
+
+
+@dataclass(frozen=True)
+class RemoteConfig:
+    """``remote``: the native door over TCP for clients on other hosts, mutual TLS only (daemon/doors/remote.py).
+
+    There is no plaintext TCP door for shipped code: with ``listen`` set, every
+    file below is required and checked at load (a certificate that does not
+    match its key, an unreadable CA or CRL is an error here, not at the first
+    connection). Certificates and the CRL are read again on reload (SIGHUP):
+    new connections get the new context, open ones keep theirs.
+    """
+
+    listen: str | None = doc(
+        "TCP host:port of the mutual-TLS native door for remote cruised.session(host=..., tls=...) clients (port 0 picks a free one); unset: off",
+        None,
+    )
+    cert_file: str | None = doc("the daemon's PEM certificate chain (what clients verify against their ca_file)", None)
+    key_file: str | None = doc("the PEM private key of cert_file", None)
+    client_ca_file: str | None = doc(
+        "PEM CA certificate(s) that sign the client certificates; a client without one signed by them is refused in the handshake", None
+    )
+    allowed_clients: list[str] = doc(
+        "client certificate identities let in: a subject CN or a subjectAltName value (DNS name, IP address, e-mail, URI such as "
+        "spiffe://team/alice); checked right after the handshake, before any frame is read; required",
+        factory=list,
+    )
+    crl_file: str | None = doc("PEM certificate revocation list of client_ca_file: a revoked client certificate is refused in the handshake; optional", None)
+    handshake_timeout: Duration = doc("a TLS handshake must be complete within this", Duration(10))
+
+    def address(self) -> tuple[str, int] | None:
+        return parse_listen(self.listen) if self.listen else None
+
+    def validate(self, path: str, errors: list[ConfigError]) -> None:
+        if self.handshake_timeout <= 0:
+            errors.append(ConfigError(f"{path}.handshake_timeout", f"must be positive, got {self.handshake_timeout}"))
+        if self.listen is None:
+            return
+        check_host_port(self.listen, f"{path}.listen", "0.0.0.0:7443", errors)
+        missing = False
+        for name in ("cert_file", "key_file", "client_ca_file", "crl_file"):
+            value = getattr(self, name)
+            if value is None:
+                if name != "crl_file":
+                    errors.append(ConfigError(f"{path}.{name}", "is required with remote.listen (the door is mutual TLS only)"))
+                    missing = True
+            elif not os.path.isfile(value):
+                errors.append(ConfigError(f"{path}.{name}", f"no such file: {value}"))
+                missing = True
+        if not self.allowed_clients:
+            errors.append(ConfigError(f"{path}.allowed_clients", "is required with remote.listen: the certificate identities (CN or SAN) that may connect"))
+        for i, name in enumerate(self.allowed_clients):
+            if not name.strip():
+                errors.append(ConfigError(f"{path}.allowed_clients[{i}]", "is empty"))
+        if not missing:
+            from cruised.doors.mtls import TlsSetupError, server_context
+
+            try:
+                server_context(self)
+            except TlsSetupError as exc:
+                errors.append(ConfigError(f"{path}.{exc.setting}", exc.message))
 
 
 @dataclass(frozen=True)
@@ -534,13 +606,7 @@ class QipcConfig:
 
     def validate(self, path: str, errors: list[ConfigError]) -> None:
         if self.listen is not None:
-            if ":" not in self.listen:
-                errors.append(ConfigError(f"{path}.listen", f"expected host:port (e.g. 127.0.0.1:5010), got {self.listen!r}"))
-            else:
-                try:
-                    parse_listen(self.listen)
-                except ValueError as exc:
-                    errors.append(ConfigError(f"{path}.listen", str(exc)))
+            check_host_port(self.listen, f"{path}.listen", "127.0.0.1:5010", errors)
         if (self.tls_cert is None) != (self.tls_key is None):
             errors.append(ConfigError(f"{path}.tls_cert", "tls_cert and tls_key go together"))
         for name in ("tls_cert", "tls_key"):
@@ -601,13 +667,7 @@ class HealthConfig:
 
     def validate(self, path: str, errors: list[ConfigError]) -> None:
         if self.agent is not None:
-            if ":" not in self.agent:
-                errors.append(ConfigError(f"{path}.agent", f"expected host:port (e.g. 127.0.0.1:9581), got {self.agent!r}"))
-            else:
-                try:
-                    parse_listen(self.agent)
-                except ValueError as exc:
-                    errors.append(ConfigError(f"{path}.agent", str(exc)))
+            check_host_port(self.agent, f"{path}.agent", "127.0.0.1:9581", errors)
 
     def check_references(self, config: Config, errors: list[ConfigError]) -> None:
         for i, name in enumerate(self.pools):
@@ -621,6 +681,7 @@ class Config:
     pools: dict[str, PoolConfig] = doc("named worker pools", factory=lambda: {"default": PoolConfig()})
     services: dict[str, ServiceConfig] = doc("named endpoint services (Dataiku API-node style)", factory=dict)
     http: HttpConfig = doc("the HTTP front door", factory=HttpConfig)
+    remote: RemoteConfig = doc("the native door over TCP for other hosts, mutual TLS only (docs/scaling.md)", factory=RemoteConfig)
     qipc: QipcConfig = doc("the kdb+ IPC front door (docs/q-developers.md)", factory=QipcConfig)
     metrics: MetricsConfig = doc("what /metrics shows beyond the fixed series", factory=MetricsConfig)
     health: HealthConfig = doc("load-balancer health: the HAProxy agent-check listener (docs/operations.md)", factory=HealthConfig)
@@ -750,6 +811,10 @@ _PATH_FIELDS = {
     "tls_ca_file",
     "tls_cert",
     "tls_key",
+    "cert_file",
+    "key_file",
+    "client_ca_file",
+    "crl_file",
     "requirements_file",
     "env_dir",
 }

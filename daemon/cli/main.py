@@ -109,6 +109,15 @@ def cmd_status(args: argparse.Namespace) -> int:
         if auth:
             trust = ", loopback trusted for endpoint calls" if auth["loopback_without_password"] else ""
             print(f"  logins: {auth['users_file'] or 'no users_file (local peers only)'}{trust}; pykx.remote code: {auth['code']}")
+    remote = st.get("remote")
+    if remote:
+        auth = remote["auth"]
+        refused = remote["refused"]
+        print(
+            f"remote door on {remote['listen']} (mutual TLS 1.3, CA {auth['client_ca_file']}): {remote['connections']} connections "
+            f"({', '.join(remote['callers']) or 'none'}), refused {refused['handshake']} in the handshake, {refused['not_allowed']} not allowed"
+        )
+        print(f"  allowed clients: {', '.join(auth['allowed_clients'])}{'; CRL ' + auth['crl_file'] if auth['crl_file'] else ''}")
     h = st.get("http")
     if h and h.get("listen") and h.get("auth", {}).get("tcp"):
         tcp = h["auth"]["tcp"]

@@ -13,6 +13,13 @@ So a plain ``cruised serve`` and ``cruised.session()`` meet without any
 setting, and so do an installed service and its users. A user who runs a
 daemon of their own on a host that also has the system one points clients at
 it with ``CRUISED_SOCKET``.
+
+A client on another host names the daemon's remote door (mutual TLS, see
+daemon/client/tls.py) with ``session(host=..., port=..., tls=...)`` or with
+``CRUISED_ADDRESS=tls://host:port`` plus ``CRUISED_TLS_CERT``,
+``CRUISED_TLS_KEY`` and ``CRUISED_TLS_CA`` (``client_address``); when set,
+``CRUISED_ADDRESS`` wins over ``CRUISED_SOCKET`` and the defaults
+(``unix:///path`` names a Unix socket the same way).
 """
 
 from __future__ import annotations
@@ -21,6 +28,11 @@ import os
 import stat
 import tempfile
 from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from cruised.client.tls import TLS
 
 SOCKET_NAME = "cruised.sock"
 HTTP_SOCKET_NAME = "cruised-http.sock"
@@ -76,3 +88,51 @@ def default_http_socket(native_socket: str, configured: str | None = None) -> st
     if configured:
         return configured
     return os.path.join(os.path.dirname(native_socket) or ".", HTTP_SOCKET_NAME)
+
+
+@dataclass(frozen=True)
+class RemoteAddress:
+    """A daemon's remote door: ``tls://host:port`` and the client certificate to show it."""
+
+    host: str
+    port: int
+    tls: TLS | None
+
+    def __str__(self) -> str:
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"tls://{host}:{self.port}"
+
+
+def parse_address(text: str, tls: TLS | None = None) -> RemoteAddress | str:
+    """``tls://host:port`` -> RemoteAddress; ``unix:///path`` (or a bare path) -> the path; ValueError otherwise."""
+    if text.startswith("unix://"):
+        return text[len("unix://") :]
+    if text.startswith("/"):
+        return text
+    if not text.startswith("tls://"):
+        raise ValueError(f"CRUISED_ADDRESS must be tls://host:port or unix:///path, got {text!r} (the only TCP door is mutual TLS)")
+    rest = text[len("tls://") :].rstrip("/")
+    if rest.startswith("["):
+        host, _, port_text = rest[1:].partition("]:")
+    else:
+        host, _, port_text = rest.rpartition(":")
+    if not host or not port_text.isdigit() or not 0 < int(port_text) < 65536:
+        raise ValueError(f"CRUISED_ADDRESS must be tls://host:port, got {text!r}")
+    return RemoteAddress(host, int(port_text), tls)
+
+
+def client_address(env: Mapping[str, str] | None = None) -> RemoteAddress | str | None:
+    """``CRUISED_ADDRESS`` (with ``CRUISED_TLS_*`` for tls://), or None when it is not set."""
+    env = os.environ if env is None else env
+    text = env.get("CRUISED_ADDRESS")
+    if not text:
+        return None
+    from cruised.client.tls import TLS
+
+    address = parse_address(text)
+    if isinstance(address, RemoteAddress):
+        tls = TLS.from_environment(env)
+        if tls is None:
+            raise ValueError(f"CRUISED_ADDRESS={text} needs CRUISED_TLS_CERT, CRUISED_TLS_KEY and CRUISED_TLS_CA (the remote door is mutual TLS only)")
+        return RemoteAddress(address.host, address.port, tls)
+    return address

@@ -25,6 +25,18 @@ Flow control
     share of the queue. ``call`` and ``submit`` use no credit: a call that
     finds the pool (or its caller's share) full is refused at once.
 
+Remote daemons
+    ``session(host=, port=, tls=cruised.TLS(...))`` (or ``CRUISED_ADDRESS=tls://h:p``)
+    speaks the same frames over mutual TLS 1.3 (daemon/client/tls.py) to a daemon's
+    ``remote.listen``; large arguments go inline (no shared files across hosts).
+    ``connections=N`` opens N connections: ``call`` and ``submit`` take them in
+    turn, and ``map`` gives each call to the one with the fewest outstanding, so
+    behind a load balancer that puts each connection on another daemon (HAProxy
+    ``balance leastconn``, deploy/haproxy/cruised.cfg) one session uses every host.
+    A call refused as draining (``cruised drain``: it never ran) is resent by
+    ``call`` and ``map`` on a new connection for up to ``DRAIN_REROUTE`` seconds;
+    the old one closes once the calls it holds are answered.
+
 Registration
     A function is pickled (shipping.py) once per session and sent once per connection
     (REGISTER, pipelined in front of its first CALL). Later calls carry only
@@ -41,6 +53,7 @@ import json
 import pickle
 import select
 import socket
+import ssl
 import threading
 import time
 import weakref
@@ -49,8 +62,9 @@ from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future
 from typing import Any, TypeVar
 
-from cruised.client import errors, paths, shipping
+from cruised.client import errors, paths, shipping, tls
 from cruised.client.credit import CreditGate
+from cruised.client.tls import TLS
 from cruised.pool.wire import bundle, frames, sharedfile, sockopt
 from cruised.pool.wire.framebuf import FrameBuffer
 from cruised.pool.wire.frames import Kind, Status
@@ -65,6 +79,9 @@ SMALL_SEND = 64 << 10
 CONNECT_TIMEOUT = 5.0
 #: calls ``map`` keeps in flight at most (its credit may allow fewer)
 DEFAULT_WINDOW = 16
+#: a remote session resends a call its daemon refused as draining (it never ran) on a new
+#: connection, which a load balancer puts on another daemon, for up to this long
+DRAIN_REROUTE = 15.0
 
 
 def _start_hint(path: str) -> str:
@@ -93,19 +110,25 @@ class _Pending:
 
 
 class _Connection:
-    def __init__(self, path: str) -> None:
+    def __init__(self, path: str, remote: paths.RemoteAddress | None = None) -> None:
+        """A connection to the daemon's Unix socket at ``path``, or over mutual TLS to ``remote``
+        (``path`` is then its ``tls://host:port`` text, for messages)."""
         self.path = path
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        sock.settimeout(CONNECT_TIMEOUT)
-        try:
-            sock.connect(path)
-        except OSError as exc:
-            sock.close()
-            reason = exc.strerror or str(exc)
-            raise errors.DaemonUnavailable(f"no cruised daemon answers at {path} ({reason}); {_start_hint(path)}") from None
-        sock.settimeout(None)
-        sockopt.size_buffers(sock)
-        self.sock = sock
+        self.sock: Any
+        if remote is not None:
+            self.sock = _connect_tls(remote)
+        else:
+            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            sock.settimeout(CONNECT_TIMEOUT)
+            try:
+                sock.connect(path)
+            except OSError as exc:
+                sock.close()
+                reason = exc.strerror or str(exc)
+                raise errors.DaemonUnavailable(f"no cruised daemon answers at {path} ({reason}); {_start_hint(path)}") from None
+            sock.settimeout(None)
+            sockopt.size_buffers(sock)
+            self.sock = sock
         self.send_lock = threading.Lock()
         #: held by the thread currently reading the socket (leader/follower)
         self.read_lock = threading.Lock()
@@ -115,6 +138,9 @@ class _Connection:
         self.broken: BaseException | None = None
         self.ids = itertools.count(1)
         self.registered: dict[tuple[str, bytes], _Pending] = {}
+        #: its daemon is draining: the session sends new calls elsewhere, and this one closes
+        #: once the calls it still holds are answered (Session._reroute)
+        self.retiring = False
         self.async_outstanding = 0
         self.bg: threading.Thread | None = None
         #: replies received and not yet delivered (no size limit: the daemon's are trusted)
@@ -122,8 +148,9 @@ class _Connection:
         self.last_used = time.monotonic()
         self.files = sharedfile.FilePool()
         #: whether this connection passes shared files: None until the first call with large
-        #: buffers asks the daemon (PASS_FDS), "asking" until it answers, then True or False
-        self.pass_fds: bool | str | None = None
+        #: buffers asks the daemon (PASS_FDS), "asking" until it answers, then True or False.
+        #: Never over TCP: a descriptor cannot cross hosts, large arguments go inline
+        self.pass_fds: bool | str | None = False if remote is not None else None
         #: the daemon announced FILE_PICKLE: large pickle streams may travel in shared files
         self.file_pickle = False
         self._pass_fds_lock = threading.Lock()
@@ -335,7 +362,8 @@ class _Connection:
         except OSError as exc:
             n, err = 0, exc
         if n == 0:
-            self._fail(errors.DaemonUnavailable(f"connection to cruised at {self.path} lost ({err or 'closed by the daemon'})"))
+            why = tls.describe_tls_error(err) if isinstance(err, ssl.SSLError) else (err or "closed by the daemon")
+            self._fail(errors.DaemonUnavailable(f"connection to cruised at {self.path} lost ({why})"))
             return
         while True:
             frame = fb.next(n)
@@ -359,6 +387,8 @@ class _Connection:
         slot = self.pending.pop(reqid, None)
         if slot is not None:
             slot.resolve(status, frame)
+            if self.retiring and not self.pending:
+                self._fail(errors.DaemonUnavailable(f"connection to cruised at {self.path} closed: its daemon is draining"))
 
     def _unsolicited(self, frame: bytearray, status: int) -> None:
         """A frame that answers no request: a credit grant, or a connection-level refusal."""
@@ -479,6 +509,22 @@ _FILE_DONE = frozenset(
 )
 
 
+def _connect_tls(remote: paths.RemoteAddress) -> tls.TlsSocket:
+    where = f"tls://{remote.host}:{remote.port}"
+    if remote.tls is None:
+        raise ValueError(
+            f"{where}: the remote door is mutual TLS only: pass tls=cruised.TLS(cert_file=..., key_file=..., ca_file=...) (or CRUISED_TLS_CERT/KEY/CA)"
+        )
+    try:
+        return tls.connect(remote.host, remote.port, remote.tls, CONNECT_TIMEOUT)
+    except ssl.SSLError as exc:
+        raise errors.DaemonUnavailable(f"TLS handshake with cruised at {where} failed: {tls.describe_tls_error(exc)}") from None
+    except OSError as exc:
+        if isinstance(exc, FileNotFoundError) and str(exc).startswith("cruised.TLS"):
+            raise
+        raise errors.DaemonUnavailable(f"no cruised daemon answers at {where} ({exc.strerror or exc})") from None
+
+
 def _sendall(sock: socket.socket, parts: list[Any], fds: list[int] | None = None) -> None:
     sent = 0
     if fds:
@@ -587,15 +633,40 @@ class Session:
         pool: str = "default",
         libraries: dict[str, str] | None = None,
         timeout: float | None = None,
+        host: str | None = None,
+        port: int | None = None,
+        tls: TLS | None = None,
+        connections: int = 1,
     ) -> None:
         if libraries is not None and not isinstance(libraries, dict):
             raise TypeError("libraries must be a dict of alias -> module name, e.g. {'np': 'numpy'}")
+        if not isinstance(connections, int) or connections < 1:
+            raise ValueError(f"connections must be a positive integer, got {connections!r}")
         self.socket_path = socket
+        #: a remote daemon (its mutual-TLS door), or None for a Unix socket
+        self.remote: paths.RemoteAddress | None = None
+        if host is not None or port is not None:
+            if socket is not None:
+                raise ValueError("give socket= (a local daemon) or host=/port= (a remote one), not both")
+            if host is None or port is None:
+                raise ValueError("a remote daemon needs both host= and port= (its remote.listen)")
+            if tls is None:
+                raise ValueError("the remote door is mutual TLS only: pass tls=cruised.TLS(cert_file=..., key_file=..., ca_file=...)")
+            self.remote = paths.RemoteAddress(host, int(port), tls)
+        elif tls is not None:
+            raise ValueError("tls= goes with host= and port= (a remote daemon)")
         self.pool = pool
         self.timeout = timeout
         self._libraries: dict[str, str] = dict(libraries or {})
         self._lock = threading.Lock()
         self._conn: _Connection | None = None
+        #: ``connections`` > 1: the further connections (opened when first used) that ``map``, ``call``
+        #: and ``submit`` spread over; through a load balancer each may land on another daemon
+        self.connections = connections
+        self._extra: list[_Connection | None] = [None] * (connections - 1)
+        self._turn = itertools.count()
+        #: connections left because their daemon is draining, until their last reply (Session._reroute)
+        self._retired: list[_Connection] = []
         self._shipped: weakref.WeakKeyDictionary[Any, _Shipped] = weakref.WeakKeyDictionary()
         self._libs_checked = not self._libraries
 
@@ -605,6 +676,7 @@ class Session:
         with self._lock:
             if socket is not None:
                 self.socket_path = socket
+                self.remote = None
             if pool is not None:
                 self.pool = pool
             if timeout is not None:
@@ -612,6 +684,10 @@ class Session:
             if self._conn is not None:
                 self._conn.close()
                 self._conn = None
+            for i, conn in enumerate(self._extra):
+                if conn is not None:
+                    conn.close()
+                    self._extra[i] = None
         if libraries:
             self.libraries(libraries)
         self.ping()
@@ -619,7 +695,22 @@ class Session:
 
     @property
     def path(self) -> str:
-        return self.socket_path or paths.client_socket()
+        """Where this session connects: a Unix socket path, or ``tls://host:port``."""
+        target = self._target()
+        return str(target) if isinstance(target, paths.RemoteAddress) else target
+
+    def _target(self) -> paths.RemoteAddress | str:
+        if self.remote is not None:
+            return self.remote
+        if self.socket_path:
+            return self.socket_path
+        return paths.client_address() or paths.client_socket()
+
+    def _open(self) -> _Connection:
+        target = self._target()
+        if isinstance(target, paths.RemoteAddress):
+            return _Connection(str(target), target)
+        return _Connection(target)
 
     def add_library(self, *names: str) -> None:
         """Import these modules (under their own names) for this session's functions; checked now."""
@@ -652,8 +743,48 @@ class Session:
             return conn
         with self._lock:
             if self._conn is None or self._conn.broken is not None:
-                self._conn = _Connection(self.path)
+                self._conn = self._open()
             return self._conn
+
+    def _connection_at(self, i: int) -> _Connection:
+        """Connection ``i`` of ``connections`` (0 is the session's first, the one ``_connection`` returns)."""
+        if i == 0:
+            return self._connection()
+        conn = self._extra[i - 1]
+        if conn is not None and not conn.stale():
+            return conn
+        with self._lock:
+            conn = self._extra[i - 1]
+            if conn is None or conn.broken is not None:
+                conn = self._extra[i - 1] = self._open()
+            return conn
+
+    def _reroute(self, conn: _Connection, tries: int) -> _Connection:
+        """``conn``'s daemon refused a call as draining: a new connection in its place (through a load
+        balancer, to another daemon); ``conn`` closes once the calls it holds are answered. Waits a
+        little first, more each time (the balancer may send the new one to the draining daemon
+        until its next health check)."""
+        with self._lock:
+            at = 0
+            if self._conn is conn:
+                self._conn = None
+            for i, c in enumerate(self._extra):
+                if c is conn:
+                    self._extra[i] = None
+                    at = i + 1
+            # not closed here: another thread may be sending on it right now. It closes when its last
+            # outstanding reply arrives (_Connection._deliver), else with the session
+            if not conn.retiring:
+                conn.retiring = True
+                self._retired = [c for c in self._retired if c.broken is None] + [conn]
+        time.sleep(min(0.5, 0.02 * 2**tries))
+        return self._connection_at(at)
+
+    def _next_connection(self) -> _Connection:
+        """The connection for one call: the first, or with ``connections`` > 1 each in turn."""
+        if self.connections == 1:
+            return self._connection()
+        return self._connection_at(next(self._turn) % self.connections)
 
     def _request(self, kind: int, parts: list[Any]) -> tuple[int, bytearray]:
         conn = self._connection()
@@ -711,6 +842,13 @@ class Session:
             if self._conn is not None:
                 self._conn.close()
                 self._conn = None
+            for i, conn in enumerate(self._extra):
+                if conn is not None:
+                    conn.close()
+                    self._extra[i] = None
+            for conn in self._retired:
+                conn.close()
+            self._retired = []
 
     def __enter__(self) -> Session:
         return self
@@ -815,10 +953,19 @@ class Session:
     def call(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
         """Run ``fn(*args, **kwargs)`` in a worker and return its result."""
         shipped = self._ship(fn)
-        conn = self._connection()
+        conn = self._connection() if self.connections == 1 else self._next_connection()
         retried = False
+        rerouted: float | None = None  # the deadline of resending a call refused as draining
+        tries = 0
         while True:
-            slot = conn.wait(self._send_call(conn, shipped, args, kwargs, retried))
+            try:
+                slot = conn.wait(self._send_call(conn, shipped, args, kwargs, retried))
+            except errors.DaemonUnavailable:
+                if not conn.retiring:
+                    raise
+                # the connection closed under us as its daemon drains: nothing of this call was sent
+                conn, retried = self._connection() if self.connections == 1 else self._next_connection(), False
+                continue
             if slot.status == Status.OK and slot.shared is None and slot.error is None:
                 # the commonest answer, read here: what _outcome would do with it, in fewer steps
                 frame = slot.frame
@@ -829,13 +976,21 @@ class Session:
             if final:
                 if isinstance(value, _Value):
                     return value.value  # type: ignore[no-any-return]  # fn's result: T by fn's signature
+                if isinstance(value, errors.Draining) and self.remote is not None:
+                    if rerouted is None:
+                        rerouted = time.monotonic() + DRAIN_REROUTE
+                    if time.monotonic() < rerouted:
+                        conn = self._reroute(conn, tries)
+                        tries += 1
+                        retried = False
+                        continue
                 raise value
             retried = True
 
     def submit(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> Future[T]:
         """Start ``fn(*args, **kwargs)`` and return a ``concurrent.futures.Future``."""
         shipped = self._ship(fn)
-        conn = self._connection()
+        conn = self._connection() if self.connections == 1 else self._next_connection()
         fut: Future[T] = Future()
         fut.set_running_or_notify_cancel()
         uncount = conn.track_async()
@@ -871,64 +1026,131 @@ class Session:
         ``map`` over more items than the queue holds runs at the pool's full
         speed with no call refused or sent twice, and leaves the rest of the
         queue to other callers.
+
+        With ``connections`` > 1 every connection gets its own ``window`` (and
+        credit), and each call goes to the connection with the fewest calls
+        outstanding, so a faster daemon gets more of them: through a load
+        balancer that puts each connection on another daemon, one ``map`` uses
+        every host.
         """
         shipped = self._ship(fn)
-        conn = self._connection()
-        gate = conn.open_credit(self.pool)  # None: a daemon without flow control; then only the window limits
+        conns = [self._connection()] if self.connections == 1 else [self._connection_at(i) for i in range(self.connections)]
+        lanes: list[_Lane] = []
         try:
-            yield from self._map(conn, shipped, zip(*iterables, strict=False), max(1, window), gate)  # as map(): stop at the shortest
+            for conn in conns:
+                lanes.append(_Lane(conn, conn.open_credit(self.pool)))  # no gate: a daemon without flow control
+            yield from self._map(lanes, shipped, zip(*iterables, strict=False), max(1, window))  # as map(): stop at the shortest
         finally:
-            if gate is not None:
-                conn.close_credit(gate)
+            for lane in lanes:
+                if lane.gate is not None:
+                    lane.conn.close_credit(lane.gate)
 
-    def _map(self, conn: _Connection, shipped: _Shipped, items: Iterator[tuple[Any, ...]], window: int, gate: CreditGate | None) -> Iterator[Any]:
-        inflight: deque[tuple[tuple[Any, ...], _Pending]] = deque()
+    def _map(self, lanes: list[_Lane], shipped: _Shipped, items: Iterator[tuple[Any, ...]], window: int) -> Iterator[Any]:
+        # (args, lane, the connection it went out on, slot), in item order
+        inflight: deque[tuple[tuple[Any, ...], _Lane, _Connection, _Pending]] = deque()
         exhausted = False
 
-        def result(args: tuple[Any, ...], slot: _Pending) -> Any:
+        def result(args: tuple[Any, ...], lane: _Lane, conn: _Connection, slot: _Pending) -> Any:
             retried = False
-            while True:
+            rerouted: float | None = None
+            for tries in itertools.count():
                 final, value = self._outcome(conn, shipped, conn.wait(slot), retried)
-                if final:
-                    if isinstance(value, _Value):
-                        return value.value
+                credited = False
+                if not final:
+                    retried = True  # the daemon lost the code (it restarted): register again, call again
+                elif isinstance(value, _Value):
+                    return value.value
+                elif isinstance(value, errors.Draining) and self.remote is not None and (rerouted is None or time.monotonic() < rerouted):
+                    # it never ran: resend it, and the rest of the map, on a new connection
+                    rerouted = rerouted or time.monotonic() + DRAIN_REROUTE
+                    if lane.conn is conn:
+                        self._reroute_lane(lane, tries)
+                    conn, retried = lane.conn, False
+                    credited = lane.gate is not None and lane.gate.take(1) == 1
+                else:
                     raise value
-                retried = True  # the daemon lost the code (it restarted): register again, call again
-                slot = self._send_call(conn, shipped, args, {}, retried)
+                if credited:
+                    slot = self._send_calls(conn, shipped, [(args, {})], credited=True)[0]
+                else:
+                    slot = self._send_call(conn, shipped, args, {}, retried)
 
         # Refills go out in batches: once half the window has been consumed, the other half is
-        # sent in one sendmsg, so the daemon reads many calls per recv (and we make one syscall
-        # per batch, not per call). With credit, a batch is what the credit allows.
-        low = window // 2
+        # sent in one sendmsg per connection, so the daemon reads many calls per recv (and we make
+        # one syscall per batch, not per call). With credit, a batch is what the credit allows.
+        low = window * len(lanes) // 2
 
         def refill() -> None:
             nonlocal exhausted
-            room = window - len(inflight)
-            if gate is not None:
-                room = gate.take(room)
+            rooms = [window - lane.busy for lane in lanes]
+            for i, lane in enumerate(lanes):
+                if lane.gate is not None and rooms[i] > 0:
+                    rooms[i] = lane.gate.take(rooms[i])
+            room = sum(rooms)
             batch = list(itertools.islice(items, room))
             if len(batch) < room:
                 exhausted = True
-                if gate is not None:
-                    gate.give_back(room - len(batch))
-            if batch:
-                slots = self._send_calls(conn, shipped, [(args, {}) for args in batch], credited=gate is not None)
-                inflight.extend(zip(batch, slots, strict=True))  # one slot per call
+            if len(lanes) == 1:  # the common case, kept lean: one send, slots zipped in order
+                lane = lanes[0]
+                if lane.gate is not None and len(batch) < rooms[0]:
+                    lane.gate.give_back(rooms[0] - len(batch))  # the items ran out first
+                if batch:
+                    slots = self._send_calls(lane.conn, shipped, [(args, {}) for args in batch], credited=lane.gate is not None)
+                    lane.busy += len(batch)
+                    inflight.extend(zip(batch, itertools.repeat(lane), itertools.repeat(lane.conn), slots, strict=False))
+                return
+            order = []  # each call to the lane with the fewest in flight that still has room
+            load = [lane.busy for lane in lanes]
+            for _ in batch:
+                i = min((i for i in range(len(lanes)) if rooms[i] > 0), key=load.__getitem__)
+                rooms[i] -= 1
+                load[i] += 1
+                order.append(i)
+            for lane, left in zip(lanes, rooms, strict=True):
+                if left > 0 and lane.gate is not None:
+                    lane.gate.give_back(left)  # the items ran out first
+            sent: list[Iterator[_Pending]] = []
+            for i, lane in enumerate(lanes):
+                calls: list[tuple[tuple[Any, ...], dict[str, Any]]] = [(args, {}) for args, at in zip(batch, order, strict=True) if at == i]
+                sent.append(iter(self._send_calls(lane.conn, shipped, calls, credited=lane.gate is not None) if calls else ()))
+                lane.busy += len(calls)
+            inflight.extend((args, lanes[i], lanes[i].conn, next(sent[i])) for args, i in zip(batch, order, strict=True))
 
         refill()
         while inflight or not exhausted:
             if not inflight:
                 # items left, nothing in flight, no credit (the queue is full of other callers'
-                # calls): wait for the daemon's next grant
-                assert gate is not None
+                # calls): wait for a daemon's next grant
+                lane = next(lane for lane in lanes if lane.gate is not None)
+                assert lane.gate is not None
                 grant = _Pending()
-                if gate.on_grant(functools.partial(grant.resolve, Status.OK, None)):
-                    conn.wait(grant)
+                if lane.gate.on_grant(functools.partial(grant.resolve, Status.OK, None)):
+                    lane.conn.wait(grant)
                 refill()
                 continue
-            yield result(*inflight.popleft())
+            call = inflight.popleft()
+            call[1].busy -= 1
+            yield result(*call)
             if len(inflight) <= low:
                 refill()
+
+    def _reroute_lane(self, lane: _Lane, tries: int) -> None:
+        """``lane``'s daemon is draining: the rest of the map goes to a new connection, with credit of its own."""
+        old, gate = lane.conn, lane.gate
+        lane.conn = self._reroute(old, tries)
+        if gate is not None:
+            old.close_credit(gate)
+        lane.gate = lane.conn.open_credit(self.pool)
+
+
+class _Lane:
+    """One connection of a ``map``: its credit gate, and how many of the map's calls it has in flight."""
+
+    __slots__ = ("busy", "conn", "gate")
+
+    def __init__(self, conn: _Connection, gate: CreditGate | None) -> None:
+        self.conn = conn
+        self.gate = gate
+        self.busy = 0
 
 
 class _Value:
@@ -945,8 +1167,16 @@ def session(
     pool: str = "default",
     libraries: dict[str, str] | None = None,
     timeout: float | None = None,
+    host: str | None = None,
+    port: int | None = None,
+    tls: TLS | None = None,
+    connections: int = 1,
 ) -> Session:
-    return Session(socket=socket, pool=pool, libraries=libraries, timeout=timeout)
+    """A session with a local daemon (``socket``, else ``CRUISED_ADDRESS``/``CRUISED_SOCKET``/the
+    default) or, with ``host``, ``port`` and ``tls``, a remote one over mutual TLS. ``connections``:
+    how many connections ``map``, ``call`` and ``submit`` spread over (behind a load balancer,
+    several daemons)."""
+    return Session(socket=socket, pool=pool, libraries=libraries, timeout=timeout, host=host, port=port, tls=tls, connections=connections)
 
 
 def function(session: Session) -> Callable[[Callable[..., T]], Callable[..., T]]:

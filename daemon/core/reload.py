@@ -26,8 +26,10 @@ init file or code may have changed on disk, and a generation is one
 consistent snapshot (as on a DSS API node).
 
 Settings that belong to listening sockets (``daemon.socket``, ``http.*``
-addresses, ``health.agent``) are not re-bound: a change there is logged and needs a restart.
-API keys, services and endpoints take effect with the swap.
+addresses, ``remote.listen``, ``health.agent``) are not re-bound: a change there
+is logged and needs a restart. API keys, services and endpoints take effect with
+the swap, and so do the remote door's certificates, CA, CRL and allowed clients
+(a new TLS context for every connection accepted after it).
 
 Ownership: the supervisor owns the serving generation and changes it only
 through ``install``; the reloader owns the pools in transition (``warming``,
@@ -146,6 +148,8 @@ class Reloader:
             new = gen.pools.get(old.name)
             if new is not None:  # pipelined callers' credit follows them (core/fairness.py "Credit")
                 new.dispatcher.adopt_credit(old.dispatcher)
+        if sup.remote is not None:
+            sup.remote.reload(new_cfg)  # new TLS connections get the certificates as they are now
         self.retiring.extend(old_pools)
         self._drain(old_pools, drain=True)
         return True, f"generation {gen.number} serving ({summary(new_cfg)})"

@@ -3,6 +3,7 @@
 Data flow (paths from the repository root; daemon/ is the ``cruised`` package, pool/ is ``cruised.pool``)::
 
     native client ──frames──> NativeServer / ClientConnection   daemon/doors/native.py ─┐
+    remote client ─mTLS frames─> RemoteDoor / RemoteConnection  daemon/doors/remote.py ─┤
     HTTP client ──requests──> HttpDoor (aiohttp + fast path)    daemon/doors/http/ ─────┤
     q, pykx ─────kdb+ IPC───> QipcDoor / QConnection            daemon/doors/qipc/ ─────┤
         each door sees the daemon only through DoorHost (daemon/doors/host.py),         │
@@ -95,6 +96,7 @@ from cruised.pool import heap
 if TYPE_CHECKING:
     from cruised.doors.http.app import HttpDoor
     from cruised.doors.qipc.door import QipcDoor
+    from cruised.doors.remote import RemoteDoor
     from cruised.ops.haproxy_agent import HaproxyAgent
 
 log = logging.getLogger("cruised.supervisor")
@@ -155,6 +157,7 @@ class Supervisor:
         self.native: NativeServer | None = None
         self.http: HttpDoor | None = None  # imported only when enabled
         self.qipc: QipcDoor | None = None  # the kdb+ IPC door, only when qipc.listen is set
+        self.remote: RemoteDoor | None = None  # the mutual-TLS native door, only when remote.listen is set
         self.started = time.time()
         self.state = "starting"
         #: ``cruised drain`` in force (see "Drain" above); read by ``_build``, so set before generation 1
@@ -307,39 +310,7 @@ class Supervisor:
         sock, owned_path = self._native_listener()
         systemd.clear_environment()  # before any template starts: children must not inherit them
         self.native = NativeServer(self, sock, owned_path)
-        if self.config.http.enabled:
-            from cruised.doors.http.app import HttpDoor
-
-            self.http = HttpDoor(self, paths.default_http_socket(self.socket_path, self.config.http.socket))
-            try:
-                await self.http.start()
-            except BaseException:
-                self.native.stop_listening()
-                raise
-        if self.config.health.agent:
-            from cruised.ops.haproxy_agent import HaproxyAgent
-
-            self.agent = HaproxyAgent(self)
-            try:
-                await self.agent.start()
-            except BaseException:
-                self.native.stop_listening()
-                if self.http is not None:
-                    await self.http.close()
-                raise
-        if self.config.qipc.listen:
-            from cruised.doors.qipc.door import QipcDoor
-
-            self.qipc = QipcDoor(self)
-            try:
-                await self.qipc.start()
-            except BaseException:
-                self.native.stop_listening()
-                if self.http is not None:
-                    await self.http.close()
-                if self.agent is not None:
-                    self.agent.close()
-                raise
+        await self._open_doors()
         for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR1):
             self.loop.add_signal_handler(sig, self._signals.put_nowait, sig)
         log.info("cruised %s listening on %s (pid %s, python %s)", __version__, self.socket_path, _pid(), sys.version.split()[0])
@@ -372,6 +343,45 @@ class Supervisor:
             for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR1):
                 self.loop.remove_signal_handler(sig)
         return 0
+
+    async def _open_doors(self) -> None:
+        """The doors besides the native one, each set here once it listens; if one cannot start, the
+        ones already open (the native door too) are closed and its error raised."""
+        assert self.native is not None
+        try:
+            if self.config.http.enabled:
+                from cruised.doors.http.app import HttpDoor
+
+                http = HttpDoor(self, paths.default_http_socket(self.socket_path, self.config.http.socket))
+                await http.start()
+                self.http = http
+            if self.config.health.agent:
+                from cruised.ops.haproxy_agent import HaproxyAgent
+
+                agent = HaproxyAgent(self)
+                await agent.start()
+                self.agent = agent
+            if self.config.qipc.listen:
+                from cruised.doors.qipc.door import QipcDoor
+
+                qipc = QipcDoor(self)
+                await qipc.start()
+                self.qipc = qipc
+            if self.config.remote.listen:
+                from cruised.doors.remote import RemoteDoor
+
+                remote = RemoteDoor(self)
+                await remote.start()
+                self.remote = remote
+        except BaseException:
+            self.native.stop_listening()
+            if self.http is not None:
+                await self.http.close()
+            if self.agent is not None:
+                self.agent.close()
+            if self.qipc is not None:
+                await self.qipc.close()
+            raise
 
     def _native_listener(self) -> tuple[socket.socket, str | None]:
         """The native door's listening socket and the path to remove at exit.
@@ -470,6 +480,9 @@ class Supervisor:
     async def _shutdown(self) -> None:
         self.state = "stopping"
         self.reloader.cancel()
+        if self._linger is not None:  # stopping refuses new calls by itself
+            self._linger.cancel()
+            self._linger = None
         if self.notifier is not None:
             self.notifier.stopping_now()
         if self.native is not None:
@@ -478,6 +491,8 @@ class Supervisor:
             await self.http.stop_listening()
         if self.qipc is not None:
             self.qipc.stop_listening()
+        if self.remote is not None:
+            self.remote.stop_listening()
         dispatchers = self.all_dispatchers()
         for d in dispatchers:
             d.stop_accepting()
@@ -506,6 +521,11 @@ class Supervisor:
             end = self.loop.time() + 1.0
             while self.native.connections and self.loop.time() < end:
                 await asyncio.sleep(0.01)
+        if self.remote is not None:
+            self.remote.close_all()
+            end = self.loop.time() + 1.0
+            while self.remote.connections and self.loop.time() < end:
+                await asyncio.sleep(0.01)
         for d in self.all_dispatchers():
             d.flush_answered()  # the last access lines, before the loop (and its timers) goes
         log.info("stopped")
@@ -522,6 +542,7 @@ class Supervisor:
             "generation": self._serving.number,
             "http": self.http.describe() if self.http is not None else None,
             "qipc": self.qipc.describe() if self.qipc is not None else None,
+            "remote": self.remote.describe() if self.remote is not None else None,
             "agent": self.agent.describe() if self.agent is not None else None,
             "draining": self.draining,
             "drain": self.drain_report(),

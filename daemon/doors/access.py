@@ -9,10 +9,12 @@ warning before anything is started.
 
 What may run where (docs/operations.md has the table): endpoint calls on any
 door that lets the caller in; shipped code (cruised functions, pykx.remote)
-only on the native Unix socket (its file mode and peer allowlist) and, opted
-in with ``qipc.remote_functions``, on the q door after a password login or
-from an allowed peer uid on its abstract Unix socket. The HTTP door has no
-route for code at all.
+only on the native Unix socket (its file mode and peer allowlist), on the
+remote door (``remote.listen``: mutual TLS 1.3, a client certificate of
+``client_ca_file`` named in ``allowed_clients``) and, opted in with
+``qipc.remote_functions``, on the q door after a password login or from an
+allowed peer uid on its abstract Unix socket. The HTTP door has no route for
+code at all, and there is no plaintext TCP door for code.
 """
 
 from __future__ import annotations
@@ -107,3 +109,24 @@ def qipc_line(cfg: Config, address: str) -> str:
     trust = "; loopback peers without a password trusted for endpoint calls" if q.allow_loopback_without_password else ""
     tls = "TLS" if q.tls_cert else "plain"
     return f"qipc door on {address} (TCP, {tls}): {logins}{trust}; pykx.remote code: {qipc_code_rule(cfg)}"
+
+
+def remote_auth(cfg: Config) -> dict[str, Any]:
+    """The remote door's access rules, for ``status``."""
+    r = cfg.remote
+    return {
+        "tls": "1.3 only, client certificate required",
+        "client_ca_file": r.client_ca_file,
+        "crl_file": r.crl_file,
+        "allowed_clients": list(r.allowed_clients),
+        "code": "yes: shipped functions from the allowed certificates (as the workers' user)",
+    }
+
+
+def remote_line(cfg: Config, address: str) -> str:
+    r = cfg.remote
+    crl = f"; revocations from {r.crl_file}" if r.crl_file else ""
+    return (
+        f"remote door on {address} (TCP, mutual TLS 1.3): shipped code from client certificates signed by {r.client_ca_file} "
+        f"whose CN or SAN is in remote.allowed_clients ({', '.join(r.allowed_clients)}){crl}"
+    )

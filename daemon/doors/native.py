@@ -113,21 +113,35 @@ class NativeServer:
 class ClientConnection:
     """One client: its frames in, its replies out. Also the ReplySink of its jobs."""
 
-    def __init__(self, server: NativeServer, sock: socket.socket, peer: tuple[int, int, int]) -> None:
+    def __init__(
+        self, server: NativeServer, sock: socket.socket | None, peer: tuple[int, int, int] | str, caller: str | None = None, stream: Any = None
+    ) -> None:
+        """A Unix-socket client: ``sock`` and its (pid, uid, gid). The remote door (daemon/doors/remote.py)
+        passes no socket but its TLS ``stream`` (the part of Channel used here), the peer as
+        ``tls:<name>@<ip>:<port>`` and the certificate's allowed name as ``caller``."""
         self.server = server
         self.host = server.host
         self.peer = peer
-        self.peer_text = f"pid:{peer[0]},uid:{peer[1]},gid:{peer[2]}"  # the access log's peer= field
-        #: who its jobs are for (daemon/core/fairness.py): the peer's user
-        self.caller = uid_caller(peer[1])
-        self.channel = Channel(
-            server.loop,
-            sock,
-            self,
-            self.host.config.daemon.max_message_bytes,
-            name=f"client-pid{peer[0]}",
-            on_frame_error=self._frame_error,
-        )
+        if isinstance(peer, tuple):
+            self.peer_text = f"pid:{peer[0]},uid:{peer[1]},gid:{peer[2]}"  # the access log's peer= field
+            #: who its jobs are for (daemon/core/fairness.py): the peer's user here, the
+            #: certificate's allowed name on the remote door
+            self.caller: str = uid_caller(peer[1])
+        else:
+            self.peer_text = peer
+            self.caller = caller or peer
+        if stream is not None:
+            self.channel = stream
+        else:
+            assert sock is not None and isinstance(peer, tuple)
+            self.channel = Channel(
+                server.loop,
+                sock,
+                self,
+                self.host.config.daemon.max_message_bytes,
+                name=f"client-pid{peer[0]}",
+                on_frame_error=self._frame_error,
+            )
 
     # -- FrameSink -------------------------------------------------------------
 

@@ -99,7 +99,7 @@ OUTCOME_ALIASES = {
     "unknown_function": "rejected",
 }
 #: the front doors, the ``door`` label of requests and of auth failures
-DOORS = ("native", "http", "qipc")
+DOORS = ("native", "http", "qipc", "remote")
 EXIT_REASONS = ("crash", "exec_timeout", "recycled", "idle", "reload", "shutdown", "preload_failed")
 WORKER_STATES = ("starting", "idle", "busy", "draining")
 LIMITS = ("min", "cruise", "max")
@@ -223,7 +223,8 @@ class Metrics:
         self.exits = Counter("cruised_worker_exits", "Worker processes gone, by reason.", ["pool", "reason"], registry=r)
         self.auth_failures = Counter(
             "cruised_auth_failures",
-            "Refused logins and keys by front door (native: peer not allowed; http: missing or wrong API key; qipc: bad credentials).",
+            "Refused logins and keys by front door (native: peer not allowed; http: missing or wrong API key; qipc: bad credentials; "
+            "remote: a TLS handshake refused, or a certificate not in remote.allowed_clients).",
             ["door"],
             registry=r,
         )
