@@ -33,18 +33,24 @@ import json
 import pickle
 import select
 import socket
+import sys
 import threading
 import time
 import weakref
 from collections import deque
-from collections.abc import Callable, Iterable, Iterator
-from concurrent.futures import Future
-from typing import Any, TypeVar
+from collections.abc import AsyncIterator, Callable, Iterable, Iterator
+from concurrent.futures import Future, InvalidStateError
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
 from cruised.client import errors, paths, shipping
 from cruised.pool.wire import bundle, frames, sharedfile, sockopt
 from cruised.pool.wire.framebuf import FrameBuffer
 from cruised.pool.wire.frames import Kind, Status
+
+if TYPE_CHECKING:
+    import asyncio
+
+    from cruised.client.aio import AsyncConnection
 
 T = TypeVar("T")
 
@@ -65,9 +71,11 @@ def _start_hint(path: str) -> str:
 class _Pending:
     """One outstanding request: filled by whichever thread reads its reply."""
 
-    __slots__ = ("callback", "done", "error", "frame", "shared", "status")
+    __slots__ = ("callback", "done", "error", "frame", "rid", "shared", "status")
 
-    def __init__(self) -> None:
+    def __init__(self, rid: int = 0) -> None:
+        #: its request id on its connection (what a CANCEL names)
+        self.rid = rid
         self.status = 0
         self.frame: bytearray | None = None
         self.error: BaseException | None = None
@@ -81,6 +89,17 @@ class _Pending:
         self.done = True
         if self.callback is not None:
             self.callback(self)
+
+
+class _CallConnection(Protocol):
+    """What ``Session._send_calls`` and ``Session._outcome`` need of a connection: the
+    synchronous ``_Connection``, or the asyncio one (daemon/client/aio.py)."""
+
+    registered: dict[tuple[str, bytes], _Pending]
+
+    def send(self, requests: list[tuple[int, list[Any]]], callback: Callable[[_Pending], None] | None = None, result_file: bool = False) -> list[_Pending]: ...
+
+    def release(self, slot: _Pending) -> None: ...
 
 
 class _Connection:
@@ -110,6 +129,9 @@ class _Connection:
         self.bg: threading.Thread | None = None
         #: replies received and not yet delivered (no size limit: the daemon's are trusted)
         self.incoming = FrameBuffer(RECV_SIZE, 1 << 62)
+        #: the reader waits for replies here, then reads (see _read_batch)
+        self.readable = select.poll()
+        self.readable.register(sock, select.POLLIN)
         self.last_used = time.monotonic()
         self.files = sharedfile.FilePool()
         #: whether this connection passes shared files: None until the first call with large
@@ -165,7 +187,7 @@ class _Connection:
         pending = self.pending
         for kind, parts in requests:
             rid = next(self.ids)
-            slot = _Pending()
+            slot = _Pending(rid)
             status = 0
             # parts: the call head, then the args bundle (index, pickle, then out-of-band buffers);
             # the cheap tests first: a small call passes them all in a few nanoseconds
@@ -200,6 +222,8 @@ class _Connection:
                     _sendall(self.sock, batch_out, batch_fds)
         except OSError as exc:
             raise self._lost_while_sending(exc) from None
+        except BaseException:  # noqa: BLE001 - re-raised: KeyboardInterrupt mid-send leaves the stream unusable
+            raise self._interrupted("sending") from None
         return slots
 
     def send_small(self, head: bytes, index: bytes, data: bytes, callback: Callable[[_Pending], None] | None = None) -> _Pending:
@@ -209,7 +233,7 @@ class _Connection:
         if self.broken is not None:
             raise self.broken
         rid = next(self.ids)
-        slot = _Pending()
+        slot = _Pending(rid)
         slot.callback = callback
         self.pending[rid] = slot
         frame = b"".join((frames.header(Kind.CALL, rid, len(head) + len(index) + len(data)), head, index, data))
@@ -219,7 +243,40 @@ class _Connection:
                 self.sock.sendall(frame)
         except OSError as exc:
             raise self._lost_while_sending(exc) from None
+        except BaseException:  # noqa: BLE001 - re-raised: KeyboardInterrupt mid-send leaves the stream unusable
+            raise self._interrupted("sending") from None
         return slot
+
+    def _interrupted(self, doing: str) -> BaseException:
+        """A KeyboardInterrupt (or another BaseException) came while ``doing`` I/O on the socket:
+        part of a frame may be sent, or read and not yet accounted for, so the stream cannot be
+        trusted. The connection is failed (the session opens a new one for its next call; the
+        daemon sees it leave: its calls are cancelled, ``on_disconnect``); the exception to
+        re-raise is the one being handled."""
+        self._fail(errors.DaemonUnavailable(f"connection to cruised at {self.path} was interrupted while {doing}"))
+        exc = sys.exc_info()[1]
+        assert exc is not None
+        return exc
+
+    def abandon(self, slot: _Pending) -> None:
+        """The caller stopped waiting for ``slot``'s call (Ctrl-C, a cancelled future, a closed
+        ``map``): withdraw it (Kind.CANCEL) unless it is answered already. Its reply, which still
+        comes, finds no slot and is dropped, so the next call on this connection never sees it."""
+        if self.pending.pop(slot.rid, None) is None:
+            # answered already (its reply was read), or the connection failed: nothing to withdraw
+            if slot.done:
+                self.release(slot)
+            return
+        shared, slot.shared = slot.shared, None
+        if shared is not None:
+            shared.close()  # a worker may still be reading or writing it: never reused
+        if self.broken is not None:
+            return
+        try:
+            with self.send_lock:
+                self.sock.sendall(frames.frame(Kind.CANCEL, slot.rid))
+        except OSError:
+            pass  # the connection is gone: the daemon cancels its calls (on_disconnect)
 
     def _lost_while_sending(self, exc: OSError) -> BaseException:
         """Fail the connection (every waiting call gets the error); the error to raise."""
@@ -306,32 +363,44 @@ class _Connection:
         return done
 
     def _read_batch(self) -> None:
-        """One ``recv`` and every reply it completes; a large reply is read to its end here."""
+        """One ``recv`` and every reply it completes; a large reply is read to its end here.
+
+        The reader waits in ``poll``, not in ``recv``: a KeyboardInterrupt there (Ctrl-C while
+        a call runs, the usual case) has consumed nothing, so the connection stays usable. One
+        anywhere after it may have taken bytes off the socket that were not yet delivered: the
+        connection is failed then (``_interrupted``) rather than left out of step.
+        """
         if self.broken is not None:
             raise self.broken
+        self.readable.poll()
         fb = self.incoming
-        err: OSError | None = None
         try:
-            n = self.sock.recv_into(fb.space())
-        except OSError as exc:
-            n, err = 0, exc
-        if n == 0:
-            self._fail(errors.DaemonUnavailable(f"connection to cruised at {self.path} lost ({err or 'closed by the daemon'})"))
-            return
-        while True:
-            frame = fb.next(n)
-            n = 0
-            if frame is None:
-                if fb.big is None:
-                    return
-                # a reply with a buffer of its own (FrameBuffer): the rest of it is on its way, so it
-                # is read now, with this thread's read lock held, straight into that buffer
+            err: OSError | None = None
+            try:
                 n = self.sock.recv_into(fb.space())
-                if n == 0:
-                    raise ConnectionResetError("connection closed mid-frame")
-                continue
-            header = fb.header
-            self._deliver(frame, header[3], header[4])
+            except OSError as exc:
+                n, err = 0, exc
+            if n == 0:
+                self._fail(errors.DaemonUnavailable(f"connection to cruised at {self.path} lost ({err or 'closed by the daemon'})"))
+                return
+            while True:
+                frame = fb.next(n)
+                n = 0
+                if frame is None:
+                    if fb.big is None:
+                        return
+                    # a reply with a buffer of its own (FrameBuffer): the rest of it is on its way, so it
+                    # is read now, with this thread's read lock held, straight into that buffer
+                    n = self.sock.recv_into(fb.space())
+                    if n == 0:
+                        raise ConnectionResetError("connection closed mid-frame")
+                    continue
+                header = fb.header
+                self._deliver(frame, header[3], header[4])
+        except Exception:
+            raise
+        except BaseException:  # noqa: BLE001 - re-raised: KeyboardInterrupt mid-read leaves the stream unusable
+            raise self._interrupted("reading a reply") from None
 
     def _deliver(self, frame: bytearray, status: int, reqid: int) -> None:
         if reqid == 0 and status != Status.OK:
@@ -514,6 +583,8 @@ class Session:
         self._libraries: dict[str, str] = dict(libraries or {})
         self._lock = threading.Lock()
         self._conn: _Connection | None = None
+        #: the asyncio connection per event loop (daemon/client/aio.py), opened by the first ``acall``/``amap`` there
+        self._aconns: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, AsyncConnection] = weakref.WeakKeyDictionary()
         self._shipped: weakref.WeakKeyDictionary[Any, _Shipped] = weakref.WeakKeyDictionary()
         self._libs_checked = not self._libraries
 
@@ -616,6 +687,10 @@ class Session:
             if self._conn is not None:
                 self._conn.close()
                 self._conn = None
+            aconns = list(self._aconns.values())
+            self._aconns.clear()
+        for aconn in aconns:
+            aconn.close()
 
     def __enter__(self) -> Session:
         return self
@@ -665,7 +740,7 @@ class Session:
 
     def _send_calls(
         self,
-        conn: _Connection,
+        conn: _CallConnection,
         shipped: _Shipped,
         calls: list[tuple[tuple[Any, ...], dict[str, Any]]],
         force_register: bool = False,
@@ -689,14 +764,14 @@ class Session:
             return slots[1:]
         return slots
 
-    def _outcome(self, conn: _Connection, shipped: _Shipped, slot: _Pending, retried: bool) -> tuple[bool, Any]:
+    def _outcome(self, conn: _CallConnection, shipped: _Shipped, slot: _Pending, retried: bool) -> tuple[bool, Any]:
         """(final, value-or-exception) of a resolved call; not final means: register again and retry."""
         try:
             return self._read_outcome(conn, shipped, slot, retried)
         finally:
             conn.release(slot)  # after an OK result was read out of the call's shared file
 
-    def _read_outcome(self, conn: _Connection, shipped: _Shipped, slot: _Pending, retried: bool) -> tuple[bool, Any]:
+    def _read_outcome(self, conn: _CallConnection, shipped: _Shipped, slot: _Pending, retried: bool) -> tuple[bool, Any]:
         if slot.error is not None:
             return True, slot.error
         assert slot.frame is not None
@@ -721,7 +796,12 @@ class Session:
         conn = self._connection()
         retried = False
         while True:
-            slot = conn.wait(self._send_call(conn, shipped, args, kwargs, retried))
+            slot = self._send_call(conn, shipped, args, kwargs, retried)
+            try:
+                conn.wait(slot)
+            except BaseException:
+                conn.abandon(slot)  # Ctrl-C (KeyboardInterrupt): the call is withdrawn, the session stays usable
+                raise
             if slot.status == Status.OK and slot.shared is None and slot.error is None:
                 # the commonest answer, read here: what _outcome would do with it, in fewer steps
                 frame = slot.frame
@@ -735,16 +815,18 @@ class Session:
                 raise value
             retried = True
 
-    def submit(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> Future[T]:
-        """Start ``fn(*args, **kwargs)`` and return a ``concurrent.futures.Future``."""
+    def submit(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> CallFuture[T]:
+        """Start ``fn(*args, **kwargs)`` and return a ``concurrent.futures.Future`` (a ``CallFuture``:
+        its ``cancel()`` withdraws the call, even once it runs)."""
         shipped = self._ship(fn)
         conn = self._connection()
-        fut: Future[T] = Future()
-        fut.set_running_or_notify_cancel()
-        uncount = conn.track_async()
+        fut: CallFuture[T] = CallFuture(conn, conn.track_async())
 
         def attempt(retried: bool) -> None:
             def resolved(slot: _Pending) -> None:
+                if fut.cancelled():
+                    conn.release(slot)
+                    return
                 try:
                     final, value = self._outcome(conn, shipped, slot, retried)
                     if not final:
@@ -752,26 +834,38 @@ class Session:
                         return
                 except BaseException as exc:  # noqa: BLE001 - any failure is the future's exception, never lost on the reader thread
                     final, value = True, exc
-                uncount()
-                if isinstance(value, _Value):
-                    fut.set_result(value.value)
-                else:
-                    fut.set_exception(value)
+                fut._settle(value.value if isinstance(value, _Value) else None, None if isinstance(value, _Value) else value)
 
-            self._send_call(conn, shipped, args, kwargs, retried, resolved)
+            fut._slot = self._send_call(conn, shipped, args, kwargs, retried, resolved)
 
         try:
             attempt(False)
         except BaseException:
-            uncount()
+            fut._uncount()
             raise
         return fut
+
+    async def acall(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+        """``await s.acall(fn, *args, **kwargs)``: ``call`` for asyncio code (daemon/client/aio.py).
+        Cancelling the awaiting task withdraws the call, as Ctrl-C does for ``call``."""
+        from cruised.client import aio
+
+        return await aio.call(self, fn, args, kwargs)  # type: ignore[no-any-return]  # fn's result: T by fn's signature
+
+    def amap(self, fn: Callable[..., T], *iterables: Iterable[Any], window: int = DEFAULT_WINDOW) -> AsyncIterator[T]:
+        """``async for r in s.amap(fn, xs)``: ``map`` for asyncio code, up to ``window`` calls in
+        flight, results in order; the calls in flight are withdrawn if the consumer stops early."""
+        from cruised.client import aio
+
+        return aio.amap(self, fn, iterables, window)
 
     def map(self, fn: Callable[..., T], *iterables: Iterable[Any], window: int = DEFAULT_WINDOW) -> Iterator[T]:
         """Like ``map(fn, *iterables)``, pipelined: up to ``window`` calls in flight, results in order.
 
         A call the pool rejects as full is resubmitted once an earlier call has
         finished, so ``map`` over more items than the queue holds still completes.
+        If the consumer stops early (closes or drops the generator, or is interrupted),
+        the calls still in flight are withdrawn.
         """
         shipped = self._ship(fn)
         conn = self._connection()
@@ -780,7 +874,12 @@ class Session:
         def result(args: tuple[Any, ...], slot: _Pending) -> Any:
             retried = False
             for tries in itertools.count():
-                final, value = self._outcome(conn, shipped, conn.wait(slot), retried)
+                try:
+                    conn.wait(slot)
+                except BaseException:
+                    conn.abandon(slot)  # interrupted while waiting: this call too is withdrawn
+                    raise
+                final, value = self._outcome(conn, shipped, slot, retried)
                 if not final:
                     retried = True
                 elif isinstance(value, errors.QueueFull) and tries < 50:
@@ -803,11 +902,65 @@ class Session:
             if batch:
                 inflight.extend(zip(batch, self._send_calls(conn, shipped, [(args, {}) for args in batch]), strict=True))  # one slot per call
 
-        refill()
-        while inflight:
-            yield result(*inflight.popleft())
-            if len(inflight) <= low:
-                refill()
+        try:
+            refill()
+            while inflight:
+                yield result(*inflight.popleft())
+                if len(inflight) <= low:
+                    refill()
+        finally:
+            # the consumer stopped early (closed the generator, dropped it, or was interrupted):
+            # the calls still in flight are withdrawn, so none runs for nobody
+            for _, slot in inflight:
+                conn.abandon(slot)
+
+
+class CallFuture(Future[T]):
+    """The future ``Session.submit`` returns: a ``concurrent.futures.Future`` whose ``cancel()``
+    withdraws the remote call (Kind.CANCEL), queued or running (the worker is interrupted).
+
+    A plain Future can be cancelled only before it runs; this one stays PENDING in
+    ``concurrent.futures`` terms until its answer comes (``running()`` says whether it is
+    still outstanding), so ``cancel()`` succeeds until then, and waiters (``wait``,
+    ``as_completed``) see the cancellation.
+    """
+
+    def __init__(self, conn: _Connection, uncount: Callable[[], None]) -> None:
+        super().__init__()
+        self._conn = conn
+        #: the call's current slot (a retry after UNKNOWN_FUNCTION replaces it)
+        self._slot: _Pending | None = None
+        self._uncount_once: Callable[[], None] | None = uncount
+
+    def _uncount(self) -> None:
+        done, self._uncount_once = self._uncount_once, None  # exactly once: answered or cancelled
+        if done is not None:
+            done()
+
+    def running(self) -> bool:
+        return not self.done()
+
+    def cancel(self) -> bool:
+        """Withdraw the call; False if it was answered already (as for any Future)."""
+        if not super().cancel():
+            return False
+        self.set_running_or_notify_cancel()  # tell wait()/as_completed() waiters; returns False here
+        slot = self._slot
+        if slot is not None:
+            self._conn.abandon(slot)
+        self._uncount()
+        return True
+
+    def _settle(self, result: Any, error: BaseException | None) -> None:
+        """The call's answer (on the reader's thread); lost quietly if ``cancel`` won the race."""
+        self._uncount()
+        try:
+            if error is None:
+                self.set_result(result)
+            else:
+                self.set_exception(error)
+        except InvalidStateError:
+            pass  # cancelled meanwhile
 
 
 class _Value:
@@ -825,7 +978,18 @@ def session(
     libraries: dict[str, str] | None = None,
     timeout: float | None = None,
 ) -> Session:
-    return Session(socket=socket, pool=pool, libraries=libraries, timeout=timeout)
+    """A session with a cruised daemon, in the style of ``pykx.remote.session(host, port)``.
+
+    With ``socket=...`` it connects now, as ``pykx.remote.session`` does: a daemon that does
+    not answer there raises ``DaemonUnavailable`` naming the path, here, not at the first call.
+    Without it, it stays lazy: it connects at the first call, to ``$CRUISED_SOCKET`` or the
+    default socket (``cruised.client.paths``), so a session can be made before the daemon
+    starts (a notebook's first cell). ``Session(...)`` itself is always lazy.
+    """
+    s = Session(socket=socket, pool=pool, libraries=libraries, timeout=timeout)
+    if socket is not None:
+        s.ping()
+    return s
 
 
 def function(session: Session) -> Callable[[Callable[..., T]], Callable[..., T]]:
@@ -842,6 +1006,7 @@ def function(session: Session) -> Callable[[Callable[..., T]], Callable[..., T]]
 
         remote.__cruised_function__ = fn  # type: ignore[attr-defined]  # a function attribute: the wrapper stays a plain function
         remote.submit = lambda *a, **k: session.submit(fn, *a, **k)  # type: ignore[attr-defined]  # likewise
+        remote.aio = lambda *a, **k: session.acall(fn, *a, **k)  # type: ignore[attr-defined]  # likewise: await f.aio(...)
         remote.session = session  # type: ignore[attr-defined]  # likewise
         return remote
 
