@@ -5,12 +5,12 @@ tests/integration/test_cancel.py."""
 from __future__ import annotations
 
 import pytest
+from unit.test_holding import busy_pool
 
 from cruised.core.dispatch import NEVER_STARTED, WorkerState
 from cruised.pool import interrupt
 from cruised.pool.wire.frames import Status
 from support.fakes import Sink, job, make, ready_all, reply
-from unit.test_holding import busy_pool
 
 
 def test_a_queued_call_is_answered_cancelled_at_once_and_never_sent() -> None:
@@ -97,7 +97,7 @@ def test_a_call_that_ignores_its_interrupt_is_answered_at_cancel_grace_and_its_w
 
 @pytest.mark.parametrize("policy", ["cancel", "finish"])
 def test_on_disconnect_cancels_or_finishes_a_gone_clients_running_call(policy: str) -> None:
-    d, clock, launcher = make(on_disconnect=policy, queue_size=4)
+    d, _, launcher = make(on_disconnect=policy, queue_size=4)
     ready_all(d)
     gone = Sink()
     running, queued = job(gone, client="gone"), job(gone, client="gone")
