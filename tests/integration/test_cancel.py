@@ -12,6 +12,7 @@ closed early, clients that disconnect (``on_disconnect``), the counters, and the
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import signal
 import subprocess
@@ -28,6 +29,8 @@ from typing import Any
 import pytest
 
 import cruised
+from cruised.client.http import run_path
+from support import httphelp
 from support.daemon import Daemon, pool_config, wait_for
 
 #: the allowance for a loaded machine on top of a bound (the tests assert bounds far below the
@@ -300,6 +303,46 @@ def test_a_client_that_disconnects_has_its_running_call_cancelled_or_finished(st
             assert s.call(abs, -2) == 2  # waited for the departed client's call to finish
         assert "finished" in lines(marker)
         assert d.status()["pools"]["default"]["requests"].get("cancelled", 0) == 0
+
+
+ENDPOINT = """
+import os, time
+
+def slow(marker):
+    with open(marker, "a") as fh:
+        fh.write(f"started {os.getpid()}\\n")
+    try:
+        time.sleep(30)
+    except KeyboardInterrupt:
+        with open(marker, "a") as fh:
+            fh.write("interrupted\\n")
+        raise
+    return "finished"
+"""
+
+
+def test_an_http_caller_that_hangs_up_has_its_endpoint_call_interrupted(start_daemon, tmp_path: Path) -> None:
+    code = httphelp.write(tmp_path / "eps.py", ENDPOINT)
+    d = start_daemon(
+        {
+            "pools": {"default": pool_config(min=1, cruise=1, max=1)},
+            "services": {"t": {"endpoints": {"slow": {"code": code, "function": "slow", "pool": "default"}}}},
+        }
+    )
+    marker = tmp_path / "marker"
+    conn = httphelp.persistent(httphelp.unix(d))
+    conn.request("POST", run_path("t", "slow"), body=json.dumps({"marker": str(marker)}).encode())
+    wait_for(lambda: lines(marker), what="the endpoint call to start")
+    worker_pid = int(lines(marker)[0].split()[1])
+    hung_up_at = time.monotonic()
+    conn.close()  # the caller hangs up without reading the answer
+    wait_for(lambda: "interrupted" in lines(marker), GRACE + SLACK, what="the endpoint function interrupted")
+    assert time.monotonic() - hung_up_at < GRACE + SLACK
+    wait_for(lambda: d.status()["pools"]["default"]["requests"].get("cancelled") == 1, what="counted as cancelled")
+    with d.session() as s:
+        assert s.call(os.getpid) == worker_pid, "the worker stays"
+    resp = httphelp.call(httphelp.unix(d), "t/slow", {"marker": "/nonexistent/dir/marker"})
+    assert resp.status == 500, "the next HTTP call runs (and fails on its own)"
 
 
 def test_session_with_a_socket_reports_a_missing_daemon_when_created(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
