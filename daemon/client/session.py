@@ -18,6 +18,15 @@ Threading model
     runs only while futures from ``submit`` are outstanding, since nobody else
     is guaranteed to read for them.
 
+Cancelling
+    A caller that stops waiting (KeyboardInterrupt in ``call``, ``CallFuture.cancel``,
+    a ``map`` closed early) withdraws its call: ``_Connection.abandon`` drops its slot
+    and sends Kind.CANCEL, and the daemon interrupts or dequeues it. The call's reply
+    still comes and, finding no slot, is dropped, so the connection stays in step.
+    Readers wait in ``poll`` so that Ctrl-C there consumes nothing; an interrupt that
+    lands mid-read or mid-send fails the connection instead (``_interrupted``).
+    The asyncio client (daemon/client/aio.py) does the same for cancelled tasks.
+
 Registration
     A function is dill-pickled once per session and sent once per connection
     (REGISTER, pipelined in front of its first CALL). Later calls carry only
@@ -60,6 +69,8 @@ IDLE_CHECK_AFTER = 0.25
 #: requests up to this size are joined into one buffer before sending; larger ones go out as a scatter list
 SMALL_SEND = 64 << 10
 CONNECT_TIMEOUT = 5.0
+#: longest wait for the send lock to send a CANCEL (see _Connection.abandon)
+CANCEL_SEND_WAIT = 1.0
 #: calls ``map`` keeps in flight; the shipped pool's queue (16) holds them all without rejections
 DEFAULT_WINDOW = 16
 
@@ -272,11 +283,17 @@ class _Connection:
             shared.close()  # a worker may still be reading or writing it: never reused
         if self.broken is not None:
             return
+        # Bounded: a map generator dropped in a reference cycle is finalized by the collector,
+        # which may run on a thread that holds the send lock (mid-send). That thread cannot be
+        # waited for; the call then runs on, and its reply is dropped all the same.
+        if not self.send_lock.acquire(timeout=CANCEL_SEND_WAIT):
+            return
         try:
-            with self.send_lock:
-                self.sock.sendall(frames.frame(Kind.CANCEL, slot.rid))
+            self.sock.sendall(frames.frame(Kind.CANCEL, slot.rid))
         except OSError:
             pass  # the connection is gone: the daemon cancels its calls (on_disconnect)
+        finally:
+            self.send_lock.release()
 
     def _lost_while_sending(self, exc: OSError) -> BaseException:
         """Fail the connection (every waiting call gets the error); the error to raise."""
@@ -563,9 +580,9 @@ class _Shipped:
 class Session:
     """A connection to a cruised pool, in the style of ``pykx.remote.session``.
 
-    ``session()`` connects lazily; ``session(...).create(socket=...)`` (the
-    PyKX 2.x two-step form) connects at once and reports a missing daemon
-    immediately.
+    ``Session(...)`` and ``session()`` connect lazily; ``session(socket=...)``,
+    and ``session(...).create(socket=...)`` (the PyKX 2.x two-step form),
+    connect at once and report a missing daemon immediately.
     """
 
     def __init__(
