@@ -14,6 +14,7 @@ or return ``cruised.CustomResponse(status, body, headers)``.
 __version__ = "0.1.0"
 
 from cruised.client.errors import (
+    CallCancelled,
     CruisedError,
     DaemonUnavailable,
     ExecutionTimeout,
@@ -28,6 +29,7 @@ from cruised.pool.api import ApiError, CustomResponse
 
 __all__ = [
     "ApiError",
+    "CallCancelled",
     "CruisedError",
     "CustomResponse",
     "DaemonUnavailable",

@@ -92,8 +92,9 @@ class AsyncConnection:
     def release(self, slot: _Pending) -> None:
         """Nothing to give back: calls on this connection have no shared file."""
 
-    async def wait(self, slot: _Pending) -> _Pending:
-        """``slot`` once answered; if the awaiting task is cancelled meanwhile, the call is withdrawn."""
+    async def wait(self, slot: _Pending, withdraw: bool = True) -> _Pending:
+        """``slot`` once answered; if the awaiting task is cancelled meanwhile, the call is
+        withdrawn (unless ``withdraw`` is False: the caller withdraws it, with others)."""
         try:
             await self.writer.drain()  # the daemon reads us: no unbounded buffer behind a burst of calls
             if not slot.done:
@@ -106,15 +107,17 @@ class AsyncConnection:
                 slot.callback = wake
                 await answered
         except BaseException:
-            self.abandon(slot)
+            if withdraw:
+                self.abandon(slot)
             raise
         return slot
 
-    def abandon(self, slot: _Pending) -> None:
-        """The caller stopped waiting: send CANCEL for the call unless it is answered already."""
-        if self.pending.pop(slot.rid, None) is None or self.broken is not None:
-            return
-        self.writer.write(frames.frame(Kind.CANCEL, slot.rid))
+    def abandon(self, *slots: _Pending) -> None:
+        """The caller stopped waiting: CANCEL the calls not answered yet, in one write, in the
+        order given (``_Connection.abandon`` says why)."""
+        out = [frames.frame(Kind.CANCEL, slot.rid) for slot in slots if self.pending.pop(slot.rid, None) is not None]
+        if out and self.broken is None:
+            self.writer.write(b"".join(out))
 
     async def _read_replies(self) -> None:
         reader = self.reader
@@ -166,12 +169,15 @@ async def connection(session: Session) -> AsyncConnection:
     return conn
 
 
-async def _result(session: Session, conn: AsyncConnection, shipped: _Shipped, args: tuple[Any, ...], kwargs: dict[str, Any], slot: _Pending) -> Any:
-    """The call's value (or its exception raised): registers again after UNKNOWN_FUNCTION, and
-    backs off and resubmits after QUEUE_FULL, as the synchronous ``map`` does."""
+async def _oldest(session: Session, conn: AsyncConnection, shipped: _Shipped, inflight: deque[tuple[tuple[Any, ...], _Pending]]) -> Any:
+    """The value of ``amap``'s oldest call (or its exception raised): registers again after
+    UNKNOWN_FUNCTION, and backs off and resubmits after QUEUE_FULL, as the synchronous ``map``
+    does. The call stays at ``inflight[0]`` meanwhile (a resubmission replaces its slot), so a
+    consumer that stops withdraws it with the others."""
+    args, slot = inflight[0]
     retried = False
     for tries in itertools.count():
-        await conn.wait(slot)
+        await conn.wait(slot, withdraw=False)
         final, value = session._outcome(conn, shipped, slot, retried)
         if not final:
             retried = True
@@ -181,7 +187,8 @@ async def _result(session: Session, conn: AsyncConnection, shipped: _Shipped, ar
             return value.value
         else:
             raise value
-        (slot,) = session._send_calls(conn, shipped, [(args, kwargs)], retried)
+        (slot,) = session._send_calls(conn, shipped, [(args, {})], retried)
+        inflight[0] = (args, slot)
     raise AssertionError("unreachable")  # pragma: no cover - itertools.count() never ends
 
 
@@ -218,13 +225,12 @@ async def amap(session: Session, fn: Callable[..., T], iterables: tuple[Iterable
     try:
         refill()
         while inflight:
-            args, slot = inflight[0]
-            value = await _result(session, conn, shipped, args, {}, slot)
+            value = await _oldest(session, conn, shipped, inflight)
             inflight.popleft()
             yield value
             if len(inflight) <= low:
                 refill()
     finally:
-        # the consumer stopped early (break, an exception, a cancelled task): withdraw the rest
-        for _, slot in inflight:
-            conn.abandon(slot)
+        # the consumer stopped early (break, an exception, a cancelled task): withdraw the rest,
+        # newest first (see _Connection.abandon)
+        conn.abandon(*(slot for _, slot in reversed(inflight)))

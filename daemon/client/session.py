@@ -269,27 +269,36 @@ class _Connection:
         assert exc is not None
         return exc
 
-    def abandon(self, slot: _Pending) -> None:
-        """The caller stopped waiting for ``slot``'s call (Ctrl-C, a cancelled future, a closed
-        ``map``): withdraw it (Kind.CANCEL) unless it is answered already. Its reply, which still
-        comes, finds no slot and is dropped, so the next call on this connection never sees it."""
-        if self.pending.pop(slot.rid, None) is None:
-            # answered already (its reply was read), or the connection failed: nothing to withdraw
-            if slot.done:
-                self.release(slot)
-            return
-        shared, slot.shared = slot.shared, None
-        if shared is not None:
-            shared.close()  # a worker may still be reading or writing it: never reused
-        if self.broken is not None:
+    def abandon(self, *slots: _Pending) -> None:
+        """The caller stopped waiting for these calls (Ctrl-C, a cancelled future, a closed
+        ``map``): withdraw them (Kind.CANCEL) unless they are answered already. Their replies,
+        which still come, find no slot and are dropped, so the next call on this connection
+        never sees them.
+
+        The CANCELs go in one send, in the order given: the daemon reads them together, so a
+        ``map`` that withdraws its newest calls first (queued, held) and its running one last
+        has them all out of the way before the interrupted worker could start one of them.
+        """
+        out: list[bytes] = []
+        for slot in slots:
+            if self.pending.pop(slot.rid, None) is None:
+                # answered already (its reply was read), or the connection failed: nothing to withdraw
+                if slot.done:
+                    self.release(slot)
+                continue
+            shared, slot.shared = slot.shared, None
+            if shared is not None:
+                shared.close()  # a worker may still be reading or writing it: never reused
+            out.append(frames.frame(Kind.CANCEL, slot.rid))
+        if not out or self.broken is not None:
             return
         # Bounded: a map generator dropped in a reference cycle is finalized by the collector,
         # which may run on a thread that holds the send lock (mid-send). That thread cannot be
-        # waited for; the call then runs on, and its reply is dropped all the same.
+        # waited for; the calls then run on, and their replies are dropped all the same.
         if not self.send_lock.acquire(timeout=CANCEL_SEND_WAIT):
             return
         try:
-            self.sock.sendall(frames.frame(Kind.CANCEL, slot.rid))
+            self.sock.sendall(b"".join(out))
         except OSError:
             pass  # the connection is gone: the daemon cancels its calls (on_disconnect)
         finally:
@@ -888,14 +897,13 @@ class Session:
         conn = self._connection()
         inflight: deque[tuple[tuple[Any, ...], _Pending]] = deque()
 
-        def result(args: tuple[Any, ...], slot: _Pending) -> Any:
+        def result() -> Any:
+            """The oldest call's value; it stays at ``inflight[0]`` (a resubmission replaces its
+            slot there) until it has one, so a consumer that stops meanwhile withdraws it too."""
+            args, slot = inflight[0]
             retried = False
             for tries in itertools.count():
-                try:
-                    conn.wait(slot)
-                except BaseException:
-                    conn.abandon(slot)  # interrupted while waiting: this call too is withdrawn
-                    raise
+                conn.wait(slot)
                 final, value = self._outcome(conn, shipped, slot, retried)
                 if not final:
                     retried = True
@@ -906,6 +914,7 @@ class Session:
                 else:
                     raise value
                 slot = self._send_call(conn, shipped, args, {}, retried)
+                inflight[0] = (args, slot)
 
         # Refills go out in batches: once half the window has been consumed, the other half is
         # sent in one sendmsg, so the daemon reads many calls per recv (and we make one syscall
@@ -922,14 +931,16 @@ class Session:
         try:
             refill()
             while inflight:
-                yield result(*inflight.popleft())
+                value = result()
+                inflight.popleft()
+                yield value
                 if len(inflight) <= low:
                     refill()
         finally:
             # the consumer stopped early (closed the generator, dropped it, or was interrupted):
-            # the calls still in flight are withdrawn, so none runs for nobody
-            for _, slot in inflight:
-                conn.abandon(slot)
+            # the calls still in flight are withdrawn, newest first (see abandon), so none runs
+            # for nobody
+            conn.abandon(*(slot for _, slot in reversed(inflight)))
 
 
 class CallFuture(Future[T]):

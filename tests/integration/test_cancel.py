@@ -12,6 +12,7 @@ closed early, clients that disconnect (``on_disconnect``), the counters, and the
 from __future__ import annotations
 
 import asyncio
+import gc
 import json
 import os
 import signal
@@ -272,14 +273,20 @@ def test_future_cancel_withdraws_a_running_and_a_queued_call(start_daemon, tmp_p
     assert d.status()["pools"]["default"]["requests"]["cancelled"] == 2
 
 
-def test_map_withdraws_its_calls_in_flight_when_its_consumer_stops(start_daemon, tmp_path: Path) -> None:
+@pytest.mark.parametrize("stop", ["close", "drop"])
+def test_map_withdraws_its_calls_in_flight_when_its_consumer_stops(start_daemon, tmp_path: Path, stop: str) -> None:
     d = one_worker(start_daemon)
     marker = tmp_path / "marker"
     with d.session() as s:
         results = s.map(tagged, [str(marker)] * 8, range(8), [0.0] + [30.0] * 7, window=8)
         assert next(results) == 0
         wait_for(lambda: "start 1" in lines(marker), what="the second call to start")
-        results.close()  # the consumer stops: 1 is interrupted, 2..7 never run
+        # the consumer stops: 1 is interrupted, 2..7 never run
+        if stop == "close":
+            results.close()
+        else:
+            del results  # dropped: the generator is finalized
+            gc.collect()
         wait_for(lambda: d.status()["pools"]["default"]["workers"]["idle"] == 1, GRACE + SLACK, what="the worker free again")
         assert s.call(abs, -1) == 1
     assert [ln for ln in lines(marker) if ln.startswith("start")] == ["start 0", "start 1"] and "end 1" not in lines(marker)
