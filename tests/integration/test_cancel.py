@@ -33,6 +33,7 @@ import cruised
 from cruised.client.http import run_path
 from support import httphelp
 from support.daemon import Daemon, pool_config, wait_for
+from support.invariants import memfds
 
 #: the allowance for a loaded machine on top of a bound (the tests assert bounds far below the
 #: 30 s a call would otherwise hold its worker)
@@ -248,6 +249,8 @@ def test_a_function_that_ignores_the_interrupt_is_killed_after_cancel_grace(star
     with d.session() as s:
         assert s.call(os.getpid) != worker_pid
     assert "did not stop within cancel_grace (1s)" in d.log()
+    # the killed worker's cancel board went with it: one per live worker in the supervisor
+    wait_for(lambda: memfds(d.status()["pid"], "cruised-cancel-") == 1, what="one cancel board, the replacement's")
 
 
 def test_future_cancel_withdraws_a_running_and_a_queued_call(start_daemon, tmp_path: Path) -> None:

@@ -247,13 +247,14 @@ def resources(pid: int) -> tuple[int, int]:
     return rss, len(os.listdir(f"/proc/{pid}/fd"))
 
 
-def memfds(pid: int | str = "self") -> int:
+def memfds(pid: int | str = "self", name: str = "cruised-call") -> int:
     """Descriptors of shared files (memfds, pool/wire/sharedfile.py) a process holds open; a mapped
-    file has two (mmap keeps a duplicate of its descriptor)."""
+    file has two (mmap keeps a duplicate of its descriptor). ``name``: ``cruised-cancel-`` counts
+    the supervisor's worker cancel boards instead (pool/interrupt.py: one per live worker)."""
     n = 0
     for fd in os.listdir(f"/proc/{pid}/fd"):
         try:
-            n += os.readlink(f"/proc/{pid}/fd/{fd}").startswith("/memfd:")
+            n += os.readlink(f"/proc/{pid}/fd/{fd}").startswith(f"/memfd:{name}")
         except OSError:
             pass  # closed meanwhile
     return n
