@@ -7,6 +7,8 @@ from __future__ import annotations
 import pytest
 from unit.test_holding import busy_pool
 
+from cruised import config
+from cruised.config import ConfigErrors
 from cruised.core.dispatch import NEVER_STARTED, WorkerState
 from cruised.pool import interrupt
 from cruised.pool.wire.frames import Status
@@ -147,3 +149,15 @@ def test_sigint_raises_only_into_the_users_code_of_the_cancelled_call() -> None:
         state.run_user(lambda: pytest.fail("must not run"))
     state.end()
     board.close()
+
+
+def test_cancel_settings_default_and_errors_name_their_key() -> None:
+    pool = config.parse({}).pools["default"]
+    assert pool.cancel_grace == 2.0 and pool.on_disconnect == "cancel"
+    assert config.parse({"pools": {"p": {"cancel_grace": "500ms", "on_disconnect": "finish"}}}).pools["p"].cancel_grace == 0.5
+    with pytest.raises(ConfigErrors) as info:
+        config.parse({"pools": {"p": {"cancel_grace": "0s", "on_disconnect": "ignore"}}})
+    assert sorted(str(e) for e in info.value.errors) == [
+        "pools.p.cancel_grace: must be positive, got 0.0",
+        "pools.p.on_disconnect: must be one of cancel, finish, got 'ignore'",
+    ]
