@@ -222,6 +222,24 @@ def markdown(results: dict[str, Any]) -> str:
             )
         lines += ["", "ProcessPoolExecutor has no admission control: it accepts everything and the wait grows for as long as the overload lasts.", ""]
 
+    where = _get(results["systems"].get("cruised", {}), "kernel")
+    if isinstance(where, dict) and "script" in where and "kernel" in where:
+        lines += [
+            "## Where the caller runs: a trivial call from a Jupyter kernel beside a script (issue 16)",
+            "",
+            "| caller | sync p50 µs | sync p90 µs | sync p99 µs | mean µs | kernel / script p50 |",
+            "|---|---:|---:|---:|---:|---:|",
+        ]
+        for side, label in (("script", "`python -c` script"), ("kernel", "Jupyter kernel (ipykernel)")):
+            w = where[side]
+            ratio = f"{w['p50_us'] / where['script']['p50_us']:.2f}"
+            lines.append(f"| {label} | {w['p50_us']:,.0f} | {w['p90_us']:,.0f} | {w['p99_us']:,.0f} | {w['mean_us']:,.0f} | {ratio} |")
+        lines += [
+            "",
+            f"The same code (bench/kernel.py) on the `fast` pool, {where['script']['n']} calls each; best p50 of {where['rounds']} alternating rounds.",
+            "",
+        ]
+
     lines += ["## Targets (issue 6), ratios within this run", "", "| target | figure | limit | met |", "|---|---|---|---|"]
     for t in targets(results):
         met = "n/a" if t["met"] is None else ("**met**" if t["met"] else "**not met**")

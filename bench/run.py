@@ -8,7 +8,8 @@ rows are meaningful even on a noisy VM:
    floors, the peers (ProcessPoolExecutor, multiprocess.Pool, pebble, Ray)
    and cruised's native client and HTTP door;
 3. the multi-client rows start 8 client processes against the daemon;
-4. scale-up, memory and overload run against their own pools;
+4. scale-up, memory and overload run against their own pools; trivial calls
+   from a Jupyter kernel are timed beside the same code as a script (bench/kernel.py);
 5. the results go to ``bench/out/<timestamp>/``: ``results.json``,
    ``results.md`` (also printed) and PNG plots; the targets of issue 6 are
    checked in ``bench/report.py``.
@@ -30,11 +31,11 @@ from pathlib import Path
 from typing import Any
 
 from . import daemon as daemon_mod
-from . import memory, overload, probe, report
+from . import kernel, memory, overload, probe, report
 from .systems import SYSTEMS, WORKERS
 
 OUT_ROOT = Path(__file__).resolve().parent / "out"
-SECTIONS = ["trivial", "payloads", "multiclient", "scaleup", "memory", "overload"]
+SECTIONS = ["trivial", "payloads", "multiclient", "scaleup", "memory", "overload", "kernel"]
 
 
 def log(msg: str) -> None:
@@ -265,6 +266,9 @@ def main(argv: list[str] | None = None) -> int:
             if "cruised" in systems:
                 cr["pids"] = memory_cruised(d)
             results["fresh_interpreter_pss_kb"] = memory.fresh_interpreter_kb()
+        if "kernel" in sections and "cruised" in systems:
+            log("cruised: trivial calls from a Jupyter kernel beside a script")
+            cr["kernel"] = kernel.compare(d.socket, 500 if quick else 5000, 1 if quick else 2, str(Path(__file__).resolve().parent.parent))
         if "overload" in sections and "cruised" in systems:
             log("cruised: overload")
             cr["overload"] = overload.cruised_overload(d.socket, "over", probe.OVER_RATE, 2.0 if quick else 10.0, daemon_mod.OVER_MS, queue_timeout=1.0)

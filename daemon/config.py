@@ -274,7 +274,7 @@ class PoolConfig:
     group: str | None = doc("…and this group (default: the user's primary group)", None)
     python: str | None = doc(
         "the pool's code env: the interpreter its workers run (/path/to/venv/bin/python); it needs no cruised "
-        "install (the daemon puts its own worker package on that interpreter's path), only `dill` for shipped functions; "
+        "install (the daemon puts its own worker package on that interpreter's path), only `cloudpickle` for shipped functions (the daemon supplies its own when the env has none); "
         "default: the daemon's own Python",
         None,
     )
@@ -536,12 +536,43 @@ class QipcConfig:
 
 
 @dataclass(frozen=True)
+class HealthConfig:
+    """What a load balancer asks of this daemon: /livez and /readyz live on the HTTP door; this is the agent."""
+
+    agent: str | None = doc(
+        "HAProxy agent-check listener host:port (agent-check agent-port): one line per connection, "
+        "'up ready maxconn:<warm workers>', 'drain' or 'down' (docs/operations.md); port 0 picks a free one; unset: off",
+        None,
+    )
+    pools: list[str] = doc("the pools whose warm workers the agent's maxconn counts (the pools HAProxy's traffic uses); empty: every pool", factory=list)
+
+    def address(self) -> tuple[str, int] | None:
+        return parse_listen(self.agent) if self.agent else None
+
+    def validate(self, path: str, errors: list[ConfigError]) -> None:
+        if self.agent is not None:
+            if ":" not in self.agent:
+                errors.append(ConfigError(f"{path}.agent", f"expected host:port (e.g. 127.0.0.1:9581), got {self.agent!r}"))
+            else:
+                try:
+                    parse_listen(self.agent)
+                except ValueError as exc:
+                    errors.append(ConfigError(f"{path}.agent", str(exc)))
+
+    def check_references(self, config: Config, errors: list[ConfigError]) -> None:
+        for i, name in enumerate(self.pools):
+            if name not in config.pools:
+                errors.append(ConfigError(f"health.pools[{i}]", f"no pool named {name!r} (configured: {', '.join(sorted(config.pools))})"))
+
+
+@dataclass(frozen=True)
 class Config:
     daemon: DaemonConfig = doc("the supervisor process", factory=DaemonConfig)
     pools: dict[str, PoolConfig] = doc("named worker pools", factory=lambda: {"default": PoolConfig()})
     services: dict[str, ServiceConfig] = doc("named endpoint services (Dataiku API-node style)", factory=dict)
     http: HttpConfig = doc("the HTTP front door", factory=HttpConfig)
     qipc: QipcConfig = doc("the kdb+ IPC front door (docs/q-developers.md)", factory=QipcConfig)
+    health: HealthConfig = doc("load-balancer health: the HAProxy agent-check listener (docs/operations.md)", factory=HealthConfig)
 
     def validate(self, path: str, errors: list[ConfigError]) -> None:
         if not self.pools:
@@ -556,6 +587,7 @@ class Config:
                 if len(f"{sname}/{ename}".encode()) > 255:
                     errors.append(ConfigError(f"services.{sname}.endpoints.{ename}", "service/endpoint name is longer than 255 bytes"))
         self.qipc.check_references(self, errors)
+        self.health.check_references(self, errors)
 
     def endpoints(self) -> dict[str, tuple[str, str, EndpointConfig]]:
         """``"service/endpoint"`` -> (service, endpoint, its config), in config order."""

@@ -52,19 +52,32 @@ PR_SET_PDEATHSIG = 1
 MAX_FDS = 4
 
 
-def die_with_parent() -> None:
-    """Ask the kernel for SIGKILL when our parent exits (Linux); exit now if it already has."""
-    parent = os.getppid()
+def die_with_parent(parent: int) -> None:
+    """Ask the kernel for SIGKILL when ``parent`` exits (Linux); exit now if it already has.
+
+    ``parent`` is the pid our parent had *before* it started us (the supervisor passes its
+    own pid on the command line; the template records its pid before each fork), never
+    ``os.getppid()`` read here: that read races the parent's death. PDEATHSIG only fires for
+    a death after the prctl, so the check after it closes the window: if the parent died
+    before, we were reparented and ``getppid()`` no longer names it. No pid is special:
+    in a container the supervisor may well be pid 1 (``unshare --pid``, a pod), and an
+    orphan's new parent need not be 1 either (a subreaper adopts it).
+
+    PDEATHSIG follows the *thread* that forked us, not the process: the supervisor starts
+    templates from its event-loop thread (daemon/core/launcher.py), which lives as long as it
+    does, and a template forks workers from its only thread. The control socket's EOF is the
+    second line of defence either way.
+    """
     try:
         libc = ctypes.CDLL(None, use_errno=True)
         libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
     except (OSError, AttributeError):
         pass  # not Linux: control-socket EOF still ends us
-    if os.getppid() != parent or parent == 1:
+    if os.getppid() != parent:
         os._exit(1)
 
 
-def drop_privileges(uid: int, gid: int) -> None:
+def drop_privileges(uid: int, gid: int, parent: int) -> None:
     """Become the pool's configured user; workers forked from here inherit it.
 
     Runs after the libraries are imported (they are the operator's, named in
@@ -74,7 +87,7 @@ def drop_privileges(uid: int, gid: int) -> None:
     os.setgroups([])
     os.setgid(gid)
     os.setuid(uid)
-    die_with_parent()
+    die_with_parent(parent)
 
 
 def send(ctl: socket.socket, msg: dict[str, Any]) -> None:
@@ -93,7 +106,15 @@ def recv(ctl: socket.socket) -> tuple[dict[str, Any] | None, list[int]]:
 
 
 def child(
-    spec: worker_mod.WorkerSpec, ctl: socket.socket, wake_r: int, wake_w: int, chan_fd: int, out_fd: int, fds_fd: int, board_fd: int | None = None
+    spec: worker_mod.WorkerSpec,
+    ctl: socket.socket,
+    wake_r: int,
+    wake_w: int,
+    chan_fd: int,
+    out_fd: int,
+    fds_fd: int,
+    template: int,
+    board_fd: int | None = None,
 ) -> int:
     """Runs in the forked worker: shed the template's state, become a worker."""
     signal.set_wakeup_fd(-1)
@@ -107,7 +128,7 @@ def child(
     ctl.close()
     os.close(wake_r)
     os.close(wake_w)
-    die_with_parent()
+    die_with_parent(template)
     os.dup2(out_fd, 1)
     os.dup2(out_fd, 2)
     os.close(out_fd)
@@ -124,8 +145,9 @@ def child(
     return worker_mod.run(spec, sock, fd_sock, board)
 
 
-def serve(ctl: socket.socket, config: dict[str, Any]) -> int:
+def serve(ctl: socket.socket, config: dict[str, Any], supervisor: int) -> int:
     children: dict[int, str] = {}
+    template = os.getpid()  # every worker's parent, recorded before its fork (die_with_parent)
     wake_r, wake_w = os.pipe()
     os.set_blocking(wake_r, False)
     os.set_blocking(wake_w, False)
@@ -141,11 +163,11 @@ def serve(ctl: socket.socket, config: dict[str, Any]) -> int:
         send(ctl, {"op": "hello", "ok": False, "error": str(exc), "python": worker_mod.PYTHON})
         return worker_mod.PRELOAD_FAILED_EXIT
     try:
-        # Every shipped function is a dill pickle: imported here once, it is shared by every
-        # worker instead of costing each new worker ~17 ms (far more in a burst) on its first call.
-        import dill  # noqa: F401 - imported for its effect: loaded once here, shared by every forked worker
+        # Every shipped function is a cloudpickle stream (pool/wire/byvalue.py): imported here once,
+        # it is shared by every worker instead of costing each new worker its import on its first call.
+        from cruised.pool.wire import byvalue  # noqa: F401 - imported for its effect: loaded once here, shared by every forked worker
     except ImportError:
-        pass  # an interpreter without dill can still serve endpoints; shipped calls report the error
+        pass  # an interpreter without cloudpickle can still serve endpoints; shipped calls report the error
     for name in config.get("warm_modules") or []:
         try:
             importlib.import_module(name)
@@ -153,7 +175,7 @@ def serve(ctl: socket.socket, config: dict[str, Any]) -> int:
             print(f"template: {name} not preloaded: {type(exc).__name__}: {exc}", file=sys.stderr, flush=True)
     if config.get("uid") is not None:
         try:
-            drop_privileges(int(config["uid"]), int(config["gid"]))
+            drop_privileges(int(config["uid"]), int(config["gid"]), supervisor)
         except OSError as exc:
             send(ctl, {"op": "hello", "ok": False, "error": f"cannot switch to uid {config['uid']}: {exc}", "python": worker_mod.PYTHON})
             return worker_mod.PRELOAD_FAILED_EXIT
@@ -211,7 +233,7 @@ def serve(ctl: socket.socket, config: dict[str, Any]) -> int:
             if pid == 0:
                 code = 70
                 try:
-                    code = child(spec, ctl, wake_r, wake_w, chan_fd, out_fd, fds_fd, board_fd)
+                    code = child(spec, ctl, wake_r, wake_w, chan_fd, out_fd, fds_fd, template, board_fd)
                 except BaseException:  # noqa: BLE001 - say why on stderr, which the supervisor logs
                     traceback.print_exc()
                 finally:
@@ -241,7 +263,10 @@ def serve(ctl: socket.socket, config: dict[str, Any]) -> int:
 
 def main() -> int:
     fd = int(sys.argv[1])
-    die_with_parent()
+    # the supervisor's pid as it saw it before starting us (argv[2]); a caller that does not
+    # pass it (an older supervisor) gets the racy read, which is still right in the common case
+    supervisor = int(sys.argv[2]) if len(sys.argv) > 2 else os.getppid()
+    die_with_parent(supervisor)
     ctl = socket.socket(fileno=fd)
     ctl.setblocking(True)
     msg, _ = recv(ctl)
@@ -249,7 +274,7 @@ def main() -> int:
         return 0
     me = os.getpid()
     try:
-        return serve(ctl, msg)
+        return serve(ctl, msg, supervisor)
     except (BrokenPipeError, ConnectionResetError):
         if os.getpid() != me:
             raise  # a forked worker's own failure: its exit says so

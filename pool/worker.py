@@ -255,7 +255,9 @@ def error_parts(exc: BaseException) -> list[bytes | memoryview]:
         "traceback": tb,
     }
     try:
-        pickled = pickle.dumps(exc, protocol=bundle.PROTOCOL)
+        # by value when its class came from the client's __main__ (bundle.dumps): the client gets
+        # its own class back, so `except MyError:` catches it
+        pickled = bundle.dumps(exc)
         pickle.loads(pickled)  # exceptions with odd __init__ signatures fail only at load
     except Exception:  # noqa: BLE001 - not picklable: the client gets the description alone
         pickled = b""
@@ -307,6 +309,7 @@ class Worker:
                 f"function {meta.get('name')!r} was shipped from Python {client_py} but this pool runs Python {PYTHON}; bytecode does not cross minor versions"
             )
         libs = import_libraries(meta.get("libraries") or {})
+        # cloudpickle's stream (pool/wire/byvalue.py); plain pickle.loads reads it
         shipped: Callable[..., Any] = pickle.loads(blob)  # the client ships only callables
         if not isinstance(shipped, types.FunctionType):
             return shipped  # any other callable: nothing to rebind
@@ -317,6 +320,10 @@ class Worker:
         fn = types.FunctionType(shipped.__code__, g, shipped.__name__, shipped.__defaults__, shipped.__closure__)
         fn.__kwdefaults__ = shipped.__kwdefaults__
         fn.__qualname__ = shipped.__qualname__
+        fn.__module__ = shipped.__module__
+        fn.__doc__ = shipped.__doc__
+        fn.__annotations__ = shipped.__annotations__
+        fn.__dict__.update(shipped.__dict__)
         # a recursive function finds itself by name in its globals
         if g.get(shipped.__name__) is shipped or shipped.__name__ not in g:
             g[shipped.__name__] = fn
@@ -366,7 +373,7 @@ class Worker:
             # a function that forked returns here in the child too: it must leave before it can
             # write a result into the caller's shared file (reply() would stop it only later)
             self.channel._only_the_worker()
-            parts = bundle.pack(result)
+            parts = bundle.pack(result, check_refs=False)  # a shipped class is not in our __main__: pickle raises for it
             if shared is not None and bundle.shareable(parts, pickle_in_file):  # large results go back through the file
                 parts = bundle.share(parts, shared, self.spec.max_message_bytes, with_pickle=pickle_in_file)
         except BaseException as exc:

@@ -1,4 +1,4 @@
-"""Command line: ``cruised serve | status | metrics | check-config | call | test | reload | env``.
+"""Command line: ``cruised serve | status | metrics | check-config | call | test | reload | drain | ready | env``.
 
 Exit codes: 0 success, 1 a command ran and reported failure, 2 bad usage or
 configuration (including another daemon already on the socket).
@@ -38,6 +38,9 @@ def _load(path: str | None) -> config_mod.Config:
 
 def cmd_serve(args: argparse.Namespace) -> int:
     _setup_logging(args.log_level, args.log_format)
+    from cruised.ops import pid1
+
+    pid1.serve_as_init()  # as a container's pid 1: fork, stay init (daemon/ops/pid1.py); returns in the supervisor
     try:
         cfg = _load(args.config)
     except ConfigErrors as exc:
@@ -92,6 +95,12 @@ def cmd_status(args: argparse.Namespace) -> int:
         print(json.dumps(st, indent=2))
         return 0
     print(f"cruised {st['version']} pid {st['pid']} {st['state']}, up {st['uptime_s']:.0f}s, socket {st['socket']}")
+    drain = st.get("drain")
+    if st.get("draining") and drain:
+        print(f"DRAINING (cruised drain; undo with cruised ready): {drain['queued']} queued, {drain['running']} running")
+    agent = st.get("agent")
+    if agent:
+        print(f"HAProxy agent-check on {agent['listen']} (counts pools {', '.join(agent['pools'])})")
     q = st.get("qipc")
     if q:
         where = f"{q['listen']}{' (TLS)' if q['tls'] else ''}" + (f" and {q['unix']}" if q["unix"] else "")
@@ -195,6 +204,9 @@ def build_parser() -> argparse.ArgumentParser:
     from cruised.cli import endpoints as endpoints_cli
 
     endpoints_cli.add_commands(sub)
+    from cruised.cli import drain as drain_cli
+
+    drain_cli.add_commands(sub)  # cruised drain [--wait] [--timeout S] | ready
     env_cli.add_commands(sub)  # cruised env build | list | prune
     for command in _commands(parser):
         _global_options(command, defaults=False)

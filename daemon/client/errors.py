@@ -69,6 +69,13 @@ class ShuttingDown(CruisedError):
     status = Status.SHUTTING_DOWN
 
 
+class Draining(ShuttingDown):
+    """The daemon is draining (``cruised drain``): the call never ran; send it to another daemon or
+    retry after ``cruised ready``. A ShuttingDown, so code that handles a stopping daemon handles this too."""
+
+    status = Status.DRAINING
+
+
 class NoSuchPool(CruisedError):
     status = Status.NO_SUCH_POOL
 
@@ -121,6 +128,7 @@ BY_STATUS: dict[int, type[CruisedError]] = {
         ExecutionTimeout,
         WorkerCrashed,
         ShuttingDown,
+        Draining,
         NoSuchPool,
         BadRequest,
         VersionMismatch,

@@ -28,7 +28,7 @@ Cancelling
     The asyncio client (daemon/client/aio.py) does the same for cancelled tasks.
 
 Registration
-    A function is dill-pickled once per session and sent once per connection
+    A function is pickled (shipping.py) once per session and sent once per connection
     (REGISTER, pipelined in front of its first CALL). Later calls carry only
     the 16-byte content key and the arguments. If the daemon no longer knows
     the key (it restarted), the call is answered UNKNOWN_FUNCTION without
@@ -485,6 +485,7 @@ _FILE_DONE = frozenset(
         Status.QUEUE_FULL,
         Status.QUEUE_TIMEOUT,
         Status.SHUTTING_DOWN,
+        Status.DRAINING,
         Status.NO_SUCH_POOL,
         Status.BAD_REQUEST,
         Status.VERSION_MISMATCH,
@@ -700,6 +701,14 @@ class Session:
         if not isinstance(info, dict) or "ok" not in info:
             raise _error_for(status, frame)
         return bool(info["ok"]), str(info.get("message", ""))
+
+    def drain(self, on: bool | None = None) -> dict[str, Any]:
+        """Start (True) or end (False) the daemon's drain, or only ask (None): the DRAIN frame's reply,
+        ``{"draining": bool, "state": "serving"|"draining"|"drained", "queued": n, "running": n}``."""
+        status, frame = self._request(Kind.DRAIN, [json.dumps({} if on is None else {"drain": on}).encode()])
+        if status != Status.OK:
+            raise _error_for(status, frame)
+        return dict(json.loads(bytes(frame[frames.HEADER_SIZE :])))
 
     def metrics(self) -> str:
         """The daemon's Prometheus metrics, as text (what ``GET /metrics`` serves)."""

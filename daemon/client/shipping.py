@@ -1,26 +1,46 @@
 """Turning a client's function into bytes a worker can load.
 
-Functions are shipped by value with dill: lambdas, closures, REPL and notebook
-code and nested helpers all work, and nothing has to be importable in the
-worker. A function from an importable module (a test module, a project file
-next to a script) is shipped by value too, together with the same-module
-helpers it references, because that module is usually not on the worker's
-path; library functions (numpy, pandas, ...) stay references.
+Functions are shipped by value with cloudpickle (pool/wire/byvalue.py, which
+also explains how a class keeps its identity): lambdas, closures, REPL,
+IPython and notebook code, nested helpers, and the classes, dataclasses,
+enums, named tuples and exceptions the caller's ``__main__`` defines all
+work, and nothing of theirs has to be importable in the worker. Arguments,
+results and exceptions holding such objects go by value too (pool/wire/bundle.py
+``pack``), both ways, so what comes back is the caller's own class.
+
+Which modules go by value
+    ``__main__``, always. A function from a module that is importable here but
+    is not an installed library (a project file next to a script, a test
+    module: ``_installed``) is shipped by value too, and so, from then on in
+    this process, is everything that module defines (its helpers, its
+    classes, in functions, arguments and results alike): that module is
+    usually not on the worker's path. Installed libraries (site-packages, the
+    standard library, cruised itself) travel by reference: the worker imports
+    them. Another project module the worker cannot import either must be
+    installed in the pool's env, or registered with
+    ``cloudpickle.register_pickle_by_value(module)`` in the client.
 
 A global named ``q`` that is a pykx connection (or pykx's embedded ``q``)
 is left behind: it cannot be pickled (it holds a socket), and in a pool with
 a ``q:`` section the worker's own ``q`` global takes its place, so code
 developed against a local ``q = pykx.SyncQConnection(...)`` ships unchanged.
 
-The content key is a hash of the dill bytes plus the session's libraries: the
-daemon and workers cache code by it, so each function crosses the wire once.
+The content key is a hash of the pickled bytes plus the session's libraries:
+the daemon and workers cache code by it, so each function crosses the wire
+once. (A function that names a ``__main__`` class carries that class's
+cloudpickle tracker id, random per client process, so its key is stable
+within a process, not across processes.)
 """
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
+import os
+import site
 import sys
+import sysconfig
 import types
 from collections.abc import Callable
 from typing import Any
@@ -41,7 +61,7 @@ Capture = tuple[dict[str, Any], str, Any]
 
 
 def _by_value(fn: types.FunctionType, module: str, memo: dict[int, types.FunctionType], captured: list[Capture] | None = None) -> types.FunctionType:
-    """A copy of ``fn`` that dill pickles by value, with minimal globals.
+    """A copy of ``fn`` that cloudpickle pickles by value (its module is ``__main__``), with minimal globals.
 
     Same-module functions it references (as globals or through its closure)
     are copied too, so helpers travel along; ``memo`` makes recursive and
@@ -57,6 +77,7 @@ def _by_value(fn: types.FunctionType, module: str, memo: dict[int, types.Functio
     copy.__qualname__ = fn.__qualname__
     copy.__doc__ = fn.__doc__
     copy.__module__ = "__main__"
+    copy.__annotations__ = fn.__annotations__
     copy.__dict__.update(fn.__dict__)
 
     def carry(value: Any) -> Any:
@@ -87,17 +108,38 @@ def _is_pykx_q(value: Any) -> bool:
     return isinstance(q_type, type) and isinstance(value, q_type)
 
 
-def dump_function(fn: Callable[..., Any], captured: list[Capture] | None = None) -> bytes:
-    """dill bytes of ``fn``; ``captured`` receives the globals it took, for ``still_current``."""
-    import dill
+@functools.cache
+def _library_dirs() -> tuple[str, ...]:
+    paths = sysconfig.get_paths()
+    dirs = {paths[k] for k in ("stdlib", "platstdlib", "purelib", "platlib") if k in paths}
+    dirs.update(site.getsitepackages())
+    dirs.add(site.getusersitepackages())
+    return tuple(os.path.join(os.path.realpath(d), "") for d in dirs)
 
-    if isinstance(fn, types.FunctionType):
-        # The copy's globals are already minimal, so dill need not trace them
-        # (recurse=True loops forever on self-referencing closures).
-        data: bytes = dill.dumps(_by_value(fn, fn.__module__, {}, captured), protocol=5, recurse=False)
-    else:
-        data = dill.dumps(fn, protocol=5, recurse=True)
-    return data
+
+def _installed(module: str | None) -> bool:
+    """Whether ``module`` is a library the worker imports by itself (see the module docstring)."""
+    if module is None or module == "__main__":
+        return module is None
+    top = module.partition(".")[0]
+    if top == "cruised" or top in sys.stdlib_module_names:
+        return True
+    path = getattr(sys.modules.get(module), "__file__", None)
+    if not path:
+        return True  # a built-in or namespace module: nothing to ship by value
+    return os.path.realpath(str(path)).startswith(_library_dirs())
+
+
+def dump_function(fn: Callable[..., Any], captured: list[Capture] | None = None) -> bytes:
+    """The pickled bytes of ``fn``; ``captured`` receives the globals it took, for ``still_current``."""
+    from cruised.pool.wire import bundle, byvalue
+
+    if isinstance(fn, types.FunctionType) and not _installed(fn.__module__):
+        if fn.__module__ != "__main__":
+            bundle.by_value(fn.__module__)  # its classes and helpers, in arguments and results too
+        # the copy's globals are minimal: only what the code names, without a pykx q
+        return byvalue.dumps(_by_value(fn, fn.__module__, {}, captured))
+    return byvalue.dumps(fn)
 
 
 _MISSING = object()

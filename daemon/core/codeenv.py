@@ -13,9 +13,12 @@ code may ``from cruised import ApiError`` in any pool.
 What the env needs
     Nothing but Python 3.10 or later and the endpoints' own libraries:
     ``cruised.pool`` imports only the standard library. Shipped functions
-    (``@cruised.function``) are pickled by dill; the shim appends the daemon's
-    own dill (pure Python) at the END of the path, so an env without dill
-    loads them and an env with its own dill uses that. They also need the
+    (``@cruised.function``), and their arguments and results when they hold
+    what the client's ``__main__`` defined, are pickled by cloudpickle; the
+    shim appends the daemon's own cloudpickle (pure Python) at the END of the
+    path, so an env without it loads them and an env with its own cloudpickle
+    uses that (it must then be a 3.x, as the client's: a stream names
+    cloudpickle's own loader functions). They also need the
     client's Python minor version: registration refuses a mismatch, naming
     both versions.
 
@@ -38,7 +41,7 @@ import sys
 import tempfile
 from typing import IO
 
-import dill
+import cloudpickle
 
 import cruised.pool
 
@@ -47,7 +50,7 @@ log = logging.getLogger("cruised.codeenv")
 _SHIM_INIT = '''"""The daemon's worker package, for a pool's own interpreter (written by cruised; do not edit)."""
 import sys
 
-# the daemon's dill, for shipped functions, LAST on the path: a dill the env has installed wins
+# the daemon's cloudpickle, for shipped functions, LAST on the path: one the env has installed wins
 if {fallback!r} not in sys.path:
     sys.path.append({fallback!r})
 
@@ -70,7 +73,7 @@ def shim_dir() -> str:
         with open(os.path.join(pkg, "__init__.py"), "w", encoding="utf-8") as fh:
             fh.write(_SHIM_INIT.format(fallback=fallback))
         os.symlink(os.path.dirname(os.path.abspath(cruised.pool.__file__)), os.path.join(pkg, "pool"))
-        os.symlink(os.path.dirname(os.path.abspath(dill.__file__)), os.path.join(fallback, "dill"))
+        os.symlink(os.path.dirname(os.path.abspath(cloudpickle.__file__)), os.path.join(fallback, "cloudpickle"))
         atexit.register(shutil.rmtree, root, True)
         _shim = path
     return _shim

@@ -304,6 +304,9 @@ class Dispatcher:
         #: registered DEFINE frames by key (the cache's own dict, read-only here): submit tests every keyed call against it
         self.code: OrderedDict[bytes, bytearray] = self.code_cache.frames
         self.accepting = True
+        #: (status, message) every new call is refused with, or None: shutdown (SHUTTING_DOWN, for
+        #: good) or a drain (DRAINING, until ``set_draining(False)``). One test on the hot path for both.
+        self.refusal: tuple[int, str] | None = None
         self.python: str | None = None  # the pool's interpreter version, once a worker said it
         #: the latest READY report of a worker (its endpoints' load results: daemon/core/services.py)
         self.ready_info: dict[str, Any] = {}
@@ -339,8 +342,8 @@ class Dispatcher:
     def submit(self, job: Job) -> None:
         now = self.clock.time()
         job.admitted = now
-        if not self.accepting:
-            self._finish(job, Status.SHUTTING_DOWN, "cruised is shutting down; not accepting new requests", "rejected")
+        if self.refusal is not None:
+            self._finish(job, self.refusal[0], self.refusal[1], "rejected")
             return
         if job.key is not None and job.key not in self.code:
             # the daemon restarted or evicted it: the client registers again and retries
@@ -968,8 +971,21 @@ class Dispatcher:
 
     def stop_accepting(self) -> None:
         self.accepting = False
+        self.refusal = (Status.SHUTTING_DOWN, "cruised is shutting down; not accepting new requests")
         _cancel(self._manage_timer)
         self._manage_timer = None
+
+    def set_draining(self, on: bool) -> None:
+        """Refuse new calls with DRAINING (``cruised drain``), or take them again; queued, held and
+        running calls are untouched, and workers stay warm. A pool that stopped accepting for good
+        (shutdown, retired by a reload) keeps refusing with SHUTTING_DOWN."""
+        if self.accepting:
+            self.refusal = (Status.DRAINING, DRAINING_MESSAGE) if on else None
+
+    def in_flight(self) -> tuple[int, int]:
+        """(queued, running): calls admitted and not answered yet; held ones count as queued."""
+        running = sum(1 for w in self.workers.values() if w.job is not None)
+        return len(self.queue) + self.held_count, running
 
     def idle_now(self) -> bool:
         return not self.queue and all(w.job is None for w in self.workers.values())
@@ -1001,6 +1017,10 @@ class Dispatcher:
     def status(self) -> dict[str, Any]:
         """The pool's section of the status document (daemon/core/poolstatus.py)."""
         return self._report.document()
+
+
+#: what a call sent to a draining daemon is refused with (every door words it from the DRAINING status)
+DRAINING_MESSAGE = "cruised is draining (cruised drain): not accepting new requests; send them to another daemon or retry after `cruised ready`"
 
 
 #: a worker's reply status -> the outcome counted for it

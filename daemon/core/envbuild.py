@@ -14,7 +14,7 @@ The key
     when the way envs are built changes). Nothing else goes in: in
     particular not cruised's version, because the env holds only the
     definition's packages. The workers' own code (``cruised.pool``) and the
-    daemon's ``dill`` reach the env's interpreter through the same shim as a
+    daemon's ``cloudpickle`` reach the env's interpreter through the same shim as a
     ``pools.<name>.python`` env (core/codeenv.py: a path entry put first at
     template start), so after a cruised upgrade a built env is still valid and
     its workers speak the new daemon's wire format. The patch version of the

@@ -114,7 +114,9 @@ class PoolLauncher:
         env = codeenv.template_env(self.python, env)
         try:
             self.template = subprocess.Popen(
-                [self.python, "-m", "cruised.pool.template", str(theirs.fileno())],
+                # our pid goes along: the template checks its parent against it, never against a
+                # guess such as "1 means orphaned" (false when the supervisor is a container's pid 1)
+                [self.python, "-m", "cruised.pool.template", str(theirs.fileno()), str(os.getpid())],
                 pass_fds=[theirs.fileno()],
                 stdin=subprocess.DEVNULL,
                 stderr=subprocess.PIPE,  # logged by codeenv.TemplateOutput; its last line explains a failed start

@@ -26,7 +26,7 @@ init file or code may have changed on disk, and a generation is one
 consistent snapshot (as on a DSS API node).
 
 Settings that belong to listening sockets (``daemon.socket``, ``http.*``
-addresses) are not re-bound: a change there is logged and needs a restart.
+addresses, ``health.agent``) are not re-bound: a change there is logged and needs a restart.
 API keys, services and endpoints take effect with the swap.
 
 Ownership: the supervisor owns the serving generation and changes it only
@@ -179,6 +179,8 @@ class Reloader:
             changed.append("http.enabled/socket/listen")
         if (old.qipc.listen, old.qipc.unix, old.qipc.tls_cert, old.qipc.tls_key) != (new.qipc.listen, new.qipc.unix, new.qipc.tls_cert, new.qipc.tls_key):
             changed.append("qipc.listen/unix/tls_cert/tls_key")
+        if old.health.agent != new.health.agent:
+            changed.append("health.agent")  # health.pools applies at once: the agent reads the serving config per connection
         if changed:
             log.warning("reload: %s changed; listening sockets are kept until a restart", ", ".join(changed))
 

@@ -38,6 +38,15 @@ Signals
     SIGHUP: reload (daemon/core/reload.py: a new generation of pools is warmed and
     swapped in; the old one finishes what it holds, then exits).
 
+Drain (``cruised drain`` / ``cruised ready``, the DRAIN frame)
+    ``set_draining`` flips one flag here and in every serving and warming
+    dispatcher (``Dispatcher.set_draining``): new calls on every door are
+    refused with DRAINING, queued and running ones finish, workers stay warm,
+    /readyz answers 503 and the HAProxy agent (daemon/ops/haproxy_agent.py)
+    ``drain``. The flag outlives a reload (``_build`` applies it to each new
+    generation) and is undone only by ``cruised ready``; SIGTERM during a
+    drain shuts down as always.
+
 Operations
     Metrics (daemon/ops/metrics.py) and the access log (daemon/ops/logs.py) are
     dispatcher observers attached to every pool; ``render_metrics`` serves
@@ -82,6 +91,7 @@ from cruised.pool import heap
 if TYPE_CHECKING:
     from cruised.doors.http.app import HttpDoor
     from cruised.doors.qipc.door import QipcDoor
+    from cruised.ops.haproxy_agent import HaproxyAgent
 
 log = logging.getLogger("cruised.supervisor")
 
@@ -143,6 +153,8 @@ class Supervisor:
         self.qipc: QipcDoor | None = None  # the kdb+ IPC door, only when qipc.listen is set
         self.started = time.time()
         self.state = "starting"
+        #: ``cruised drain`` in force (see "Drain" above); read by ``_build``, so set before generation 1
+        self.draining = False
         self._signals: asyncio.Queue[int] = asyncio.Queue()
         self._stop = asyncio.Event()
         self._fast = False
@@ -150,6 +162,7 @@ class Supervisor:
         self.metrics = Metrics(lambda: self._serving.dispatchers)
         self.access_log = AccessLog(call_later=self.loop.call_later) if config.daemon.access_log else None
         self.notifier: systemd.Notifier | None = None
+        self.agent: HaproxyAgent | None = None  # the HAProxy agent-check listener, only when health.agent is set
         #: sockets passed by systemd that the native door did not take, by name (for the other doors)
         self.activated: dict[str, socket.socket] = {}
         self._signal_task: asyncio.Task[None] | None = None
@@ -179,6 +192,8 @@ class Supervisor:
         for pool in gen.pools.values():
             pool.dispatcher.on_change = self._check_ready
             self._attach_observers(pool)
+            if self.draining:  # a reload during a drain: the new pools refuse new calls too
+                pool.dispatcher.set_draining(True)
         return gen
 
     def install(self, gen: Generation) -> Generation:
@@ -223,7 +238,35 @@ class Supervisor:
     def readiness(self) -> list[str]:
         if self.state == "stopping":
             return ["shutting down"]
-        return services.readiness(self.config, self._serving.dispatchers)
+        draining = ["draining (cruised drain): not taking new calls until cruised ready"] if self.draining else []
+        return draining + services.readiness(self.config, self._serving.dispatchers)
+
+    # -- drain -------------------------------------------------------------------
+
+    def set_draining(self, on: bool) -> None:
+        """Refuse new calls on every door (True) or take them again (False); see "Drain" above."""
+        if on != self.draining:
+            log.info("%s", "drain: refusing new calls; queued and running ones finish" if on else "ready: taking new calls again")
+        self.draining = on
+        for pool in (*self._serving.pools.values(), *self.reloader.warming):
+            pool.dispatcher.set_draining(on)
+        self.metrics.draining.set(1 if on else 0)  # systemd's STATUS= shows it at its next refresh (_status_line)
+
+    def drain_report(self) -> dict[str, Any]:
+        """``{"draining", "state", "queued", "running"}`` over every pool (retiring ones too): what ``drain --wait`` polls."""
+        queued = running = 0
+        for d in self.all_dispatchers():
+            q, r = d.in_flight()
+            queued += q
+            running += r
+        state = "serving" if not self.draining else ("drained" if queued + running == 0 else "draining")
+        return {"draining": self.draining, "state": state, "queued": queued, "running": running}
+
+    def drain(self, on: bool | None) -> dict[str, Any]:
+        """The DRAIN frame (DoorHost): start or end a drain, or only report (``on`` None)."""
+        if on is not None:
+            self.set_draining(on)
+        return self.drain_report()
 
     def auth_failed(self, door: str) -> None:
         self.metrics.auth_failed(door)
@@ -244,6 +287,17 @@ class Supervisor:
             except BaseException:
                 self.native.stop_listening()
                 raise
+        if self.config.health.agent:
+            from cruised.ops.haproxy_agent import HaproxyAgent
+
+            self.agent = HaproxyAgent(self)
+            try:
+                await self.agent.start()
+            except BaseException:
+                self.native.stop_listening()
+                if self.http is not None:
+                    await self.http.close()
+                raise
         if self.config.qipc.listen:
             from cruised.doors.qipc.door import QipcDoor
 
@@ -254,6 +308,8 @@ class Supervisor:
                 self.native.stop_listening()
                 if self.http is not None:
                     await self.http.close()
+                if self.agent is not None:
+                    self.agent.close()
                 raise
         for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR1):
             self.loop.add_signal_handler(sig, self._signals.put_nowait, sig)
@@ -316,7 +372,8 @@ class Supervisor:
         """systemd's STATUS=: the pool summary, plus why a pool cannot start (what `systemctl status` should show)."""
         errors = [f"{name}: {d.last_error}" for name, d in self._serving.dispatchers.items() if d.last_error]
         building = envbuild.status_note(p.launcher for p in self.all_pools())  # "; pool x building env (12s): ..."
-        return self.summary() + building + (f"; last error {'; '.join(errors)}" if errors else "")
+        draining = "; draining (cruised drain)" if self.draining else ""
+        return self.summary() + draining + building + (f"; last error {'; '.join(errors)}" if errors else "")
 
     def _healthy(self) -> bool:
         """Worth a watchdog ping: the loop runs (we are in it) and still reacts to signals."""
@@ -412,6 +469,8 @@ class Supervisor:
             await self.http.close()
         if self.qipc is not None:
             await self.qipc.close()
+        if self.agent is not None:
+            self.agent.close()  # it answered "down" since shutdown began
         if self.native is not None:
             self.native.close_all()
             # let the last replies leave before the loop goes away
@@ -434,6 +493,9 @@ class Supervisor:
             "generation": self._serving.number,
             "http": self.http.describe() if self.http is not None else None,
             "qipc": self.qipc.describe() if self.qipc is not None else None,
+            "agent": self.agent.describe() if self.agent is not None else None,
+            "draining": self.draining,
+            "drain": self.drain_report(),
             "pools": self.pool_status(),
             "retiring_pools": len(self.reloader.retiring),
             "services": services.describe(self.config, self._serving.dispatchers),

@@ -60,7 +60,13 @@ def http_auth(cfg: Config) -> dict[str, Any]:
         "unix": {"socket_mode": oct(d.socket_mode), "allow_uids": list(d.allow_uids), "allow_gids": list(d.allow_gids)},
         "tcp": {"api_keys_for": keyed, "no_key_for": keyless_services(cfg)} if cfg.http.listen else None,
         "code": "never (the HTTP door has no route for shipped functions)",
+        "probes": "/livez, /healthz, /readyz: no key (they say only whether the daemon runs and takes calls)",
     }
+
+
+def agent_line(address: str) -> str:
+    """The HAProxy agent's start-up line: what anyone who reaches it gets."""
+    return f"haproxy agent-check on {address} (TCP, no auth): one line of state (up ready maxconn:N / drain / down) per connection; reads nothing, runs nothing"
 
 
 def http_line(cfg: Config, address: str) -> str:

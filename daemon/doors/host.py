@@ -39,6 +39,15 @@ class DoorHost(Protocol):
         """``starting``, ``ready`` or ``stopping``."""
         ...
 
+    @property
+    def draining(self) -> bool:
+        """``cruised drain`` is in force: every door refuses new calls (DRAINING) until ``cruised ready``."""
+        ...
+
+    def drain(self, on: bool | None) -> dict[str, Any]:
+        """Start (True) or end (False) a drain, or only report (None): ``{"draining", "state", "queued", "running"}``."""
+        ...
+
     def dispatcher(self, pool: str) -> Dispatcher | None:
         """The serving generation's dispatcher of ``pool``, None if there is no such pool."""
         ...

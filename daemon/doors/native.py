@@ -189,6 +189,8 @@ class ClientConnection:
                 self.channel.write([frames.frame(Kind.REPLY, reqid)])
             elif kind == Kind.METRICS:
                 self.channel.write([frames.frame(Kind.REPLY, reqid, self.host.render_metrics())])
+            elif kind == Kind.DRAIN:
+                self._drain(buf, reqid)
             elif kind == Kind.RELOAD:
                 self.host.request_reload(lambda ok, msg: self._reply_json(reqid, {"ok": ok, "message": msg}, Status.OK if ok else Status.BAD_REQUEST))
             else:
@@ -217,6 +219,18 @@ class ClientConnection:
         frames.set_reqid(buf, 0)
         disp.register(key, buf)
         self.channel.write([frames.frame(Kind.REPLY, reqid)])
+
+    def _drain(self, buf: bytearray, reqid: int) -> None:
+        """DRAIN: ``{"drain": bool}`` starts or ends a drain, ``{}`` (or nothing) only asks; the reply is the drain report."""
+        raw = bytes(buf[frames.HEADER_SIZE :])
+        request = json.loads(raw) if raw.strip() else {}
+        on = request.get("drain") if isinstance(request, dict) else None
+        if not isinstance(request, dict) or not (on is None or isinstance(on, bool)):
+            self._refuse(reqid, Status.BAD_REQUEST, 'a DRAIN payload is {"drain": true|false} or {}')
+            return
+        if on is not None:
+            log.info("drain %s by client pid=%s uid=%s", "started" if on else "ended", self.peer[0], self.peer[1])
+        self._reply_json(reqid, self.host.drain(on))
 
     def on_close(self, channel: Channel, error: BaseException | None) -> None:
         self.server.connections.discard(self)

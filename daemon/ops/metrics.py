@@ -16,7 +16,7 @@ Data flow::
     GET /metrics (HTTP door), METRICS frame (`cruised metrics`)
         -> Supervisor.render_metrics() -> Metrics.render() -> generate_latest(own registry)
               RequestCollector: the request counter and histograms above
-              counters above
+              counters above, cruised_draining (set by Supervisor.set_draining)
               + PoolCollector: queue depth, worker states, limits... read from each
                 dispatcher at scrape time (nothing to keep in sync)
               + ProcessCollector: the supervisor's own fds, memory, CPU
@@ -61,6 +61,7 @@ from typing import TYPE_CHECKING
 from prometheus_client import (
     CollectorRegistry,
     Counter,
+    Gauge,
     Info,
     ProcessCollector,
     disable_created_metrics,
@@ -220,6 +221,8 @@ class Metrics:
         Info("cruised_build", "Version of cruised and of the supervisor's Python.", registry=r).info(
             {"version": __version__, "python": "{}.{}.{}".format(*sys.version_info[:3])}
         )
+        #: 1 while the daemon drains (``cruised drain``: new calls refused, /readyz 503, the agent says ``drain``), else 0
+        self.draining = Gauge("cruised_draining", "1 while the daemon is draining (cruised drain): new calls are refused until cruised ready.", registry=r)
         r.register(PoolCollector(dispatchers))
         if process:
             ProcessCollector(namespace="cruised", registry=r)
@@ -315,7 +318,7 @@ class PoolCollector:
 
     def collect(self) -> Iterable[Metric]:
         families = self._families()
-        depth, capacity, workers, limits, q_connected, oldest, held = families
+        depth, capacity, workers, limits, q_connected, q_required, oldest, held = families
         for name, d in self.dispatchers().items():
             held.add_metric([name], d.counters.held)
             depth.add_metric([name], len(d.queue) + d.held_count)
@@ -335,12 +338,20 @@ class PoolCollector:
             # the q-connection feature adds Dispatcher.q_connected(); until then no worker holds one
             q = getattr(d, "q_connected", None)
             q_connected.add_metric([name], q() if callable(q) else 0)
+            q_required.add_metric([name], 1 if d.config.q is not None and d.config.q.required else 0)
             oldest.add_metric([name], d.clock.time() - d.queue[0].admitted if d.queue else 0.0)
         return families
 
     @staticmethod
     def _families() -> tuple[
-        GaugeMetricFamily, GaugeMetricFamily, GaugeMetricFamily, GaugeMetricFamily, GaugeMetricFamily, GaugeMetricFamily, CounterMetricFamily
+        GaugeMetricFamily,
+        GaugeMetricFamily,
+        GaugeMetricFamily,
+        GaugeMetricFamily,
+        GaugeMetricFamily,
+        GaugeMetricFamily,
+        GaugeMetricFamily,
+        CounterMetricFamily,
     ]:
         return (
             GaugeMetricFamily("cruised_queue_depth", "Requests waiting for a worker (in the queue or held by a busy one).", labels=["pool"]),
@@ -348,6 +359,10 @@ class PoolCollector:
             GaugeMetricFamily("cruised_workers", "Worker processes by state.", labels=["pool", "state"]),
             GaugeMetricFamily("cruised_pool_size_limits", "The pool's min, cruise and max.", labels=["pool", "limit"]),
             GaugeMetricFamily("cruised_q_connected_workers", "Workers holding a live q connection.", labels=["pool"]),
+            # what an alert on a lost q connection needs to know: only a required pool stops serving without it
+            GaugeMetricFamily(
+                "cruised_q_required", "1 if the pool's q connection is required (pools.<name>.q.required): it is ready only while connected.", labels=["pool"]
+            ),
             GaugeMetricFamily("cruised_oldest_queued_seconds", "Age of the oldest queued request (0 if none).", labels=["pool"]),
             CounterMetricFamily("cruised_held_calls", "Calls handed to a busy worker to wait behind its running one (prefetch).", labels=["pool"]),
         )

@@ -51,6 +51,13 @@ CANCEL (9)     client -> sup: empty; ``reqid`` names an earlier CALL of this
                function stops, or after ``pools.<name>.cancel_grace`` when
                the worker is killed), or its own result if it had already
                finished. A CANCEL naming no outstanding call is ignored
+DRAIN (10)     client -> sup: JSON ``{"drain": true|false}`` starts or ends
+               a drain (``cruised drain`` / ``cruised ready``), ``{}`` or
+               empty only asks; reply JSON ``{"draining": bool, "state":
+               "serving"|"draining"|"drained", "queued": n, "running": n}``
+               (calls still queued or running in every pool, retiring ones
+               included). While draining, every door refuses new calls
+               (DRAINING); queued and running ones finish
 DEFINE (16)    sup -> wkr: the REGISTER payload, unchanged (kind patched,
                reqid 0), ahead of the first CALL of that function a worker
                gets
@@ -88,10 +95,10 @@ REPLY (64)     every reply: ``status`` says how to read the payload
 Call head: ``u8 len + pool name, u32 timeout_ms (0 = pool default), 16-byte
 function key``, then the args bundle. Register head: ``u8 len + pool name,
 16-byte key, u16 len + JSON meta ({"python": "3.11", "libraries": {...},
-"name": ...})``, then the dill blob of the function. The q door defines
+"name": ...})``, then the cloudpickle blob of the function. The q door defines
 pykx.remote functions with the same DEFINE frame: meta ``{"source": true,
 "name": ..., "libraries": {...}}`` and the source text the client sent
-instead of a dill blob (pool/qcall.py ``load_source``).
+instead of a cloudpickle blob (pool/qcall.py ``load_source``).
 
 A *bundle* is a pickle (protocol 5) with its out-of-band buffers, so numpy
 arrays cross without extra copies: ``u16 nbuf, u64 length x (nbuf + 1)``, then
@@ -173,6 +180,9 @@ CANCELLED (20)             the daemon or a worker: the call was cancelled
                            interrupted (the function saw KeyboardInterrupt;
                            whatever it returned or raised after that is not
                            sent), or its worker killed after cancel_grace
+DRAINING (21)              the daemon, a refusal: it is draining (``cruised
+                           drain``; never ran): send the call to another
+                           daemon, or retry after ``cruised ready``
 =========================  ===================================================
 
 Endpoint calls
@@ -274,6 +284,7 @@ class _Kind(Constants):
     METRICS: Final = 7
     PASS_FDS: Final = 8
     CANCEL: Final = 9
+    DRAIN: Final = 10
     DEFINE: Final = 16
     ENDPOINT: Final = 17
     SETUP: Final = 18
@@ -308,6 +319,7 @@ class _Status(Constants):
     API_ERROR: Final = 18  # endpoint: the function raised an error carrying an HTTP status
     NOT_RUN: Final = 19  # worker -> supervisor: a HELD call's queue deadline passed (or it was cancelled) before it could start
     CANCELLED: Final = 20  # the call was cancelled by its client (Kind.CANCEL) or its client's departure
+    DRAINING: Final = 21  # the daemon is draining (cruised drain): new calls are refused, running ones finish
 
 
 Kind: Final = _Kind()

@@ -61,3 +61,11 @@ def test_scaleup_memory_overload_rows(tmp_path: Path) -> None:
     assert over["not_exactly_one_reply"] == 0, over
     assert over["accepted"] > 0 and over["rejected"] > 0, over  # 2x capacity must shed load
     assert res["systems"]["ppe"]["overload"]["not_exactly_one_reply"] == 0
+
+
+def test_kernel_row_times_a_script_and_a_jupyter_kernel(tmp_path: Path) -> None:
+    pytest.importorskip("ipykernel")
+    res = run_bench(tmp_path, "cruised", "kernel")
+    where = res["systems"]["cruised"]["kernel"]
+    assert where["script"]["n"] == where["kernel"]["n"] == 500
+    assert where["script"]["p50_us"] > 0 and where["kernel"]["p50_us"] > 0

@@ -9,6 +9,7 @@ own pool only.
 
 from __future__ import annotations
 
+import dataclasses
 import glob
 import importlib.util
 import os
@@ -126,7 +127,13 @@ def test_the_library_is_missing_in_the_main_pool(envs: Daemon) -> None:
     assert "No module named 'verlib'" in error_of(resp)["message"]
 
 
-def test_shipped_functions_work_in_an_env_without_dill(envs: Daemon) -> None:
+@dataclasses.dataclass
+class Pair:
+    a: int
+    b: int
+
+
+def test_shipped_functions_work_in_an_env_without_cloudpickle(envs: Daemon) -> None:
     with envs.session(pool="env-a") as s:
         assert s.call(lambda x: x + 1, 41) == 42
 
@@ -136,6 +143,10 @@ def test_shipped_functions_work_in_an_env_without_dill(envs: Daemon) -> None:
             return sys.prefix
 
         assert s.call(where).endswith("venv-a")
+        # a class of this (unimportable there) module, by value both ways: the env has no
+        # cloudpickle of its own, so the results go back through the daemon's copy too
+        out = s.call(lambda p: Pair(p.b, p.a), Pair(1, 2))
+        assert type(out) is Pair and out == Pair(2, 1)
 
 
 def test_a_missing_interpreter_fails_its_pool_alone(envs: Daemon) -> None:

@@ -145,15 +145,27 @@ def test_exception_that_cannot_be_recreated_becomes_remote_error(daemon: Daemon)
     s = daemon.session()
 
     def odd():
+        raise Unpicklable(1, 2)
+
+    with pytest.raises(cruised.RemoteError, match="Unpicklable: 1/2") as info:
+        s.call(odd)
+    assert "Traceback" in info.value.traceback_text
+    assert isinstance(info.value, cruised.CruisedError)
+
+
+def test_an_exception_class_defined_in_the_worker_comes_back_by_value(daemon: Daemon) -> None:
+    s = daemon.session()
+
+    def local():
         class Local(Exception):
             pass
 
         raise Local("defined inside the worker")
 
-    with pytest.raises(cruised.RemoteError, match="Local: defined inside the worker") as info:
-        s.call(odd)
-    assert "Traceback" in info.value.traceback_text
-    assert isinstance(info.value, cruised.CruisedError)
+    with pytest.raises(Exception, match="defined inside the worker") as info:
+        s.call(local)
+    assert type(info.value).__name__ == "Local" and not isinstance(info.value, cruised.CruisedError)
+    assert "Traceback" in str(info.value.__cause__)
 
 
 def test_numpy_pandas_and_pykx_objects_survive(daemon: Daemon) -> None:
@@ -249,7 +261,7 @@ def test_functions_from_a_script_and_the_plain_repl(daemon: Daemon) -> None:
     )
     out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
     assert "RESULT 30 lam" in out.stdout, out.stderr
-    # the interactive interpreter: source of REPL functions is not retrievable, dill ships them anyway
+    # the interactive interpreter: source of REPL functions is not retrievable, cloudpickle ships them anyway
     repl = subprocess.run(
         [sys.executable, "-i", "-q"],
         input=(f"import cruised\ns = cruised.session(socket={daemon.socket!r})\ndef sq(x):\n    return x * x\n\nprint('REPL', s.call(sq, 9))\n"),

@@ -97,7 +97,15 @@ def group_members(pgid: int) -> list[str]:
 
 
 class Daemon:
-    def __init__(self, config: dict[str, Any] | str, workdir: Path, env: dict[str, str] | None = None, args: list[str] | None = None) -> None:
+    def __init__(
+        self,
+        config: dict[str, Any] | str,
+        workdir: Path,
+        env: dict[str, str] | None = None,
+        args: list[str] | None = None,
+        prefix: list[str] | None = None,
+        command: list[str] | None = None,
+    ) -> None:
         self.workdir = workdir
         self.config_path = workdir / "config.yaml"
         if isinstance(config, str):
@@ -115,12 +123,18 @@ class Daemon:
         if env:
             self.env.update(env)
         self.args = args or []
+        #: a command the daemon runs under (``unshare --pid --fork``): ``proc`` is then that command's
+        #: process; a test that finds the daemon's own pid sets ``signal_pid`` so signals reach it
+        self.prefix = prefix or []
+        #: how cruised itself is started: this interpreter's, or an installed entry point (the image's)
+        self.command = command or [sys.executable, "-m", "cruised"]
+        self.signal_pid: int | None = None
         self.proc: subprocess.Popen[bytes] | None = None
 
     def start(self, wait_ready: bool = True) -> Daemon:
         self._log = open(self.log_path, "ab")
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "cruised", "serve", "--config", str(self.config_path), *self.args],
+            [*self.prefix, *self.command, "serve", "--config", str(self.config_path), *self.args],
             stdin=subprocess.DEVNULL,
             stdout=self._log,
             stderr=subprocess.STDOUT,
@@ -171,7 +185,10 @@ class Daemon:
 
     def signal(self, sig: int) -> None:
         assert self.proc is not None
-        self.proc.send_signal(sig)
+        if self.signal_pid is not None:
+            os.kill(self.signal_pid, sig)
+        else:
+            self.proc.send_signal(sig)
 
     def wait_exit(self, timeout: float = 30.0) -> int:
         assert self.proc is not None
@@ -182,7 +199,10 @@ class Daemon:
         code = None
         if self.proc is not None:
             if self.proc.poll() is None:
-                self.proc.send_signal(signal.SIGTERM)
+                try:
+                    self.signal(signal.SIGTERM)
+                except ProcessLookupError:
+                    pass  # signal_pid already gone; its parent (proc) exits in a moment
                 try:
                     code = self.proc.wait(timeout=timeout)
                 except subprocess.TimeoutExpired:

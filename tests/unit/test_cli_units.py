@@ -18,6 +18,8 @@ REQUIRED = {
     "call": ["svc/ep"],
     "test": [],
     "reload": [],
+    "drain": [],
+    "ready": [],
     "env": ["list"],  # and its other subcommands: global options reach nested commands too
 }
 

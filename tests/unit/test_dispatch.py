@@ -226,6 +226,40 @@ def test_shutdown_refuses_new_work() -> None:
     assert sink.replies[0][1] == Status.SHUTTING_DOWN
 
 
+def test_a_drain_refuses_new_calls_lets_admitted_ones_finish_and_is_undone_by_ready() -> None:
+    d, _, launcher = make(max=1, queue_size=4)
+    ready_all(d)
+    sink = Sink()
+    d.submit(job(sink))  # runs
+    d.submit(job(sink))  # queued
+    assert d.in_flight() == (1, 1)
+    d.set_draining(True)
+    d.submit(job(sink))
+    assert sink.replies[-1][1] == Status.DRAINING and "cruised ready" in sink.replies[-1][2]
+    w = launcher.sent[0][0]
+    reply(d, w)  # the running call answers; the queued one starts on the same worker
+    assert d.in_flight() == (0, 1)
+    reply(d, w)
+    assert d.in_flight() == (0, 0)
+    assert [s for _, s, _ in sink.replies] == [Status.DRAINING, Status.OK, Status.OK]
+    assert d.live() == 1, "a drain keeps the workers warm"
+    d.set_draining(False)
+    d.submit(job(sink))
+    reply(d, w)
+    assert sink.replies[-1][1] == Status.OK
+
+
+def test_a_shutdown_outranks_a_drain_and_ready_cannot_undo_it() -> None:
+    d, _, _ = make()
+    ready_all(d)
+    d.set_draining(True)
+    d.stop_accepting()
+    d.set_draining(False)
+    sink = Sink()
+    d.submit(job(sink))
+    assert sink.replies[0][1] == Status.SHUTTING_DOWN
+
+
 @pytest.mark.parametrize("n", [1, 7, 50])
 def test_every_accepted_job_gets_exactly_one_reply_under_mixed_events(n: int) -> None:
     d, clock, _launcher = make(cruise=2, max=3, queue_size=5, queue_timeout=1.0, exec_timeout=2.0)

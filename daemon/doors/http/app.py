@@ -6,9 +6,12 @@ when ``http.listen`` is set, a TCP address. Routes::
 
     POST /public/api/v1/<service>/<endpoint>/run   call an endpoint
     GET  /status    pools, workers, queues and every endpoint's state (JSON)
-    GET  /healthz   200 while the daemon's loop runs
-    GET  /readyz    200 once every pool has ``min`` warm workers and every
-                    endpoint's code loaded; else 503 with the reasons
+    GET  /livez     200 while the daemon's loop runs (a liveness probe)
+    GET  /healthz   the same as /livez (its older name)
+    GET  /readyz    200 once every required pool has ``min`` warm workers and
+                    every endpoint's code loaded, and the daemon is not
+                    draining (``cruised drain``); else 503 with the reasons
+                    (a readiness probe, HAProxy's ``option httpchk``)
     GET  /metrics   Prometheus text (``DoorHost.render_metrics``)
 
 The door sees the daemon only through ``DoorHost`` (daemon/doors/host.py).
@@ -52,6 +55,7 @@ Answers (errors are JSON ``{"errorType", "message", "detailedMessage"}``)::
     502  QConnectionError    the worker's q connection is down (the worker stays warm)
     503  QueueFull           the pool's queue is full (Retry-After)
     503  ShuttingDown        (Retry-After)
+    503  Draining            cruised drain is in force: never ran (Retry-After)
     503  EndpointUnavailable the endpoint's code failed to load (detailedMessage: traceback)
     503  PoolUnavailable     no worker is up and starting one fails (Retry-After)
     504  QueueTimeout        waited queue_timeout for a worker; never ran
@@ -65,8 +69,20 @@ Access
     HTTP Basic user with a blank password (as DSS clients send it) or as
     ``Authorization: Bearer <key>``; keys are compared in constant time and
     never logged. ``/status`` and ``/metrics`` over TCP need any service's key
-    once keys are configured; the probes never do. There is no route for
-    shipped functions: they exist only on the native Unix socket.
+    once keys are configured; the probes (/livez, /healthz, /readyz) never
+    do: a load balancer or kubelet has no key, and they reveal only whether
+    the loop runs and whether the daemon takes calls (readyz's reasons name
+    pools and endpoints, which the caller routes to anyway), nothing a call
+    could not learn from a 503. There is no route for shipped functions:
+    they exist only on the native Unix socket.
+
+Probes on the fast path
+    A probe is a GET, so the fast path hands its connection to aiohttp at
+    once (a probe per fresh connection, as HAProxy and kubelet send them,
+    costs one aiohttp handler); a keep-alive connection that made endpoint
+    calls on the fast path first is handed over at its first probe. Either
+    way the answer is these handlers', and a DRAINING refusal of a call is
+    worded by steps.py for both paths.
 """
 
 from __future__ import annotations
@@ -128,6 +144,7 @@ class HttpDoor:
         app = web.Application(middlewares=[self._errors])
         app.router.add_post(RUN_PATH, self.run, expect_handler=self._expect)
         app.router.add_get("/status", self.status)
+        app.router.add_get("/livez", self.healthz)
         app.router.add_get("/healthz", self.healthz)
         app.router.add_get("/readyz", self.readyz)
         app.router.add_get("/metrics", self.metrics)
@@ -291,8 +308,8 @@ class HttpDoor:
     async def readyz(self, request: web.Request) -> web.StreamResponse:
         reasons = self.host.readiness()
         if reasons:
-            return json_response({"ready": False, "reasons": reasons}, status=503)
-        return json_response({"ready": True})
+            return json_response({"ready": False, "draining": self.host.draining, "reasons": reasons}, status=503)
+        return json_response({"ready": True, "draining": False})
 
     async def metrics(self, request: web.Request) -> web.StreamResponse:
         self.steps.check_access(caller_of(request), None)

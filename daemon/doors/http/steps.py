@@ -92,6 +92,7 @@ class Refusal(Exception):
 _REFUSALS: dict[int, tuple[int, str, bool]] = {
     Status.QUEUE_FULL: (503, "QueueFull", True),
     Status.SHUTTING_DOWN: (503, "ShuttingDown", True),
+    Status.DRAINING: (503, "Draining", True),  # cruised drain: another daemon can take it
     Status.QUEUE_TIMEOUT: (504, "QueueTimeout", False),
     Status.EXEC_TIMEOUT: (504, "ExecutionTimeout", False),
     Status.WORKER_CRASHED: (502, "WorkerCrashed", False),

@@ -735,6 +735,8 @@ class QConnection(asyncio.BufferedProtocol):
             return qcall.error_line(f"cruised: worker died ({how})", rid)
         if status == Status.SHUTTING_DOWN:
             return qcall.error_line("cruised: shutting down", rid)
+        if status == Status.DRAINING:
+            return qcall.error_line("cruised: draining (cruised drain); call another daemon or retry after cruised ready", rid)
         if status == Status.UNKNOWN_FUNCTION:
             return qcall.error_line("cruised: the function was lost by the daemon; call it again", rid)
         return qcall.error_line(f"cruised: {message}", rid)
