@@ -408,3 +408,62 @@ async def test_asyncio_calls_map_and_cancellation(start_daemon, tmp_path: Path) 
     finally:
         s.close()
     assert d.status()["pools"]["default"]["requests"]["cancelled"] >= 1 + 1 + 5
+
+
+def test_interrupting_a_jupyter_kernel_interrupts_its_remote_call(start_daemon, tmp_path: Path) -> None:
+    """Jupyter's ■ (interrupt the kernel: SIGINT to the kernel process) on a cell that waits for a
+    long remote call: the cell ends with KeyboardInterrupt at once, the worker sees it, and the
+    next cell uses the same session, top-level ``await`` included."""
+    pytest.importorskip("ipykernel")
+    from jupyter_client.manager import start_new_kernel
+
+    d = one_worker(start_daemon)
+    marker = tmp_path / "marker"
+    km, kc = start_new_kernel(kernel_name="python3", cwd=str(tmp_path), env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    try:
+
+        def run(code: str, timeout: float = 60) -> tuple[str, list[str]]:
+            """Execute a cell; its status and what it printed (or its error's name)."""
+            out: list[str] = []
+
+            def keep(msg: dict[str, Any]) -> None:
+                content = msg["content"]
+                if msg["msg_type"] == "stream":
+                    out.append(content["text"])
+                elif msg["msg_type"] == "error":
+                    out.append(content["ename"])
+
+            reply = kc.execute_interactive(code, timeout=timeout, output_hook=keep)
+            return reply["content"]["status"], out
+
+        setup = textwrap.dedent(
+            f"""
+            import cruised, os, time
+            s = cruised.session(socket={d.socket!r})
+            def long_call(marker):
+                with open(marker, "a") as fh:
+                    fh.write(f"started {{os.getpid()}}\\n")
+                try:
+                    time.sleep(30)
+                except KeyboardInterrupt:
+                    with open(marker, "a") as fh:
+                        fh.write("interrupted\\n")
+                    raise
+            print("set up", s.call(abs, -1))
+            """
+        )
+        assert run(setup) == ("ok", ["set up 1\n"])
+        waiting = kc.execute(f"s.call(long_call, {str(marker)!r})")
+        wait_for(lambda: lines(marker), what="the cell's remote call to start")
+        interrupted_at = time.monotonic()
+        km.interrupt_kernel()
+        reply = kc.get_shell_msg(timeout=30)
+        assert reply["parent_header"]["msg_id"] == waiting
+        assert reply["content"]["status"] == "error" and reply["content"]["ename"] == "KeyboardInterrupt"
+        assert time.monotonic() - interrupted_at < SLACK, "the cell stops at once, not when the call ends"
+        wait_for(lambda: "interrupted" in lines(marker), GRACE + SLACK, what="the worker's KeyboardInterrupt")
+        assert run("print(s.call(abs, -2), await s.acall(abs, -3))", timeout=GRACE + SLACK + 10) == ("ok", ["2 3\n"])
+    finally:
+        kc.stop_channels()
+        km.shutdown_kernel(now=True)
+    assert d.status()["pools"]["default"]["requests"]["cancelled"] == 1
