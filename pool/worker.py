@@ -446,7 +446,9 @@ class Worker:
                     status, parts = Status.CANCELLED, [interrupt.INTERRUPTED]
                 ch.reply(reqid, status, parts)
             elif kind == Kind.QCALL:
+                self.interrupts.begin(reqid)
                 qcall.handle(self, reqid, buf, self.spec.max_message_bytes)
+                self.interrupts.end()
             elif kind == Kind.PING:
                 ch.reply(reqid, Status.OK, [])
             else:

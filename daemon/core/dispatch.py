@@ -433,10 +433,10 @@ class Dispatcher:
         * held by a busy worker: posted on the worker's cancel board first, then the worker's
           replies are read. Still held after that, the worker has not started it and will not
           (it answers NOT_RUN when it gets there: pool/interrupt.py), so it is answered now;
-        * running (a CALL or ENDPOINT): posted, and the worker is sent SIGINT, so the function
-          sees KeyboardInterrupt; the worker answers CANCELLED when it stops. If it has not within
-          ``cancel_grace``, the call is answered CANCELLED and the worker killed (``_cancel_overdue``).
-          Other kinds (CHECK, QCALL) cannot be interrupted and finish.
+        * running (a CALL, ENDPOINT or QCALL): posted, and the worker is sent SIGINT, so the
+          function sees KeyboardInterrupt; the worker answers CANCELLED when it stops. If it has not
+          within ``cancel_grace``, the call is answered CANCELLED and the worker killed
+          (``_cancel_overdue``). A CHECK (a library import) cannot be interrupted and finishes.
         """
         if job.answered or job.cancel_by:
             return
@@ -1040,7 +1040,7 @@ _OUTCOMES: dict[int, str] = {  # keyed by a reply's raw status
 NEVER_STARTED = "cancelled before it started; it never ran"
 
 #: job kinds a worker can interrupt (pool/interrupt.py); a cancelled running job of another kind finishes
-INTERRUPTIBLE = frozenset({frames.Kind.CALL, frames.Kind.ENDPOINT})
+INTERRUPTIBLE = frozenset({frames.Kind.CALL, frames.Kind.ENDPOINT, frames.Kind.QCALL})
 
 
 def _answered(job: Job) -> bool:

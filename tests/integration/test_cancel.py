@@ -355,6 +355,32 @@ def test_an_http_caller_that_hangs_up_has_its_endpoint_call_interrupted(start_da
     assert resp.status == 500, "the next HTTP call runs (and fails on its own)"
 
 
+def test_a_q_client_that_closes_its_handle_has_its_endpoint_call_interrupted(start_daemon, tmp_path: Path) -> None:
+    pytest.importorskip("pykx")
+    from support.qraw import RawQ, kx
+
+    code = httphelp.write(tmp_path / "eps.py", ENDPOINT)
+    d = start_daemon(
+        {
+            "http": {"enabled": False},
+            "pools": {"default": pool_config(min=1, cruise=1, max=1)},
+            "services": {"t": {"endpoints": {"slow": {"code": code, "function": "slow", "pool": "default"}}}},
+            "qipc": {"listen": "127.0.0.1:0"},
+        },
+        env={"PYKX_UNLICENSED": "true"},
+    )
+    marker = tmp_path / "marker"
+    q = RawQ(d.status()["qipc"]["port"])
+    q.send([kx.SymbolAtom("t/slow"), kx.CharVector(str(marker))])  # a sync call: q waits for its answer
+    wait_for(lambda: lines(marker), what="the q client's call to start")
+    worker_pid = int(lines(marker)[0].split()[1])
+    q.close()  # the q session goes away mid-call (hclose, or the process ends)
+    wait_for(lambda: "interrupted" in lines(marker), GRACE + SLACK, what="the endpoint function interrupted")
+    wait_for(lambda: d.status()["pools"]["default"]["requests"].get("cancelled") == 1, what="counted as cancelled")
+    with d.session() as s:
+        assert s.call(os.getpid) == worker_pid, "the worker stays"
+
+
 def test_session_with_a_socket_reports_a_missing_daemon_when_created(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     path = str(tmp_path / "nothing.sock")
     with pytest.raises(cruised.DaemonUnavailable) as info:
