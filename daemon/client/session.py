@@ -71,6 +71,10 @@ SMALL_SEND = 64 << 10
 CONNECT_TIMEOUT = 5.0
 #: longest wait for the send lock to send a CANCEL (see _Connection.abandon)
 CANCEL_SEND_WAIT = 1.0
+#: taking a slot's shared file is one step for whichever thread gets there first: a cancelled
+#: future's slot may be released by the reader and by the canceller at once (taken only for
+#: calls that have a file)
+_FILE_LOCK = threading.Lock()
 #: calls ``map`` keeps in flight; the shipped pool's queue (16) holds them all without rejections
 DEFAULT_WINDOW = 16
 
@@ -94,6 +98,11 @@ class _Pending:
         self.callback: Callable[[_Pending], None] | None = None
         #: the call's shared file (pool/wire/sharedfile.py): its large arguments, then its result's
         self.shared: sharedfile.Mapped | None = None
+
+    def take_shared(self) -> sharedfile.Mapped | None:
+        """Its shared file, once: the slot no longer has it (under _FILE_LOCK)."""
+        shared, self.shared = self.shared, None
+        return shared
 
     def resolve(self, status: int, frame: bytearray | None, error: BaseException | None = None) -> None:
         self.status, self.frame, self.error = status, frame, error
@@ -286,7 +295,8 @@ class _Connection:
                 if slot.done:
                     self.release(slot)
                 continue
-            shared, slot.shared = slot.shared, None
+            with _FILE_LOCK:
+                shared = slot.take_shared()
             if shared is not None:
                 shared.close()  # a worker may still be reading or writing it: never reused
             out.append(frames.frame(Kind.CANCEL, slot.rid))
@@ -463,7 +473,10 @@ class _Connection:
     def release(self, slot: _Pending) -> None:
         """The call is over: its shared file goes back to the pool if no worker can touch it any
         more, else it is closed (pool/wire/sharedfile.py says why)."""
-        shared, slot.shared = slot.shared, None
+        if slot.shared is None:
+            return
+        with _FILE_LOCK:  # a cancelled future's slot may be released by two threads at once
+            shared = slot.take_shared()
         if shared is None:
             return
         if slot.error is None and slot.status in _FILE_DONE:
