@@ -14,6 +14,7 @@ or return ``cruised.CustomResponse(status, body, headers)``.
 __version__ = "0.1.0"
 
 from cruised.client.errors import (
+    CallCancelled,
     CruisedError,
     DaemonUnavailable,
     Draining,
@@ -31,6 +32,7 @@ from cruised.pool.api import ApiError, CustomResponse
 __all__ = [
     "TLS",
     "ApiError",
+    "CallCancelled",
     "CruisedError",
     "CustomResponse",
     "DaemonUnavailable",

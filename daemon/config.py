@@ -65,6 +65,8 @@ PYTHON_VERSION = re.compile(r"^(\d+)\.(\d+)$")
 
 
 #: service and endpoint names are URL path segments
+#: ``pools.<name>.on_disconnect``: what happens to a departed client's running calls
+ON_DISCONNECT = ("cancel", "finish")
 _NAME = re.compile(r"^[A-Za-z0-9_.-]+$")
 DEFAULT_HTTP_PORT = 9580
 
@@ -250,6 +252,16 @@ class PoolConfig:
     queue_size: int = doc("DSS queue length: requests waiting for a worker; more are rejected", 16)
     queue_timeout: Duration = doc("DSS timeout: longest wait in the queue", Duration(10))
     exec_timeout: Duration = doc("longest run of one call; the worker is killed after it", Duration(60))
+    cancel_grace: Duration = doc(
+        "a cancelled running call (Ctrl-C in the client, Future.cancel(), a client gone with on_disconnect: cancel) "
+        "gets SIGINT (KeyboardInterrupt in the function); its worker is killed and replaced if it has not stopped within this",
+        Duration(2),
+    )
+    on_disconnect: str = doc(
+        "when a client disconnects with calls outstanding: cancel (queued ones never run, running ones are "
+        "interrupted as on a cancel) or finish (queued ones never run, running ones finish; their results are dropped)",
+        "cancel",
+    )
     idle_timeout: Duration = doc("a worker above cruise idle this long retires", Duration(30))
     start_timeout: Duration = doc("a new worker must be ready (preload done) within this", Duration(60))
     max_requests: int = doc("recycle a worker after this many calls (0 = never)", 0)
@@ -301,7 +313,7 @@ class PoolConfig:
         for name in ("min", "queue_size", "max_requests"):
             if getattr(self, name) < 0:
                 errors.append(ConfigError(f"{path}.{name}", f"must not be negative, got {getattr(self, name)}"))
-        for name in ("queue_timeout", "exec_timeout", "idle_timeout", "start_timeout"):
+        for name in ("queue_timeout", "exec_timeout", "idle_timeout", "start_timeout", "cancel_grace"):
             if getattr(self, name) <= 0:
                 errors.append(ConfigError(f"{path}.{name}", f"must be positive, got {getattr(self, name)}"))
         if self.fairness not in FAIRNESS:
@@ -313,6 +325,8 @@ class PoolConfig:
             errors.append(ConfigError(f"{path}.max_queued_per_caller", f"must not be negative, got {self.max_queued_per_caller}"))
         elif self.max_queued_per_caller > self.queue_size:
             errors.append(ConfigError(f"{path}.max_queued_per_caller", f"must be at most queue_size ({self.queue_size}), got {self.max_queued_per_caller}"))
+        if self.on_disconnect not in ON_DISCONNECT:
+            errors.append(ConfigError(f"{path}.on_disconnect", f"must be one of {', '.join(ON_DISCONNECT)}, got {self.on_disconnect!r}"))
         if self.cruise > self.max >= 1:
             errors.append(ConfigError(f"{path}.cruise", f"must be <= max ({self.max}), got {self.cruise}"))
         if self.min > self.cruise >= 1:

@@ -42,7 +42,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from cruised.pool import api, nesting, qconn
+from cruised.pool import api, interrupt, nesting, qconn
 from cruised.pool.jsonify import NotSerializable, to_json
 from cruised.pool.wire import frames
 from cruised.pool.wire.frames import Status
@@ -225,7 +225,7 @@ def handle(endpoints: dict[str, Endpoint], buf: bytearray, limit: int) -> tuple[
         message = f"{'; '.join(problems)} for endpoint {name}: the function is {ep.signature}"
         return Status.BAD_ARGUMENTS, _json_parts({"message": message, "missing": missing, "unexpected": unexpected})
     try:
-        result = ep.fn(**data)
+        result = interrupt.STATE.run_user(ep.fn, **data)  # a cancel (its caller left) interrupts it
     except BaseException as exc:  # noqa: BLE001 - every failure of user code goes back to its caller
         return _failure(exc)
     if isinstance(result, api.CustomResponse):

@@ -75,7 +75,7 @@ import traceback
 from collections.abc import Callable
 from typing import Any
 
-from cruised.pool import nesting
+from cruised.pool import interrupt, nesting
 from cruised.pool.wire import frames
 from cruised.pool.wire.frames import Status
 
@@ -504,9 +504,12 @@ def _toq_default(obj: Any) -> Any:
 
 def _invoke(worker: Any, call: Call, fn: Callable[..., Any], args: list[Any], kwargs: dict[str, Any], convert: Callable[[Any], Any], limit: int) -> None:
     try:
-        result = fn(*args, **kwargs)
+        result = interrupt.STATE.run_user(fn, *args, **kwargs)  # a cancel (its q client left) interrupts it
     except BaseException as exc:
         if isinstance(exc, KeyboardInterrupt):
+            if interrupt.STATE.hit:  # cancelled (on_disconnect: cancel): nobody reads the answer
+                worker.channel.reply(call.reqid, Status.CANCELLED, [interrupt.INTERRUPTED])
+                return
             raise
         text = error_line(f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__, call.reqid)
         tb = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))

@@ -8,7 +8,7 @@ CPython's pools deadlocked (see STYLE-ANCHORS §6).
 Data flow::
 
     supervisor --(SOCK_SEQPACKET control, JSON + SCM_RIGHTS)--> template
-        "spawn" + [channel fd, output fd, descriptor socket fd]  -> fork -> worker.run()
+        "spawn" + [channel fd, output fd, descriptor socket fd, cancel board fd] -> fork -> worker.run()
     template --> supervisor: hello (preload result), spawned (pid), exited (pid, status)
 
 The template imports the pool's libraries once (plus ``preload_modules``:
@@ -45,6 +45,7 @@ import time
 import traceback
 from typing import Any
 
+from cruised.pool import interrupt
 from cruised.pool import worker as worker_mod
 
 PR_SET_PDEATHSIG = 1
@@ -104,13 +105,25 @@ def recv(ctl: socket.socket) -> tuple[dict[str, Any] | None, list[int]]:
     return json.loads(data), list(fds)
 
 
-def child(spec: worker_mod.WorkerSpec, ctl: socket.socket, wake_r: int, wake_w: int, chan_fd: int, out_fd: int, fds_fd: int, template: int) -> int:
+def child(
+    spec: worker_mod.WorkerSpec,
+    ctl: socket.socket,
+    wake_r: int,
+    wake_w: int,
+    chan_fd: int,
+    out_fd: int,
+    fds_fd: int,
+    template: int,
+    board_fd: int | None = None,
+) -> int:
     """Runs in the forked worker: shed the template's state, become a worker."""
     signal.set_wakeup_fd(-1)
     for sig in (signal.SIGCHLD, signal.SIGTERM, signal.SIGHUP):
         signal.signal(sig, signal.SIG_DFL)
     # Ctrl-C in a foreground `cruised serve` reaches the whole process group;
-    # the supervisor decides how workers stop, so workers ignore it.
+    # the supervisor decides how workers stop, so workers ignore it. With a cancel
+    # board, worker.run() replaces this with a handler that interrupts only a call the
+    # supervisor cancelled (pool/interrupt.py), and ignores every other SIGINT.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     ctl.close()
     os.close(wake_r)
@@ -128,7 +141,8 @@ def child(spec: worker_mod.WorkerSpec, ctl: socket.socket, wake_r: int, wake_w: 
     sock.setblocking(True)
     fd_sock = socket.socket(fileno=fds_fd)
     fd_sock.setblocking(False)  # a flagged CALL's file is always there before the CALL (worker._claim_fd)
-    return worker_mod.run(spec, sock, fd_sock)
+    board = interrupt.Board.open(board_fd) if board_fd is not None else None
+    return worker_mod.run(spec, sock, fd_sock, board)
 
 
 def serve(ctl: socket.socket, config: dict[str, Any], supervisor: int) -> int:
@@ -213,12 +227,13 @@ def serve(ctl: socket.socket, config: dict[str, Any], supervisor: int) -> int:
         op = msg.get("op")
         if op == "spawn":
             chan_fd, out_fd, fds_fd = fds[0], fds[1], fds[2]
+            board_fd = fds[3] if len(fds) > 3 else None  # the worker's cancel board (pool/interrupt.py)
             spec = worker_mod.WorkerSpec.from_json(msg["spec"])
             pid = os.fork()
             if pid == 0:
                 code = 70
                 try:
-                    code = child(spec, ctl, wake_r, wake_w, chan_fd, out_fd, fds_fd, template)
+                    code = child(spec, ctl, wake_r, wake_w, chan_fd, out_fd, fds_fd, template, board_fd)
                 except BaseException:  # noqa: BLE001 - say why on stderr, which the supervisor logs
                     traceback.print_exc()
                 finally:
@@ -231,6 +246,8 @@ def serve(ctl: socket.socket, config: dict[str, Any], supervisor: int) -> int:
             os.close(chan_fd)
             os.close(out_fd)
             os.close(fds_fd)
+            if board_fd is not None:
+                os.close(board_fd)
             send(ctl, {"op": "spawned", "worker": spec.worker_id, "pid": pid})
         elif op == "kill":
             pid = int(msg["pid"])

@@ -48,7 +48,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from cruised.pool import endpoint as endpoint_mod
-from cruised.pool import heap, qcall, qconn
+from cruised.pool import heap, interrupt, qcall, qconn
 from cruised.pool.wire import bundle, framebuf, frames, sharedfile, sockopt
 from cruised.pool.wire.frames import Kind, Status
 
@@ -276,6 +276,8 @@ class Worker:
         self.endpoints: dict[str, endpoint_mod.Endpoint] = {}
         self.q: qconn.QHandle | None = None
         self.mappings = sharedfile.MappingCache()
+        #: cancels: the board, the SIGINT handler, the call running now (pool/interrupt.py)
+        self.interrupts = interrupt.STATE
 
     def report_q(self) -> None:
         """Tell the supervisor when the q connection came up or went down (a STATE frame)."""
@@ -354,10 +356,20 @@ class Worker:
             self.channel.reply(reqid, Status.UNKNOWN_FUNCTION, [b'{"message": "function not defined in worker"}'])
             return
         self.functions.move_to_end(key)
+        intr = self.interrupts
+        intr.begin(reqid)  # a SIGINT from here on may be this call's cancel (pool/interrupt.py)
+        started = False
         try:
             args, kwargs = bundle.unpack(buf, off, shared)
             del buf  # the arguments may view the frame; let it go with them
-            result = fn(*args, **kwargs)
+            intr.in_user = True
+            try:
+                if intr.hit:  # cancelled before it could start
+                    raise KeyboardInterrupt
+                started = True
+                result = fn(*args, **kwargs)
+            finally:
+                intr.in_user = False  # no KeyboardInterrupt into the worker's own code after this
             # a function that forked returns here in the child too: it must leave before it can
             # write a result into the caller's shared file (reply() would stop it only later)
             self.channel._only_the_worker()
@@ -365,12 +377,18 @@ class Worker:
             if shared is not None and bundle.shareable(parts, pickle_in_file):  # large results go back through the file
                 parts = bundle.share(parts, shared, self.spec.max_message_bytes, with_pickle=pickle_in_file)
         except BaseException as exc:
+            if intr.end():  # cancelled: whatever the function did since, its caller has gone
+                self.channel.reply(reqid, Status.CANCELLED, [interrupt.INTERRUPTED if started else interrupt.NOT_STARTED])
+                return
             if isinstance(exc, (KeyboardInterrupt,)):
-                raise
+                raise  # raised by the function itself, not a cancel: the worker dies of it, as before
             if isinstance(exc, qconn.QConnectionError):  # q is unreachable: not the function's fault
                 self.channel.reply(reqid, Status.Q_UNAVAILABLE, [qconn.error_payload(exc)])
                 return
             self.channel.reply(reqid, Status.ERROR, error_parts(exc))
+            return
+        if intr.end():  # the cancel came after the function returned: its result is not sent
+            self.channel.reply(reqid, Status.CANCELLED, [interrupt.INTERRUPTED])
             return
         self.channel.reply(reqid, Status.OK, parts)
 
@@ -405,7 +423,8 @@ class Worker:
             if held_reqid:
                 # The previous reply is already sent (reply() writes synchronously), so if the
                 # supervisor read no reply by the deadline, this check comes after it: at most once.
-                expired = reqid == held_reqid and time.monotonic_ns() >= held_until
+                # The same holds for a cancel: the supervisor posts it, then reads our replies.
+                expired = reqid == held_reqid and (time.monotonic_ns() >= held_until or self.interrupts.cancelled(reqid))
                 held_reqid = 0
                 if expired:
                     del buf
@@ -420,11 +439,16 @@ class Worker:
             elif kind == Kind.CHECK:
                 self.check(reqid, buf)
             elif kind == Kind.ENDPOINT:
+                self.interrupts.begin(reqid)
                 status, parts = endpoint_mod.handle(self.endpoints, buf, self.spec.max_message_bytes)
                 del buf
+                if self.interrupts.end():  # an HTTP caller that left (on_disconnect: cancel)
+                    status, parts = Status.CANCELLED, [interrupt.INTERRUPTED]
                 ch.reply(reqid, status, parts)
             elif kind == Kind.QCALL:
+                self.interrupts.begin(reqid)
                 qcall.handle(self, reqid, buf, self.spec.max_message_bytes)
+                self.interrupts.end()
             elif kind == Kind.PING:
                 ch.reply(reqid, Status.OK, [])
             else:
@@ -456,8 +480,12 @@ def _raiser(exc: BaseException) -> Callable[..., Any]:
     return fail
 
 
-def run(spec: WorkerSpec, sock: socket.socket, fd_sock: socket.socket | None = None) -> int:
-    """Preload, say READY, serve. Returns the process exit code."""
+def run(spec: WorkerSpec, sock: socket.socket, fd_sock: socket.socket | None = None, board: interrupt.Board | None = None) -> int:
+    """Preload, say READY, serve. Returns the process exit code. ``board``: the worker's cancel
+    board (pool/interrupt.py); without one, SIGINT is ignored and calls cannot be interrupted."""
+    if board is not None:
+        interrupt.STATE.board = board
+        interrupt.STATE.install()  # from here a SIGINT interrupts only a cancelled call's user code
     if not spec.max_rss:
         # with a limit, freed large buffers must leave at once: the supervisor reads the
         # worker's memory right after each reply, before an idle trim could run

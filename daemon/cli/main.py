@@ -123,16 +123,14 @@ def cmd_status(args: argparse.Namespace) -> int:
         tcp = h["auth"]["tcp"]
         keyed, open_ = ", ".join(tcp["api_keys_for"]) or "none", ", ".join(tcp["no_key_for"]) or "none"
         print(f"HTTP on {h['listen']}: API keys for {keyed}; no key for {open_}")
-    header = (
-        f"{'pool':<12} {'start':>5} {'idle':>5} {'busy':>5} {'drain':>5} {'queue':>9} {'ok':>8} {'err':>6} {'reject':>7} {'q-tmo':>6} {'x-tmo':>6} {'crash':>6}"
-    )
+    header = f"{'pool':<12} {'start':>5} {'idle':>5} {'busy':>5} {'drain':>5} {'queue':>9} {'ok':>8} {'err':>6} {'reject':>7} {'q-tmo':>6} {'x-tmo':>6} {'crash':>6} {'cancel':>6}"
     print(header)
     for name, p in st["pools"].items():
         w, q, r = p["workers"], p["queue"], p["requests"]
         print(
             f"{name:<12} {w['starting']:>5} {w['idle']:>5} {w['busy']:>5} {w['draining'] + w['killing']:>5} "
             f"{q['depth']:>4}/{q['capacity']:<4} {r.get('ok', 0):>8} {r.get('error', 0):>6} {r.get('rejected', 0):>7} "
-            f"{r.get('queue_timeout', 0):>6} {r.get('exec_timeout', 0):>6} {r.get('crashed', 0):>6}"
+            f"{r.get('queue_timeout', 0):>6} {r.get('exec_timeout', 0):>6} {r.get('crashed', 0):>6} {r.get('cancelled', 0):>6}"
         )
         if p.get("last_error"):
             print(f"  last error: {p['last_error']}")

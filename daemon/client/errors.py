@@ -43,6 +43,13 @@ class WorkerCrashed(CruisedError):
     status = Status.WORKER_CRASHED
 
 
+class CallCancelled(CruisedError):
+    """The call was cancelled (Ctrl-C, ``Future.cancel()``, a closed ``map``). The client that
+    cancels a call drops its answer, so this is seen only by code that reads replies itself."""
+
+    status = Status.CANCELLED
+
+
 class RemoteError(CruisedError):
     """The function raised an exception that could not be re-created in the client."""
 
@@ -127,5 +134,6 @@ BY_STATUS: dict[int, type[CruisedError]] = {
         VersionMismatch,
         AccessDenied,
         QConnectionError,
+        CallCancelled,
     )
 }

@@ -37,6 +37,15 @@ Remote daemons
     ``call`` and ``map`` on a new connection for up to ``DRAIN_REROUTE`` seconds;
     the old one closes once the calls it holds are answered.
 
+Cancelling
+    A caller that stops waiting (KeyboardInterrupt in ``call``, ``CallFuture.cancel``,
+    a ``map`` closed early) withdraws its call: ``_Connection.abandon`` drops its slot
+    and sends Kind.CANCEL, and the daemon interrupts or dequeues it. The call's reply
+    still comes and, finding no slot, is dropped, so the connection stays in step.
+    Readers wait in ``poll`` so that Ctrl-C there consumes nothing; an interrupt that
+    lands mid-read or mid-send fails the connection instead (``_interrupted``).
+    The asyncio client (daemon/client/aio.py) does the same for cancelled tasks.
+
 Registration
     A function is pickled (shipping.py) once per session and sent once per connection
     (REGISTER, pipelined in front of its first CALL). Later calls carry only
@@ -54,13 +63,14 @@ import pickle
 import select
 import socket
 import ssl
+import sys
 import threading
 import time
 import weakref
 from collections import deque
-from collections.abc import Callable, Iterable, Iterator
-from concurrent.futures import Future
-from typing import Any, TypeVar
+from collections.abc import AsyncIterator, Callable, Iterable, Iterator
+from concurrent.futures import Future, InvalidStateError
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
 from cruised.client import errors, paths, shipping, tls
 from cruised.client.credit import CreditGate
@@ -68,6 +78,11 @@ from cruised.client.tls import TLS
 from cruised.pool.wire import bundle, frames, sharedfile, sockopt
 from cruised.pool.wire.framebuf import FrameBuffer
 from cruised.pool.wire.frames import Kind, Status
+
+if TYPE_CHECKING:
+    import asyncio
+
+    from cruised.client.aio import AsyncConnection
 
 T = TypeVar("T")
 
@@ -77,6 +92,12 @@ IDLE_CHECK_AFTER = 0.25
 #: requests up to this size are joined into one buffer before sending; larger ones go out as a scatter list
 SMALL_SEND = 64 << 10
 CONNECT_TIMEOUT = 5.0
+#: longest wait for the send lock to send a CANCEL (see _Connection.abandon)
+CANCEL_SEND_WAIT = 1.0
+#: taking a slot's shared file is one step for whichever thread gets there first: a cancelled
+#: future's slot may be released by the reader and by the canceller at once (taken only for
+#: calls that have a file)
+_FILE_LOCK = threading.Lock()
 #: calls ``map`` keeps in flight at most (its credit may allow fewer)
 DEFAULT_WINDOW = 16
 #: a remote session resends a call its daemon refused as draining (it never ran) on a new
@@ -91,9 +112,11 @@ def _start_hint(path: str) -> str:
 class _Pending:
     """One outstanding request: filled by whichever thread reads its reply."""
 
-    __slots__ = ("callback", "done", "error", "frame", "shared", "status")
+    __slots__ = ("callback", "done", "error", "frame", "rid", "shared", "status")
 
-    def __init__(self) -> None:
+    def __init__(self, rid: int = 0) -> None:
+        #: its request id on its connection (what a CANCEL names)
+        self.rid = rid
         self.status = 0
         self.frame: bytearray | None = None
         self.error: BaseException | None = None
@@ -102,11 +125,29 @@ class _Pending:
         #: the call's shared file (pool/wire/sharedfile.py): its large arguments, then its result's
         self.shared: sharedfile.Mapped | None = None
 
+    def take_shared(self) -> sharedfile.Mapped | None:
+        """Its shared file, once: the slot no longer has it (under _FILE_LOCK)."""
+        shared, self.shared = self.shared, None
+        return shared
+
     def resolve(self, status: int, frame: bytearray | None, error: BaseException | None = None) -> None:
         self.status, self.frame, self.error = status, frame, error
         self.done = True
         if self.callback is not None:
             self.callback(self)
+
+
+class _CallConnection(Protocol):
+    """What ``Session._send_calls`` and ``Session._outcome`` need of a connection: the
+    synchronous ``_Connection``, or the asyncio one (daemon/client/aio.py)."""
+
+    registered: dict[tuple[str, bytes], _Pending]
+
+    def send(
+        self, requests: list[tuple[int, list[Any]]], callback: Callable[[_Pending], None] | None = None, result_file: bool = False, credited: bool = False
+    ) -> list[_Pending]: ...
+
+    def release(self, slot: _Pending) -> None: ...
 
 
 class _Connection:
@@ -145,6 +186,11 @@ class _Connection:
         self.bg: threading.Thread | None = None
         #: replies received and not yet delivered (no size limit: the daemon's are trusted)
         self.incoming = FrameBuffer(RECV_SIZE, 1 << 62)
+        #: the reader waits for replies here, then reads (see _read_batch)
+        self.readable = select.poll()
+        self.readable.register(self.sock, select.POLLIN)
+        #: a TLS socket may hold decrypted bytes that poll() cannot see: read those first
+        self.tls = remote is not None
         self.last_used = time.monotonic()
         self.files = sharedfile.FilePool()
         #: whether this connection passes shared files: None until the first call with large
@@ -211,7 +257,7 @@ class _Connection:
         pending = self.pending
         for kind, parts in requests:
             rid = next(self.ids)
-            slot = _Pending()
+            slot = _Pending(rid)
             status = frames.CREDITED if credited and kind == Kind.CALL else 0
             # parts: the call head, then the args bundle (index, pickle, then out-of-band buffers);
             # the cheap tests first: a small call passes them all in a few nanoseconds
@@ -246,6 +292,8 @@ class _Connection:
                     _sendall(self.sock, batch_out, batch_fds)
         except OSError as exc:
             raise self._lost_while_sending(exc) from None
+        except BaseException:  # noqa: BLE001 - re-raised: KeyboardInterrupt mid-send leaves the stream unusable
+            raise self._interrupted("sending") from None
         return slots
 
     def send_small(self, head: bytes, index: bytes, data: bytes, callback: Callable[[_Pending], None] | None = None) -> _Pending:
@@ -255,7 +303,7 @@ class _Connection:
         if self.broken is not None:
             raise self.broken
         rid = next(self.ids)
-        slot = _Pending()
+        slot = _Pending(rid)
         slot.callback = callback
         self.pending[rid] = slot
         frame = b"".join((frames.header(Kind.CALL, rid, len(head) + len(index) + len(data)), head, index, data))
@@ -265,7 +313,56 @@ class _Connection:
                 self.sock.sendall(frame)
         except OSError as exc:
             raise self._lost_while_sending(exc) from None
+        except BaseException:  # noqa: BLE001 - re-raised: KeyboardInterrupt mid-send leaves the stream unusable
+            raise self._interrupted("sending") from None
         return slot
+
+    def _interrupted(self, doing: str) -> BaseException:
+        """A KeyboardInterrupt (or another BaseException) came while ``doing`` I/O on the socket:
+        part of a frame may be sent, or read and not yet accounted for, so the stream cannot be
+        trusted. The connection is failed (the session opens a new one for its next call; the
+        daemon sees it leave: its calls are cancelled, ``on_disconnect``); the exception to
+        re-raise is the one being handled."""
+        self._fail(errors.DaemonUnavailable(f"connection to cruised at {self.path} was interrupted while {doing}"))
+        exc = sys.exc_info()[1]
+        assert exc is not None
+        return exc
+
+    def abandon(self, *slots: _Pending) -> None:
+        """The caller stopped waiting for these calls (Ctrl-C, a cancelled future, a closed
+        ``map``): withdraw them (Kind.CANCEL) unless they are answered already. Their replies,
+        which still come, find no slot and are dropped, so the next call on this connection
+        never sees them.
+
+        The CANCELs go in one send, in the order given: the daemon reads them together, so a
+        ``map`` that withdraws its newest calls first (queued, held) and its running one last
+        has them all out of the way before the interrupted worker could start one of them.
+        """
+        out: list[bytes] = []
+        for slot in slots:
+            if self.pending.pop(slot.rid, None) is None:
+                # answered already (its reply was read), or the connection failed: nothing to withdraw
+                if slot.done:
+                    self.release(slot)
+                continue
+            with _FILE_LOCK:
+                shared = slot.take_shared()
+            if shared is not None:
+                shared.close()  # a worker may still be reading or writing it: never reused
+            out.append(frames.frame(Kind.CANCEL, slot.rid))
+        if not out or self.broken is not None:
+            return
+        # Bounded: a map generator dropped in a reference cycle is finalized by the collector,
+        # which may run on a thread that holds the send lock (mid-send). That thread cannot be
+        # waited for; the calls then run on, and their replies are dropped all the same.
+        if not self.send_lock.acquire(timeout=CANCEL_SEND_WAIT):
+            return
+        try:
+            self.sock.sendall(b"".join(out))
+        except OSError:
+            pass  # the connection is gone: the daemon cancels its calls (on_disconnect)
+        finally:
+            self.send_lock.release()
 
     def _lost_while_sending(self, exc: OSError) -> BaseException:
         """Fail the connection (every waiting call gets the error); the error to raise."""
@@ -352,33 +449,46 @@ class _Connection:
         return done
 
     def _read_batch(self) -> None:
-        """One ``recv`` and every reply it completes; a large reply is read to its end here."""
+        """One ``recv`` and every reply it completes; a large reply is read to its end here.
+
+        The reader waits in ``poll``, not in ``recv``: a KeyboardInterrupt there (Ctrl-C while
+        a call runs, the usual case) has consumed nothing, so the connection stays usable. One
+        anywhere after it may have taken bytes off the socket that were not yet delivered: the
+        connection is failed then (``_interrupted``) rather than left out of step.
+        """
         if self.broken is not None:
             raise self.broken
+        if not (self.tls and self.sock.pending()):
+            self.readable.poll()
         fb = self.incoming
-        err: OSError | None = None
         try:
-            n = self.sock.recv_into(fb.space())
-        except OSError as exc:
-            n, err = 0, exc
-        if n == 0:
-            why = tls.describe_tls_error(err) if isinstance(err, ssl.SSLError) else (err or "closed by the daemon")
-            self._fail(errors.DaemonUnavailable(f"connection to cruised at {self.path} lost ({why})"))
-            return
-        while True:
-            frame = fb.next(n)
-            n = 0
-            if frame is None:
-                if fb.big is None:
-                    return
-                # a reply with a buffer of its own (FrameBuffer): the rest of it is on its way, so it
-                # is read now, with this thread's read lock held, straight into that buffer
+            err: OSError | None = None
+            try:
                 n = self.sock.recv_into(fb.space())
-                if n == 0:
-                    raise ConnectionResetError("connection closed mid-frame")
-                continue
-            header = fb.header
-            self._deliver(frame, header[3], header[4])
+            except OSError as exc:
+                n, err = 0, exc
+            if n == 0:
+                why = tls.describe_tls_error(err) if isinstance(err, ssl.SSLError) else (err or "closed by the daemon")
+                self._fail(errors.DaemonUnavailable(f"connection to cruised at {self.path} lost ({why})"))
+                return
+            while True:
+                frame = fb.next(n)
+                n = 0
+                if frame is None:
+                    if fb.big is None:
+                        return
+                    # a reply with a buffer of its own (FrameBuffer): the rest of it is on its way, so it
+                    # is read now, with this thread's read lock held, straight into that buffer
+                    n = self.sock.recv_into(fb.space())
+                    if n == 0:
+                        raise ConnectionResetError("connection closed mid-frame")
+                    continue
+                header = fb.header
+                self._deliver(frame, header[3], header[4])
+        except Exception:
+            raise
+        except BaseException:  # noqa: BLE001 - re-raised: KeyboardInterrupt mid-read leaves the stream unusable
+            raise self._interrupted("reading a reply") from None
 
     def _deliver(self, frame: bytearray, status: int, reqid: int) -> None:
         if reqid == 0:
@@ -479,7 +589,10 @@ class _Connection:
     def release(self, slot: _Pending) -> None:
         """The call is over: its shared file goes back to the pool if no worker can touch it any
         more, else it is closed (pool/wire/sharedfile.py says why)."""
-        shared, slot.shared = slot.shared, None
+        if slot.shared is None:
+            return
+        with _FILE_LOCK:  # a cancelled future's slot may be released by two threads at once
+            shared = slot.take_shared()
         if shared is None:
             return
         if slot.error is None and slot.status in _FILE_DONE:
@@ -622,9 +735,9 @@ class _Shipped:
 class Session:
     """A connection to a cruised pool, in the style of ``pykx.remote.session``.
 
-    ``session()`` connects lazily; ``session(...).create(socket=...)`` (the
-    PyKX 2.x two-step form) connects at once and reports a missing daemon
-    immediately.
+    ``Session(...)`` and ``session()`` connect lazily; ``session(socket=...)``,
+    and ``session(...).create(socket=...)`` (the PyKX 2.x two-step form),
+    connect at once and report a missing daemon immediately.
     """
 
     def __init__(
@@ -667,6 +780,8 @@ class Session:
         self._turn = itertools.count()
         #: connections left because their daemon is draining, until their last reply (Session._reroute)
         self._retired: list[_Connection] = []
+        #: the asyncio connection per event loop (daemon/client/aio.py), opened by the first ``acall``/``amap`` there
+        self._aconns: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, AsyncConnection] = weakref.WeakKeyDictionary()
         self._shipped: weakref.WeakKeyDictionary[Any, _Shipped] = weakref.WeakKeyDictionary()
         self._libs_checked = not self._libraries
 
@@ -849,6 +964,10 @@ class Session:
             for conn in self._retired:
                 conn.close()
             self._retired = []
+            aconns = list(self._aconns.values())
+            self._aconns.clear()
+        for aconn in aconns:
+            aconn.close()
 
     def __enter__(self) -> Session:
         return self
@@ -898,7 +1017,7 @@ class Session:
 
     def _send_calls(
         self,
-        conn: _Connection,
+        conn: _CallConnection,
         shipped: _Shipped,
         calls: list[tuple[tuple[Any, ...], dict[str, Any]]],
         force_register: bool = False,
@@ -924,14 +1043,14 @@ class Session:
             return slots[1:]
         return slots
 
-    def _outcome(self, conn: _Connection, shipped: _Shipped, slot: _Pending, retried: bool) -> tuple[bool, Any]:
+    def _outcome(self, conn: _CallConnection, shipped: _Shipped, slot: _Pending, retried: bool) -> tuple[bool, Any]:
         """(final, value-or-exception) of a resolved call; not final means: register again and retry."""
         try:
             return self._read_outcome(conn, shipped, slot, retried)
         finally:
             conn.release(slot)  # after an OK result was read out of the call's shared file
 
-    def _read_outcome(self, conn: _Connection, shipped: _Shipped, slot: _Pending, retried: bool) -> tuple[bool, Any]:
+    def _read_outcome(self, conn: _CallConnection, shipped: _Shipped, slot: _Pending, retried: bool) -> tuple[bool, Any]:
         if slot.error is not None:
             return True, slot.error
         assert slot.frame is not None
@@ -959,13 +1078,18 @@ class Session:
         tries = 0
         while True:
             try:
-                slot = conn.wait(self._send_call(conn, shipped, args, kwargs, retried))
+                slot = self._send_call(conn, shipped, args, kwargs, retried)
             except errors.DaemonUnavailable:
                 if not conn.retiring:
                     raise
                 # the connection closed under us as its daemon drains: nothing of this call was sent
                 conn, retried = self._connection() if self.connections == 1 else self._next_connection(), False
                 continue
+            try:
+                conn.wait(slot)
+            except BaseException:
+                conn.abandon(slot)  # Ctrl-C (KeyboardInterrupt): the call is withdrawn, the session stays usable
+                raise
             if slot.status == Status.OK and slot.shared is None and slot.error is None:
                 # the commonest answer, read here: what _outcome would do with it, in fewer steps
                 frame = slot.frame
@@ -987,16 +1111,18 @@ class Session:
                 raise value
             retried = True
 
-    def submit(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> Future[T]:
-        """Start ``fn(*args, **kwargs)`` and return a ``concurrent.futures.Future``."""
+    def submit(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> CallFuture[T]:
+        """Start ``fn(*args, **kwargs)`` and return a ``concurrent.futures.Future`` (a ``CallFuture``:
+        its ``cancel()`` withdraws the call, even once it runs)."""
         shipped = self._ship(fn)
         conn = self._connection() if self.connections == 1 else self._next_connection()
-        fut: Future[T] = Future()
-        fut.set_running_or_notify_cancel()
-        uncount = conn.track_async()
+        fut: CallFuture[T] = CallFuture(conn, conn.track_async())
 
         def attempt(retried: bool) -> None:
             def resolved(slot: _Pending) -> None:
+                if fut.cancelled():
+                    conn.release(slot)
+                    return
                 try:
                     final, value = self._outcome(conn, shipped, slot, retried)
                     if not final:
@@ -1004,20 +1130,30 @@ class Session:
                         return
                 except BaseException as exc:  # noqa: BLE001 - any failure is the future's exception, never lost on the reader thread
                     final, value = True, exc
-                uncount()
-                if isinstance(value, _Value):
-                    fut.set_result(value.value)
-                else:
-                    fut.set_exception(value)
+                fut._settle(value.value if isinstance(value, _Value) else None, None if isinstance(value, _Value) else value)
 
-            self._send_call(conn, shipped, args, kwargs, retried, resolved)
+            fut._slot = self._send_call(conn, shipped, args, kwargs, retried, resolved)
 
         try:
             attempt(False)
         except BaseException:
-            uncount()
+            fut._uncount()
             raise
         return fut
+
+    async def acall(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+        """``await s.acall(fn, *args, **kwargs)``: ``call`` for asyncio code (daemon/client/aio.py).
+        Cancelling the awaiting task withdraws the call, as Ctrl-C does for ``call``."""
+        from cruised.client import aio
+
+        return await aio.call(self, fn, args, kwargs)  # type: ignore[no-any-return]  # fn's result: T by fn's signature
+
+    def amap(self, fn: Callable[..., T], *iterables: Iterable[Any], window: int = DEFAULT_WINDOW) -> AsyncIterator[T]:
+        """``async for r in s.amap(fn, xs)``: ``map`` for asyncio code, up to ``window`` calls in
+        flight, results in order; the calls in flight are withdrawn if the consumer stops early."""
+        from cruised.client import aio
+
+        return aio.amap(self, fn, iterables, window)
 
     def map(self, fn: Callable[..., T], *iterables: Iterable[Any], window: int = DEFAULT_WINDOW) -> Iterator[T]:
         """Like ``map(fn, *iterables)``, pipelined: up to ``window`` calls in flight, results in order.
@@ -1032,6 +1168,9 @@ class Session:
         outstanding, so a faster daemon gets more of them: through a load
         balancer that puts each connection on another daemon, one ``map`` uses
         every host.
+
+        If the consumer stops early (closes or drops the generator, or is
+        interrupted), the calls still in flight are withdrawn.
         """
         shipped = self._ship(fn)
         conns = [self._connection()] if self.connections == 1 else [self._connection_at(i) for i in range(self.connections)]
@@ -1050,11 +1189,15 @@ class Session:
         inflight: deque[tuple[tuple[Any, ...], _Lane, _Connection, _Pending]] = deque()
         exhausted = False
 
-        def result(args: tuple[Any, ...], lane: _Lane, conn: _Connection, slot: _Pending) -> Any:
+        def result() -> Any:
+            """The oldest call's value; it stays at ``inflight[0]`` (a resubmission replaces its
+            slot there) until it has one, so a consumer that stops meanwhile withdraws it too."""
+            args, lane, conn, slot = inflight[0]
             retried = False
             rerouted: float | None = None
             for tries in itertools.count():
-                final, value = self._outcome(conn, shipped, conn.wait(slot), retried)
+                conn.wait(slot)
+                final, value = self._outcome(conn, shipped, slot, retried)
                 credited = False
                 if not final:
                     retried = True  # the daemon lost the code (it restarted): register again, call again
@@ -1073,6 +1216,7 @@ class Session:
                     slot = self._send_calls(conn, shipped, [(args, {})], credited=True)[0]
                 else:
                     slot = self._send_call(conn, shipped, args, {}, retried)
+                inflight[0] = (args, lane, conn, slot)
 
         # Refills go out in batches: once half the window has been consumed, the other half is
         # sent in one sendmsg per connection, so the daemon reads many calls per recv (and we make
@@ -1115,23 +1259,34 @@ class Session:
                 lane.busy += len(calls)
             inflight.extend((args, lanes[i], lanes[i].conn, next(sent[i])) for args, i in zip(batch, order, strict=True))
 
-        refill()
-        while inflight or not exhausted:
-            if not inflight:
-                # items left, nothing in flight, no credit (the queue is full of other callers'
-                # calls): wait for a daemon's next grant
-                lane = next(lane for lane in lanes if lane.gate is not None)
-                assert lane.gate is not None
-                grant = _Pending()
-                if lane.gate.on_grant(functools.partial(grant.resolve, Status.OK, None)):
-                    lane.conn.wait(grant)
-                refill()
-                continue
-            call = inflight.popleft()
-            call[1].busy -= 1
-            yield result(*call)
-            if len(inflight) <= low:
-                refill()
+        try:
+            refill()
+            while inflight or not exhausted:
+                if not inflight:
+                    # items left, nothing in flight, no credit (the queue is full of other callers'
+                    # calls): wait for a daemon's next grant
+                    lane = next(lane for lane in lanes if lane.gate is not None)
+                    assert lane.gate is not None
+                    grant = _Pending()
+                    if lane.gate.on_grant(functools.partial(grant.resolve, Status.OK, None)):
+                        lane.conn.wait(grant)
+                    refill()
+                    continue
+                value = result()
+                inflight.popleft()[1].busy -= 1
+                yield value
+                if len(inflight) <= low:
+                    refill()
+        finally:
+            # the consumer stopped early (closed the generator, dropped it, or was interrupted):
+            # the calls still in flight are withdrawn, newest first (see abandon), so none runs
+            # for nobody
+            if inflight:
+                by_conn: dict[_Connection, list[_Pending]] = {}
+                for _, _, conn, slot in reversed(inflight):
+                    by_conn.setdefault(conn, []).append(slot)
+                for conn, slots in by_conn.items():
+                    conn.abandon(*slots)
 
     def _reroute_lane(self, lane: _Lane, tries: int) -> None:
         """``lane``'s daemon is draining: the rest of the map goes to a new connection, with credit of its own."""
@@ -1153,6 +1308,54 @@ class _Lane:
         self.busy = 0
 
 
+class CallFuture(Future[T]):
+    """The future ``Session.submit`` returns: a ``concurrent.futures.Future`` whose ``cancel()``
+    withdraws the remote call (Kind.CANCEL), queued or running (the worker is interrupted).
+
+    A plain Future can be cancelled only before it runs; this one stays PENDING in
+    ``concurrent.futures`` terms until its answer comes (``running()`` says whether it is
+    still outstanding), so ``cancel()`` succeeds until then, and waiters (``wait``,
+    ``as_completed``) see the cancellation.
+    """
+
+    def __init__(self, conn: _Connection, uncount: Callable[[], None]) -> None:
+        super().__init__()
+        self._conn = conn
+        #: the call's current slot (a retry after UNKNOWN_FUNCTION replaces it)
+        self._slot: _Pending | None = None
+        self._uncount_once: Callable[[], None] | None = uncount
+
+    def _uncount(self) -> None:
+        done, self._uncount_once = self._uncount_once, None  # exactly once: answered or cancelled
+        if done is not None:
+            done()
+
+    def running(self) -> bool:
+        return not self.done()
+
+    def cancel(self) -> bool:
+        """Withdraw the call; False if it was answered already (as for any Future)."""
+        if not super().cancel():
+            return False
+        self.set_running_or_notify_cancel()  # tell wait()/as_completed() waiters; returns False here
+        slot = self._slot
+        if slot is not None:
+            self._conn.abandon(slot)
+        self._uncount()
+        return True
+
+    def _settle(self, result: Any, error: BaseException | None) -> None:
+        """The call's answer (on the reader's thread); lost quietly if ``cancel`` won the race."""
+        self._uncount()
+        try:
+            if error is None:
+                self.set_result(result)
+            else:
+                self.set_exception(error)
+        except InvalidStateError:
+            pass  # cancelled meanwhile
+
+
 class _Value:
     """A successful result (distinguishes a returned exception object from a raised one)."""
 
@@ -1172,11 +1375,22 @@ def session(
     tls: TLS | None = None,
     connections: int = 1,
 ) -> Session:
-    """A session with a local daemon (``socket``, else ``CRUISED_ADDRESS``/``CRUISED_SOCKET``/the
-    default) or, with ``host``, ``port`` and ``tls``, a remote one over mutual TLS. ``connections``:
-    how many connections ``map``, ``call`` and ``submit`` spread over (behind a load balancer,
-    several daemons)."""
-    return Session(socket=socket, pool=pool, libraries=libraries, timeout=timeout, host=host, port=port, tls=tls, connections=connections)
+    """A session with a cruised daemon, in the style of ``pykx.remote.session(host, port)``:
+    a local one (``socket``, else ``CRUISED_ADDRESS``/``CRUISED_SOCKET``/the default) or, with
+    ``host``, ``port`` and ``tls``, a remote one over mutual TLS. ``connections``: how many
+    connections ``map``, ``call`` and ``submit`` spread over (behind a load balancer, several
+    daemons).
+
+    With ``socket=...`` or ``host=...`` it connects now, as ``pykx.remote.session`` does: a
+    daemon that does not answer there raises ``DaemonUnavailable`` naming it, here, not at the
+    first call. Without them, it stays lazy: it connects at the first call, to the address the
+    environment names or the default socket (``cruised.client.paths``), so a session can be made
+    before the daemon starts (a notebook's first cell). ``Session(...)`` itself is always lazy.
+    """
+    s = Session(socket=socket, pool=pool, libraries=libraries, timeout=timeout, host=host, port=port, tls=tls, connections=connections)
+    if socket is not None or host is not None:
+        s.ping()
+    return s
 
 
 def function(session: Session) -> Callable[[Callable[..., T]], Callable[..., T]]:
@@ -1191,6 +1405,7 @@ def function(session: Session) -> Callable[[Callable[..., T]], Callable[..., T]]
 
         remote.__cruised_function__ = fn  # type: ignore[attr-defined]  # a function attribute: the wrapper stays a plain function
         remote.submit = lambda *a, **k: session.submit(fn, *a, **k)  # type: ignore[attr-defined]  # likewise
+        remote.aio = lambda *a, **k: session.acall(fn, *a, **k)  # type: ignore[attr-defined]  # likewise: await f.aio(...)
         remote.session = session  # type: ignore[attr-defined]  # likewise
         return remote
 

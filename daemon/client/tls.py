@@ -166,6 +166,12 @@ class TlsSocket:
             with self._state:
                 self._in.write(data)
 
+    def pending(self) -> int:
+        """Bytes ``recv_into`` may return without reading the socket (decrypted, or ciphertext
+        already read): the session's reader skips its ``poll`` then, which cannot see them."""
+        with self._state:
+            return len(self._early) + self._obj.pending() + self._in.pending
+
     def recv(self, bufsize: int, flags: int = 0) -> bytes:
         """Only the session's idle probe, ``recv(1, MSG_PEEK | MSG_DONTWAIT)``: b"" once the daemon
         has closed the stream, else some bytes (kept for ``recv_into``); BlockingIOError if nothing came."""

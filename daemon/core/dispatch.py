@@ -11,11 +11,16 @@ Request states::
           \--> [queue has room] --> QUEUED --(worker)--> RUNNING --> reply
           \--> [queue or caller's share full] --> QueueFull    \--> exec deadline: ExecutionTimeout,
                          QUEUED --(queue deadline)--> QueueTimeout    worker killed and replaced
-                                                              \--> worker died: WorkerCrashed
+                         QUEUED --(cancel)--> Cancelled               \--> worker died: WorkerCrashed
+                                                              \--> cancel: SIGINT, then its answer
+                                                                   (Cancelled), or Cancelled and the
+                                                                   worker killed after cancel_grace
 
 Invariants:
 * every accepted job is answered exactly once (``Job.settle`` is idempotent);
 * a job that timed out in the queue, or whose client left, never runs;
+* a cancelled job that had not started never runs, held ones included
+  (see "Cancelling");
 * a job is never re-run (at-most-once): a crash answers it, it does not
   requeue it;
 * the queue, the workers' hold lists and the credit granted and not spent
@@ -53,7 +58,17 @@ Holding (prefetch)
       the job is still held, its worker has not sent the reply before it and
       will see the deadline passed (same CLOCK_MONOTONIC) and answer NOT_RUN
       instead of starting it, so it is answered QueueTimeout at once;
-    * a held job whose client left still runs; its reply is dropped.
+    * a held job whose client left is withdrawn as on a cancel (below) with
+      ``on_disconnect: cancel``; with ``finish`` it runs, its reply dropped.
+
+Cancelling
+    A client withdraws a call with Kind.CANCEL (``cancel``), or by leaving
+    with ``on_disconnect: cancel`` (``drop_client``). Each worker has a cancel
+    board (pool/interrupt.py, posted through the launcher) that it reads
+    before it starts a held call and when it gets SIGINT; ``_withdraw`` says
+    what happens in each state. The timer that kills a worker whose cancelled
+    call ignores its KeyboardInterrupt is armed per cancel (they are rare),
+    not kept per worker as the exec deadline is.
 
 q connection (pools with ``q:``): each worker reports its q state in READY
 and in STATE frames when it changes; ``worker.q`` keeps the latest
@@ -180,6 +195,12 @@ class Launcher(Protocol):
     def drain(self, worker: Worker) -> None:
         """Read and deliver, now, every frame the worker has already sent (its replies first)."""
 
+    def cancel(self, worker: Worker, job_id: int) -> None:
+        """Post ``job_id`` on the worker's cancel board: it will not start that call from now on (pool/interrupt.py)."""
+
+    def interrupt(self, worker: Worker) -> None:
+        """SIGINT the worker: a call posted on its board that runs now sees KeyboardInterrupt."""
+
 
 @dataclass(eq=False, slots=True, kw_only=True)
 class Job:
@@ -216,6 +237,10 @@ class Job:
     held: bool = field(default=False, init=False)  # sent to a busy worker, waiting behind its running job (not started)
     answered: bool = field(default=False, init=False)
     cancelled: bool = field(default=False, init=False)  # client went away: do not run, do not reply
+    #: withdrawn (Kind.CANCEL, or its client left with on_disconnect: cancel) once it had reached a
+    #: worker (0: not): posted on the worker's cancel board; if it runs, its worker is interrupted
+    #: and killed at this time (monotonic) unless it has answered by then
+    cancel_by: float = field(default=0.0, init=False)
     exec_limit: float = field(default=0.0, init=False)  # the execution timeout in force once it started (0 = not started)
     flow: Flow | None = field(default=None, init=False)  # its share of the pool, once it had to wait
     waits: bool = field(default=False, init=False)  # counted in ``flow.waiting`` (queued or held; see Dispatcher._left)
@@ -489,21 +514,122 @@ class Dispatcher:
                     acct.client.credit(self.name, granted)
 
     def drop_client(self, client: Any) -> None:
-        """The client left: forget its queued jobs; a running one finishes, its reply is dropped."""
+        """The client left: its queued jobs never run (counted ``cancelled``), its unspent credit is
+        free again. Its running and held ones are withdrawn as on a cancel with ``on_disconnect:
+        cancel`` (``_withdraw``), else they run and finish; either way no reply is sent."""
+        now = self.clock.time()
         for j in self.queue.remove_client(client):
             self._left(j)
             j.cancelled = True
-            j.settle()
+            j.finished = now
+            self._finish(j, Status.CANCELLED, "", "cancelled")  # counted; nobody to answer
         if client in self.accounts:
             self.close_credit(client)
         if self.queue.mode == "connection":
             self.queue.forget(client)
+        withdraw = self.config.on_disconnect == "cancel"
+        mine: list[Job] = []
         for w in self.workers.values():
-            if w.job is not None and w.job.client is client:
-                w.job.cancelled = True
-            for j in w.held:  # already on the worker's channel: they run, their replies are dropped
-                if j.client is client:
-                    j.cancelled = True
+            for on in (w.job, *w.held):
+                if on is not None and on.client is client and not on.answered:
+                    on.cancelled = True  # no reply: nobody reads it
+                    mine.append(on)
+        if withdraw:
+            for j in mine:  # after the walk: withdrawing reads replies, which may change the workers
+                self._withdraw(j)
+
+    # -- cancelling ------------------------------------------------------------------
+
+    def cancel(self, client: Any, client_reqid: int) -> bool:
+        """``client`` withdrew its call ``client_reqid`` (Kind.CANCEL); False if this pool has no
+        such call unanswered (it was answered already, or is another pool's).
+
+        The call gets its one answer as ever: CANCELLED now if it had not started (it never
+        will), or once it stops if it runs (``_withdraw``).
+        """
+        job = self._find(client, client_reqid)
+        if job is None:
+            return False
+        self._withdraw(job)
+        return True
+
+    def _find(self, client: Any, client_reqid: int) -> Job | None:
+        """The unanswered job ``client`` knows as ``client_reqid``: queued, held or running.
+        A scan: cancels are rare, and an index would cost every call."""
+        for j in self.queue:
+            if j.client_reqid == client_reqid and j.client is client and not j.answered:
+                return j
+        for w in self.workers.values():
+            for on in (w.job, *w.held):
+                if on is not None and on.client_reqid == client_reqid and on.client is client and not on.answered:
+                    return on
+        return None
+
+    def _dequeue(self, job: Job) -> None:
+        """Take a queued job out of the queue (it is answered next: the queue holds only live jobs)."""
+        self.queue.remove(job)
+
+    def _withdraw(self, job: Job) -> None:
+        """Cancel ``job`` wherever it is; its answer (``CANCELLED``) is sent once, as every answer.
+
+        * queued: taken out and answered now; it never runs;
+        * held by a busy worker: posted on the worker's cancel board first, then the worker's
+          replies are read. Still held after that, the worker has not started it and will not
+          (it answers NOT_RUN when it gets there: pool/interrupt.py), so it is answered now;
+        * running (a CALL, ENDPOINT or QCALL): posted, and the worker is sent SIGINT, so the
+          function sees KeyboardInterrupt; the worker answers CANCELLED when it stops. If it has not
+          within ``cancel_grace``, the call is answered CANCELLED and the worker killed
+          (``_cancel_overdue``). A CHECK (a library import) cannot be interrupted and finishes.
+        """
+        if job.answered or job.cancel_by:
+            return
+        now = self.clock.time()
+        worker = job.worker
+        if worker is None:
+            self._dequeue(job)
+            job.finished = now
+            self._finish(job, Status.CANCELLED, "cancelled while queued; it never ran", "cancelled")
+            return
+        grace = self.config.cancel_grace
+        job.cancel_by = now + grace  # withdrawn: never twice, and a NOT_RUN for it means it never started
+        self.launcher.cancel(worker, job.id)  # first: from here on the worker will not start it
+        if job.held:
+            self.launcher.drain(worker)  # a reply already sent may have started it
+            if _answered(job):  # (a function: mypy would keep its narrowing of job.answered across the drain)
+                return
+            if job.held:
+                job.finished = now
+                self._finish(job, Status.CANCELLED, NEVER_STARTED, "cancelled")
+                return
+        if worker.job is not job or worker.state != WorkerState.BUSY or job.kind not in INTERRUPTIBLE:
+            return  # its worker is being killed (that answers it), or it cannot be interrupted: it finishes
+        log.info(
+            "worker=%s pool=%s call %s cancelled while running: interrupting it, killing its worker in %gs if it has not stopped",
+            worker.id,
+            self.name,
+            job.id,
+            grace,
+        )
+        self.launcher.interrupt(worker)
+        self.clock.call_at(job.cancel_by, self._cancel_overdue, worker, job)
+
+    def _cancel_overdue(self, worker: Worker, job: Job) -> None:
+        """``cancel_grace`` after its interrupt: a call still running is answered, its worker killed."""
+        if job.answered or worker.job is not job:
+            return
+        self.launcher.drain(worker)  # it may have answered just in time
+        if job.answered or worker.job is not job or worker.state != WorkerState.BUSY:
+            return
+        grace = self.config.cancel_grace
+        log.warning(
+            "worker=%s pool=%s call %s did not stop within cancel_grace (%gs) of its interrupt; killing the worker", worker.id, self.name, job.id, grace
+        )
+        job.finished = self.clock.time()
+        self._finish(
+            job, Status.CANCELLED, f"cancelled; the call did not stop within cancel_grace ({grace:g}s) of its interrupt, so its worker was killed", "cancelled"
+        )
+        self._kill(worker, "cancelled")
+        self.manage()
 
     # -- running ---------------------------------------------------------------------
 
@@ -625,8 +751,11 @@ class Dispatcher:
         if worker.state == WorkerState.KILLING:
             return  # a late answer from a worker we already gave up on (its job was answered then)
         job.finished = now
-        if status == Status.NOT_RUN:  # a held job whose queue deadline passed in the worker
-            self._finish(job, Status.QUEUE_TIMEOUT, self._queue_timeout_message(job, now), "queue_timeout")
+        if status == Status.NOT_RUN:  # a held job whose queue deadline passed in the worker, or that was withdrawn
+            if job.cancel_by:  # it was still held when posted; it became the running one as the worker's replies were read
+                self._finish(job, Status.CANCELLED, NEVER_STARTED, "cancelled")
+            else:
+                self._finish(job, Status.QUEUE_TIMEOUT, self._queue_timeout_message(job, now), "queue_timeout")
         else:
             worker.requests += 1
             if job.started is not None:
@@ -1101,7 +1230,17 @@ _OUTCOMES: dict[int, str] = {  # keyed by a reply's raw status
     Status.BAD_ARGUMENTS: "bad_request",
     Status.ENDPOINT_UNAVAILABLE: "unavailable",
     Status.Q_UNAVAILABLE: "q_unavailable",
+    Status.CANCELLED: "cancelled",  # the worker stopped a cancelled call (pool/interrupt.py)
 }
+
+NEVER_STARTED = "cancelled before it started; it never ran"
+
+#: job kinds a worker can interrupt (pool/interrupt.py); a cancelled running job of another kind finishes
+INTERRUPTIBLE = frozenset({frames.Kind.CALL, frames.Kind.ENDPOINT, frames.Kind.QCALL})
+
+
+def _answered(job: Job) -> bool:
+    return job.answered
 
 
 def _cancel(handle: Any) -> None:

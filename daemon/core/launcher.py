@@ -11,6 +11,9 @@ preloaded forkserver) and asks it to fork workers. For each worker it creates
   (pool/worker.py ``Channel._claim_fd``) and the channel stays plain bytes;
 * a pipe: the worker's stdout and stderr, logged line by line with a
   ``worker=`` tag instead of interleaving raw on the daemon's stderr;
+* a cancel board (pool/interrupt.py): a page of shared memory where the
+  dispatcher posts the ids of the worker's calls it cancels, read by the
+  worker before it starts a held call and in its SIGINT handler;
 
 and passes the worker's ends to the template with SCM_RIGHTS. The template
 reports each worker's pid and, after reaping it, its exit code; that report
@@ -41,7 +44,7 @@ from cruised.core.dispatch import (
     Worker,
     WorkerState,
 )
-from cruised.pool import heap, qconn
+from cruised.pool import heap, interrupt, qconn
 from cruised.pool.wire import frames, sharedfile
 from cruised.pool.wire.frames import Kind, Status
 
@@ -62,6 +65,8 @@ class WorkerLink:
         self.out_fd: int | None = None
         self.out_buf = bytearray()
         self.sigkill_timer: asyncio.TimerHandle | None = None
+        #: the worker's cancel board (pool/interrupt.py): ids of its calls that were cancelled
+        self.board: interrupt.Board | None = None
         self.eof_timer: asyncio.TimerHandle | None = None
         self.exited = False
 
@@ -285,6 +290,7 @@ class PoolLauncher:
         out_r, out_w = os.pipe()
         os.set_blocking(out_r, False)
         link.out_fd = out_r
+        link.board, board_fd = interrupt.Board.create(f"cruised-cancel-{worker.id}")
         self.loop.add_reader(out_r, self._on_output, worker)
         assert self.dispatcher is not None
         link.channel = Channel(self.loop, ours, _WorkerSink(self.dispatcher, self, worker), self.daemon.max_message_bytes, name=worker.id)
@@ -304,7 +310,7 @@ class PoolLauncher:
             setup = json.dumps({"endpoints": self.endpoints}).encode()
             link.channel.write([frames.frame(Kind.SETUP, 0, setup)])
         # the template gets (and _flush_ctl closes) the raw descriptors of the worker's ends
-        self._queue_msg(json.dumps({"op": "spawn", "spec": spec}).encode(), [theirs.detach(), out_w, fd_theirs.detach()])
+        self._queue_msg(json.dumps({"op": "spawn", "spec": spec}).encode(), [theirs.detach(), out_w, fd_theirs.detach(), board_fd])
 
     def send(self, worker: Worker, parts: list[Any], fd: int | None = None) -> None:
         link: WorkerLink = worker.handle
@@ -319,6 +325,18 @@ class PoolLauncher:
                 if worker.pid is not None:
                     self._signal(worker.pid, signal.SIGKILL)
         link.channel.write(parts)
+
+    def cancel(self, worker: Worker, job_id: int) -> None:
+        """Post ``job_id`` on the worker's cancel board: it will not start that call from now on,
+        and a SIGINT (``interrupt``) interrupts it if it runs."""
+        link: WorkerLink = worker.handle
+        if link is not None and link.board is not None:
+            link.board.post(job_id)
+
+    def interrupt(self, worker: Worker) -> None:
+        """SIGINT the worker (through the template, as every signal: never a recycled pid)."""
+        if worker.pid is not None:
+            self._signal(worker.pid, signal.SIGINT)
 
     def drain(self, worker: Worker) -> None:
         link: WorkerLink = worker.handle
@@ -447,6 +465,9 @@ class PoolLauncher:
         if link.fd_sock is not None:
             link.fd_sock.close()  # files still queued on it are the kernel's to release
             link.fd_sock = None
+        if link.board is not None:
+            link.board.close()
+            link.board = None
         if link.out_fd is not None:
             self._on_output(worker)  # last words first: they often explain the exit
             self._close_output(worker)

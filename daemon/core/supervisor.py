@@ -52,6 +52,14 @@ Drain (``cruised drain`` / ``cruised ready``, the DRAIN frame)
     that take that long to stop sending (Kubernetes removes a pod from its
     Service while the preStop hook already runs).
 
+Cancel (the CANCEL frame, a departed client)
+    A client withdraws a call with CANCEL (Ctrl-C, ``Future.cancel()``, a
+    stopped ``map``, a cancelled asyncio task); a door whose client leaves
+    calls ``drop_client``. The call's dispatcher owns the rest
+    (daemon/core/dispatch.py "Cancelling"): out of the queue, off a worker's
+    hold list through its cancel board (pool/interrupt.py), or SIGINT into a
+    running function and a kill after ``cancel_grace``; one answer, CANCELLED.
+
 Operations
     Metrics (daemon/ops/metrics.py) and the access log (daemon/ops/logs.py) are
     dispatcher observers attached to every pool; ``render_metrics`` serves

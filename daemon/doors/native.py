@@ -182,6 +182,12 @@ class ClientConnection:
                 disp.submit(job)
             elif status & frames.CARRIES_FD:
                 self._refuse(reqid, Status.BAD_REQUEST, f"only a CALL may carry a file descriptor (frame kind {kind})")
+            elif kind == Kind.CANCEL:
+                # no reply of its own: the call it names gets its one answer (CANCELLED, or its
+                # result if it had finished); a call already answered is no longer found
+                for disp in self.host.all_dispatchers():
+                    if disp.cancel(self, reqid):
+                        break
             elif kind == Kind.PASS_FDS:
                 # before the reply goes out: whatever the client sends after reading it is read with recvmsg
                 self.channel.accept_fds = True

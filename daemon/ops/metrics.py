@@ -92,7 +92,7 @@ log = logging.getLogger("cruised.metrics")
 #: the Content-Type for GET /metrics (text exposition format 0.0.4)
 CONTENT_TYPE = CONTENT_TYPE_LATEST
 
-OUTCOMES = ("ok", "error", "rejected", "queue_timeout", "exec_timeout", "crashed", "q_unavailable")
+OUTCOMES = ("ok", "error", "rejected", "queue_timeout", "exec_timeout", "crashed", "q_unavailable", "cancelled")
 #: dispatcher outcomes outside OUTCOMES, folded into one that says the same to an operator
 OUTCOME_ALIASES = {
     # the worker did not have the code (a cache mismatch): not run, the client registers and retries
@@ -100,7 +100,7 @@ OUTCOME_ALIASES = {
 }
 #: the front doors, the ``door`` label of requests and of auth failures
 DOORS = ("native", "http", "qipc", "remote")
-EXIT_REASONS = ("crash", "exec_timeout", "recycled", "idle", "reload", "shutdown", "preload_failed")
+EXIT_REASONS = ("crash", "exec_timeout", "cancelled", "recycled", "idle", "reload", "shutdown", "preload_failed")
 WORKER_STATES = ("starting", "idle", "busy", "draining")
 LIMITS = ("min", "cruise", "max")
 #: distinct endpoint label values per pool (each costs ~40 series); more is a cardinality bug upstream

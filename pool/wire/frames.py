@@ -43,6 +43,14 @@ PASS_FDS (8)   client -> sup: empty; reply: ``u32`` feature bits
                none). From the reply on, CALLs on this connection may carry a
                shared file (see "Shared file" below); the daemon reads a
                connection with recvmsg only after this
+CANCEL (9)     client -> sup: empty; ``reqid`` names an earlier CALL of this
+               connection to withdraw. The CANCEL itself gets no reply: the
+               call gets its one reply as ever, CANCELLED if the cancel took
+               effect (queued or held: at once, and it never runs; running:
+               its worker is sent SIGINT, and the reply comes when the
+               function stops, or after ``pools.<name>.cancel_grace`` when
+               the worker is killed), or its own result if it had already
+               finished. A CANCEL naming no outstanding call is ignored
 DRAIN (10)     client -> sup: JSON ``{"drain": true|false}`` starts or ends
                a drain (``cruised drain`` / ``cruised ready``), ``{}`` or
                empty only asks; ``"linger": s`` with ``true`` keeps taking
@@ -177,8 +185,17 @@ ENDPOINT_UNAVAILABLE (16)  a worker, for an ENDPOINT (below)
 CUSTOM_RESPONSE (17)       a worker, for an ENDPOINT (below)
 API_ERROR (18)             a worker, for an ENDPOINT (below)
 NOT_RUN (19)               a worker to the supervisor, empty: a HELD call's
-                           deadline had passed, so it did not start; the
-                           client gets QUEUE_TIMEOUT
+                           deadline had passed, or the call was cancelled
+                           before it started (pool/interrupt.py), so it did
+                           not start; the client gets QUEUE_TIMEOUT (or the
+                           CANCELLED it already got)
+CANCELLED (20)             the daemon or a worker: the call was cancelled
+                           (Kind.CANCEL, or its client left with
+                           ``on_disconnect: cancel``), JSON ``{"message"}``
+                           saying whether it ran: withdrawn before it started,
+                           interrupted (the function saw KeyboardInterrupt;
+                           whatever it returned or raised after that is not
+                           sent), or its worker killed after cancel_grace
 DRAINING (21)              the daemon, a refusal: it is draining (``cruised
                            drain``; never ran): send the call to another
                            daemon, or retry after ``cruised ready``
@@ -282,6 +299,7 @@ class _Kind(Constants):
     RELOAD: Final = 6
     METRICS: Final = 7
     PASS_FDS: Final = 8
+    CANCEL: Final = 9
     DRAIN: Final = 10
     CREDIT: Final = 11
     DEFINE: Final = 16
@@ -316,7 +334,8 @@ class _Status(Constants):
     ENDPOINT_UNAVAILABLE: Final = 16  # endpoint: its code failed to load
     CUSTOM_RESPONSE: Final = 17  # endpoint: the function returned its own HTTP response
     API_ERROR: Final = 18  # endpoint: the function raised an error carrying an HTTP status
-    NOT_RUN: Final = 19  # worker -> supervisor: a HELD call's queue deadline passed before it could start
+    NOT_RUN: Final = 19  # worker -> supervisor: a HELD call's queue deadline passed (or it was cancelled) before it could start
+    CANCELLED: Final = 20  # the call was cancelled by its client (Kind.CANCEL) or its client's departure
     DRAINING: Final = 21  # the daemon is draining (cruised drain): new calls are refused, running ones finish
 
 

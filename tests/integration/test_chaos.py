@@ -76,6 +76,45 @@ def test_held_calls_survive_crashes_and_kills_exactly_once(start_daemon, tmp_pat
     assert held > 100, f"the scenario must exercise holding (held_total={held}); {rep.summary()}"
 
 
+def test_cancels_of_queued_held_and_running_calls_keep_every_invariant(start_daemon, tmp_path: Path) -> None:
+    """Clients pipeline short calls into a pool that holds them (prefetch) and withdraw random ones
+    (Kind.CANCEL) wherever they are: queued, held by a busy worker, running, or just answered.
+    Every call still gets exactly one reply, nothing runs twice, and a call answered CANCELLED
+    as never run did not run (a held one included: the worker's cancel board)."""
+    d = start_daemon({"pools": {"default": pool_config(min=2, cruise=2, max=2, queue_size=256, prefetch=2)}})
+    ledger = tmp_path / "ledger"
+    clients = clients_for(d, ledger, 4)
+    rng = random.Random(5)
+    stop = threading.Event()
+    cancels = 0
+
+    def cancel_some() -> None:
+        nonlocal cancels
+        while not stop.wait(0.0005) and cancels < 20000:
+            c = rng.choice(clients)
+            waiting = c.outstanding()
+            if waiting:
+                try:
+                    c.cancel(rng.choice(waiting[-8:]))  # the newest: queued or held, sometimes running
+                except OSError:
+                    return
+                cancels += 1
+
+    canceller = threading.Thread(target=cancel_some)
+    canceller.start()
+    # mostly trivial calls (so the pool holds), some that run long enough to be interrupted
+    drive(clients, SECONDS, 24, lambda i: ("sleep", 0.05) if i % 50 == 0 else ("ok", 0.0))
+    stop.set()
+    canceller.join(10)
+    rep = settle_and_check(clients, str(ledger))
+    assert rep.ok(), rep.summary()
+    assert rep.by_status[Status.OK] > 200 and rep.by_status[Status.CANCELLED] > 20, rep.summary()
+    st = d.status()["pools"]["default"]
+    assert st["held_total"] > 50, f"the scenario must exercise holding; {rep.summary()}"
+    assert st["requests"].get("cancelled", 0) == rep.by_status[Status.CANCELLED], (st["requests"], rep.summary())
+    assert d.session().call(lambda: "alive") == "alive"
+
+
 def test_hostile_mix_keeps_every_invariant(start_daemon, tmp_path: Path) -> None:
     d = start_daemon(
         {

@@ -243,7 +243,7 @@ def test_session_libraries_reach_workers_started_later(start_daemon) -> None:
 
 def test_unreachable_daemon_names_the_socket_and_how_to_start(tmp_path) -> None:
     path = str(tmp_path / "nothing.sock")
-    s = cruised.session(socket=path)
+    s = cruised.Session(socket=path)  # the class is lazy; session(socket=...) checks at once (test_cancel.py)
     with pytest.raises(cruised.DaemonUnavailable) as info:
         s.call(lambda: 1)
     assert path in str(info.value) and "cruised serve" in str(info.value)

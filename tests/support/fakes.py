@@ -67,6 +67,8 @@ class FakeLauncher:
         self.sent: list[tuple[Worker, list[Any]]] = []
         self.killed: list[Worker] = []
         self.retired: list[Worker] = []
+        self.posted: list[tuple[Worker, int]] = []  # (worker, job id) posted on its cancel board
+        self.interrupted: list[Worker] = []
 
     def spawn(self, worker: Worker) -> None:
         self.spawned.append(worker)
@@ -85,6 +87,12 @@ class FakeLauncher:
 
     def drain(self, worker: Worker) -> None:
         pass  # nothing sent and unread: the fake workers answer through the test
+
+    def cancel(self, worker: Worker, job_id: int) -> None:
+        self.posted.append((worker, job_id))
+
+    def interrupt(self, worker: Worker) -> None:
+        self.interrupted.append(worker)
 
     rss_value: int | None = None
 

@@ -67,6 +67,7 @@ class Outcome:
     status: int | None = None
     replies: int = 0
     value: Any = None
+    message: str = ""  # a refusal's message (a CANCELLED one says whether the call ran)
 
 
 @dataclass
@@ -116,6 +117,15 @@ class RawClient:
         self.sock.sendall(frames.frame(Kind.CALL, rid, payload))
         return rid
 
+    def cancel(self, rid: int) -> None:
+        """Withdraw call ``rid`` (Kind.CANCEL): it still gets exactly one reply."""
+        self.sock.sendall(frames.frame(Kind.CANCEL, rid))
+
+    def outstanding(self) -> list[int]:
+        """Request ids still without a reply."""
+        with self.lock:
+            return [rid for rid, o in self.outcomes.items() if o.replies == 0]
+
     def pending(self) -> int:
         with self.lock:
             return sum(1 for o in self.outcomes.values() if o.replies == 0)
@@ -152,6 +162,8 @@ class RawClient:
         o.status = status
         if status == Status.OK:
             o.value = bundle.unpack(frame, frames.HEADER_SIZE)
+        elif status != Status.ERROR:
+            o.message = bytes(frame[frames.HEADER_SIZE :]).decode(errors="replace")
 
     def close(self) -> None:
         try:
@@ -191,6 +203,8 @@ def check(clients: list[RawClient], ledger: str, disconnected: set[int] | None =
                 rep.violations.append(f"{o.token} got another request's result {o.value!r}")
             if o.status in NEVER_RAN and ran[o.token]:
                 rep.violations.append(f"{o.token} was answered {Status.name(o.status)} but ran")
+            if o.status == Status.CANCELLED and "never ran" in o.message and ran[o.token]:
+                rep.violations.append(f"{o.token} was answered {o.message} but ran")
             if o.status == Status.OK and ran[o.token] != 1:
                 rep.violations.append(f"{o.token} succeeded but ran {ran[o.token]} times")
     return rep
@@ -233,13 +247,14 @@ def resources(pid: int) -> tuple[int, int]:
     return rss, len(os.listdir(f"/proc/{pid}/fd"))
 
 
-def memfds(pid: int | str = "self") -> int:
+def memfds(pid: int | str = "self", name: str = "cruised-call") -> int:
     """Descriptors of shared files (memfds, pool/wire/sharedfile.py) a process holds open; a mapped
-    file has two (mmap keeps a duplicate of its descriptor)."""
+    file has two (mmap keeps a duplicate of its descriptor). ``name``: ``cruised-cancel-`` counts
+    the supervisor's worker cancel boards instead (pool/interrupt.py: one per live worker)."""
     n = 0
     for fd in os.listdir(f"/proc/{pid}/fd"):
         try:
-            n += os.readlink(f"/proc/{pid}/fd/{fd}").startswith("/memfd:")
+            n += os.readlink(f"/proc/{pid}/fd/{fd}").startswith(f"/memfd:{name}")
         except OSError:
             pass  # closed meanwhile
     return n

@@ -62,6 +62,8 @@ def test_session_arguments_say_what_is_missing(tmp_path: Any) -> None:
         cruised.session(tls=tls)
     with pytest.raises(ValueError, match="connections must be a positive integer"):
         cruised.session(connections=0)
-    assert cruised.session(host="h", port=7443, tls=tls, connections=3).path == "tls://h:7443"
+    assert cruised.Session(host="h", port=7443, tls=tls, connections=3).path == "tls://h:7443", "Session() is lazy"
     with pytest.raises(FileNotFoundError, match=r"cruised\.TLS cert_file: no such file: c\.pem"):
         tls.context()
+    with pytest.raises(FileNotFoundError, match=r"cruised\.TLS cert_file"):
+        cruised.session(host="h", port=7443, tls=tls)  # session(host=) connects now, as pykx.remote.session does

@@ -292,7 +292,7 @@ class HttpDoor:
         try:
             status, buf, message = await sink.future
         except asyncio.CancelledError:
-            disp.drop_client(sink)  # the caller hung up: a queued call never runs
+            disp.drop_client(sink)  # the caller hung up: a queued call never runs, a running one is cancelled (on_disconnect)
             raise
         return steps.answer(name, job, status, buf, message, t0)
 

@@ -48,7 +48,8 @@ Invariants:
   with the headers aiohttp sends (Content-Length, Date, Server,
   ``Connection: close`` when closing);
 * a hang-up (or a half-close, as with aiohttp) drops the caller's call
-  (``Dispatcher.drop_client``): a queued call never runs;
+  (``Dispatcher.drop_client``): a queued call never runs, a running one is
+  interrupted (``on_disconnect: cancel``) or finishes unanswered (``finish``);
 * the buffer is bounded: a request's head by MAX_HEAD and its body by the
   message limit; while a call is in flight, reading pauses once
   ``PIPELINE_BYTES`` more have arrived, and no new call starts while the
@@ -392,7 +393,7 @@ class FastConnection(asyncio.Protocol):
             self.idle_timer = None
         call, self.call = self.call, None
         if call is not None:
-            call.disp.drop_client(call)  # the caller hung up: a queued call never runs
+            call.disp.drop_client(call)  # the caller hung up: a queued call never runs, a running one is cancelled (on_disconnect)
 
     def pause_writing(self) -> None:
         self.write_paused = True

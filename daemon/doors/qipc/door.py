@@ -47,7 +47,8 @@ Ordering on one handle (what q developers rely on)
     once opens several handles, or uses the callback form.
 
 A handle that goes away drops its queued jobs (``Dispatcher.drop_client``);
-a running one finishes and its answer is discarded.
+a running one is interrupted (the pool's ``on_disconnect: cancel``) or
+finishes with its answer discarded (``finish``).
 
 The door sees the daemon only through ``DoorHost`` (daemon/doors/host.py):
 the serving config and dispatchers, ``pool_status()`` for ``.cruised.stats``,

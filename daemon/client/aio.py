@@ -1,0 +1,239 @@
+"""The asyncio client: ``await s.acall(f, ...)``, ``await f.aio(...)``, ``async for r in s.amap(f, xs)``.
+
+For code that runs in an event loop: FastAPI handlers, notebooks' top-level
+``await``, asyncio services. ``Session`` (daemon/client/session.py) holds one
+``AsyncConnection`` per event loop it is used from, opened on first use, and
+imports this module only then (a synchronous user never pays for asyncio).
+
+Data flow::
+
+    acall ──ship (once per session)──> send: REGISTER (once per connection) + CALL
+          <── reader task: replies matched to their calls by request id ──┘
+
+The same frames as the synchronous client, on asyncio streams over the same
+Unix socket, pipelined: any number of calls from any number of tasks share the
+connection, and one reader task hands each reply to its call. Arguments and
+results travel in the frames (no shared files: those are the synchronous
+client's large-array path).
+
+Cancellation: cancelling the task that awaits a call (``task.cancel()``, a
+timeout around it, a FastAPI client that disconnects) withdraws the call with
+Kind.CANCEL, exactly as Ctrl-C does in the synchronous client: queued, it never
+runs; running, its worker is interrupted (KeyboardInterrupt in the function).
+Its reply, which still comes, is dropped. ``amap`` withdraws the calls it has
+in flight when its consumer stops (``break``, an exception, a cancelled task).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+from collections import deque
+from collections.abc import AsyncIterator, Callable, Iterable
+from typing import TYPE_CHECKING, Any, TypeVar
+
+from cruised.client import errors
+from cruised.client.session import DEFAULT_WINDOW, _error_for, _Pending, _start_hint, _Value
+from cruised.pool.wire import bundle, frames
+from cruised.pool.wire.frames import Kind, Status
+
+if TYPE_CHECKING:
+    from cruised.client.session import Session, _Shipped
+
+T = TypeVar("T")
+
+#: replies are read with this limit only as a guard against a corrupt stream (the daemon's are trusted)
+_NO_LIMIT = 1 << 62
+
+
+class AsyncConnection:
+    """One asyncio connection to the daemon, bound to the event loop that opened it."""
+
+    def __init__(self, path: str, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.path = path
+        self.reader = reader
+        self.writer = writer
+        self.loop = asyncio.get_running_loop()
+        self.pending: dict[int, _Pending] = {}
+        #: REGISTER slots by (pool, key), as on the synchronous connection (Session._send_calls)
+        self.registered: dict[tuple[str, bytes], _Pending] = {}
+        self.ids = itertools.count(1)
+        self.broken: BaseException | None = None
+        self.reading = self.loop.create_task(self._read_replies(), name="cruised-aio-reader")
+
+    @classmethod
+    async def open(cls, path: str) -> AsyncConnection:
+        try:
+            reader, writer = await asyncio.open_unix_connection(path)
+        except OSError as exc:
+            reason = exc.strerror or str(exc)
+            raise errors.DaemonUnavailable(f"no cruised daemon answers at {path} ({reason}); {_start_hint(path)}") from None
+        return cls(path, reader, writer)
+
+    def send(
+        self, requests: list[tuple[int, list[Any]]], callback: Callable[[_Pending], None] | None = None, result_file: bool = False, credited: bool = False
+    ) -> list[_Pending]:
+        """Frame and queue the requests (``Session._send_calls`` calls this as it calls
+        ``_Connection.send``); never a file (``result_file`` is ignored). The transport buffers
+        whole frames, so a cancelled sender never leaves half a frame behind. ``credited``: each
+        CALL spends a credit (see _Connection.send)."""
+        if self.broken is not None:
+            raise self.broken
+        slots: list[_Pending] = []
+        out: list[Any] = []
+        for kind, parts in requests:
+            rid = next(self.ids)
+            slot = _Pending(rid)
+            self.pending[rid] = slot
+            slots.append(slot)
+            out.append(frames.header(kind, rid, bundle.packed_size(parts), frames.CREDITED if credited and kind == Kind.CALL else 0))
+            out.extend(parts)
+        slots[-1].callback = callback
+        self.writer.writelines(out)
+        return slots
+
+    def release(self, slot: _Pending) -> None:
+        """Nothing to give back: calls on this connection have no shared file."""
+
+    async def wait(self, slot: _Pending, withdraw: bool = True) -> _Pending:
+        """``slot`` once answered; if the awaiting task is cancelled meanwhile, the call is
+        withdrawn (unless ``withdraw`` is False: the caller withdraws it, with others)."""
+        try:
+            await self.writer.drain()  # the daemon reads us: no unbounded buffer behind a burst of calls
+            if not slot.done:
+                answered: asyncio.Future[None] = self.loop.create_future()
+
+                def wake(_slot: _Pending) -> None:
+                    if not answered.done():
+                        answered.set_result(None)
+
+                slot.callback = wake
+                await answered
+        except BaseException:
+            if withdraw:
+                self.abandon(slot)
+            raise
+        return slot
+
+    def abandon(self, *slots: _Pending) -> None:
+        """The caller stopped waiting: CANCEL the calls not answered yet, in one write, in the
+        order given (``_Connection.abandon`` says why)."""
+        out = [frames.frame(Kind.CANCEL, slot.rid) for slot in slots if self.pending.pop(slot.rid, None) is not None]
+        if out and self.broken is None:
+            self.writer.write(b"".join(out))
+
+    async def _read_replies(self) -> None:
+        reader = self.reader
+        try:
+            while True:
+                head = await reader.readexactly(frames.HEADER_SIZE)
+                total, _, status, reqid = frames.parse_header(head, _NO_LIMIT)
+                buf = bytearray(head)
+                if total > frames.HEADER_SIZE:
+                    buf += await reader.readexactly(total - frames.HEADER_SIZE)
+                if reqid == 0 and status != Status.OK:
+                    self._fail(_error_for(status, buf))  # a connection-level refusal
+                    return
+                slot = self.pending.pop(reqid, None)
+                if slot is not None:  # None: a call its caller withdrew; its reply is dropped
+                    slot.resolve(status, buf)
+        except (asyncio.IncompleteReadError, OSError, frames.FrameError) as exc:
+            self._fail(errors.DaemonUnavailable(f"connection to cruised at {self.path} lost ({exc or 'closed by the daemon'})"))
+        except asyncio.CancelledError:
+            self._fail(errors.DaemonUnavailable("session closed"))
+            raise
+
+    def _fail(self, exc: BaseException) -> None:
+        if self.broken is None:
+            self.broken = exc
+        pending, self.pending = self.pending, {}
+        for slot in pending.values():
+            if not slot.done:
+                slot.resolve(Status.INTERNAL, None, self.broken)
+        self.writer.close()
+
+    def close(self) -> None:
+        """Close from any thread; calls still waiting fail with DaemonUnavailable."""
+        if self.loop.is_closed():
+            return
+        try:
+            self.loop.call_soon_threadsafe(self.reading.cancel)
+        except RuntimeError:
+            pass  # the loop closed meanwhile
+
+
+async def connection(session: Session) -> AsyncConnection:
+    """The session's connection for the running event loop, opened on first use."""
+    loop = asyncio.get_running_loop()
+    conn = session._aconns.get(loop)
+    if conn is None or conn.broken is not None:
+        conn = await AsyncConnection.open(session.path)
+        session._aconns[loop] = conn
+    return conn
+
+
+async def _oldest(session: Session, conn: AsyncConnection, shipped: _Shipped, inflight: deque[tuple[tuple[Any, ...], _Pending]]) -> Any:
+    """The value of ``amap``'s oldest call (or its exception raised): registers again after
+    UNKNOWN_FUNCTION, and backs off and resubmits after QUEUE_FULL, as the synchronous ``map``
+    does. The call stays at ``inflight[0]`` meanwhile (a resubmission replaces its slot), so a
+    consumer that stops withdraws it with the others."""
+    args, slot = inflight[0]
+    retried = False
+    for tries in itertools.count():
+        await conn.wait(slot, withdraw=False)
+        final, value = session._outcome(conn, shipped, slot, retried)
+        if not final:
+            retried = True
+        elif isinstance(value, errors.QueueFull) and tries < 50:
+            await asyncio.sleep(min(0.2, 0.001 * 2**tries))  # the pool is saturated: back off, then resubmit
+        elif isinstance(value, _Value):
+            return value.value
+        else:
+            raise value
+        (slot,) = session._send_calls(conn, shipped, [(args, {})], retried)
+        inflight[0] = (args, slot)
+    raise AssertionError("unreachable")  # pragma: no cover - itertools.count() never ends
+
+
+async def call(session: Session, fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+    """``Session.acall``: one call; a QueueFull is raised, as by ``Session.call``."""
+    shipped = session._ship(fn)
+    conn = await connection(session)
+    retried = False
+    while True:
+        (slot,) = session._send_calls(conn, shipped, [(args, kwargs)], retried)
+        await conn.wait(slot)
+        final, value = session._outcome(conn, shipped, slot, retried)
+        if final:
+            if isinstance(value, _Value):
+                return value.value
+            raise value
+        retried = True
+
+
+async def amap(session: Session, fn: Callable[..., T], iterables: tuple[Iterable[Any], ...], window: int = DEFAULT_WINDOW) -> AsyncIterator[T]:
+    """``Session.amap``: ``Session.map`` for ``async for``: up to ``window`` calls in flight, results in order."""
+    shipped = session._ship(fn)
+    conn = await connection(session)
+    inflight: deque[tuple[tuple[Any, ...], _Pending]] = deque()
+    window = max(1, window)
+    low = window // 2
+    items = zip(*iterables, strict=False)  # as map() does: stop at the shortest
+
+    def refill() -> None:
+        batch = list(itertools.islice(items, window - len(inflight)))
+        if batch:
+            inflight.extend(zip(batch, session._send_calls(conn, shipped, [(args, {}) for args in batch]), strict=True))
+
+    try:
+        refill()
+        while inflight:
+            value = await _oldest(session, conn, shipped, inflight)
+            inflight.popleft()
+            yield value
+            if len(inflight) <= low:
+                refill()
+    finally:
+        # the consumer stopped early (break, an exception, a cancelled task): withdraw the rest,
+        # newest first (see _Connection.abandon)
+        conn.abandon(*(slot for _, slot in reversed(inflight)))
