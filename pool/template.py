@@ -105,6 +105,10 @@ def recv(ctl: socket.socket) -> tuple[dict[str, Any] | None, list[int]]:
     return json.loads(data), list(fds)
 
 
+#: a forked worker's channel sockets, kept open until its os._exit (see ``child``)
+_UNTIL_EXIT: list[socket.socket] = []
+
+
 def child(
     spec: worker_mod.WorkerSpec,
     ctl: socket.socket,
@@ -141,6 +145,11 @@ def child(
     sock.setblocking(True)
     fd_sock = socket.socket(fileno=fds_fd)
     fd_sock.setblocking(False)  # a flagged CALL's file is always there before the CALL (worker._claim_fd)
+    # The channel closes at os._exit, never before: the supervisor reads its EOF as "this worker
+    # can answer no more" and kills a worker it sees alive then, so an EOF that came first (the
+    # socket object freed with this frame, while stderr is still flushed) would turn the worker's
+    # own exit code (70 for an escaping exception, PRELOAD_FAILED) into SIGKILL.
+    _UNTIL_EXIT.extend((sock, fd_sock))
     board = interrupt.Board.open(board_fd) if board_fd is not None else None
     return worker_mod.run(spec, sock, fd_sock, board)
 
