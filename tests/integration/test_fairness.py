@@ -450,21 +450,27 @@ async def test_an_amap_over_ten_queues_is_never_refused_and_sends_each_call_once
     assert counts.get(("root", "ok"), 0) == 1 + MANY and counts.get(("root", "rejected"), 0) == 0, counts
 
 
-async def test_an_amap_and_a_map_share_the_pool(start_daemon: Callable[..., Daemon]) -> None:
+async def test_amaps_and_a_map_share_the_pool(start_daemon: Callable[..., Daemon]) -> None:
     """The session's asyncio and synchronous connections each hold an account on the caller's
-    share: both complete, neither is refused, each call reaches the daemon once."""
+    share, and two amaps on the one asyncio connection share its gate: all complete, none is
+    refused, each call reaches the daemon once."""
     d = start_daemon(fair_config())
     s = d.session(pool="p")
+
+    async def amapped(offset: int) -> list[int]:
+        return [r async for r in s.amap(work, range(offset, offset + MANY), window=64)]
+
     try:
         assert await s.acall(work, -1) == -1
         mapping = asyncio.ensure_future(asyncio.to_thread(lambda: list(s.map(work, range(MANY), window=64))))
-        assert [r async for r in s.amap(work, range(MANY), window=64)] == list(range(MANY))
+        first, second = await asyncio.wait_for(asyncio.gather(amapped(0), amapped(MANY)), 60)
+        assert first == list(range(MANY)) and second == list(range(MANY, 2 * MANY))
         assert await asyncio.wait_for(mapping, 60) == list(range(MANY))
-        await asyncio.to_thread(wait_for, lambda: settled(d), what="both maps' credit given back")
+        await asyncio.to_thread(wait_for, lambda: settled(d), what="every map's credit given back")
     finally:
         s.close()
     counts = requests_by_caller(d)
-    assert counts.get(("root", "ok"), 0) == 1 + 2 * MANY and counts.get(("root", "rejected"), 0) == 0, counts
+    assert counts.get(("root", "ok"), 0) == 1 + 3 * MANY and counts.get(("root", "rejected"), 0) == 0, counts
 
 
 @pytest.mark.parametrize("stop", ["break", "cancel"])
