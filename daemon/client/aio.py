@@ -355,6 +355,7 @@ async def amap(session: Session, fn: Callable[..., T], iterables: tuple[Iterable
     low = window // 2
     items = zip(*iterables, strict=False)  # as map() does: stop at the shortest
     exhausted = False
+    ahead: list[tuple[Any, ...]] = []  # an item looked at before waiting for credit (see below)
 
     def refill() -> None:
         # a batch of what the window (and the credit) has room for, in one write
@@ -364,7 +365,11 @@ async def amap(session: Session, fn: Callable[..., T], iterables: tuple[Iterable
             room = gate.take(room)
         if room <= 0:
             return
-        batch = list(itertools.islice(items, room))
+        if ahead:
+            batch = ahead + list(itertools.islice(items, room - 1))
+            ahead.clear()
+        else:
+            batch = list(itertools.islice(items, room))
         if len(batch) < room:
             exhausted = True
             if gate is not None:
@@ -376,9 +381,15 @@ async def amap(session: Session, fn: Callable[..., T], iterables: tuple[Iterable
         refill()
         while inflight or not exhausted:
             if not inflight:
-                # items left, nothing in flight, no credit (the queue is full of other callers' calls):
-                # await the daemon's next grant. Without credit a refill always sends or exhausts.
+                # nothing in flight, no credit (the queue is full of other callers' calls): await the
+                # daemon's next grant, if items are left (the last refill may have taken exactly the
+                # last ones: no grant need come, as the pool may be idle with our share held by our
+                # other connections). Without credit a refill always sends or exhausts.
                 assert credit is not None
+                if not ahead:
+                    ahead.extend(itertools.islice(items, 1))
+                    if not ahead:
+                        break
                 await conn.granted(credit)
                 refill()
                 continue
