@@ -1,7 +1,7 @@
 """Per-call CPU of each process on cruised's hot path: ``python -m bench.hotpath [--http] [--py-spy ...]``.
 
-Native door (default): sync calls and a pipelined ``map`` of ``add10``
-against a 2-worker pool. ``--http``: sync calls of the ``bench/add10``
+Native door (default): sync calls, a pipelined ``map`` and an asyncio
+``amap`` of ``add10`` against a 2-worker pool. ``--http``: sync calls of the ``bench/add10``
 endpoint through the HTTP door's Unix socket, with the keep-alive client of
 the benchmark's ``cruised-http`` row (bench/systems.py HTTPDoor, a lean
 HTTP/1.1 client), or with ``--client stdlib`` that of ``cruised-http-stdlib``
@@ -17,6 +17,7 @@ into bench/out/ and prints the top functions.
 from __future__ import annotations
 
 import argparse
+import asyncio
 import os
 import subprocess
 import sys
@@ -140,6 +141,14 @@ def main() -> int:
             assert res[-1] == n - 1 + 10
             return "window 32"
 
+        def amapped(n: int) -> str:
+            async def run() -> list[int]:
+                return [r async for r in s.amap(f, range(n), window=32)]
+
+            res = asyncio.run(run())
+            assert res[-1] == n - 1 + 10
+            return "window 32"
+
         label = f"http sync ({args.client} client)" if args.http else "sync"
         for r in range(args.rounds):
             last_sync = args.http and r == args.rounds - 1
@@ -148,6 +157,7 @@ def main() -> int:
         if not args.http:
             with Spy(spied):
                 measure("map", mapped, args.n)
+            measure("amap", amapped, args.n)
         if args.http:
             door.close()
         s.close()

@@ -15,6 +15,9 @@ thread reading the socket, session.py "Threading model") adds grants; the
 maps take them. A grant that arrives while the gate is not open is dropped:
 the daemon sends grants only to an open account, and a close's answer comes
 after every grant sent before it, so nothing is lost or counted twice.
+
+The asyncio ``amap`` uses the same gate on its connection (daemon/client/aio.py
+``_Credit``: grants read by the connection's reader task, waits awaited).
 """
 
 from __future__ import annotations

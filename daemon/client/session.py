@@ -19,10 +19,10 @@ Threading model
     is guaranteed to read for them.
 
 Flow control
-    ``map`` sends only calls it has credit for (daemon/client/credit.py): the
-    daemon reserves a place in the queue for each, so no call of a ``map`` is
-    refused QueueFull or sent twice, and a ``map`` holds at most its caller's
-    share of the queue. ``call`` and ``submit`` use no credit: a call that
+    ``map`` (and the asyncio ``amap``, daemon/client/aio.py) sends only calls
+    it has credit for (daemon/client/credit.py): the daemon reserves a place
+    in the queue for each, so no call of a ``map`` is refused QueueFull or
+    sent twice, and a ``map`` holds at most its caller's share of the queue. ``call`` and ``submit`` use no credit: a call that
     finds the pool (or its caller's share) full is refused at once.
 
 Remote daemons
@@ -1150,7 +1150,8 @@ class Session:
 
     def amap(self, fn: Callable[..., T], *iterables: Iterable[Any], window: int = DEFAULT_WINDOW) -> AsyncIterator[T]:
         """``async for r in s.amap(fn, xs)``: ``map`` for asyncio code, up to ``window`` calls in
-        flight, results in order; the calls in flight are withdrawn if the consumer stops early."""
+        flight (on credit, as ``map``), results in order; the calls in flight are withdrawn if the
+        consumer stops early."""
         from cruised.client import aio
 
         return aio.amap(self, fn, iterables, window)

@@ -7,7 +7,9 @@ calls a 10 ms function every 50 ms. B must never be refused and wait little
 (p50 <= 25 ms, max <= 50 ms, measured by B around each call); A's map must
 finish within 15% of its time alone (B's calls take 10% of the pool). The
 same with three callers, with weights 3:1, through the HTTP door (two API
-keys) and the q door (two q users).
+keys) and the q door (two q users). Then the asyncio ``amap`` under the same
+flow control: never refused, each call sent once, its credit given back when
+it ends or is left early.
 
 The daemon's socket is made reachable by the other uids (``daemon.socket_mode:
 "0666"`` and a traversable socket directory; no allow_uids). Timing bounds are
@@ -18,6 +20,7 @@ call counted once).
 
 from __future__ import annotations
 
+import asyncio
 import multiprocessing
 import os
 import statistics
@@ -32,7 +35,8 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 import cruised
-from support.daemon import Daemon, pool_config
+from cruised.client import errors
+from support.daemon import Daemon, pool_config, wait_for
 from support.httphelp import call as http_call
 from support.httphelp import tcp, write
 
@@ -407,8 +411,6 @@ def test_a_map_keeps_its_credit_across_a_reload(start_daemon: Callable[..., Daem
     got: list[int] = []
     mapping = threading.Thread(target=lambda: got.extend(s.map(work, range(300))))
     mapping.start()
-    from support.daemon import wait_for
-
     wait_for(lambda: len(got) >= 50, 30, what="the map under way")
     with d.session() as r:
         ok, message = r.reload()
@@ -418,3 +420,113 @@ def test_a_map_keeps_its_credit_across_a_reload(start_daemon: Callable[..., Daem
     counts = requests_by_caller(d)
     assert counts.get(("root", "ok"), 0) == 300 and counts.get(("root", "rejected"), 0) == 0, counts
     s.close()
+
+
+# -- asyncio: amap spends credit as map does ------------------------------------------------------
+
+#: items of an amap: 10x the pool's queue (fair_config: 16)
+MANY = 160
+
+
+def settled(d: Daemon) -> bool:
+    """Pool p is at rest: nothing queued or running, no credit reserved or held by any connection."""
+    st = d.status()["pools"]["p"]
+    fair = st["fairness"]
+    return st["queue"]["depth"] == 0 and st["workers"].get("busy", 0) == 0 and fair["reserved"] == 0 and fair["credit"] == []
+
+
+async def test_an_amap_over_ten_queues_is_never_refused_and_sends_each_call_once(start_daemon: Callable[..., Daemon]) -> None:
+    """A window (64) far beyond the queue (16): without credit the calls past the queue would be
+    refused and sent again; with it each goes out once, when its place is reserved."""
+    d = start_daemon(fair_config())
+    s = d.session(pool="p")
+    try:
+        assert await s.acall(work, -1) == -1
+        assert [r async for r in s.amap(work, range(MANY), window=64)] == list(range(MANY))
+        await asyncio.to_thread(wait_for, lambda: settled(d), what="the amap's credit given back")
+    finally:
+        s.close()
+    counts = requests_by_caller(d)
+    assert counts.get(("root", "ok"), 0) == 1 + MANY and counts.get(("root", "rejected"), 0) == 0, counts
+
+
+async def test_amaps_and_a_map_share_the_pool(start_daemon: Callable[..., Daemon]) -> None:
+    """The session's asyncio and synchronous connections each hold an account on the caller's
+    share, and two amaps on the one asyncio connection share its gate: all complete, none is
+    refused, each call reaches the daemon once."""
+    d = start_daemon(fair_config())
+    s = d.session(pool="p")
+
+    async def amapped(offset: int) -> list[int]:
+        return [r async for r in s.amap(work, range(offset, offset + MANY), window=64)]
+
+    try:
+        assert await s.acall(work, -1) == -1
+        mapping = asyncio.ensure_future(asyncio.to_thread(lambda: list(s.map(work, range(MANY), window=64))))
+        first, second = await asyncio.wait_for(asyncio.gather(amapped(0), amapped(MANY)), 60)
+        assert first == list(range(MANY)) and second == list(range(MANY, 2 * MANY))
+        assert await asyncio.wait_for(mapping, 60) == list(range(MANY))
+        await asyncio.to_thread(wait_for, lambda: settled(d), what="every map's credit given back")
+    finally:
+        s.close()
+    counts = requests_by_caller(d)
+    assert counts.get(("root", "ok"), 0) == 1 + 3 * MANY and counts.get(("root", "rejected"), 0) == 0, counts
+
+
+@pytest.mark.parametrize("stop", ["break", "cancel"])
+async def test_an_amap_left_early_withdraws_its_calls_and_gives_its_credit_back(start_daemon: Callable[..., Daemon], stop: str) -> None:
+    """``break`` out of the ``async for`` (then ``aclose``), or the consuming task cancelled while
+    it awaits the next result: the calls in flight are withdrawn and the connection's unspent
+    credit is released (the pool reserves none for it any more)."""
+    d = start_daemon(fair_config())
+    s = d.session(pool="p")
+    window = 16
+    try:
+        assert await s.acall(hold, -1) == -1
+        got: list[int] = []
+        accounts: list[str] = []  # the pool's credit accounts while the amap runs
+        first = asyncio.Event()
+        gen = s.amap(hold, range(MANY), window=window)
+
+        async def consume() -> None:
+            async for r in gen:
+                if not got:  # (a blocking status call: the loop has nothing else to do meanwhile)
+                    accounts.extend(c["caller"] for c in d.status()["pools"]["p"]["fairness"]["credit"])
+                got.append(r)
+                first.set()
+                if stop == "break":
+                    break
+            await gen.aclose()
+
+        task = asyncio.ensure_future(consume())
+        await asyncio.wait_for(first.wait(), 30)
+        assert accounts == ["root"], "the amap runs on credit"
+        if stop == "cancel":
+            task.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await task
+        else:
+            await asyncio.wait_for(task, 30)
+        await asyncio.to_thread(wait_for, lambda: settled(d), 30, what="calls withdrawn and credit given back")
+        assert await s.acall(work, 7) == 7, "the connection is still in step"
+    finally:
+        s.close()
+    counts = requests_by_caller(d)
+    ok, cancelled = counts.get(("root", "ok"), 0) - 2, counts.get(("root", "cancelled"), 0)
+    assert counts.get(("root", "rejected"), 0) == 0, counts
+    # what was in flight at the stop (the credit's worth, max_queued_per_caller) is withdrawn:
+    # at most the 2 running calls may have finished first, unseen
+    assert cancelled >= 1, f"the calls in flight were withdrawn: {counts}"
+    assert ok <= len(got) + 2 and ok + cancelled <= len(got) + window, f"no call ran for nobody: {counts}"
+
+
+async def test_an_amap_on_a_pool_without_credit_raises_the_refusal(start_daemon: Callable[..., Daemon]) -> None:
+    """The daemon refuses the CREDIT request (here: no such pool): amap goes on without flow
+    control and raises what its calls are answered, as map does."""
+    d = start_daemon(fair_config())
+    s = d.session(pool="nowhere")
+    try:
+        with pytest.raises(errors.NoSuchPool, match="nowhere"):
+            _ = [r async for r in s.amap(work, range(4))]
+    finally:
+        s.close()
