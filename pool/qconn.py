@@ -445,10 +445,15 @@ class QHandle:
         import pykx
 
         if s.tls:
-            # libe reads these when it makes its first TLS connection in this process
+            # libe reads these when it makes its first TLS connection in this process, and never
+            # again. tls_verify decides, not an environment the worker inherited: a
+            # KX_SSL_VERIFY_SERVER=NO left in the daemon's would otherwise turn verification
+            # off silently in a pool configured to verify.
             if s.tls_ca_file:
                 os.environ["SSL_CA_CERT_FILE"] = s.tls_ca_file
-            if not s.tls_verify:
+            if s.tls_verify:
+                os.environ.pop("KX_SSL_VERIFY_SERVER", None)
+            else:
                 os.environ["KX_SSL_VERIFY_SERVER"] = "NO"
         kwargs: dict[str, Any] = dict(
             username=s.username,

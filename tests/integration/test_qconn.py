@@ -332,6 +332,13 @@ def test_tls_with_ca_file_and_with_verification_off(start_daemon: Any, tmp_path:
         assert st["verified"]["q"]["connected"] == 1 and st["unverified"]["q"]["connected"] == 1
         assert st["untrusted"]["q"]["connected"] == 0
         assert st["untrusted"]["q"]["last_error"].startswith(f"cannot connect to q at 127.0.0.1:{srv.port}")
+        # tls_verify (true by default) decides, not a KX_SSL_VERIFY_SERVER=NO the daemon inherits
+        untrusted = {"untrusted": pool_config(**one, q=q_section(srv.port, tls=True, reconnect={"initial": "5s", "max": "5s"}))}
+        inherited = start_daemon({"pools": untrusted}, env={"KX_SSL_VERIFY_SERVER": "NO"})
+        qst = wait_for(
+            lambda: (lambda p: p if p["last_error"] or p["connected"] else None)(inherited.status()["pools"]["untrusted"]["q"]), what="a first connect attempt"
+        )
+        assert qst["connected"] == 0 and qst["last_error"].startswith(f"cannot connect to q at 127.0.0.1:{srv.port}")
 
 
 def test_an_operator_chosen_licensed_mode_is_left_alone(start_daemon: Any, qsrv: QServer, monkeypatch: pytest.MonkeyPatch) -> None:

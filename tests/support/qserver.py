@@ -17,7 +17,8 @@ It prints nothing else to stdout; logs go to stderr. It binds loopback only. Wit
 ``--unix`` it also listens on the abstract Unix socket ``@/tmp/kx.<port>``, which is what
 ``pykx.SyncQConnection(port=p, unix=True)`` dials. With ``--tls CERT KEY`` the TCP listener
 speaks TLS (for ``tls=True`` clients; libe in the client needs ``SSL_CA_CERT_FILE=CERT`` or
-``KX_SSL_VERIFY_SERVER=NO`` in its environment). SIGTERM closes every connection and exits
+``KX_SSL_VERIFY_SERVER=NO`` in its environment at its first TLS connect: use
+:class:`support.qtls.TlsQ`, which runs the client in a process of its own). SIGTERM closes every connection and exits
 with status 0 at once.
 
 Handshake (as q does it): the client sends ``user:password`` + an optional capability

@@ -21,6 +21,7 @@ import pandas as pd
 import pykx as kx
 
 from support.qserver import QServer, make_trade, run_qserver
+from support.qtls import TlsQ
 
 HOST = "127.0.0.1"
 # pykx's own KeyedTable.pd() uses set_index(inplace=True), which pandas 3.1 deprecates
@@ -281,7 +282,7 @@ def test_failed_start_is_reaped():
 
 
 @pytest.mark.skipif(shutil.which("openssl") is None, reason="needs the openssl CLI")
-def test_tls(tmp_path, monkeypatch):
+def test_tls(tmp_path):
     cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
     subprocess.run(
         ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2", "-subj", "/CN=localhost", "-keyout", str(key), "-out", str(cert)],
@@ -289,9 +290,12 @@ def test_tls(tmp_path, monkeypatch):
         capture_output=True,
         timeout=60,
     )
-    monkeypatch.setenv("SSL_CA_CERT_FILE", str(cert))  # libe reads it at the first TLS connect
     with run_qserver("--tls", str(cert), str(key)) as s:
-        with kx.SyncQConnection("localhost", s.port, no_ctx=True, tls=True, timeout=10.0) as c:
-            assert c("til 3").py() == [0, 1, 2]
+        # pykx TLS clients each in a process of its own: libe fixes its TLS settings at a process's
+        # first TLS connect, so they could not differ here, nor in later tests (tests/support/qtls.py)
+        with pytest.raises(kx.PyKXException, match="Connection error"):
+            TlsQ(s.port, host="localhost", tls_env={}, timeout=10.0)  # verified by default: the certificate is not trusted
+        with TlsQ(s.port, host="localhost", tls_env={"SSL_CA_CERT_FILE": str(cert)}, timeout=10.0) as c:
+            assert c("til 3") == [0, 1, 2]
             with pytest.raises(kx.QError, match="boom"):
                 c("err", b"boom")
