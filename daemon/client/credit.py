@@ -29,7 +29,7 @@ from collections.abc import Callable
 class CreditGate:
     """The credit one connection holds on one pool and has not spent."""
 
-    __slots__ = ("_lock", "_wake", "available", "pool", "state", "users")
+    __slots__ = ("_lock", "_wakes", "available", "pool", "state", "users")
 
     def __init__(self, pool: str) -> None:
         self.pool = pool
@@ -39,7 +39,8 @@ class CreditGate:
         self.users = 0
         #: "closed", "opening", "open", "closing"; "unsupported" if the daemon refused (an older one)
         self.state = "closed"
-        self._wake: Callable[[], None] | None = None
+        #: who waits for the next grant: every map on this connection that ran out of credit
+        self._wakes: list[Callable[[], None]] = []
 
     def opened(self, granted: int) -> None:
         """The daemon answered the open: ``granted`` credits to start with."""
@@ -53,8 +54,8 @@ class CreditGate:
             if self.state != "open":
                 return
             self.available += n
-            wake, self._wake = self._wake, None
-        if wake is not None:
+            wakes, self._wakes = self._wakes, []
+        for wake in wakes:  # all of them: one that finds the credit gone waits again
             wake()
 
     def take(self, n: int) -> int:
@@ -75,7 +76,7 @@ class CreditGate:
         with self._lock:
             if self.available:
                 return False
-            self._wake = wake
+            self._wakes.append(wake)
             return True
 
     def closing(self) -> None:
@@ -83,4 +84,4 @@ class CreditGate:
         with self._lock:
             self.state = "closing"
             self.available = 0
-            self._wake = None
+            self._wakes = []

@@ -1224,6 +1224,8 @@ class Session:
         # one syscall per batch, not per call). With credit, a batch is what the credit allows.
         low = window * len(lanes) // 2
 
+        ahead: list[tuple[Any, ...]] = []  # at most one item, read to learn whether any is left
+
         def refill() -> None:
             nonlocal exhausted
             rooms = [window - lane.busy for lane in lanes]
@@ -1231,7 +1233,10 @@ class Session:
                 if lane.gate is not None and rooms[i] > 0:
                     rooms[i] = lane.gate.take(rooms[i])
             room = sum(rooms)
-            batch = list(itertools.islice(items, room))
+            if ahead and room:
+                batch = [ahead.pop(), *itertools.islice(items, room - 1)]
+            else:
+                batch = list(itertools.islice(items, room))
             if len(batch) < room:
                 exhausted = True
             if len(lanes) == 1:  # the common case, kept lean: one send, slots zipped in order
@@ -1264,8 +1269,14 @@ class Session:
             refill()
             while inflight or not exhausted:
                 if not inflight:
-                    # items left, nothing in flight, no credit (the queue is full of other callers'
-                    # calls): wait for a daemon's next grant
+                    # nothing in flight and no credit (the queue is full of other callers' calls):
+                    # if items are left (the last refill may have taken exactly the last ones),
+                    # wait for a daemon's next grant
+                    if not ahead:
+                        first = next(items, _END)
+                        if first is _END:
+                            break
+                        ahead.append(first)  # refill sends it first
                     lane = next(lane for lane in lanes if lane.gate is not None)
                     assert lane.gate is not None
                     grant = _Pending()
@@ -1296,6 +1307,10 @@ class Session:
         if gate is not None:
             old.close_credit(gate)
         lane.gate = lane.conn.open_credit(self.pool)
+
+
+#: what ``next(items, _END)`` returns once a map's items have run out
+_END: Any = object()
 
 
 class _Lane:

@@ -327,7 +327,7 @@ def test_socket_activation_serves_fd3_and_restarts_without_losing_a_request(tmp_
         # nobody serves the socket now; a client still connects (the backlog) and is answered after the restart
         import cruised
 
-        with cruised.session(socket=path) as s:
+        with cruised.Session(socket=path) as s:  # lazy: session(socket=) would ping, and wait for the restart below
             pending = s.submit(add, 20, 22)
             second.start(wait_ready=False)
             assert pending.result(timeout=60) == 42
