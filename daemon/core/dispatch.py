@@ -566,8 +566,10 @@ class Dispatcher:
         return None
 
     def _dequeue(self, job: Job) -> None:
-        """Take a queued job out of the queue (it is answered next: the queue holds only live jobs)."""
-        self.queue.remove(job)
+        """Take a queued job out of the queue and its flow's count (it is answered next: the queue
+        holds only live jobs)."""
+        self.queue.take(job)
+        self._left(job)
 
     def _withdraw(self, job: Job) -> None:
         """Cancel ``job`` wherever it is; its answer (``CANCELLED``) is sent once, as every answer.

@@ -262,18 +262,6 @@ class FairQueue:
             flow.active = False
             self.active.remove(flow)
 
-    def remove(self, job: Job) -> None:
-        """Withdraw queued ``job`` for good (a cancelled call): out of the queue and out of its
-        flow's count of waiting calls (what Dispatcher._left does for the others)."""
-        self.take(job)
-        if job.waits:
-            job.waits = False
-            flow = job.flow
-            assert flow is not None
-            flow.waiting -= 1
-            if not flow.waiting:
-                self.idle(flow)
-
     def learn(self, job: Job, exec_s: float) -> None:
         """``job`` (taken by ``pop``) ran ``exec_s`` seconds: its flow's tag is corrected from the
         estimate it was charged to the real time, and the estimate learns."""

@@ -375,6 +375,6 @@ def test_a_withdrawn_queued_call_leaves_its_flows_count_too() -> None:
     jobs = [job(sink, caller="alice") for _ in range(4)]  # one runs, three wait
     for j in jobs:
         d.submit(j)
-    d.queue.remove(jobs[2])  # what a cancelled queued call does
+    d._dequeue(jobs[2])  # what a cancelled queued call does
     assert list(d.queue) == [jobs[1], jobs[3]] and d.queue.flows["alice"].waiting == 2
     consistent(d)
