@@ -32,9 +32,10 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 import cruised
+from cruised.client.http import run_path
 from support.daemon import Daemon, pool_config
 from support.httphelp import call as http_call
-from support.httphelp import tcp, write
+from support.httphelp import persistent, tcp, unix, write
 
 NOBODY = 65534
 OTHER = 65533  # no passwd entry: the caller is "uid:65533"
@@ -379,6 +380,24 @@ def test_the_http_door_shares_by_api_key_name(doors: Daemon) -> None:
     counts = requests_by_caller(doors)
     assert counts.get(("bob", "rejected"), 0) == 0 and counts.get(("bob", "ok"), 0) > 20
     assert counts.get(("alice", "ok"), 0) >= 601
+
+
+def test_the_http_unix_socket_names_its_peer_user_on_every_request_of_a_connection(doors: Daemon) -> None:
+    """The fast path asks a connection's peer who it is once (a connected socket's credentials never
+    change): every request on a keep-alive connection is still the peer user's."""
+    import pwd
+
+    me = pwd.getpwuid(os.getuid()).pw_name
+    conn = persistent(unix(doors))
+    try:
+        for i in range(5):
+            conn.request("POST", run_path("t", "nap"), body=b'{"x": %d}' % i, headers={"Content-Type": "application/json"})
+            resp = conn.getresponse()
+            assert resp.status == 200, resp.read()
+            resp.read()
+    finally:
+        conn.close()
+    assert requests_by_caller(doors).get((me, "ok"), 0) == 5
 
 
 def test_the_q_door_shares_by_q_user(doors: Daemon) -> None:
