@@ -36,7 +36,9 @@ class CreditGate:
         self.users = 0
         #: "closed", "opening", "open", "closing"; "unsupported" if the daemon refused (an older one)
         self.state = "closed"
-        self._wake: Callable[[], None] | None = None
+        #: the maps waiting for the next grant: each is woken by it (several maps share a gate, and
+        #: one slot lost every waiter but the last: a map waited for good with credit in the gate)
+        self._wake: list[Callable[[], None]] = []
 
     def opened(self, granted: int) -> None:
         """The daemon answered the open: ``granted`` credits to start with."""
@@ -50,9 +52,9 @@ class CreditGate:
             if self.state != "open":
                 return
             self.available += n
-            wake, self._wake = self._wake, None
-        if wake is not None:
-            wake()
+            wake, self._wake = self._wake, []
+        for w in wake:  # each map takes what it can; one that finds none waits again
+            w()
 
     def take(self, n: int) -> int:
         """Spend up to ``n`` credits; how many were taken (each pays for one CALL flagged CREDITED)."""
@@ -72,7 +74,7 @@ class CreditGate:
         with self._lock:
             if self.available:
                 return False
-            self._wake = wake
+            self._wake.append(wake)
             return True
 
     def closing(self) -> None:
@@ -80,4 +82,4 @@ class CreditGate:
         with self._lock:
             self.state = "closing"
             self.available = 0
-            self._wake = None
+            self._wake = []

@@ -437,3 +437,27 @@ def test_a_map_keeps_its_credit_across_a_reload(start_daemon: Callable[..., Daem
     counts = requests_by_caller(d)
     assert counts.get(("root", "ok"), 0) == 300 and counts.get(("root", "rejected"), 0) == 0, counts
     s.close()
+
+
+def test_eight_threads_mapping_on_one_session_all_finish(start_daemon: Callable[..., Daemon]) -> None:
+    """The maps of 8 threads share one connection's credit gate; each that runs out waits for the
+    next grant, and every one of them must be woken by it (bench's threads8 row hung before)."""
+    d = start_daemon(fair_config(queue_size=16))
+    s = d.session(pool="p")
+    results: list[list[int]] = [[] for _ in range(8)]
+
+    def one(i: int) -> None:
+        results[i].extend(s.map(work, range(i * 1000, i * 1000 + 150), window=32))
+
+    for _ in range(2):  # the lost wakeup needed two maps waiting at once: a few rounds make it likely
+        for r in results:
+            r.clear()
+        threads = [threading.Thread(target=one, args=(i,), daemon=True) for i in range(8)]
+        for t in threads:
+            t.start()
+        deadline = time.monotonic() + 60
+        for t in threads:
+            t.join(max(0.0, deadline - time.monotonic()))
+        assert not any(t.is_alive() for t in threads), f"maps still waiting: {[len(r) for r in results]}"
+        assert all(r == list(range(i * 1000, i * 1000 + 150)) for i, r in enumerate(results))
+    s.close()
