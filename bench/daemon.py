@@ -87,12 +87,13 @@ class BenchDaemon:
         self.log_path = self.dir / "daemon.log"
         self.proc: subprocess.Popen[bytes] | None = None
 
-    def start(self, timeout: float = 60.0) -> BenchDaemon:
-        env = dict(os.environ, PYTHONUNBUFFERED="1")
+    def start(self, timeout: float = 60.0, wrap: list[str] | None = None, env: dict[str, str] | None = None) -> BenchDaemon:
+        """``wrap``: a command the supervisor runs under (bench/callgrind.py: valgrind); ``env``: extra variables."""
+        env = dict(os.environ, PYTHONUNBUFFERED="1", **(env or {}))
         env.pop("CRUISED_SOCKET", None)
         self._log = open(self.log_path, "ab")
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "cruised", "serve", "--config", str(self.config_path)],
+            [*(wrap or []), sys.executable, "-m", "cruised", "serve", "--config", str(self.config_path)],
             stdin=subprocess.DEVNULL,
             stdout=self._log,
             stderr=subprocess.STDOUT,

@@ -36,9 +36,10 @@ from prometheus_client.parser import text_string_to_metric_families
 
 import cruised
 from cruised.client import errors
+from cruised.client.http import run_path
 from support.daemon import Daemon, pool_config, wait_for
 from support.httphelp import call as http_call
-from support.httphelp import tcp, write
+from support.httphelp import persistent, tcp, unix, write
 
 NOBODY = 65534
 OTHER = 65533  # no passwd entry: the caller is "uid:65533"
@@ -275,8 +276,6 @@ def test_status_and_metrics_show_waiting_calls_by_caller(start_daemon: Callable[
         fair = d.status()["pools"]["p"]["fairness"]
         return fair if fair["waiting"] and fair["waiting"][0]["waiting"] >= 5 else None
 
-    from support.daemon import wait_for
-
     fair = wait_for(shown, 10, what="root's waiting calls in the status")
     assert fair["mode"] == "caller" and fair["waiting"][0]["caller"] == "root"
     with d.session() as m:
@@ -383,6 +382,24 @@ def test_the_http_door_shares_by_api_key_name(doors: Daemon) -> None:
     counts = requests_by_caller(doors)
     assert counts.get(("bob", "rejected"), 0) == 0 and counts.get(("bob", "ok"), 0) > 20
     assert counts.get(("alice", "ok"), 0) >= 601
+
+
+def test_the_http_unix_socket_names_its_peer_user_on_every_request_of_a_connection(doors: Daemon) -> None:
+    """The fast path asks a connection's peer who it is once (a connected socket's credentials never
+    change): every request on a keep-alive connection is still the peer user's."""
+    import pwd
+
+    me = pwd.getpwuid(os.getuid()).pw_name
+    conn = persistent(unix(doors))
+    try:
+        for i in range(5):
+            conn.request("POST", run_path("t", "nap"), body=b'{"x": %d}' % i, headers={"Content-Type": "application/json"})
+            resp = conn.getresponse()
+            assert resp.status == 200, resp.read()
+            resp.read()
+    finally:
+        conn.close()
+    assert requests_by_caller(doors).get((me, "ok"), 0) == 5
 
 
 def test_the_q_door_shares_by_q_user(doors: Daemon) -> None:
@@ -530,3 +547,27 @@ async def test_an_amap_on_a_pool_without_credit_raises_the_refusal(start_daemon:
             _ = [r async for r in s.amap(work, range(4))]
     finally:
         s.close()
+
+
+def test_eight_threads_mapping_on_one_session_all_finish(start_daemon: Callable[..., Daemon]) -> None:
+    """The maps of 8 threads share one connection's credit gate; each that runs out waits for the
+    next grant, and every one of them must be woken by it (bench's threads8 row hung before)."""
+    d = start_daemon(fair_config(queue_size=16))
+    s = d.session(pool="p")
+    results: list[list[int]] = [[] for _ in range(8)]
+
+    def one(i: int) -> None:
+        results[i].extend(s.map(work, range(i * 1000, i * 1000 + 150), window=32))
+
+    for _ in range(2):  # the lost wakeup needed two maps waiting at once: a few rounds make it likely
+        for r in results:
+            r.clear()
+        threads = [threading.Thread(target=one, args=(i,), daemon=True) for i in range(8)]
+        for t in threads:
+            t.start()
+        deadline = time.monotonic() + 60
+        for t in threads:
+            t.join(max(0.0, deadline - time.monotonic()))
+        assert not any(t.is_alive() for t in threads), f"maps still waiting: {[len(r) for r in results]}"
+        assert all(r == list(range(i * 1000, i * 1000 + 150)) for i, r in enumerate(results))
+    s.close()

@@ -29,3 +29,17 @@ def test_a_waiting_map_is_woken_by_the_next_grant_only() -> None:
     gate.granted(3)
     gate.granted(1)
     assert woken == [2] and gate.available == 4
+
+
+def test_every_map_waiting_on_a_shared_gate_is_woken_by_the_next_grant() -> None:
+    # 8 threads mapping on one session share the gate; with one wake slot the first waiter was
+    # forgotten and waited for good while the others spent the grant (bench --sections trivial, threads8)
+    gate = CreditGate("p")
+    gate.opened(0)
+    woken: list[str] = []
+    assert gate.on_grant(lambda: woken.append("a"))
+    assert gate.on_grant(lambda: woken.append("b"))
+    gate.granted(2)
+    assert sorted(woken) == ["a", "b"] and gate.available == 2
+    gate.granted(1)
+    assert len(woken) == 2, "a grant wakes only the maps waiting when it came"

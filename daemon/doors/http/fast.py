@@ -77,6 +77,7 @@ from aiohttp.tcp_helpers import tcp_nodelay
 
 from cruised.core.channel import batch_for
 from cruised.doors.http.steps import KEEPALIVE_TIMEOUT, Caller, Refusal, Steps, internal_error, now, on_unix, timing
+from cruised.doors.sockets import peer_caller
 from cruised.pool.wire import frames
 from cruised.pool.wire.frames import Kind, Status
 
@@ -349,6 +350,7 @@ class FastConnection(asyncio.Protocol):
         self.sock: socket.socket | None = None
         self.remote: str | None = None
         self.unix = False  # the connection came over a Unix socket (connection_made)
+        self.peer: str | None = None  # over a Unix socket: who the peer is (Caller.peer), asked once
         self.buf = bytearray()
         self.request: Request | None = None  # head parsed, body still arriving
         self.call: FastReply | None = None  # the call in flight
@@ -367,6 +369,8 @@ class FastConnection(asyncio.Protocol):
         peer = transport.get_extra_info("peername")
         self.remote = peer[0] if isinstance(peer, (tuple, list)) and peer else (str(peer) if peer else None)
         self.unix = on_unix(self.sock)
+        if self.unix:
+            self.peer = peer_caller(self.sock)
         if self.sock is not None and not self.unix:
             tcp_nodelay(transport, True)  # as aiohttp does: an answer is one write, never held back
         self.open_connections.add(self)
@@ -448,7 +452,7 @@ class FastConnection(asyncio.Protocol):
         self.reader.finish(self.buf, req)
         try:
             path = f"/public/api/v1/{req.service}/{req.endpoint}/run"
-            name, pool, who = steps.route(req.service, req.endpoint, Caller(self.sock, self.remote, "POST", path, req.authorization, self.unix))
+            name, pool, who = steps.route(req.service, req.endpoint, Caller(self.sock, self.remote, "POST", path, req.authorization, self.unix, self.peer))
         except Refusal as refusal:
             del self.buf[: req.end]
             self._send(refusal.response, req.close)
