@@ -479,9 +479,14 @@ class _Connection:
                         return
                     # a reply with a buffer of its own (FrameBuffer): the rest of it is on its way, so it
                     # is read now, with this thread's read lock held, straight into that buffer
-                    n = self.sock.recv_into(fb.space())
-                    if n == 0:
-                        raise ConnectionResetError("connection closed mid-frame")
+                    try:
+                        n = self.sock.recv_into(fb.space())
+                    except OSError as exc:
+                        n, err = 0, exc
+                    if n == 0:  # the daemon went away mid-reply: the stream is lost, as at any EOF
+                        why = tls.describe_tls_error(err) if isinstance(err, ssl.SSLError) else (err or "closed by the daemon")
+                        self._fail(errors.DaemonUnavailable(f"connection to cruised at {self.path} lost in the middle of a reply ({why})"))
+                        return
                     continue
                 header = fb.header
                 self._deliver(frame, header[3], header[4])

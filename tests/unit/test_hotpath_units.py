@@ -151,3 +151,34 @@ def test_client_sendall_delivers_every_byte(size: int) -> None:
     assert bytes(got) == expect
     a.close()
     b.close()
+
+
+def test_client_a_reply_cut_off_mid_frame_fails_the_connection_with_a_clear_error() -> None:
+    """A daemon that dies half-way through a large reply: the call raises DaemonUnavailable (not a
+    bare ConnectionResetError), and the connection is marked broken, so the next call reconnects."""
+    import cruised
+
+    path = f"/tmp/cr-midframe-{os.getpid()}.sock"
+    server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    server.bind(path)
+    server.listen(1)
+
+    def half_a_reply() -> None:
+        conn, _ = server.accept()
+        with conn:
+            request = conn.recv(frames.HEADER_SIZE)
+            reqid = frames.HEADER.unpack(request)[4]
+            # a reply announced larger than the client's read buffer (its big-frame path), cut short
+            conn.sendall(frames.header(frames.Kind.REPLY, reqid, 4 * client.RECV_SIZE) + b"x" * 1000)
+
+    t = threading.Thread(target=half_a_reply, daemon=True)
+    t.start()
+    try:
+        s = client.Session(socket=path)
+        with pytest.raises(cruised.DaemonUnavailable, match="lost in the middle of a reply"):
+            s.ping()
+        assert s._conn is not None and s._conn.broken is not None, "the connection is known broken"
+        t.join(10)
+    finally:
+        server.close()
+        os.unlink(path)
