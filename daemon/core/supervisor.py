@@ -10,8 +10,10 @@ Data flow (paths from the repository root; daemon/ is the ``cruised`` package, p
         which this Supervisor implements: host.dispatcher(pool) reads the serving       │ Job
         Generation (daemon/core/generation.py: config + pools, swapped by install)      │
                                                                                         v
-    Dispatcher, one per pool (daemon/core/dispatch.py): admission ─> bounded FIFO queue,
-        deadlines; an idle worker (LIFO), or held behind a busy one (prefetch)
+    Dispatcher, one per pool (daemon/core/dispatch.py): admission (the caller's share, credit
+        reserved for pipelined callers) ─> bounded fair queue (daemon/core/fairness.py: start-time
+        fair queueing across callers, FIFO within one), deadlines; an idle worker (LIFO), or held
+        behind a busy one (prefetch)
         │ DEFINE frame first if the worker lacks the function (daemon/core/codecache.py)
         v
     PoolLauncher (daemon/core/launcher.py) ── Channel (daemon/core/channel.py) over a socketpair ──>
