@@ -466,6 +466,7 @@ class Supervisor:
                     log.warning("second %s: fast shutdown", signal.Signals(sig).name)
                     self._fast = True
                 else:
+                    self._stop_taking_calls()
                     log.info("%s: shutting down gracefully (grace %ss)", signal.Signals(sig).name, self.config.daemon.shutdown_grace)
                     self._stop.set()
             elif sig == signal.SIGHUP:
@@ -474,7 +475,18 @@ class Supervisor:
                 log_memory()
 
     def stop(self) -> None:
+        self._stop_taking_calls()
         self._stop.set()
+
+    def _stop_taking_calls(self) -> None:
+        """From this moment every door refuses new calls (SHUTTING_DOWN). Synchronous, at the
+        signal, not when ``_shutdown`` gets to run: a call that arrives in between (the listeners'
+        closing awaits) would be admitted behind work that may never finish within the grace."""
+        if self._linger is not None:  # stopping refuses new calls by itself
+            self._linger.cancel()
+            self._linger = None
+        for d in self.all_dispatchers():
+            d.stop_accepting()
 
     def _trim_heap(self) -> None:
         """Hand freed heap pages back to the kernel (glibc keeps them otherwise).
@@ -490,9 +502,7 @@ class Supervisor:
     async def _shutdown(self) -> None:
         self.state = "stopping"
         self.reloader.cancel()
-        if self._linger is not None:  # stopping refuses new calls by itself
-            self._linger.cancel()
-            self._linger = None
+        self._stop_taking_calls()  # again: a reload may have installed pools since the signal
         if self.notifier is not None:
             self.notifier.stopping_now()
         if self.native is not None:
@@ -504,8 +514,6 @@ class Supervisor:
         if self.remote is not None:
             self.remote.stop_listening()
         dispatchers = self.all_dispatchers()
-        for d in dispatchers:
-            d.stop_accepting()
         deadline = self.loop.time() + self.config.daemon.shutdown_grace
         while not self._fast and self.loop.time() < deadline and not all(d.idle_now() for d in dispatchers):
             await asyncio.sleep(0.02)
