@@ -13,7 +13,6 @@ moving a pool from 1.0 to 2.0 under load without a failed request; and the
 
 from __future__ import annotations
 
-import http.client
 import json
 import re
 import shutil
@@ -33,6 +32,7 @@ from cruised.client import errors
 from cruised.core import envbuild
 from support.daemon import Daemon, pool_config, wait_for
 from support.httphelp import call, error_of, get, unix, write
+from support.load import Tally, http_loop
 from support.notify import NotifyListener
 from support.wheels import HeldIndex, builder_processes, wheelhouse
 
@@ -241,35 +241,11 @@ def test_reload_moves_a_pool_from_1_0_to_2_0_under_load(start_daemon: Callable[.
     d = start_daemon(config("verpkg==1.0"))
     target = unix(d)
     stop = threading.Event()
-    lock = threading.Lock()
-    counts = {"ok": 0, "failed": 0}
-    failures: list[str] = []
-    answers: list[str] = []
-
-    def record(ok: bool, what: str) -> None:
-        with lock:
-            counts["ok" if ok else "failed"] += 1
-            if ok:
-                answers.append(what)
-            elif len(failures) < 10:
-                failures.append(what)
+    tally = Tally()
+    record, answers = tally.record, tally.answers
 
     def http_client() -> None:
-        conn: http.client.HTTPConnection | None = None
-        for _ in range(20_000):  # bounded; normally ended by `stop`
-            if stop.is_set():
-                break
-            try:
-                conn = conn or target.connection(30)
-                conn.request("POST", "/public/api/v1/s/ver/run", body=b"{}")
-                resp = conn.getresponse()
-                body = resp.read()
-                record(resp.status == 200, json.loads(body)["response"]["verpkg"] if resp.status == 200 else f"{resp.status} {body[:300]!r}")
-            except (OSError, http.client.HTTPException) as exc:
-                record(False, f"{type(exc).__name__}: {exc}")
-                conn = None
-        if conn is not None:
-            conn.close()
+        http_loop(target, "/public/api/v1/s/ver/run", b"{}", stop, tally, lambda response: str(response["verpkg"]))
 
     def native_client() -> None:
         def version() -> str:
@@ -290,7 +266,7 @@ def test_reload_moves_a_pool_from_1_0_to_2_0_under_load(start_daemon: Callable[.
     for t in threads:
         t.start()
     try:
-        wait_for(lambda: counts["ok"] > 50, 30, 0.01, "load to be running")
+        wait_for(lambda: tally.ok > 50, 30, 0.01, "load to be running")
         # a definition that cannot be built: the reload fails, 1.0 keeps serving
         set_config(d, config(f"{NOSUCH}==1.0"))
         out = d.cli("reload", timeout=300)
@@ -311,7 +287,7 @@ def test_reload_moves_a_pool_from_1_0_to_2_0_under_load(start_daemon: Callable[.
         stop.set()
         for t in threads:
             t.join(60)
-    assert counts["failed"] == 0, failures
+    assert tally.failed == 0, tally.failures
     assert {"1.0", "shipped 1.0"} <= set(answers[:before])
     # once generation 2 served, only 2.0 answered (a call admitted by the old generation may finish there)
     assert {"2.0", "shipped 2.0"} <= set(answers[swapped:])

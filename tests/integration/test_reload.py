@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import http.client
 import json
 import os
 import shutil
@@ -18,6 +17,7 @@ import yaml
 
 from support.daemon import ROOT, Daemon, group_members, pool_config, wait_for
 from support.httphelp import call, unix, write
+from support.load import Tally, http_loop
 
 CODE = """
 import time
@@ -137,35 +137,11 @@ def test_reload_under_load_loses_no_request(start_daemon: Callable[..., Daemon],
     d = start_daemon(endpoint_config(tmp_path, min=1, cruise=2, max=4, queue_size=64))
     target = unix(d)
     stop = threading.Event()
-    lock = threading.Lock()
-    counts = {"ok": 0, "failed": 0}
-    failures: list[str] = []
-    seen: set[str] = set()
-
-    def record(ok: bool, what: str) -> None:
-        with lock:
-            counts["ok" if ok else "failed"] += 1
-            if not ok and len(failures) < 10:
-                failures.append(what)
-            elif ok:
-                seen.add(what)
+    tally = Tally()
+    record = tally.record
 
     def http_client() -> None:
-        conn: http.client.HTTPConnection | None = None
-        for _ in range(20_000):  # bounded; normally ended by `stop`
-            if stop.is_set():
-                break
-            try:
-                conn = conn or target.connection(30)
-                conn.request("POST", "/public/api/v1/svc/version/run", body=b'{"pause": 0.002}')
-                resp = conn.getresponse()
-                body = resp.read()
-                record(resp.status == 200, json.loads(body)["response"] if resp.status == 200 else f"{resp.status} {body[:200]!r}")
-            except (OSError, http.client.HTTPException) as exc:
-                record(False, f"{type(exc).__name__}: {exc}")
-                conn = None
-        if conn is not None:
-            conn.close()
+        http_loop(target, "/public/api/v1/svc/version/run", b'{"pause": 0.002}', stop, tally, str)
 
     def native_client() -> None:
         with d.session() as s:
@@ -182,20 +158,22 @@ def test_reload_under_load_loses_no_request(start_daemon: Callable[..., Daemon],
     for t in threads:
         t.start()
     try:
-        wait_for(lambda: counts["ok"] > 50, 30, 0.01, "load to be running")
+        wait_for(lambda: tally.ok > 50, 30, 0.01, "load to be running")
         for gen, version in ((2, "v2"), (3, "v3")):
             set_code(tmp_path, CODE.format(version=version))
-            before = counts["ok"]
+            before = tally.ok
             out = d.cli("reload")
             assert out.returncode == 0, out.stderr
-            wait_for(lambda version=version, before=before: version in seen and counts["ok"] > before + 50, 30, 0.01, f"calls answered by generation {gen}")
+            wait_for(
+                lambda version=version, before=before: version in tally.answers and tally.ok > before + 50, 30, 0.01, f"calls answered by generation {gen}"
+            )
     finally:
         stop.set()
         for t in threads:
             t.join(60)
-    assert counts["failed"] == 0, failures
-    assert counts["ok"] > 200
-    assert {"v1", "v2", "v3", "shipped"} <= seen
+    assert tally.failed == 0, tally.failures
+    assert tally.ok > 200
+    assert {"v1", "v2", "v3", "shipped"} <= set(tally.answers)
     wait_for(lambda: settled(d), 15, 0.05, "the old generations to exit")
 
 
